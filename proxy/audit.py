@@ -1,0 +1,128 @@
+"""Audit records: values the core returns, and the one sink that writes them.
+
+Theory of operation: every decision the sidecar makes (a connection refused,
+opened, closed; later, a request allowed or denied) becomes an
+:class:`AuditRecord`, a frozen value. Code that decides builds the record;
+only :class:`AuditSink` turns it into a JSON line. Tests assert on records as
+the consequence of an event without parsing logs.
+
+The sink serialises each record exactly once and writes it with a single
+``write`` call so concurrent records never interleave within a line.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any, Literal
+
+import structlog
+
+Direction = Literal["inbound", "outbound"]
+Verdict = Literal["allow", "deny"]
+
+# Field order in the JSON line: the stable schema documented in README.md.
+_CORE_FIELDS = (
+    "ts",
+    "event",
+    "direction",
+    "listener",
+    "conn_id",
+    "decision",
+    "reason",
+    "rule",
+    "peer_id",
+    "local_id",
+    "peer_addr",
+    "target",
+    "peer_cert_serial",
+    "peer_cert_not_after",
+)
+
+
+def rfc3339(moment: _dt.datetime) -> str:
+    """RFC 3339 in UTC with millisecond precision and a ``Z`` suffix."""
+    utc = moment.astimezone(_dt.UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One decision. ``extra`` carries event-specific fields (bytes, status...)."""
+
+    event: str
+    direction: Direction
+    decision: Verdict
+    reason: str
+    listener: str = ""
+    conn_id: str = ""
+    rule: str | None = None
+    peer_id: str | None = None
+    local_id: str | None = None
+    peer_addr: str | None = None
+    target: str | None = None
+    peer_cert_serial: str | None = None
+    peer_cert_not_after: str | None = None
+    ts: _dt.datetime = field(default_factory=utcnow)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in _CORE_FIELDS:
+            value = getattr(self, name)
+            out[name] = rfc3339(value) if name == "ts" else value
+        out.update(self.extra)
+        return out
+
+
+class AuditSink:
+    """Writes audit records as JSON lines to one stream (stdout or a file).
+
+    structlog does the rendering so audit and operational logs share one
+    serialisation path; the audit logger is separate from the stderr one.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._logger = structlog.wrap_logger(
+            structlog.WriteLogger(stream),
+            wrapper_class=structlog.BoundLogger,
+            processors=[_render_record],
+            cache_logger_on_first_use=True,
+        )
+        self.records_written = 0
+
+    @classmethod
+    def open(cls, target: str) -> AuditSink:
+        """``-`` is stdout; anything else is a file opened for append."""
+        if target == "-":
+            return cls(sys.stdout)
+        try:
+            # Line buffered: a crash never loses a record already "written".
+            stream = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            from proxy.errors import UsageError
+
+            raise UsageError(f"cannot open audit log {target!r}: {exc.strerror}") from exc
+        return cls(stream)
+
+    def emit(self, record: AuditRecord) -> None:
+        self._logger.msg("audit", record=record)
+        self.records_written += 1
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._stream not in (sys.stdout, sys.stderr):
+            self._stream.close()
+
+
+def _render_record(_logger: Any, _method: str, event_dict: Mapping[str, Any]) -> str:
+    record: AuditRecord = event_dict["record"]
+    return json.dumps(record.as_dict(), separators=(",", ":"), default=str)

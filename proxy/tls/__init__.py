@@ -1,0 +1,14 @@
+"""TLS for the sidecar: contexts with in-handshake SPIFFE verification, and a
+trio stream over pyOpenSSL memory BIOs."""
+
+from proxy.tls.context import PeerVerification, TlsSide, TlsVersion, build_side
+from proxy.tls.stream import TLSHandshakeError, TLSStream
+
+__all__ = [
+    "PeerVerification",
+    "TLSHandshakeError",
+    "TLSStream",
+    "TlsSide",
+    "TlsVersion",
+    "build_side",
+]
