@@ -17,7 +17,7 @@ import json
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, TextIO, cast
 
 import structlog
 
@@ -92,7 +92,7 @@ class AuditSink:
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
         self._logger = structlog.wrap_logger(
-            structlog.WriteLogger(stream),
+            structlog.WriteLogger(cast(TextIO, stream)),
             wrapper_class=structlog.BoundLogger,
             processors=[_render_record],
             cache_logger_on_first_use=True,

@@ -9,10 +9,11 @@ exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import resource
-from functools import partial
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +78,19 @@ def register(sub: Any) -> None:
         description="Terminate mutual TLS, admit only allowed SPIFFE IDs, relay to --target.",
     )
     _common_flags(inbound)
-    inbound.add_argument("--allow", action="append", default=None, metavar="PATTERN",
-                         help=env_help("peer SPIFFE ID pattern to admit (repeatable)", "--allow"))
-    inbound.add_argument("--allow-remote-target", action="store_true", default=None,
-                         help=env_help("let --target be a non-loopback address",
-                                       "--allow-remote-target"))
+    inbound.add_argument(
+        "--allow",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help=env_help("peer SPIFFE ID pattern to admit (repeatable)", "--allow"),
+    )
+    inbound.add_argument(
+        "--allow-remote-target",
+        action="store_true",
+        default=None,
+        help=env_help("let --target be a non-loopback address", "--allow-remote-target"),
+    )
     inbound.set_defaults(handler=_run_inbound)
 
     outbound = sub.add_parser(
@@ -91,43 +100,106 @@ def register(sub: Any) -> None:
         "any upstream whose SPIFFE ID does not match --expect.",
     )
     _common_flags(outbound)
-    outbound.add_argument("--expect", action="append", default=None, metavar="PATTERN",
-                          help=env_help("expected upstream SPIFFE ID pattern (repeatable)",
-                                        "--expect"))
-    outbound.add_argument("--allow-public-listen", action="store_true", default=None,
-                          help=env_help("let the plaintext --listen be a non-loopback address",
-                                        "--allow-public-listen"))
+    outbound.add_argument(
+        "--expect",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help=env_help("expected upstream SPIFFE ID pattern (repeatable)", "--expect"),
+    )
+    outbound.add_argument(
+        "--allow-public-listen",
+        action="store_true",
+        default=None,
+        help=env_help(
+            "let the plaintext --listen be a non-loopback address", "--allow-public-listen"
+        ),
+    )
     outbound.set_defaults(handler=_run_outbound)
 
 
 def _common_flags(p: argparse.ArgumentParser) -> None:
     add = p.add_argument
     add("--name", default=None, help=env_help("listener name in logs and audit records", "--name"))
-    add("--listen", metavar="HOST:PORT", default=None, help=env_help("address to listen on", "--listen"))
-    add("--target", metavar="HOST:PORT", default=None, help=env_help("where to relay to", "--target"))
-    add("--cert", metavar="FILE", default=None,
-        help=env_help("our X509-SVID, PEM, leaf first then intermediates", "--cert"))
+    add(
+        "--listen",
+        metavar="HOST:PORT",
+        default=None,
+        help=env_help("address to listen on", "--listen"),
+    )
+    add(
+        "--target",
+        metavar="HOST:PORT",
+        default=None,
+        help=env_help("where to relay to", "--target"),
+    )
+    add(
+        "--cert",
+        metavar="FILE",
+        default=None,
+        help=env_help("our X509-SVID, PEM, leaf first then intermediates", "--cert"),
+    )
     add("--key", metavar="FILE", default=None, help=env_help("our SVID's private key", "--key"))
-    add("--bundle", metavar="FILE", default=None,
-        help=env_help("trust bundle of our own trust domain (PEM, DER or SPIFFE JWKS)", "--bundle"))
-    add("--federate", metavar="TD=FILE", action="append", default=None,
-        help=env_help("another trust domain's bundle (repeatable)", "--federate"))
-    add("--handshake-timeout", metavar="SECONDS", default=None,
-        help=env_help("TLS handshake deadline (default 10)", "--handshake-timeout"))
-    add("--connect-timeout", metavar="SECONDS", default=None,
-        help=env_help("deadline to connect to --target (default 10)", "--connect-timeout"))
-    add("--drain-timeout", metavar="SECONDS", default=None,
-        help=env_help("on SIGTERM/SIGINT, how long open connections may finish (default 15)",
-                      "--drain-timeout"))
-    add("--max-connections", metavar="N", default=None,
-        help=env_help("cap on concurrent connections (default 4096)", "--max-connections"))
-    add("--min-tls", metavar="1.2|1.3", default=None,
-        help=env_help("minimum TLS version (default 1.3)", "--min-tls"))
-    add("--audit-log", metavar="PATH|-", default=None,
-        help=env_help("audit records as JSON lines: a file, or - for stdout (default)",
-                      "--audit-log"))
-    add("--log-level", metavar="LEVEL", default=None,
-        help=env_help("operational log level on stderr (default info)", "--log-level"))
+    add(
+        "--bundle",
+        metavar="FILE",
+        default=None,
+        help=env_help("trust bundle of our own trust domain (PEM, DER or SPIFFE JWKS)", "--bundle"),
+    )
+    add(
+        "--federate",
+        metavar="TD=FILE",
+        action="append",
+        default=None,
+        help=env_help("another trust domain's bundle (repeatable)", "--federate"),
+    )
+    add(
+        "--handshake-timeout",
+        metavar="SECONDS",
+        default=None,
+        help=env_help("TLS handshake deadline (default 10)", "--handshake-timeout"),
+    )
+    add(
+        "--connect-timeout",
+        metavar="SECONDS",
+        default=None,
+        help=env_help("deadline to connect to --target (default 10)", "--connect-timeout"),
+    )
+    add(
+        "--drain-timeout",
+        metavar="SECONDS",
+        default=None,
+        help=env_help(
+            "on SIGTERM/SIGINT, how long open connections may finish (default 15)",
+            "--drain-timeout",
+        ),
+    )
+    add(
+        "--max-connections",
+        metavar="N",
+        default=None,
+        help=env_help("cap on concurrent connections (default 4096)", "--max-connections"),
+    )
+    add(
+        "--min-tls",
+        metavar="1.2|1.3",
+        default=None,
+        help=env_help("minimum TLS version (default 1.3)", "--min-tls"),
+    )
+    add(
+        "--audit-log",
+        metavar="PATH|-",
+        default=None,
+        help=env_help(
+            "audit records as JSON lines: a file, or - for stdout (default)", "--audit-log"
+        ),
+    )
+    add(
+        "--log-level",
+        metavar="LEVEL",
+        default=None,
+        help=env_help("operational log level on stderr (default info)", "--log-level"),
+    )
 
 
 # -- validation ------------------------------------------------------------
@@ -198,7 +270,9 @@ def load_identity(
     try:
         verify_x509_svid(svid.leaf, svid.intermediates, bundle_set, now)
     except ChainError as exc:
-        raise UsageError(f"--cert {cert}: our SVID does not verify against --bundle: {exc}") from None
+        raise UsageError(
+            f"--cert {cert}: our SVID does not verify against --bundle: {exc}"
+        ) from None
     return IdentitySnapshot(svid=svid, bundles=bundle_set)
 
 
@@ -220,11 +294,15 @@ def _config(args: argparse.Namespace, direction: str) -> tuple[L4Config, float]:
         raise UsageError(f"{flag}: {exc}") from None
     # Invariant 4: plaintext stays on loopback unless the operator says otherwise.
     if direction == "inbound" and not target.is_loopback() and not args.allow_remote_target:
-        raise UsageError(f"--target {target}: not a loopback address "
-                         "(pass --allow-remote-target to relay plaintext off this host)")
+        raise UsageError(
+            f"--target {target}: not a loopback address "
+            "(pass --allow-remote-target to relay plaintext off this host)"
+        )
     if direction == "outbound" and not listen.is_loopback() and not args.allow_public_listen:
-        raise UsageError(f"--listen {listen}: the plaintext listener must be loopback "
-                         "(pass --allow-public-listen to override)")
+        raise UsageError(
+            f"--listen {listen}: the plaintext listener must be loopback "
+            "(pass --allow-public-listen to override)"
+        )
     min_tls = args.min_tls or "1.3"
     if min_tls not in ("1.2", "1.3"):
         raise UsageError(f"--min-tls: expected 1.2 or 1.3, got {min_tls!r}")
@@ -251,10 +329,8 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-        try:
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass
 
 
 def _run(args: argparse.Namespace, direction: str) -> int:
@@ -268,9 +344,13 @@ def _run(args: argparse.Namespace, direction: str) -> int:
     audit = AuditSink.open(args.audit_log or "-")
     _raise_fd_limit()
     listener = L4Listener(config, IdentityState(snapshot), audit)
-    log.info("identity loaded", spiffe_id=snapshot.local_id, serial=snapshot.svid.serial_hex,
-             not_after=rfc3339(snapshot.svid.not_after),
-             trust_domains=sorted(str(td) for td in snapshot.bundles.trust_domains))
+    log.info(
+        "identity loaded",
+        spiffe_id=snapshot.local_id,
+        serial=snapshot.svid.serial_hex,
+        not_after=rfc3339(snapshot.svid.not_after),
+        trust_domains=sorted(str(td) for td in snapshot.bundles.trust_domains),
+    )
     try:
         trio.run(partial(run_until_signalled, [listener], drain_timeout=drain))
     except BaseException as exc:

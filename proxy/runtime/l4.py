@@ -10,6 +10,7 @@ garbage ends that connection with an audit record, nothing more.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -24,7 +25,7 @@ from proxy.netaddr import HostPort, format_sockaddr
 from proxy.policy import SpiffePattern, decide_peer
 from proxy.runtime.identity_state import IdentitySnapshot, IdentityState, SideCache
 from proxy.runtime.relay import RelayStats, relay
-from proxy.tls import TLSHandshakeError, TLSStream, TlsSide, TlsVersion, build_side
+from proxy.tls import TLSHandshakeError, TlsSide, TLSStream, TlsVersion, build_side
 
 log = structlog.get_logger("agent_proxy")
 
@@ -145,8 +146,11 @@ class L4Listener:
                     stream = await listener.accept()
                 except OSError as exc:
                     if exc.errno in _TRANSIENT_ACCEPT:
-                        log.error("accept failed; backing off", listener=self.config.name,
-                                  error=os.strerror(exc.errno or 0))
+                        log.error(
+                            "accept failed; backing off",
+                            listener=self.config.name,
+                            error=os.strerror(exc.errno or 0),
+                        )
                         await trio.sleep(0.1)
                         continue
                     raise
@@ -170,11 +174,13 @@ class L4Listener:
             else:
                 await self._outbound(stream, conn, side)
         except Exception as exc:  # invariant 5: one connection's failure is never fatal
-            log.exception("connection handler failed", listener=self.config.name,
-                          conn_id=conn.conn_id)
+            log.exception(
+                "connection handler failed", listener=self.config.name, conn_id=conn.conn_id
+            )
             try:
-                self._record(conn, "connection.close", "deny", "internal_error",
-                             error=type(exc).__name__)
+                self._record(
+                    conn, "connection.close", "deny", "internal_error", error=type(exc).__name__
+                )
             except Exception:
                 log.exception("cannot write audit record", conn_id=conn.conn_id)
         finally:
@@ -215,8 +221,16 @@ class L4Listener:
             return
         target = await self._connect_target()
         if isinstance(target, tuple):
-            self._record(conn, "connection.close", "allow", target[0], error=target[1],
-                         bytes_up=0, bytes_down=0, duration_ms=_ms(conn.started))
+            self._record(
+                conn,
+                "connection.close",
+                "allow",
+                target[0],
+                error=target[1],
+                bytes_up=0,
+                bytes_down=0,
+                duration_ms=_ms(conn.started),
+            )
             return
         self._record(conn, "connection.open", "allow", "peer_allowed")
         async with target:
@@ -229,10 +243,8 @@ class L4Listener:
         if isinstance(target, tuple):
             self._record(conn, "connection.refused", "deny", target[0], error=target[1])
             return
-        try:
+        with contextlib.suppress(OSError):
             conn.peer_addr = format_sockaddr(target.socket.getpeername())
-        except OSError:
-            pass
         conn.tls = TLSStream(target, side)
         if not await self._handshake(conn):
             return
@@ -248,8 +260,15 @@ class L4Listener:
             finished = True
         finally:
             reason = stats.error or ("closed" if finished else "shutdown")
-            self._record(conn, "connection.close", "allow", reason, bytes_up=stats.bytes_up,
-                         bytes_down=stats.bytes_down, duration_ms=_ms(conn.started))
+            self._record(
+                conn,
+                "connection.close",
+                "allow",
+                reason,
+                bytes_up=stats.bytes_up,
+                bytes_down=stats.bytes_down,
+                duration_ms=_ms(conn.started),
+            )
 
 
 def _ms(started: float) -> int:

@@ -16,7 +16,8 @@ RELAY_CHUNK = 65536
 
 @dataclass
 class RelayStats:
-    """``up`` is accepted side → far side; ``down`` is the reverse."""
+    """Bytes read from the accepted side (``up``) and from the far side
+    (``down``) and handed on to the other."""
 
     bytes_up: int = 0
     bytes_down: int = 0
@@ -39,12 +40,14 @@ async def _pump(
             data = await src.receive_some(RELAY_CHUNK)
             if not data:
                 break
-            failed = dst_name
-            await dst.send_all(data)
+            # Counted as read: a cancel can land after the kernel took the
+            # bytes but before send_all returns.
             if upward:
                 stats.bytes_up += len(data)
             else:
                 stats.bytes_down += len(data)
+            failed = dst_name
+            await dst.send_all(data)
         failed = dst_name
         if isinstance(dst, trio.abc.HalfCloseableStream):
             await dst.send_eof()

@@ -36,9 +36,14 @@ async def run_until_signalled(listeners: Sequence[Listener], *, drain_timeout: f
                 log.info("ready", listeners=len(listeners))
                 async for signum in signals:
                     open_now = sum(listener.active for listener in listeners)
-                    log.info("draining", signal=signal.Signals(signum).name,
-                             open_connections=open_now, deadline_s=drain_timeout)
+                    log.info(
+                        "draining",
+                        signal=signal.Signals(signum).name,
+                        open_connections=open_now,
+                        deadline_s=drain_timeout,
+                    )
                     accepting.cancel_scope.cancel()
                     break
+            log.info("listeners closed", open_connections=sum(x.active for x in listeners))
             handlers.cancel_scope.deadline = trio.current_time() + drain_timeout
     log.info("stopped")

@@ -28,7 +28,14 @@ from typing import Literal
 
 from OpenSSL import SSL, crypto
 
-from proxy.identity import ChainError, SpiffeId, TrustBundleSet, VerifiedSvid, X509Svid, verify_x509_svid
+from proxy.identity import (
+    ChainError,
+    SpiffeId,
+    TrustBundleSet,
+    VerifiedSvid,
+    X509Svid,
+    verify_x509_svid,
+)
 from proxy.policy import PeerDecision
 
 TlsVersion = Literal["1.2", "1.3"]
@@ -65,7 +72,16 @@ def _utcnow() -> _dt.datetime:
 class PeerVerification:
     """Per-connection verification state; the verify callback fills it in."""
 
-    __slots__ = ("_authorize", "_bundles", "_certs", "_clock", "decision", "message", "reason", "verified")
+    __slots__ = (
+        "_authorize",
+        "_bundles",
+        "_certs",
+        "_clock",
+        "decision",
+        "message",
+        "reason",
+        "verified",
+    )
 
     def __init__(self, bundles: TrustBundleSet, authorize: Authorizer, clock: Clock) -> None:
         self._bundles = bundles
@@ -106,7 +122,9 @@ class PeerVerification:
         return True
 
 
-def _verify_callback(conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
+def _verify_callback(
+    conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
+) -> bool:
     state = conn.get_app_data()
     if not isinstance(state, PeerVerification):
         return False

@@ -20,10 +20,12 @@ the protocol allows (RFC 8446, 6.1). A peer's close_notify reads as b"".
 
 from __future__ import annotations
 
+import contextlib
+
 import trio
 from OpenSSL import SSL
 
-from proxy.tls.context import PeerVerification, TlsSide
+from proxy.tls.context import TlsSide
 
 _RECV_CHUNK = 65536
 _BIO_DRAIN = 262144
@@ -63,6 +65,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._broken = False
         self._eof_sent = False
+        self._transport_eof = False
+        self.truncated = False  # the peer ended TCP without close_notify
 
     # -- plumbing ---------------------------------------------------------
 
@@ -106,6 +110,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if data:
             self._conn.bio_write(data)
         else:
+            self._transport_eof = True
             self._conn.bio_shutdown()
 
     def _check_usable(self) -> None:
@@ -153,10 +158,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if not data:
             return
         with trio.move_on_after(1):
-            try:
+            with contextlib.suppress(
+                trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError
+            ):
                 await self.transport.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-                pass
 
     # -- Stream API -------------------------------------------------------
 
@@ -176,6 +181,16 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 except SSL.WantReadError:
                     pass
                 except SSL.ZeroReturnError:
+                    data = b""
+                    break
+                except SSL.SysCallError as exc:
+                    if not self._transport_eof:
+                        self._broken = True
+                        raise trio.BrokenResourceError(f"TLS error while receiving: {exc}") from exc
+                    # TCP EOF without close_notify. Like stunnel and ghostunnel we
+                    # read it as EOF (many clients never send close_notify); the
+                    # flag lets the caller tell it from a clean close.
+                    self.truncated = True
                     data = b""
                     break
                 except SSL.Error as exc:

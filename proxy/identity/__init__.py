@@ -1,0 +1,41 @@
+"""SPIFFE identity: IDs, X509-SVIDs, trust bundles and peer verification.
+
+Pure code: nothing here does I/O except :meth:`TrustBundle.load`, and the
+only dependency is ``cryptography``.
+"""
+
+from proxy.identity.bundle import BundleError, TrustBundle, TrustBundleSet
+from proxy.identity.spiffe_id import SpiffeId, SpiffeIdError, TrustDomain
+from proxy.identity.svid import (
+    SvidError,
+    SvidPrivateKey,
+    X509Svid,
+    check_validity,
+    load_certificates,
+    load_private_key,
+    load_x509_svid,
+    validate_leaf,
+    validate_signing_cert,
+)
+from proxy.identity.verify import ChainError, VerifiedSvid, verify_x509_svid
+
+__all__ = [
+    "BundleError",
+    "ChainError",
+    "SpiffeId",
+    "SpiffeIdError",
+    "SvidError",
+    "SvidPrivateKey",
+    "TrustBundle",
+    "TrustBundleSet",
+    "TrustDomain",
+    "VerifiedSvid",
+    "X509Svid",
+    "check_validity",
+    "load_certificates",
+    "load_private_key",
+    "load_x509_svid",
+    "validate_leaf",
+    "validate_signing_cert",
+    "verify_x509_svid",
+]

@@ -1,0 +1,215 @@
+"""TLSStream over real loopback sockets with real handshakes."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+import trio
+
+from proxy.tls import TLSHandshakeError, TLSStream
+from tests.integration.tls_support import side
+from tests.pki import TestCA
+
+
+async def _pair(nursery: trio.Nursery, server_side, client_side):  # type: ignore[no-untyped-def]
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client_raw = await trio.open_tcp_stream("127.0.0.1", port)
+    server_raw = await listeners[0].accept()
+    await listeners[0].aclose()
+    return TLSStream(server_raw, server_side), TLSStream(client_raw, client_side)
+
+
+async def _handshake_both(server: TLSStream, client: TLSStream) -> dict[str, BaseException]:
+    errors: dict[str, BaseException] = {}
+
+    async def run(name: str, stream: TLSStream) -> None:
+        try:
+            await stream.do_handshake()
+            if name == "client":
+                # TLS 1.3: the server judges the client certificate after the
+                # client's handshake completes; a refusal arrives as an alert.
+                await stream.send_all(b"ping")
+                data = await stream.receive_some()
+                if not data:
+                    raise trio.BrokenResourceError("closed")
+            else:
+                data = await stream.receive_some()
+                await stream.send_all(data)
+        except trio.BrokenResourceError as exc:
+            errors[name] = exc
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "server", server)
+            nursery.start_soon(run, "client", client)
+    return errors
+
+
+@pytest.fixture
+def ids(ca_a: TestCA) -> dict[str, object]:
+    return {
+        "server": ca_a.issue("spiffe://a.org/svc/hr"),
+        "client": ca_a.issue("spiffe://a.org/agent/payroll"),
+    }
+
+
+async def test_handshake_and_bidirectional_data(ca_a: TestCA, ids) -> None:  # type: ignore[no-untyped-def]
+    s = side(ids["server"], (ca_a,), ["spiffe://a.org/agent/*"], server=True)
+    c = side(ids["client"], (ca_a,), ["spiffe://a.org/svc/hr"], server=False)
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        errors = await _handshake_both(server, client)
+        assert errors == {}
+        assert server.peer.verified is not None
+        assert str(server.peer.verified.spiffe_id) == "spiffe://a.org/agent/payroll"
+        assert str(client.peer.verified.spiffe_id) == "spiffe://a.org/svc/hr"  # type: ignore[union-attr]
+        assert server.peer.decision.rule == "spiffe://a.org/agent/*"  # type: ignore[union-attr]
+
+        # Half-close: the client's close_notify reads as EOF, the server can still send.
+        await client.send_eof()
+        assert await server.receive_some() == b""
+        payload = b"x" * 300_000
+        async with trio.open_nursery() as inner:
+            inner.start_soon(server.send_all, payload)
+            got = bytearray()
+            while len(got) < len(payload):
+                got += await client.receive_some()
+        assert bytes(got) == payload
+        await server.aclose()
+        assert await client.receive_some() == b""
+        await client.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await client.receive_some()
+        with pytest.raises(trio.ClosedResourceError):
+            await client.send_all(b"x")
+
+
+async def test_send_after_eof_is_closed_resource(ca_a: TestCA, ids) -> None:  # type: ignore[no-untyped-def]
+    s = side(ids["server"], (ca_a,), ["spiffe://a.org/**"], server=True)
+    c = side(ids["client"], (ca_a,), ["spiffe://a.org/**"], server=False)
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        assert await _handshake_both(server, client) == {}
+        await client.send_eof()
+        with pytest.raises(trio.ClosedResourceError):
+            await client.send_all(b"late")
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_eof_without_close_notify_reads_as_truncated_eof(ca_a: TestCA, ids) -> None:  # type: ignore[no-untyped-def]
+    s = side(ids["server"], (ca_a,), ["spiffe://a.org/**"], server=True)
+    c = side(ids["client"], (ca_a,), ["spiffe://a.org/**"], server=False)
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        assert await _handshake_both(server, client) == {}
+        await client.transport.aclose()  # TCP FIN, no close_notify
+        assert await server.receive_some() == b""
+        assert server.truncated
+        await server.aclose()
+
+
+async def test_transport_reset_is_broken_resource(ca_a: TestCA, ids) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    import struct
+
+    s = side(ids["server"], (ca_a,), ["spiffe://a.org/**"], server=True)
+    c = side(ids["client"], (ca_a,), ["spiffe://a.org/**"], server=False)
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        assert await _handshake_both(server, client) == {}
+        # SO_LINGER 0 makes close() send a RST.
+        raw = client.transport.socket  # type: ignore[attr-defined]
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await client.transport.aclose()
+        with pytest.raises(trio.BrokenResourceError):
+            await server.receive_some()
+        with pytest.raises(trio.BrokenResourceError):
+            await server.receive_some()
+        await server.aclose()
+
+
+async def test_peer_not_allowed_fails_inside_handshake(ca_a: TestCA, ids) -> None:  # type: ignore[no-untyped-def]
+    s = side(ids["server"], (ca_a,), ["spiffe://a.org/agent/marketing"], server=True)
+    c = side(ids["client"], (ca_a,), ["spiffe://a.org/svc/hr"], server=False)
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        errors = await _handshake_both(server, client)
+        assert isinstance(errors["server"], TLSHandshakeError)
+        assert errors["server"].reason == "peer_not_allowed"
+        # The client learns through a TLS alert, not a silent close.
+        assert "client" in errors
+        assert "alert" in repr(errors["client"].__cause__).lower() or isinstance(
+            errors["client"], trio.BrokenResourceError
+        )
+
+
+async def test_outbound_refuses_unexpected_upstream(ca_a: TestCA, ids) -> None:  # type: ignore[no-untyped-def]
+    s = side(ids["server"], (ca_a,), ["spiffe://a.org/**"], server=True)
+    c = side(ids["client"], (ca_a,), ["spiffe://a.org/svc/bank"], server=False)
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        errors = await _handshake_both(server, client)
+        assert isinstance(errors["client"], TLSHandshakeError)
+        assert errors["client"].reason == "peer_not_allowed"
+        # The server sees the client's alert during its own handshake.
+        assert isinstance(errors["server"], TLSHandshakeError)
+
+
+@pytest.mark.parametrize("direction", ["inbound client", "outbound upstream"])
+async def test_cross_trust_domain_forgery_is_refused(
+    ca_a: TestCA, ca_b: TestCA, direction: str
+) -> None:
+    """An SVID for b.org minted by a.org's CA fails even with both bundles loaded."""
+    forged = ca_a.issue("spiffe://b.org/agent/payroll")
+    honest = ca_a.issue("spiffe://a.org/svc/hr")
+    if direction == "inbound client":
+        s = side(honest, (ca_a, ca_b), ["spiffe://b.org/**"], server=True)
+        c = side(forged, (ca_a, ca_b), ["spiffe://a.org/**"], server=False)
+        judge = "server"
+    else:
+        s = side(forged, (ca_a, ca_b), ["spiffe://a.org/**"], server=True)
+        c = side(honest, (ca_a, ca_b), ["spiffe://b.org/agent/payroll"], server=False)
+        judge = "client"
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        errors = await _handshake_both(server, client)
+    err = errors[judge]
+    assert isinstance(err, TLSHandshakeError)
+    assert err.reason == "untrusted_chain"
+    assert "b.org" in err.message or "chain" in err.message
+
+
+async def test_tls12_peer_refused_by_default(ca_a: TestCA, ids) -> None:  # type: ignore[no-untyped-def]
+    s = side(ids["server"], (ca_a,), ["spiffe://a.org/**"], server=True)
+    c = side(ids["client"], (ca_a,), ["spiffe://a.org/**"], server=False, min_version="1.2")
+    # Force the client to offer only TLS 1.2.
+    from OpenSSL import SSL
+
+    c.context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        errors = await _handshake_both(server, client)
+    assert isinstance(errors["server"], TLSHandshakeError)
+    assert errors["server"].reason == "tls_version_refused"
+
+
+async def test_tls12_allowed_when_configured(ca_a: TestCA, ids) -> None:  # type: ignore[no-untyped-def]
+    s = side(ids["server"], (ca_a,), ["spiffe://a.org/**"], server=True, min_version="1.2")
+    c = side(ids["client"], (ca_a,), ["spiffe://a.org/**"], server=False, min_version="1.2")
+    from OpenSSL import SSL
+
+    c.context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        assert await _handshake_both(server, client) == {}
+        assert server._conn.get_protocol_version_name() == "TLSv1.2"
+        await client.aclose()
+        await server.aclose()
+
+
+def test_ssl_module_constant_sanity() -> None:
+    # Python's ssl is one of our black-box clients; TLS 1.3 must exist here.
+    assert ssl.HAS_TLSv1_3
