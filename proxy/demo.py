@@ -30,9 +30,10 @@ def _agent_proxy(*args: str) -> list[str]:
 
 
 class _HrApi(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
-        body = json.dumps({"timesheets": [{"employee": "ada", "hours": 38}],
-                           "path": self.path}).encode()
+    def do_GET(self) -> None:
+        body = json.dumps(
+            {"timesheets": [{"employee": "ada", "hours": 38}], "path": self.path}
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -49,7 +50,10 @@ class _Sidecar:
         self.audit = audit
         self.proc = subprocess.Popen(
             _agent_proxy(*args, "--listen", "127.0.0.1:0", "--audit-log", str(audit)),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.port = self._wait_listening(self.proc.stderr)
 
     @staticmethod
@@ -72,8 +76,14 @@ class _Sidecar:
 
 def _identity(root: Path, name: str) -> list[str]:
     d = root / name
-    return ["--cert", str(d / "svid.pem"), "--key", str(d / "svid_key.pem"),
-            "--bundle", str(d / "bundle.pem")]
+    return [
+        "--cert",
+        str(d / "svid.pem"),
+        "--key",
+        str(d / "svid_key.pem"),
+        "--bundle",
+        str(d / "bundle.pem"),
+    ]
 
 
 def _call(port: int, path: str) -> str:
@@ -87,33 +97,80 @@ def _call(port: int, path: str) -> str:
 def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="agent-proxy-demo-"))
     print(f"== dev CA and SVIDs in {root}")
-    subprocess.run(_agent_proxy("ca", "init", "--trust-domain", TD, "--dir", str(root / "ca")),
-                   check=True, stdout=subprocess.DEVNULL)
-    for name, path in (("hr", "/svc/hr"), ("payroll", "/agent/payroll"),
-                       ("marketing", "/agent/marketing")):
-        subprocess.run(_agent_proxy("ca", "issue", "--dir", str(root / "ca"), "--spiffe-id",
-                                    f"spiffe://{TD}{path}", "--out", str(root / name)),
-                       check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        _agent_proxy("ca", "init", "--trust-domain", TD, "--dir", str(root / "ca")),
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    for name, path in (
+        ("hr", "/svc/hr"),
+        ("payroll", "/agent/payroll"),
+        ("marketing", "/agent/marketing"),
+    ):
+        subprocess.run(
+            _agent_proxy(
+                "ca",
+                "issue",
+                "--dir",
+                str(root / "ca"),
+                "--spiffe-id",
+                f"spiffe://{TD}{path}",
+                "--out",
+                str(root / name),
+            ),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         print(f"   issued spiffe://{TD}{path}")
 
     api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HrApi)
     threading.Thread(target=api.serve_forever, daemon=True).start()
     sidecars: list[_Sidecar] = []
     try:
-        hr = _Sidecar("hr inbound", ["inbound", "--name", "hr-api", "--target",
-                                     f"127.0.0.1:{api.server_address[1]}", *_identity(root, "hr"),
-                                     "--allow", f"spiffe://{TD}/agent/payroll"],
-                      root / "hr-audit.jsonl")
+        hr = _Sidecar(
+            "hr inbound",
+            [
+                "inbound",
+                "--name",
+                "hr-api",
+                "--target",
+                f"127.0.0.1:{api.server_address[1]}",
+                *_identity(root, "hr"),
+                "--allow",
+                f"spiffe://{TD}/agent/payroll",
+            ],
+            root / "hr-audit.jsonl",
+        )
         sidecars.append(hr)
-        payroll = _Sidecar("payroll outbound",
-                           ["outbound", "--name", "to-hr", "--target", f"127.0.0.1:{hr.port}",
-                            *_identity(root, "payroll"), "--expect", f"spiffe://{TD}/svc/hr"],
-                           root / "payroll-audit.jsonl")
+        payroll = _Sidecar(
+            "payroll outbound",
+            [
+                "outbound",
+                "--name",
+                "to-hr",
+                "--target",
+                f"127.0.0.1:{hr.port}",
+                *_identity(root, "payroll"),
+                "--expect",
+                f"spiffe://{TD}/svc/hr",
+            ],
+            root / "payroll-audit.jsonl",
+        )
         sidecars.append(payroll)
-        marketing = _Sidecar("marketing outbound",
-                             ["outbound", "--name", "to-hr", "--target", f"127.0.0.1:{hr.port}",
-                              *_identity(root, "marketing"), "--expect", f"spiffe://{TD}/svc/hr"],
-                             root / "marketing-audit.jsonl")
+        marketing = _Sidecar(
+            "marketing outbound",
+            [
+                "outbound",
+                "--name",
+                "to-hr",
+                "--target",
+                f"127.0.0.1:{hr.port}",
+                *_identity(root, "marketing"),
+                "--expect",
+                f"spiffe://{TD}/svc/hr",
+            ],
+            root / "marketing-audit.jsonl",
+        )
         sidecars.append(marketing)
 
         print("\n== payroll agent → its sidecar → mTLS → HR's sidecar → HR API")
@@ -129,8 +186,10 @@ def main() -> int:
     for sidecar in sidecars:
         for line in sidecar.audit.read_text().splitlines():
             r = json.loads(line)
-            print(f"   [{sidecar.name:18}] {r['event']:18} {r['decision']:5} {r['reason']:18} "
-                  f"peer={r['peer_id']}")
+            print(
+                f"   [{sidecar.name:18}] {r['event']:18} {r['decision']:5} {r['reason']:18} "
+                f"peer={r['peer_id']}"
+            )
     if os.environ.get("AGENT_PROXY_DEMO_KEEP") is None:
         import shutil
 

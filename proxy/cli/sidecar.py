@@ -323,7 +323,7 @@ def _config(args: argparse.Namespace, direction: str) -> tuple[L4Config, float]:
     return config, _seconds(args.drain_timeout, "--drain-timeout", 15.0)
 
 
-def _raise_fd_limit() -> None:
+def raise_fd_limit() -> None:
     # Each relayed connection holds two descriptors; the default soft limit
     # (often 1024) would cap us far below --max-connections.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -342,7 +342,7 @@ def _run(args: argparse.Namespace, direction: str) -> int:
     config, drain = _config(args, direction)
     snapshot = load_identity(args.cert, args.key, args.bundle, args.federate or [])
     audit = AuditSink.open(args.audit_log or "-")
-    _raise_fd_limit()
+    raise_fd_limit()
     listener = L4Listener(config, IdentityState(snapshot), audit)
     log.info(
         "identity loaded",
@@ -354,7 +354,7 @@ def _run(args: argparse.Namespace, direction: str) -> int:
     try:
         trio.run(partial(run_until_signalled, [listener], drain_timeout=drain))
     except BaseException as exc:
-        bind_error = _find_os_error(exc)
+        bind_error = find_os_error(exc)
         if bind_error is None:
             raise
         raise UsageError(f"--listen {config.listen}: {bind_error.strerror or bind_error}") from None
@@ -363,13 +363,13 @@ def _run(args: argparse.Namespace, direction: str) -> int:
     return 0
 
 
-def _find_os_error(exc: BaseException) -> OSError | None:
+def find_os_error(exc: BaseException) -> OSError | None:
     """Listener setup errors (address in use...) arrive inside exception groups."""
     if isinstance(exc, OSError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _find_os_error(inner)
+            found = find_os_error(inner)
             if found is not None:
                 return found
     return None

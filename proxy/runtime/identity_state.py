@@ -33,6 +33,12 @@ class IdentityState:
     def __init__(self, snapshot: IdentitySnapshot) -> None:
         self._snapshot = snapshot
         self.generation = 0
+        self._subscribers: list[Callable[[IdentitySnapshot], None]] = []
+
+    def subscribe(self, callback: Callable[[IdentitySnapshot], None]) -> None:
+        """Call ``callback`` now and after every swap (metrics, readiness)."""
+        self._subscribers.append(callback)
+        callback(self._snapshot)
 
     @property
     def current(self) -> IdentitySnapshot:
@@ -41,6 +47,8 @@ class IdentityState:
     def swap(self, snapshot: IdentitySnapshot) -> None:
         self._snapshot = snapshot
         self.generation += 1
+        for callback in self._subscribers:
+            callback(snapshot)
 
 
 class SideCache:

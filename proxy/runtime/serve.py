@@ -4,13 +4,15 @@ Two nurseries, as trio's own servers do it: one for accept loops and one for
 connection handlers. SIGTERM or SIGINT cancels the accept loops (no new
 connections; the listening sockets close), then the handler nursery gets a
 deadline: connections still open when it passes are cancelled, and each
-writes its close record on the way out.
+writes its close record on the way out. SIGHUP calls ``on_hup`` (reload)
+and keeps serving. Background tasks (identity sources, the admin endpoint)
+run until the drain is over.
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import structlog
@@ -27,23 +29,41 @@ class Listener(Protocol):
     ) -> None: ...
 
 
-async def run_until_signalled(listeners: Sequence[Listener], *, drain_timeout: float) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as handlers:
-            async with trio.open_nursery() as accepting:
-                for listener in listeners:
-                    await accepting.start(listener.serve, handlers)
-                log.info("ready", listeners=len(listeners))
-                async for signum in signals:
-                    open_now = sum(listener.active for listener in listeners)
-                    log.info(
-                        "draining",
-                        signal=signal.Signals(signum).name,
-                        open_connections=open_now,
-                        deadline_s=drain_timeout,
-                    )
-                    accepting.cancel_scope.cancel()
-                    break
-            log.info("listeners closed", open_connections=sum(x.active for x in listeners))
-            handlers.cancel_scope.deadline = trio.current_time() + drain_timeout
+async def run_until_signalled(
+    listeners: Sequence[Listener],
+    *,
+    drain_timeout: float,
+    background: Sequence[Callable[[], Awaitable[object]]] = (),
+    on_hup: Callable[[], None] | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as services:
+            for task in background:
+                services.start_soon(task)
+            async with trio.open_nursery() as handlers:
+                async with trio.open_nursery() as accepting:
+                    for listener in listeners:
+                        await accepting.start(listener.serve, handlers)
+                    if on_ready is not None:
+                        on_ready()
+                    log.info("ready", listeners=len(listeners))
+                    async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            log.info("SIGHUP: reloading")
+                            if on_hup is not None:
+                                on_hup()
+                            continue
+                        open_now = sum(listener.active for listener in listeners)
+                        log.info(
+                            "draining",
+                            signal=signal.Signals(signum).name,
+                            open_connections=open_now,
+                            deadline_s=drain_timeout,
+                        )
+                        accepting.cancel_scope.cancel()
+                        break
+                log.info("listeners closed", open_connections=sum(x.active for x in listeners))
+                handlers.cancel_scope.deadline = trio.current_time() + drain_timeout
+            services.cancel_scope.cancel()
     log.info("stopped")

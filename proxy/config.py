@@ -1,0 +1,870 @@
+"""The sidecar's TOML configuration: parsed once, validated, frozen.
+
+Theory of operation: :func:`parse_config` walks the TOML document with a
+:class:`_Table` per table. Each ``_Table`` knows its key path
+(``inbound[0].rules[1]``), hands out typed values, and at the end refuses any
+key nobody asked for, so a typo is an error instead of a silently ignored
+setting. Every problem is a :class:`ConfigError` with one line
+``FILE: KEY.PATH: problem``. Parse errors from the domain types
+(:class:`~proxy.policy.PatternError`, :class:`~proxy.http.policy.PathPatternError`,
+:class:`~proxy.netaddr.AddressError`, :class:`~proxy.durations.DurationError`,
+:class:`~proxy.identity.SpiffeIdError`) are re-raised with the key path.
+
+Security choices enforced here (invariant 4): plaintext listeners (the
+outbound listeners and the admin endpoint) bind loopback, and inbound
+targets are loopback, unless the configuration says otherwise in so many
+words (``allow_public_listen``, ``allow_public``, ``allow_remote_target``).
+Least privilege: HTTP rules and routes must name their methods and paths;
+there is no implicit "everything".
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, NoReturn, TypeVar
+from urllib.parse import urlsplit
+
+from proxy.durations import DurationError, format_duration, parse_duration
+from proxy.errors import UsageError
+from proxy.http.policy import HttpRule, PathPattern, PathPatternError, parse_method
+from proxy.identity import SpiffeId, SpiffeIdError, TrustDomain
+from proxy.netaddr import AddressError, HostPort
+from proxy.policy import PatternError, SpiffePattern
+
+__all__ = [
+    "AdminConfig",
+    "AuditConfig",
+    "Config",
+    "ConfigError",
+    "HttpLimits",
+    "IdentityConfig",
+    "InboundConfig",
+    "OutboundConfig",
+    "PoolConfig",
+    "RouteConfig",
+    "load_config",
+    "parse_config",
+    "summarize",
+]
+
+T = TypeVar("T")
+IdentitySource = Literal["files", "workload-api", "dev"]
+MinTls = Literal["1.2", "1.3"]
+XFCC = "x-forwarded-client-cert"
+DEFAULT_ADMIN = HostPort("127.0.0.1", 15000)
+DEV_STATE_DIR = ".agent-proxy-dev"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HOST_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOSTNAME = re.compile(rf"^{_HOST_LABEL}(?:\.{_HOST_LABEL})*$")
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class ConfigError(UsageError):
+    """A bad configuration file: one line naming the file, the key and the problem."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.splitlines()))
+
+
+# -- the frozen configuration ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    source: IdentitySource
+    cert: Path | None = None
+    key: Path | None = None
+    bundle: Path | None = None
+    federation: Mapping[TrustDomain, Path] = field(default_factory=lambda: MappingProxyType({}))
+    endpoint: str | None = None  # workload-api; None: SPIFFE_ENDPOINT_SOCKET at run time
+    spiffe_id: SpiffeId | None = None  # dev
+    state_dir: Path | None = None  # dev
+    ttl: timedelta = timedelta(hours=1)  # dev
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: HostPort | None = DEFAULT_ADMIN  # None: no admin endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    path: str = "-"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    max_header_bytes: int = 65536
+    max_headers: int = 100
+    idle_timeout: float = 60.0
+    request_timeout: float = 30.0
+    response_timeout: float = 60.0
+    max_connection_lifetime: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InboundConfig:
+    name: str
+    listen: HostPort
+    target: HostPort
+    protocol: Literal["tcp", "http"]
+    rules: tuple[HttpRule, ...]
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    max_connections: int = 4096
+    min_tls: MinTls = "1.3"
+    allow_remote_target: bool = False
+    identity_headers: tuple[str, ...] = (XFCC,)
+    limits: HttpLimits = HttpLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    host: str | None  # http-proxy: the (lowercased) host the agent asks for
+    target: HostPort
+    expect: tuple[SpiffePattern, ...]
+    rule: HttpRule | None  # http/http-proxy: what the agent may do; tcp: None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    max_idle_per_route: int = 32
+    idle_timeout: float = 30.0
+    max_per_route: int = 512
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundConfig:
+    name: str
+    listen: HostPort
+    protocol: Literal["tcp", "http", "http-proxy"]
+    routes: tuple[RouteConfig, ...]
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    max_connections: int = 4096
+    min_tls: MinTls = "1.3"
+    allow_public_listen: bool = False
+    limits: HttpLimits = HttpLimits()
+    pool: PoolConfig = PoolConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    identity: IdentityConfig
+    admin: AdminConfig
+    audit: AuditConfig
+    inbound: tuple[InboundConfig, ...]
+    outbound: tuple[OutboundConfig, ...]
+    drain_timeout: float = 15.0
+    log_level: str = "info"
+
+
+# -- entry points -----------------------------------------------------------
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, parse and validate a TOML config file; ConfigError on any problem."""
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{source}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: not UTF-8 ({exc.reason})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    return parse_config(data, source, base_dir=Path(path).absolute().parent)
+
+
+def parse_config(
+    data: Mapping[str, Any], source: str = "<config>", *, base_dir: Path | None = None
+) -> Config:
+    """Validate a parsed TOML document. Relative paths resolve against
+    ``base_dir`` (the config file's directory; default: the working directory)."""
+    ctx = _Ctx(source, (base_dir or Path.cwd()).absolute())
+    if not isinstance(data, Mapping):
+        ctx.fail("", "expected a table at the top level")
+    root = _Table(ctx, "", data)
+    identity = _identity(root.table("identity"), ctx)
+    admin = _admin(root.table("admin"))
+    audit_table = root.table("audit")
+    audit = AuditConfig()
+    if audit_table is not None:
+        audit_path = audit_table.string("path", default="-", nonempty=True)
+        if audit_path != "-":
+            audit_path = str(ctx.base_dir / Path(audit_path).expanduser())
+        audit = AuditConfig(audit_path)
+        audit_table.done()
+    inbound = tuple(_inbound(t) for t in root.tables("inbound"))
+    outbound = tuple(_outbound(t) for t in root.tables("outbound"))
+    drain = root.duration("drain_timeout", default=15.0, allow_zero=True)
+    level = root.string("log_level", default="info").lower()
+    if level not in LOG_LEVELS:
+        root.fail("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    root.done()
+    if not inbound and not outbound:
+        ctx.fail("", "no listeners: add an [[inbound]] or [[outbound]] table")
+    _check_unique(ctx, admin, inbound, outbound)
+    return Config(
+        source=source,
+        identity=identity,
+        admin=admin,
+        audit=audit,
+        inbound=inbound,
+        outbound=outbound,
+        drain_timeout=drain,
+        log_level=level,
+    )
+
+
+# -- the walker ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    source: str
+    base_dir: Path
+
+    def fail(self, path: str, problem: str) -> NoReturn:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{self.source}: {where}{problem}")
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def _key_part(key: str) -> str:
+    return key if _BARE_KEY.match(key) else '"' + key.replace('"', '\\"') + '"'
+
+
+def _generic(path: str) -> str:
+    """``inbound[0].rules`` as TOML spells the table header: ``inbound.rules``."""
+    return re.sub(r"\[\d+\]", "", path)
+
+
+_MISSING: Any = object()
+
+
+class _Table:
+    """One TOML table, its key path, and which of its keys were read."""
+
+    def __init__(self, ctx: _Ctx, path: str, data: Mapping[str, Any]) -> None:
+        self.ctx = ctx
+        self.path = path
+        self.data = data
+        self.seen: set[str] = set()
+
+    def at(self, key: str) -> str:
+        part = _key_part(key)
+        return f"{self.path}.{part}" if self.path else part
+
+    def fail(self, key: str, problem: str) -> NoReturn:
+        self.ctx.fail(self.at(key), problem)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str) -> Any:
+        self.seen.add(key)
+        return self.data.get(key, _MISSING)
+
+    def done(self, *, allowed_elsewhere: Mapping[str, str] | None = None) -> None:
+        """Refuse keys nobody read. ``allowed_elsewhere`` maps keys that are
+        valid in other settings to why they are not valid here."""
+        for key in self.data:
+            if key in self.seen:
+                continue
+            if allowed_elsewhere and key in allowed_elsewhere:
+                self.fail(key, allowed_elsewhere[key])
+            hint = difflib.get_close_matches(key, sorted(self.seen), n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            self.ctx.fail("", f"unknown key {self.at(key)!r}{suggestion}")
+
+    def _typed(self, key: str, value: Any, check: Callable[[Any], bool], what: str) -> Any:
+        if not check(value):
+            self.fail(key, f"expected {what}, got {_type_name(value)}")
+        return value
+
+    def string(self, key: str, *, default: Any = _MISSING, nonempty: bool = False) -> Any:
+        value = self.get(key)
+        if value is _MISSING:
+            if default is _MISSING:
+                self.fail(key, "required")
+            return default
+        self._typed(key, value, lambda v: isinstance(v, str), "a string")
+        if nonempty and not value:
+            self.fail(key, "must not be empty")
+        return value
+
+    def boolean(self, key: str, *, default: bool = False) -> bool:
+        value = self.get(key)
+        if value is _MISSING:
+            return default
+        return bool(self._typed(key, value, lambda v: isinstance(v, bool), "true or false"))
+
+    def integer(self, key: str, *, default: int, minimum: int = 1) -> int:
+        value = self.get(key)
+        if value is _MISSING:
+            return default
+        self._typed(
+            key, value, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"
+        )
+        if value < minimum:
+            self.fail(key, f"must be at least {minimum}, got {value}")
+        return int(value)
+
+    def duration(self, key: str, *, default: T, allow_zero: bool = False) -> float | T:
+        """A number of seconds or a duration string such as ``"30s"``."""
+        value = self.get(key)
+        if value is _MISSING:
+            return default
+        if isinstance(value, str):
+            try:
+                seconds = parse_duration(value).total_seconds()
+            except DurationError as exc:
+                self.fail(key, str(exc))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+            if not math.isfinite(seconds) or seconds < 0:
+                self.fail(key, f"expected a non-negative number of seconds, got {value}")
+        else:
+            self.fail(key, f'expected seconds or a duration such as "30s", got {_type_name(value)}')
+        if seconds == 0 and not allow_zero:
+            self.fail(key, "must be greater than zero")
+        return seconds
+
+    def strings(self, key: str, *, required: bool = True, nonempty: bool = True) -> list[str]:
+        value = self.get(key)
+        if value is _MISSING:
+            if required:
+                self.fail(key, "required")
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.fail(key, "expected a list of strings")
+        if nonempty and not value:
+            self.fail(key, "must not be empty")
+        return list(value)
+
+    def parsed_list(
+        self, key: str, parse: Callable[[str], T], errors: tuple[type[Exception], ...]
+    ) -> tuple[T, ...]:
+        out: list[T] = []
+        for i, text in enumerate(self.strings(key)):
+            try:
+                out.append(parse(text))
+            except errors as exc:
+                self.ctx.fail(f"{self.at(key)}[{i}]", str(exc))
+        return tuple(out)
+
+    def address(self, key: str, *, zero_port: bool, default: Any = _MISSING) -> Any:
+        text = self.string(key, default=default)
+        if text is default and default is not _MISSING:
+            return default
+        try:
+            return HostPort.parse(text, allow_zero_port=zero_port)
+        except AddressError as exc:
+            self.fail(key, str(exc))
+
+    def path_value(self, key: str, *, default: Any = _MISSING) -> Any:
+        text = self.string(key, default=default, nonempty=True)
+        if text is default and default is not _MISSING:
+            return default
+        return self.ctx.base_dir / Path(text).expanduser()
+
+    def table(self, key: str) -> _Table | None:
+        value = self.get(key)
+        if value is _MISSING:
+            return None
+        if not isinstance(value, Mapping):
+            self.fail(
+                key, f"expected a table ([{_generic(self.at(key))}]), got {_type_name(value)}"
+            )
+        return _Table(self.ctx, self.at(key), value)
+
+    def tables(self, key: str) -> list[_Table]:
+        value = self.get(key)
+        if value is _MISSING:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+            self.fail(key, f"expected an array of tables ([[{_generic(self.at(key))}]])")
+        return [_Table(self.ctx, f"{self.at(key)}[{i}]", v) for i, v in enumerate(value)]
+
+    def choice(self, key: str, options: Sequence[str], *, default: Any = _MISSING) -> Any:
+        value = self.string(key, default=default)
+        if value not in options:
+            quoted = ", ".join(f'"{o}"' for o in options)
+            self.fail(key, f"expected one of {quoted}, got {value!r}")
+        return value
+
+    def name(self, key: str = "name", *, default: Any = _MISSING) -> Any:
+        value = self.string(key, default=default)
+        if value is default:
+            return value
+        if not _NAME.match(value):
+            self.fail(
+                key,
+                f"invalid name {value!r}: use 1-63 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit",
+            )
+        return value
+
+
+# -- identity, admin ----------------------------------------------------------
+
+_IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
+    "files": ("cert", "key", "bundle", "federation"),
+    "workload-api": ("endpoint",),
+    "dev": ("spiffe_id", "state_dir", "ttl"),
+}
+
+
+def _identity(t: _Table | None, ctx: _Ctx) -> IdentityConfig:
+    if t is None:
+        ctx.fail(
+            "identity.spiffe_id",
+            'required: with no [identity] table the sidecar runs a local dev CA (source = "dev") '
+            "and needs the SPIFFE ID to issue to itself",
+        )
+    source: IdentitySource = t.choice("source", ("files", "workload-api", "dev"), default="dev")
+    elsewhere = {
+        key: f'not valid with identity.source = "{source}" (it belongs to source = "{other}")'
+        for other, keys in _IDENTITY_KEYS.items()
+        if other != source
+        for key in keys
+    }
+    if source == "files":
+        cert, key, bundle = t.path_value("cert"), t.path_value("key"), t.path_value("bundle")
+        federation: dict[TrustDomain, Path] = {}
+        fed = t.table("federation")
+        if fed is not None:
+            for td_text in fed.data:
+                try:
+                    td = TrustDomain.parse(td_text)
+                except SpiffeIdError as exc:
+                    fed.fail(td_text, str(exc))
+                if td in federation:
+                    fed.fail(td_text, f"trust domain {td} is listed twice")
+                federation[td] = fed.path_value(td_text)
+        t.done(allowed_elsewhere=elsewhere)
+        return IdentityConfig(
+            source, cert=cert, key=key, bundle=bundle, federation=MappingProxyType(federation)
+        )
+    if source == "workload-api":
+        endpoint = t.string("endpoint", default=None, nonempty=True)
+        if endpoint is not None:
+            problem = _endpoint_problem(endpoint)
+            if problem:
+                t.fail("endpoint", f"invalid Workload API endpoint {endpoint!r}: {problem}")
+        t.done(allowed_elsewhere=elsewhere)
+        return IdentityConfig(source, endpoint=endpoint)
+    id_text = t.string("spiffe_id", default=None)
+    if id_text is None:
+        t.fail("spiffe_id", 'required when identity.source = "dev" (the ID to issue to ourselves)')
+    try:
+        spiffe_id = SpiffeId.parse(id_text)
+    except SpiffeIdError as exc:
+        t.fail("spiffe_id", str(exc))
+    if not spiffe_id.path:
+        t.fail("spiffe_id", f"{id_text!r} is a trust domain; a workload ID needs a path")
+    state_dir = t.path_value("state_dir", default=ctx.base_dir / DEV_STATE_DIR)
+    ttl = t.duration("ttl", default=3600.0)
+    t.done(allowed_elsewhere=elsewhere)
+    return IdentityConfig(
+        source, spiffe_id=spiffe_id, state_dir=state_dir, ttl=timedelta(seconds=ttl)
+    )
+
+
+def _endpoint_problem(text: str) -> str | None:
+    """SPIFFE Workload Endpoint addresses: ``unix:///abs/path`` or ``tcp://IP:PORT``."""
+    try:
+        url = urlsplit(text)
+        port = url.port
+    except ValueError as exc:
+        return str(exc)
+    if url.query or url.fragment or url.username or url.password:
+        return "no user info, query or fragment allowed"
+    if url.scheme == "unix":
+        if url.netloc:
+            return "a unix URI has no authority: use unix:///absolute/path"
+        if not url.path.startswith("/"):
+            return "the socket path must be absolute: use unix:///absolute/path"
+        return None
+    if url.scheme == "tcp":
+        if url.path not in ("",):
+            return "a tcp URI has no path: use tcp://IP:PORT"
+        try:
+            ipaddress.ip_address(url.hostname or "")
+        except ValueError:
+            return "the host must be an IP address, not a name: use tcp://IP:PORT"
+        if port is None:
+            return "a port is required: use tcp://IP:PORT"
+        return None
+    return "expected unix:///absolute/path or tcp://IP:PORT"
+
+
+def _admin(t: _Table | None) -> AdminConfig:
+    if t is None:
+        return AdminConfig()
+    enabled = t.boolean("enabled", default=True)
+    text = t.string("listen", default=None)
+    allow_public = t.boolean("allow_public")
+    t.done()
+    if not enabled or text == "":
+        return AdminConfig(listen=None)
+    listen = DEFAULT_ADMIN
+    if text is not None:
+        try:
+            listen = HostPort.parse(text, allow_zero_port=True)
+        except AddressError as exc:
+            t.fail("listen", str(exc))
+    # Invariant 4: the admin endpoint is plaintext and unauthenticated.
+    if not listen.is_loopback() and not allow_public:
+        t.fail(
+            "listen",
+            f"{listen} is not a loopback address; the admin endpoint is plaintext and "
+            "unauthenticated (set admin.allow_public = true to expose it)",
+        )
+    return AdminConfig(listen=listen)
+
+
+# -- listeners ----------------------------------------------------------------
+
+_LIMIT_KEYS = (
+    "max_header_bytes",
+    "max_headers",
+    "idle_timeout",
+    "request_timeout",
+    "response_timeout",
+    "max_connection_lifetime",
+)
+
+
+def _limits(t: _Table) -> HttpLimits:
+    d = HttpLimits()
+    return HttpLimits(
+        max_header_bytes=t.integer("max_header_bytes", default=d.max_header_bytes, minimum=1024),
+        max_headers=t.integer("max_headers", default=d.max_headers),
+        idle_timeout=t.duration("idle_timeout", default=d.idle_timeout),
+        request_timeout=t.duration("request_timeout", default=d.request_timeout),
+        response_timeout=t.duration("response_timeout", default=d.response_timeout),
+        max_connection_lifetime=t.duration("max_connection_lifetime", default=None),
+    )
+
+
+def _common(t: _Table) -> dict[str, Any]:
+    min_tls = t.get("min_tls")
+    if min_tls is _MISSING:
+        min_tls = "1.3"
+    elif isinstance(min_tls, float) and min_tls in (1.2, 1.3):
+        min_tls = str(min_tls)  # min_tls = 1.3 (unquoted) means what it says
+    if min_tls not in ("1.2", "1.3"):
+        t.fail("min_tls", f'expected "1.2" or "1.3", got {min_tls!r}')
+    return {
+        "handshake_timeout": t.duration("handshake_timeout", default=10.0),
+        "connect_timeout": t.duration("connect_timeout", default=10.0),
+        "max_connections": t.integer("max_connections", default=4096),
+        "min_tls": min_tls,
+    }
+
+
+def _http_only(protocol: str, keys: Sequence[str]) -> dict[str, str]:
+    return {k: f'only valid for HTTP listeners, not protocol = "{protocol}"' for k in keys}
+
+
+def _methods(t: _Table) -> frozenset[str]:
+    methods = t.parsed_list("methods", parse_method, (PathPatternError,))
+    for i, method in enumerate(methods):
+        if method != method.upper():
+            t.ctx.fail(
+                f"{t.at('methods')}[{i}]",
+                f"HTTP methods are case-sensitive: write {method.upper()!r}, not {method!r}",
+            )
+    return frozenset(methods)
+
+
+def _paths(t: _Table) -> tuple[PathPattern, ...]:
+    return t.parsed_list("paths", PathPattern.parse, (PathPatternError,))
+
+
+def _patterns(t: _Table, key: str) -> tuple[SpiffePattern, ...]:
+    return t.parsed_list(key, SpiffePattern.parse, (PatternError,))
+
+
+def _inbound(t: _Table) -> InboundConfig:
+    name = t.name()
+    listen = t.address("listen", zero_port=True)
+    target = t.address("target", zero_port=False)
+    protocol: Literal["tcp", "http"] = t.choice("protocol", ("tcp", "http"))
+    allow_remote = t.boolean("allow_remote_target")
+    # Invariant 4: what we relay to the target is plaintext.
+    if not target.is_loopback() and not allow_remote:
+        t.fail(
+            "target",
+            f"{target} is not a loopback address; traffic to the target is plaintext "
+            "(set allow_remote_target = true to relay off this host)",
+        )
+    common = _common(t)
+    rules: list[HttpRule] = []
+    for i, rt in enumerate(t.tables("rules")):
+        rule_name = rt.name(default=f"{name}.rules[{i}]")
+        peers = _patterns(rt, "peers")
+        if protocol == "http":
+            rule = HttpRule(rule_name, peers, _methods(rt), _paths(rt), rt.boolean("allow_upgrade"))
+        else:
+            rule = HttpRule(rule_name, peers, frozenset({"*"}), (PathPattern.parse("/**"),))
+        if any(r.name == rule_name for r in rules):
+            rt.fail("name", f"rule name {rule_name!r} is used twice in this listener")
+        rules.append(rule)
+        rt.done(allowed_elsewhere=_http_only(protocol, ("methods", "paths", "allow_upgrade")))
+    if not rules:
+        t.fail("rules", "at least one [[inbound.rules]] table is required (no rule, no traffic)")
+    limits = HttpLimits()
+    headers_t: tuple[str, ...] = (XFCC,)
+    if protocol == "http":
+        limits = _limits(t)
+        extra = t.strings("identity_headers", required=False, nonempty=False)
+        for i, header in enumerate(extra):
+            if not _TOKEN.match(header):
+                t.ctx.fail(f"{t.at('identity_headers')}[{i}]", f"invalid header name {header!r}")
+        headers_t = tuple(dict.fromkeys([XFCC, *(h.lower() for h in extra)]))
+    t.done(allowed_elsewhere=_http_only(protocol, (*_LIMIT_KEYS, "identity_headers")))
+    return InboundConfig(
+        name=name,
+        listen=listen,
+        target=target,
+        protocol=protocol,
+        rules=tuple(rules),
+        allow_remote_target=allow_remote,
+        identity_headers=headers_t,
+        limits=limits,
+        **common,
+    )
+
+
+def _route_host(t: _Table) -> str:
+    text: str = t.string("host", nonempty=True)
+    host = text.lower()
+    port = ""
+    if host.startswith("["):
+        end = host.find("]")
+        inner, rest = host[1:end], host[end + 1 :]
+        if end < 0 or (rest and not rest.startswith(":")):
+            t.fail("host", f"invalid host {text!r}: expected [IPv6] or [IPv6]:PORT")
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            t.fail("host", f"invalid host {text!r}: {inner!r} is not an IPv6 address")
+        port = rest[1:] if rest else ""
+        name_ok = True
+    else:
+        name, sep, port = host.partition(":")
+        if sep and not port:
+            t.fail("host", f"invalid host {text!r}: empty port")
+        name_ok = bool(_HOSTNAME.match(name)) and len(name) <= 253
+    if not name_ok:
+        t.fail("host", f"invalid host {text!r}: expected a host name or IP, optionally :PORT")
+    if port and (not port.isdigit() or not 1 <= int(port) <= 65535):
+        t.fail("host", f"invalid host {text!r}: port must be 1-65535")
+    return host
+
+
+def _outbound(t: _Table) -> OutboundConfig:
+    name = t.name()
+    listen = t.address("listen", zero_port=True)
+    protocol: Literal["tcp", "http", "http-proxy"] = t.choice(
+        "protocol", ("tcp", "http", "http-proxy")
+    )
+    allow_public = t.boolean("allow_public_listen")
+    # Invariant 4: the agent talks plaintext to this listener.
+    if not listen.is_loopback() and not allow_public:
+        t.fail(
+            "listen",
+            f"{listen} is not a loopback address; this listener is plaintext "
+            "(set allow_public_listen = true to expose it)",
+        )
+    common = _common(t)
+    routes: list[RouteConfig] = []
+    hosts: set[str] = set()
+    for i, rt in enumerate(t.tables("routes")):
+        route_name = rt.name(default=f"{name}.routes[{i}]")
+        host: str | None = None
+        if protocol == "http-proxy":
+            host = _route_host(rt)
+            if host in hosts:
+                rt.fail("host", f"host {host!r} has two routes in this listener")
+            hosts.add(host)
+        target = rt.address("target", zero_port=False)
+        expect = _patterns(rt, "expect")
+        rule = None
+        if protocol != "tcp":
+            rule = HttpRule(route_name, (), _methods(rt), _paths(rt), rt.boolean("allow_upgrade"))
+        if any(r.name == route_name for r in routes):
+            rt.fail("name", f"route name {route_name!r} is used twice in this listener")
+        routes.append(RouteConfig(route_name, host, target, expect, rule))
+        elsewhere = _http_only(protocol, ("methods", "paths", "allow_upgrade"))
+        if protocol != "http-proxy":
+            elsewhere["host"] = (
+                f'only for protocol = "http-proxy"; a "{protocol}" listener has one fixed target'
+            )
+        rt.done(allowed_elsewhere=elsewhere)
+    if not routes:
+        t.fail(
+            "routes",
+            "at least one [[outbound.routes]] table is required (egress is deny by default)",
+        )
+    if protocol != "http-proxy" and len(routes) > 1:
+        t.fail(
+            "routes",
+            f'protocol = "{protocol}" takes exactly one route, got {len(routes)} '
+            '(use protocol = "http-proxy" to route by host)',
+        )
+    limits, pool = HttpLimits(), PoolConfig()
+    if protocol != "tcp":
+        limits = _limits(t)
+        pt = t.table("pool")
+        if pt is not None:
+            d = PoolConfig()
+            pool = PoolConfig(
+                max_idle_per_route=pt.integer(
+                    "max_idle_per_route", default=d.max_idle_per_route, minimum=0
+                ),
+                idle_timeout=pt.duration("idle_timeout", default=d.idle_timeout),
+                max_per_route=pt.integer("max_per_route", default=d.max_per_route),
+            )
+            pt.done()
+    t.done(allowed_elsewhere=_http_only(protocol, (*_LIMIT_KEYS, "pool")))
+    return OutboundConfig(
+        name=name,
+        listen=listen,
+        protocol=protocol,
+        routes=tuple(routes),
+        allow_public_listen=allow_public,
+        limits=limits,
+        pool=pool,
+        **common,
+    )
+
+
+def _check_unique(
+    ctx: _Ctx,
+    admin: AdminConfig,
+    inbound: Sequence[InboundConfig],
+    outbound: Sequence[OutboundConfig],
+) -> None:
+    names: dict[str, str] = {}
+    addresses: dict[tuple[str, int], str] = {}
+    if admin.listen is not None and admin.listen.port:
+        addresses[(admin.listen.host.lower(), admin.listen.port)] = "admin.listen"
+    listeners: list[tuple[str, InboundConfig | OutboundConfig]] = [
+        *((f"inbound[{i}]", c) for i, c in enumerate(inbound)),
+        *((f"outbound[{i}]", c) for i, c in enumerate(outbound)),
+    ]
+    for where, cfg in listeners:
+        if cfg.name in names:
+            ctx.fail(
+                f"{where}.name", f"listener name {cfg.name!r} is also used by {names[cfg.name]}"
+            )
+        names[cfg.name] = where
+        key = (cfg.listen.host.lower(), cfg.listen.port)
+        if cfg.listen.port and key in addresses:
+            ctx.fail(f"{where}.listen", f"{cfg.listen} is also used by {addresses[key]}")
+        addresses[key] = f"{where}.listen"
+
+
+# -- summary ------------------------------------------------------------------
+
+
+def _seconds(value: float) -> str:
+    return format_duration(timedelta(seconds=value))
+
+
+def _rule_lines(rule: HttpRule, protocol: str, head: str) -> list[str]:
+    parts = [head]
+    if rule.peers:
+        parts.append("peers " + ", ".join(p.text for p in rule.peers))
+    if protocol != "tcp":
+        parts.append("methods " + ",".join(sorted(rule.methods)))
+        parts.append("paths " + ", ".join(p.text for p in rule.paths))
+        if rule.allow_upgrade:
+            parts.append("upgrade allowed")
+    return [parts[0] + " " + "; ".join(parts[1:])]
+
+
+def summarize(config: Config) -> str:
+    """A human-readable account of a config, for ``agent-proxy check-config``."""
+    ident = config.identity
+    lines = [f"config {config.source}: OK", f"identity: source {ident.source}"]
+    if ident.source == "files":
+        lines += [f"  cert {ident.cert}", f"  key {ident.key}", f"  bundle {ident.bundle}"]
+        lines += [
+            f"  federation {td} {path}"
+            for td, path in sorted(ident.federation.items(), key=lambda kv: kv[0].name)
+        ]
+    elif ident.source == "workload-api":
+        lines.append(f"  endpoint {ident.endpoint or '$SPIFFE_ENDPOINT_SOCKET'}")
+    else:
+        lines += [
+            f"  spiffe_id {ident.spiffe_id}",
+            f"  state_dir {ident.state_dir}",
+            f"  ttl {format_duration(ident.ttl)}",
+        ]
+    admin = config.admin.listen
+    lines.append(f"admin: {'http://' + str(admin) if admin else 'disabled'}")
+    lines.append(f"audit: {'stdout' if config.audit.path == '-' else config.audit.path}")
+    lines.append(f"log level: {config.log_level}; drain timeout {_seconds(config.drain_timeout)}")
+    for inb in config.inbound:
+        lines.append(
+            f"inbound {inb.name} ({inb.protocol}): {inb.listen} -> {inb.target}"
+            f" [min TLS {inb.min_tls}, max {inb.max_connections} connections]"
+        )
+        if inb.protocol == "http" and inb.identity_headers != (XFCC,):
+            lines.append(f"  strips identity headers {', '.join(inb.identity_headers)}")
+        lines.append(f"  {len(inb.rules)} rule{'s' if len(inb.rules) != 1 else ''}:")
+        for rule in inb.rules:
+            lines += _rule_lines(rule, inb.protocol, f"    - {rule.name}:")
+    for out in config.outbound:
+        lines.append(
+            f"outbound {out.name} ({out.protocol}): {out.listen}"
+            f" [min TLS {out.min_tls}, max {out.max_connections} connections]"
+        )
+        lines.append(f"  {len(out.routes)} route{'s' if len(out.routes) != 1 else ''}:")
+        for route in out.routes:
+            head = f"{route.host} -> " if route.host else "-> "
+            lines.append(
+                f"    - {route.name}: {head}{route.target} expecting "
+                + ", ".join(p.text for p in route.expect)
+            )
+            if route.rule is not None:
+                lines += _rule_lines(route.rule, out.protocol, "      allows")
+    return "\n".join(lines)

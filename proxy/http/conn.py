@@ -1,0 +1,232 @@
+"""h11 connections over trio streams: the client-facing side (we are the
+server) and the upstream side (we are the client).
+
+Theory of operation: h11 holds the protocol state; these classes only move
+bytes and apply deadlines. The client-facing side checks every request head
+and chunked body with :mod:`proxy.http.framing` before h11 interprets it.
+Errors split the h11 way: :class:`PeerError` (they sent something wrong or
+went quiet: answer 4xx/5xx if we still can, then close) and plain transport
+errors (``BrokenResourceError``: nothing more to say).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import h11
+import trio
+
+from proxy.http.framing import (
+    HeadError,
+    check_chunked_buffer,
+    check_head,
+    check_partial_head,
+    find_head_end,
+)
+
+_RECV = 65536
+
+Event = h11.Request | h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_header_bytes: int = 65536
+    max_headers: int = 100
+    idle_timeout: float = 60.0
+    request_timeout: float = 30.0
+    response_timeout: float = 60.0
+
+
+class PeerError(Exception):
+    """The other side broke the protocol or a deadline: status for the reply."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class Downstream:
+    """The connection from the client (agent or peer); h11 SERVER role."""
+
+    def __init__(self, stream: trio.abc.Stream, limits: Limits) -> None:
+        self.stream = stream
+        self.limits = limits
+        self.h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=limits.max_header_bytes + 1024
+        )
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.closed_by_peer = False
+
+    async def _receive(self, timeout: float, on_timeout: PeerError) -> bytes:
+        with trio.move_on_after(timeout):
+            data = bytes(await self.stream.receive_some(_RECV))
+            self.h11.receive_data(data)
+            self.bytes_in += len(data)
+            return data
+        raise on_timeout
+
+    async def next_request(self) -> h11.Request | None:
+        """The next request head, checked strictly; None on a clean close."""
+        try:
+            return await self._next_request()
+        except HeadError as exc:
+            raise PeerError(exc.status, exc.reason, exc.message) from exc
+
+    async def _next_request(self) -> h11.Request | None:
+        started: float | None = None
+        while True:
+            pending, closed = self.h11.trailing_data
+            if pending:
+                started = started or time.monotonic()
+                end = find_head_end(pending)
+                if end is not None:
+                    check_head(pending[:end], self.limits.max_header_bytes, self.limits.max_headers)
+                    break
+                check_partial_head(pending, self.limits.max_header_bytes)
+            if closed:
+                if pending:
+                    raise PeerError(400, "bad_request", "connection closed inside a request head")
+                self.closed_by_peer = True
+                return None
+            if started is None:
+                timeout = self.limits.idle_timeout
+                error = PeerError(0, "idle_timeout", "idle connection closed")
+            else:
+                timeout = self.limits.request_timeout - (time.monotonic() - started)
+                error = PeerError(408, "request_timeout", "request head not complete in time")
+            await self._receive(max(timeout, 0), error)
+        event = self._next_event()
+        assert isinstance(event, h11.Request)
+        return event
+
+    def _next_event(self) -> Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        try:
+            event = self.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            reason = "unsupported_transfer_encoding" if status == 501 else "bad_request"
+            raise PeerError(status, reason, str(exc)) from exc
+        if isinstance(event, h11.ConnectionClosed):
+            raise PeerError(400, "bad_request", "connection closed inside a request")
+        return event  # type: ignore[return-value]
+
+    def buffered_body_event(self) -> h11.Data | h11.EndOfMessage | None:
+        """A body event h11 can produce from what is already buffered."""
+        event = self._next_event()
+        if event is h11.NEED_DATA:
+            if self.h11.their_state is h11.SEND_BODY:
+                check_chunked_or_raise(self.h11)
+            return None
+        assert isinstance(event, (h11.Data, h11.EndOfMessage)), event
+        return event
+
+    async def next_body_event(self) -> h11.Data | h11.EndOfMessage:
+        while True:
+            event = self.buffered_body_event()
+            if event is not None:
+                return event
+            if self.h11.trailing_data[1]:
+                raise PeerError(400, "bad_request", "connection closed inside a request body")
+            await self._receive(
+                self.limits.request_timeout,
+                PeerError(408, "request_timeout", "request body stalled"),
+            )
+
+    async def send(
+        self, event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage
+    ) -> None:
+        data = self.h11.send(event)
+        if data:
+            self.bytes_out += len(data)
+            await self.stream.send_all(data)
+
+    def reusable(self) -> bool:
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def check_chunked_or_raise(conn: h11.Connection) -> None:
+    pending = conn.trailing_data[0]
+    if pending:
+        try:
+            check_chunked_buffer(pending)
+        except HeadError as exc:
+            raise PeerError(exc.status, exc.reason, exc.message) from exc
+
+
+class Upstream:
+    """A connection to the target or an upstream sidecar; h11 CLIENT role.
+
+    Pooled between requests: ``key`` says which pool it belongs to.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, key: object, limits: Limits) -> None:
+        self.stream = stream
+        self.key = key
+        self.limits = limits
+        self.h11 = h11.Connection(
+            h11.CLIENT, max_incomplete_event_size=limits.max_header_bytes + 1024
+        )
+        self.created = time.monotonic()
+        self.last_used = self.created
+        self.requests = 0
+        self.peer_id: str | None = None
+        self.peer_serial: str | None = None
+        self.peer_not_after: str | None = None
+
+    async def send(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> None:
+        data = self.h11.send(event)
+        if data:
+            await self.stream.send_all(data)
+
+    async def next_event(
+        self, timeout: float
+    ) -> h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage:
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise PeerError(502, "bad_upstream_response", str(exc)) from exc
+            if event is h11.NEED_DATA:
+                with trio.move_on_after(timeout):
+                    self.h11.receive_data(bytes(await self.stream.receive_some(_RECV)))
+                    continue
+                raise PeerError(504, "upstream_timeout", "upstream did not answer in time")
+            if isinstance(event, h11.ConnectionClosed):
+                raise PeerError(502, "upstream_closed", "upstream closed the connection")
+            assert not isinstance(event, h11.Request) and event is not h11.PAUSED
+            return event  # type: ignore[return-value]
+
+    def reusable(self) -> bool:
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+
+async def linger_close(stream: trio.abc.Stream, *, seconds: float = 2.0,
+                       max_bytes: int = 1 << 20) -> None:
+    """Half-close, then read and drop what the client still sends for a
+    moment before closing. Closing a socket with unread input makes the
+    kernel send RST, which can destroy the error response we just wrote
+    before the client reads it (RFC 9112 9.6)."""
+    try:
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        drained = 0
+        with trio.move_on_after(seconds):
+            while drained < max_bytes:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                drained += len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+        pass

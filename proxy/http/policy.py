@@ -1,0 +1,166 @@
+"""Request policy for HTTP listeners and routes (pure).
+
+A rule allows a set of peer patterns some methods on some path patterns.
+Anything no rule allows is denied. Paths are checked after normalisation
+(:func:`normalize_path`), and requests whose path could mean something else
+to the target (dot segments, encoded slashes) never get that far: they are
+400s, so ``/timesheets/../admin`` cannot ride on a ``/timesheets/**`` rule.
+
+Path patterns work on segments: ``*`` inside a segment matches any run of
+characters but ``/`` (``*.json``), a whole ``**`` segment matches zero or
+more segments (``/timesheets/**`` matches ``/timesheets`` and everything
+below it), anything else matches literally.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from proxy.identity import SpiffeId
+from proxy.policy import SpiffePattern
+
+_UNRESERVED = re.compile(r"%([0-9A-Fa-f]{2})")
+_TCHAR_METHOD = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Characters whose encoded form we refuse: a decoded '/' or '\' or NUL could
+# split or join segments differently at the target than in our match.
+_FORBIDDEN_ENCODED = {0x2F, 0x5C, 0x00}
+
+
+class PathPatternError(ValueError):
+    pass
+
+
+class BadPath(ValueError):
+    """A request path we refuse to judge (400)."""
+
+
+def _decode_unreserved(match: re.Match[str]) -> str:
+    value = int(match.group(1), 16)
+    if value in _FORBIDDEN_ENCODED:
+        raise BadPath(f"encoded {chr(value)!r} in path")
+    char = chr(value)
+    # Only unreserved characters are decoded (RFC 3986, 6.2.2.2); the rest
+    # stay encoded, uppercased, so equal paths compare equal.
+    if (char.isalnum() and char.isascii()) or char in "-._~":
+        return char
+    return "%" + match.group(1).upper()
+
+
+def normalize_path(target: str) -> str:
+    """The path of a request target, normalised for matching; raises BadPath."""
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    if not path.startswith("/"):
+        raise BadPath("path must start with '/'")
+    if "\\" in path:
+        raise BadPath("backslash in path")
+    decoded = _UNRESERVED.sub(_decode_unreserved, path)
+    for segment in decoded.split("/")[1:]:
+        if segment in (".", ".."):
+            raise BadPath("dot segment in path")
+    return decoded
+
+
+@dataclass(frozen=True, slots=True)
+class PathPattern:
+    text: str
+    segments: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> PathPattern:
+        if not text.startswith("/"):
+            raise PathPatternError(f"path pattern {text!r} must start with '/'")
+        if text == "/**":
+            return cls(text, ("**",))
+        parts = tuple(text.split("/")[1:])
+        for part in parts[:-1]:
+            if part == "":
+                raise PathPatternError(f"path pattern {text!r} has an empty segment")
+        for part in parts:
+            if "**" in part and part != "**":
+                raise PathPatternError(f"path pattern {text!r}: '**' must be a whole segment")
+            if any(c in part for c in "[]?"):
+                raise PathPatternError(f"path pattern {text!r}: only '*' and '**' are wildcards")
+            if part in (".", ".."):
+                raise PathPatternError(f"path pattern {text!r} has a dot segment")
+        return cls(text, parts)
+
+    def matches(self, path: str) -> bool:
+        return _match(self.segments, tuple(path.split("/")[1:]))
+
+
+@lru_cache(maxsize=4096)
+def _match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_match(rest, parts[i:]) for i in range(len(parts) + 1))
+    if not parts:
+        return False
+    ok = fnmatch.fnmatchcase(parts[0], head) if "*" in head else parts[0] == head
+    return ok and _match(rest, parts[1:])
+
+
+def parse_method(text: str) -> str:
+    if text == "*" or _TCHAR_METHOD.match(text):
+        return text
+    raise PathPatternError(f"invalid HTTP method {text!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRule:
+    """One allow rule. ``peers`` empty means any peer (outbound routes: the
+    agent is the only client). ``methods`` containing ``*`` means any."""
+
+    name: str
+    peers: tuple[SpiffePattern, ...]
+    methods: frozenset[str]
+    paths: tuple[PathPattern, ...]
+    allow_upgrade: bool = False
+
+    def allows_peer(self, peer: SpiffeId | None) -> bool:
+        if not self.peers:
+            return True
+        return peer is not None and any(p.matches(peer) for p in self.peers)
+
+    def allows(self, peer: SpiffeId | None, method: str, path: str) -> bool:
+        if not self.allows_peer(peer):
+            return False
+        if "*" not in self.methods and method not in self.methods:
+            return False
+        return any(p.matches(path) for p in self.paths)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDecision:
+    allowed: bool
+    reason: str
+    rule: str | None
+
+
+ALLOWED = "rule_matched"
+
+
+def decide_request(
+    rules: Sequence[HttpRule],
+    peer: SpiffeId | None,
+    method: str,
+    path: str,
+    *,
+    upgrade: bool = False,
+) -> RequestDecision:
+    """Deny by default. ``path`` must already be normalised."""
+    upgrade_refused = False
+    for rule in rules:
+        if rule.allows(peer, method, path):
+            if upgrade and not rule.allow_upgrade:
+                upgrade_refused = True
+                continue
+            return RequestDecision(True, ALLOWED, rule.name)
+    if upgrade_refused:
+        return RequestDecision(False, "upgrade_not_allowed", None)
+    return RequestDecision(False, "no_matching_rule", None)

@@ -1,0 +1,488 @@
+"""One client connection's HTTP exchanges: parse, decide, forward, audit.
+
+Theory of operation: :class:`HttpSession` reads one request at a time from
+the client (:class:`Downstream`), asks the :class:`Router` what to do, and
+either answers itself (a denial, a bad request) or relays the exchange to an
+upstream connection taken from the pool. Bodies stream in both directions
+without being buffered whole: the request body pump and the response relay
+run as two tasks, so a large upload and an early response both work.
+
+A request is checked before anything reaches the target: the head by the
+strict framing checks, the path by the router, and whatever part of the body
+is already buffered by h11 (so malformed chunked framing that arrives with
+the head is a 400 that the target never sees).
+
+Expect: 100-continue is answered by us once the request is allowed; the
+upstream gets the body without the Expect field. A denied request that has
+a body pending is answered with ``Connection: close`` and the connection
+ends, so the unread body is never taken as the next request.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import h11
+import trio
+
+from proxy.http.conn import Downstream, Limits, PeerError, Upstream, linger_close
+from proxy.http.headers import (
+    REQUEST_ID,
+    Header,
+    connection_tokens,
+    forwardable,
+    header_value,
+    is_chunked,
+    request_id_from,
+)
+from proxy.http.policy import RequestDecision
+from proxy.http.pool import UpstreamPool
+from proxy.runtime.relay import RelayStats, relay
+
+_REASON_PHRASES = {
+    400: b"Bad Request",
+    403: b"Forbidden",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+@dataclass
+class Routed:
+    """The router's answer for one request."""
+
+    decision: RequestDecision
+    path: str = ""
+    key: Hashable | None = None  # pool key of the upstream; None when denied
+    target: bytes = b""  # request-target to send upstream (origin-form)
+    add_headers: Sequence[Header] = ()
+    strip: frozenset[bytes] = frozenset()
+    allow_upgrade: bool = False
+    status: int = 403  # for denials
+    label: str | None = None  # where it was going, for the audit record
+
+
+class Router(Protocol):
+    def route(self, request: h11.Request, upgrade: bool) -> Routed: ...
+
+
+class UpstreamFailure(Exception):
+    """Could not get an upstream connection (connect, TLS, identity)."""
+
+    def __init__(self, status: int, reason: str, message: str, peer_id: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.peer_id = peer_id
+
+
+@dataclass
+class RequestOutcome:
+    request_id: str
+    method: str
+    path: str
+    started: float = field(default_factory=time.monotonic)
+    status: int = 0
+    decision: str = "deny"
+    reason: str = ""
+    rule: str | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    upstream_peer: str | None = None
+    upstream_serial: str | None = None
+    upstream_not_after: str | None = None
+    error: str | None = None
+    target: str | None = None
+
+    @property
+    def duration_ms(self) -> int:
+        return int((time.monotonic() - self.started) * 1000)
+
+
+def _path_only(target: bytes) -> str:
+    text = target.decode("ascii", "replace")
+    if "://" in text:
+        text = "/" + text.split("://", 1)[1].partition("/")[2]
+    return text.split("?", 1)[0]
+
+
+def _json_body(outcome: RequestOutcome, message: str) -> bytes:
+    return json.dumps(
+        {"error": message, "reason": outcome.reason, "request_id": outcome.request_id},
+        separators=(",", ":"),
+    ).encode()
+
+
+class HttpSession:
+    def __init__(
+        self,
+        downstream: Downstream,
+        router: Router,
+        pool: UpstreamPool,
+        limits: Limits,
+        emit: Callable[[RequestOutcome], None],
+    ) -> None:
+        self.down = downstream
+        self.router = router
+        self.pool = pool
+        self.limits = limits
+        self.emit = emit
+        self.requests = 0
+        self.closing = False  # set by max-connection-lifetime / shutdown
+
+    async def run(self) -> None:
+        clean = await self._run()
+        if not clean and self.down.h11.our_state in (h11.MUST_CLOSE, h11.DONE):
+            # We answered and are ending the connection: let the answer land.
+            await linger_close(self.down.stream)
+
+    async def _run(self) -> bool:
+        """True when the connection ended cleanly (peer closed or idle)."""
+        while not self.closing:
+            try:
+                request = await self.down.next_request()
+            except PeerError as exc:
+                if exc.status:
+                    outcome = RequestOutcome(request_id=request_id_from(())[0], method="", path="")
+                    outcome.reason = exc.reason
+                    outcome.error = exc.message
+                    await self._answer(outcome, exc.status, exc.message, close=True)
+                    self.emit(outcome)
+                    return False
+                return True
+            if request is None:
+                return True
+            self.requests += 1
+            keep = await self._exchange(request)
+            if not keep or not self.down.reusable():
+                return False
+            self.down.h11.start_next_cycle()
+        return True
+
+    # -- answering ourselves ----------------------------------------------
+
+    async def _answer(
+        self,
+        outcome: RequestOutcome,
+        status: int,
+        message: str,
+        *,
+        close: bool,
+        extra: Sequence[Header] = (),
+    ) -> None:
+        outcome.status = status
+        if self.down.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return  # a response is already under way; nothing more to say
+        body = _json_body(outcome, message)
+        headers: list[Header] = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (REQUEST_ID, outcome.request_id.encode()),
+            *extra,
+        ]
+        if close:
+            headers.append((b"connection", b"close"))
+        try:
+            await self.down.send(
+                h11.Response(
+                    status_code=status, headers=headers, reason=_REASON_PHRASES.get(status, b"")
+                )
+            )
+            await self.down.send(h11.Data(data=body))
+            await self.down.send(h11.EndOfMessage())
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            pass
+
+    # -- one exchange -----------------------------------------------------
+
+    async def _exchange(self, request: h11.Request) -> bool:
+        request_id, generated = request_id_from(request.headers)
+        outcome = RequestOutcome(
+            request_id=request_id,
+            method=request.method.decode("ascii", "replace"),
+            path=_path_only(request.target),
+        )
+        try:
+            return await self._exchange_inner(request, outcome, generated)
+        finally:
+            self.emit(outcome)
+
+    async def _exchange_inner(
+        self, request: h11.Request, outcome: RequestOutcome, generated_id: bool
+    ) -> bool:
+        upgrade = header_value(request.headers, b"upgrade") is not None or (
+            b"upgrade" in connection_tokens(request.headers)
+        )
+        try:
+            routed = self.router.route(request, upgrade)
+        except PeerError as exc:
+            outcome.reason, outcome.error = exc.reason, exc.message
+            await self._answer(outcome, exc.status, exc.message, close=True)
+            return False
+        outcome.path = routed.path or outcome.path
+        outcome.target = routed.label
+        outcome.reason, outcome.rule = routed.decision.reason, routed.decision.rule
+        body_pending = self.down.h11.their_state is h11.SEND_BODY
+        if not routed.decision.allowed:
+            await self._answer(outcome, routed.status, "forbidden", close=body_pending)
+            return not body_pending
+
+        # Look at what is already buffered of the body before anything goes
+        # upstream: malformed framing here is a 400 the target never sees.
+        prefetched: list[h11.Data | h11.EndOfMessage] = []
+        try:
+            while body_pending:
+                event = self.down.buffered_body_event()
+                if event is None:
+                    break
+                prefetched.append(event)
+                if isinstance(event, h11.EndOfMessage):
+                    break
+        except PeerError as exc:
+            outcome.decision, outcome.reason, outcome.error = "deny", exc.reason, exc.message
+            await self._answer(outcome, exc.status, exc.message, close=True)
+            return False
+        outcome.decision = "allow"
+        body_complete = not body_pending or bool(
+            prefetched and isinstance(prefetched[-1], h11.EndOfMessage)
+        )
+
+        headers = forwardable(
+            request.headers,
+            strip=routed.strip | {b"expect"},
+            keep_upgrade=upgrade and routed.allow_upgrade,
+        )
+        if is_chunked(request.headers):
+            headers.append((b"transfer-encoding", b"chunked"))
+        headers.extend(routed.add_headers)
+        if generated_id:
+            headers.append((REQUEST_ID, outcome.request_id.encode()))
+        upstream_request = h11.Request(method=request.method, target=routed.target, headers=headers)
+        expect_continue = self.down.h11.they_are_waiting_for_100_continue
+
+        try:
+            up, first = await self._start_upstream(
+                routed.key, upstream_request, prefetched, body_complete, outcome
+            )
+        except UpstreamFailure as exc:
+            outcome.decision, outcome.reason, outcome.error = "deny", exc.reason, exc.message
+            outcome.upstream_peer = exc.peer_id
+            await self._answer(outcome, exc.status, exc.message, close=body_pending)
+            return not body_pending
+        except PeerError as exc:
+            outcome.reason, outcome.error = exc.reason, exc.message
+            await self._answer(outcome, exc.status, exc.message, close=True)
+            return False
+        outcome.upstream_peer, outcome.upstream_serial = up.peer_id, up.peer_serial
+        outcome.upstream_not_after = up.peer_not_after
+        if expect_continue and not body_complete and first is None:
+            await self.down.send(h11.InformationalResponse(status_code=100, headers=[]))
+        return await self._relay(
+            up,
+            prefetched if first is None else [],
+            body_complete,
+            first,
+            outcome,
+            upgrade and routed.allow_upgrade,
+        )
+
+    async def _start_upstream(
+        self,
+        key: Hashable | None,
+        request: h11.Request,
+        prefetched: list[h11.Data | h11.EndOfMessage],
+        body_complete: bool,
+        outcome: RequestOutcome,
+    ) -> tuple[Upstream, h11.Response | h11.InformationalResponse | None]:
+        """Send the head; with a complete small body, also send it and read the
+        first response event, so a stale pooled connection can be retried once
+        on a fresh one without the client noticing."""
+        for attempt in (0, 1):
+            up, reused = await self.pool.checkout(key)
+            try:
+                await up.send(request)
+                if not (reused and body_complete):
+                    return up, None
+                for event in prefetched:
+                    await up.send(event)
+                    if isinstance(event, h11.Data):
+                        outcome.bytes_up += len(event.data)
+                first = await up.next_event(self.limits.response_timeout)
+                assert isinstance(first, (h11.Response, h11.InformationalResponse))
+                return up, first
+            except (trio.BrokenResourceError, trio.ClosedResourceError, PeerError) as exc:
+                await self.pool.discard(up)
+                outcome.bytes_up = 0
+                stale = (
+                    reused
+                    and attempt == 0
+                    and not (isinstance(exc, PeerError) and exc.reason == "upstream_timeout")
+                )
+                if not stale:
+                    if isinstance(exc, PeerError):
+                        raise
+                    raise UpstreamFailure(502, "upstream_unavailable", str(exc)) from exc
+        raise AssertionError("unreachable")
+
+    async def _relay(
+        self,
+        up: Upstream,
+        to_send: list[h11.Data | h11.EndOfMessage],
+        body_complete: bool,
+        first: h11.Response | h11.InformationalResponse | None,
+        outcome: RequestOutcome,
+        upgrade_allowed: bool,
+    ) -> bool:
+        request_error: list[PeerError] = []
+        response_started = False
+        switched = False
+
+        async def pump_request(cancel: trio.CancelScope) -> None:
+            side = "upstream_reset"
+            try:
+                for event in to_send:
+                    await up.send(event)
+                    if isinstance(event, h11.Data):
+                        outcome.bytes_up += len(event.data)
+                if body_complete or self.down.h11.their_state is not h11.SEND_BODY:
+                    return
+                while True:
+                    side = "client_reset"
+                    event = await self.down.next_body_event()
+                    side = "upstream_reset"
+                    await up.send(event)
+                    if isinstance(event, h11.EndOfMessage):
+                        return
+                    outcome.bytes_up += len(event.data)
+            except PeerError as exc:
+                request_error.append(exc)
+                cancel.cancel()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                request_error.append(PeerError(0, side, str(exc)))
+                cancel.cancel()
+
+        async def relay_response(cancel: trio.CancelScope) -> None:
+            nonlocal response_started, switched
+            event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage | None
+            event = first
+            while True:
+                if event is None:
+                    event = await up.next_event(self.limits.response_timeout)
+                if isinstance(event, h11.InformationalResponse):
+                    if event.status_code == 101 and upgrade_allowed:
+                        response_started = True
+                        outcome.status = 101
+                        await self.down.send(
+                            h11.Response(
+                                status_code=101,
+                                headers=forwardable(event.headers, keep_upgrade=True),
+                                reason=event.reason,
+                            )
+                        )
+                        switched = True
+                        cancel.cancel()
+                        return
+                    if event.status_code != 100:
+                        await self.down.send(
+                            h11.InformationalResponse(
+                                status_code=event.status_code,
+                                headers=forwardable(event.headers),
+                                reason=event.reason,
+                            )
+                        )
+                elif isinstance(event, h11.Response):
+                    response_started = True
+                    outcome.status = event.status_code
+                    headers = forwardable(event.headers)
+                    if is_chunked(event.headers):
+                        headers.append((b"transfer-encoding", b"chunked"))
+                    if header_value(headers, REQUEST_ID) is None:
+                        headers.append((REQUEST_ID, outcome.request_id.encode()))
+                    await self.down.send(
+                        h11.Response(
+                            status_code=event.status_code, headers=headers, reason=event.reason
+                        )
+                    )
+                elif isinstance(event, h11.Data):
+                    outcome.bytes_down += len(event.data)
+                    await self.down.send(event)
+                else:
+                    await self.down.send(h11.EndOfMessage())
+                    if self.down.h11.their_state is h11.SEND_BODY:
+                        cancel.cancel()  # response done before the request body: stop reading it
+                    return
+                event = None
+
+        upstream_error: PeerError | None = None
+        transport_error = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump_request, nursery.cancel_scope)
+                nursery.start_soon(relay_response, nursery.cancel_scope)
+        except PeerError as exc:
+            upstream_error = exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            transport_error = True
+            outcome.error = str(exc)
+        except BaseExceptionGroup as group:
+            peer, rest = group.split(PeerError)
+            if rest is not None:
+                _broken, other = rest.split((trio.BrokenResourceError, trio.ClosedResourceError))
+                if other is not None:
+                    raise other from None
+                transport_error = True
+            if peer is not None:
+                upstream_error = peer.exceptions[0]  # type: ignore[assignment]
+
+        if switched:
+            await self._tunnel(up, outcome)
+            return False
+        if request_error:
+            error = request_error[0]
+            outcome.reason, outcome.error = error.reason, error.message
+            await self.pool.discard(up)
+            if error.status and not response_started:
+                await self._answer(outcome, error.status, error.message, close=True)
+            return False
+        if upstream_error is not None:
+            outcome.reason, outcome.error = upstream_error.reason, upstream_error.message
+            await self.pool.discard(up)
+            if not response_started:
+                await self._answer(
+                    outcome, upstream_error.status, upstream_error.message, close=True
+                )
+            return False
+        if transport_error:
+            outcome.reason = outcome.reason if response_started else "upstream_reset"
+            await self.pool.discard(up)
+            return False
+        await self.pool.checkin(up)
+        return self.down.reusable()
+
+    async def _tunnel(self, up: Upstream, outcome: RequestOutcome) -> None:
+        """After a 101 the connection is no longer HTTP: relay raw bytes,
+        starting with whatever either h11 had buffered past the handshake."""
+        leftover_down = self.down.h11.trailing_data[0]
+        leftover_up = up.h11.trailing_data[0]
+        try:
+            if leftover_down:
+                await up.stream.send_all(leftover_down)
+            if leftover_up:
+                await self.down.stream.send_all(leftover_up)
+            stats = RelayStats()
+            await relay(self.down.stream, up.stream, stats)
+            outcome.bytes_up += stats.bytes_up + len(leftover_down)
+            outcome.bytes_down += stats.bytes_down + len(leftover_up)
+        finally:
+            await self.pool.discard(up)

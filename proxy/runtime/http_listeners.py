@@ -1,0 +1,351 @@
+"""HTTP-mode listeners.
+
+Inbound: terminate mTLS, then judge every request (peer, method, path)
+against the listener's rules; allowed requests go to the local target with
+``X-Forwarded-Client-Cert`` set by us after any client copy was removed.
+Only peers that some rule names get through the TLS handshake at all.
+
+Outbound: the agent speaks plain HTTP on loopback, either to a fixed route
+(``http``) or as to a forward proxy (``http-proxy``: absolute-form requests
+routed by host; CONNECT refused so nothing tunnels around us). Upstream
+connections are mTLS, verified against the route's expected SPIFFE IDs, and
+pooled per route.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Hashable
+from functools import partial
+from urllib.parse import urlsplit
+
+import h11
+import structlog
+import trio
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from proxy.audit import AuditSink, rfc3339
+from proxy.config import InboundConfig, OutboundConfig, RouteConfig
+from proxy.http.conn import Downstream, Limits, PeerError, Upstream
+from proxy.http.headers import XFCC, Header, header_value, xfcc_value
+from proxy.http.policy import BadPath, HttpRule, RequestDecision, decide_request, normalize_path
+from proxy.http.pool import UpstreamPool
+from proxy.http.session import HttpSession, RequestOutcome, Routed, UpstreamFailure
+from proxy.identity import SpiffeId
+from proxy.policy import SpiffePattern, decide_peer
+from proxy.runtime.identity_state import IdentitySnapshot, IdentityState, SideCache
+from proxy.runtime.l4 import connect_tcp
+from proxy.runtime.listener import BaseListener, Conn, ms_since
+from proxy.tls import TLSHandshakeError, TlsSide, TLSStream, build_side
+
+log = structlog.get_logger("agent_proxy")
+
+
+def _limits(config: InboundConfig | OutboundConfig) -> Limits:
+    lim = config.limits
+    return Limits(
+        max_header_bytes=lim.max_header_bytes,
+        max_headers=lim.max_headers,
+        idle_timeout=lim.idle_timeout,
+        request_timeout=lim.request_timeout,
+        response_timeout=lim.response_timeout,
+    )
+
+
+def _origin_form(request: h11.Request) -> tuple[bytes, str | None]:
+    """(origin-form target, host from an absolute-form target if any)."""
+    target = request.target
+    if target.startswith(b"/"):
+        return target, None
+    text = target.decode("ascii", "replace")
+    parts = urlsplit(text)
+    if parts.scheme.lower() != "http" or not parts.netloc:
+        raise PeerError(400, "bad_request", "request target must be origin-form or http://")
+    origin = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return origin.encode("ascii"), parts.netloc.lower()
+
+
+def _normalized(origin: bytes) -> str:
+    try:
+        return normalize_path(origin.decode("ascii"))
+    except (BadPath, UnicodeDecodeError) as exc:
+        raise PeerError(400, "bad_path", f"refused request path: {exc}") from exc
+
+
+class _InboundRouter:
+    def __init__(
+        self,
+        rules: tuple[HttpRule, ...],
+        peer: SpiffeId,
+        key: Hashable,
+        xfcc: Header,
+        strip: frozenset[bytes],
+    ) -> None:
+        self.rules = rules
+        self.peer = peer
+        self.key = key
+        self.xfcc = xfcc
+        self.strip = strip
+
+    def route(self, request: h11.Request, upgrade: bool) -> Routed:
+        if request.method == b"CONNECT":
+            return Routed(RequestDecision(False, "connect_not_allowed", None))
+        origin, _ = _origin_form(request)
+        path = _normalized(origin)
+        decision = decide_request(
+            self.rules, self.peer, request.method.decode("ascii"), path, upgrade=upgrade
+        )
+        return Routed(
+            decision,
+            path=path,
+            key=self.key,
+            target=origin,
+            add_headers=(self.xfcc,),
+            strip=self.strip,
+            allow_upgrade=decision.allowed and upgrade,
+        )
+
+
+class HttpInboundListener(BaseListener):
+    def __init__(self, config: InboundConfig, identity: IdentityState, audit: AuditSink) -> None:
+        super().__init__(
+            name=config.name,
+            direction="inbound",
+            listen=config.listen,
+            target_label=str(config.target),
+            max_connections=config.max_connections,
+            handshake_timeout=config.handshake_timeout,
+            identity=identity,
+            audit=audit,
+        )
+        self.config = config
+        self.limits = _limits(config)
+        self.strip = frozenset(h.lower().encode() for h in config.identity_headers) | {XFCC}
+        # Peers no rule names are refused inside the handshake (TLS alert).
+        admitted: tuple[SpiffePattern, ...] = tuple(p for r in config.rules for p in r.peers)
+
+        def build(snapshot: IdentitySnapshot) -> TlsSide:
+            return build_side(
+                snapshot.svid,
+                snapshot.bundles,
+                lambda peer: decide_peer(peer, admitted),
+                server=True,
+                min_version=config.min_tls,
+            )
+
+        self._sides = SideCache(identity, build)
+        self.pool = UpstreamPool(
+            self._connect,
+            max_idle_per_key=64,
+            idle_timeout=30.0,
+            max_per_key=config.max_connections,
+        )
+
+    async def background(self) -> None:
+        await self.pool.sweep_forever()
+
+    async def _connect(self, key: Hashable) -> Upstream:
+        stream = await connect_tcp(self.config.target, self.config.connect_timeout)
+        if isinstance(stream, tuple):
+            raise UpstreamFailure(502, stream[0], stream[1])
+        return Upstream(stream, key, self.limits)
+
+    async def handle(self, stream: trio.SocketStream, conn: Conn) -> None:
+        conn.snapshot, side = self._sides.current()
+        conn.tls = TLSStream(stream, side)
+        if not await self.handshake(conn):
+            return
+        verified = conn.tls.peer.verified
+        assert verified is not None
+        leaf_hash = hashlib.sha256(verified.leaf.public_bytes(Encoding.DER)).hexdigest()
+        xfcc = (XFCC, xfcc_value(conn.snapshot.local_id, leaf_hash, str(verified.spiffe_id)))
+        router = _InboundRouter(self.config.rules, verified.spiffe_id, "target", xfcc, self.strip)
+        self.record(conn, "connection.open", "allow", "peer_allowed")
+        session = HttpSession(
+            Downstream(conn.tls, self.limits),
+            router,
+            self.pool,
+            self.limits,
+            partial(self._emit, conn),
+        )
+        finished = False
+        try:
+            await session.run()
+            finished = True
+        finally:
+            self.record(
+                conn,
+                "connection.close",
+                "allow",
+                "closed" if finished else "shutdown",
+                requests=session.requests,
+                duration_ms=ms_since(conn.started),
+            )
+
+    def _emit(self, conn: Conn, outcome: RequestOutcome) -> None:
+        self.record(
+            conn,
+            "http.request",
+            outcome.decision,
+            outcome.reason,
+            rule=outcome.rule,
+            request_id=outcome.request_id,
+            method=outcome.method,
+            path=outcome.path,
+            status=outcome.status,
+            bytes_up=outcome.bytes_up,
+            bytes_down=outcome.bytes_down,
+            duration_ms=outcome.duration_ms,
+            error=outcome.error,
+        )
+
+
+class _OutboundRouter:
+    def __init__(self, config: OutboundConfig) -> None:
+        self.proxy_mode = config.protocol == "http-proxy"
+        self.routes = {r.host: r for r in config.routes if r.host is not None}
+        self.single = config.routes[0] if not self.proxy_mode else None
+
+    def _lookup(self, host: str | None) -> RouteConfig | None:
+        if self.single is not None:
+            return self.single
+        if not host:
+            return None
+        host = host.lower()
+        found = self.routes.get(host)
+        if found is None and host.endswith(":80"):
+            found = self.routes.get(host[:-3])
+        if found is None and ":" in host and not host.startswith("["):
+            bare = host.rsplit(":", 1)[0]
+            candidate = self.routes.get(bare)
+            # A route without a port matches the host on the default port only.
+            found = candidate if candidate is not None and host.endswith(":80") else None
+        return found
+
+    def route(self, request: h11.Request, upgrade: bool) -> Routed:
+        if request.method == b"CONNECT":
+            return Routed(RequestDecision(False, "connect_not_allowed", None))
+        origin, host = _origin_form(request)
+        if host is None:
+            raw_host = header_value(request.headers, b"host")
+            host = raw_host.decode("ascii", "replace").lower() if raw_host else None
+        route = self._lookup(host)
+        path = _normalized(origin)
+        if route is None or route.rule is None:
+            return Routed(RequestDecision(False, "egress_not_allowed", None), path=path, label=host)
+        decision = decide_request(
+            (route.rule,), None, request.method.decode("ascii"), path, upgrade=upgrade
+        )
+        return Routed(
+            decision,
+            path=path,
+            key=route.name,
+            target=origin,
+            strip=frozenset({XFCC}),
+            allow_upgrade=decision.allowed and upgrade,
+            label=str(route.target),
+        )
+
+
+class HttpOutboundListener(BaseListener):
+    def __init__(self, config: OutboundConfig, identity: IdentityState, audit: AuditSink) -> None:
+        label = ", ".join(f"{r.host or r.name}={r.target}" for r in config.routes)
+        super().__init__(
+            name=config.name,
+            direction="outbound",
+            listen=config.listen,
+            target_label=label,
+            max_connections=config.max_connections,
+            handshake_timeout=config.handshake_timeout,
+            identity=identity,
+            audit=audit,
+        )
+        self.config = config
+        self.limits = _limits(config)
+        self.routes = {r.name: r for r in config.routes}
+        self.router = _OutboundRouter(config)
+        self._sides = {r.name: SideCache(identity, self._side_builder(r)) for r in config.routes}
+        pool = config.pool
+        self.pool = UpstreamPool(
+            self._connect,
+            max_idle_per_key=pool.max_idle_per_route,
+            idle_timeout=pool.idle_timeout,
+            max_per_key=pool.max_per_route,
+        )
+
+    def _side_builder(self, route: RouteConfig):  # type: ignore[no-untyped-def]
+        expect = route.expect
+
+        def build(snapshot: IdentitySnapshot) -> TlsSide:
+            return build_side(
+                snapshot.svid,
+                snapshot.bundles,
+                lambda peer: decide_peer(peer, expect),
+                server=False,
+                min_version=self.config.min_tls,
+            )
+
+        return build
+
+    async def background(self) -> None:
+        await self.pool.sweep_forever()
+
+    async def _connect(self, key: Hashable) -> Upstream:
+        route = self.routes[str(key)]
+        _, side = self._sides[route.name].current()
+        stream = await connect_tcp(route.target, self.config.connect_timeout)
+        if isinstance(stream, tuple):
+            raise UpstreamFailure(502, stream[0], stream[1])
+        tls = TLSStream(stream, side)
+        reason = message = None
+        with trio.move_on_after(self.handshake_timeout) as scope:
+            try:
+                await tls.do_handshake()
+            except TLSHandshakeError as exc:
+                reason, message = exc.reason, exc.message
+        if scope.cancelled_caught:
+            reason, message = "handshake_timeout", "upstream TLS handshake timed out"
+        verified = tls.peer.verified
+        if reason is not None:
+            await tls.aclose()
+            raise UpstreamFailure(
+                502, reason, message or reason, str(verified.spiffe_id) if verified else None
+            )
+        assert verified is not None
+        up = Upstream(tls, key, self.limits)
+        up.peer_id = str(verified.spiffe_id)
+        up.peer_serial = verified.serial_hex
+        up.peer_not_after = rfc3339(verified.not_after)
+        return up
+
+    async def handle(self, stream: trio.SocketStream, conn: Conn) -> None:
+        conn.client_addr, conn.peer_addr = conn.peer_addr, None
+        session = HttpSession(
+            Downstream(stream, self.limits),
+            self.router,
+            self.pool,
+            self.limits,
+            partial(self._emit, conn),
+        )
+        await session.run()
+
+    def _emit(self, conn: Conn, outcome: RequestOutcome) -> None:
+        self.record(
+            conn,
+            "http.request",
+            outcome.decision,
+            outcome.reason,
+            rule=outcome.rule,
+            peer_id=outcome.upstream_peer,
+            peer_cert_serial=outcome.upstream_serial,
+            peer_cert_not_after=outcome.upstream_not_after,
+            request_id=outcome.request_id,
+            method=outcome.method,
+            path=outcome.path,
+            status=outcome.status,
+            bytes_up=outcome.bytes_up,
+            bytes_down=outcome.bytes_down,
+            duration_ms=outcome.duration_ms,
+            error=outcome.error,
+            target=outcome.target or self.target_label,
+        )

@@ -1,0 +1,247 @@
+"""What every listener shares: binding, accept loops, the connection cap,
+per-connection bookkeeping and audit records.
+
+Theory of operation: each listener owns its accept loops; every accepted
+connection runs as a task in the *handler* nursery that the caller passes
+in, so shutdown can stop accepting first and then drain handlers with a
+deadline. A handler never lets an exception escape (invariant 5): network
+garbage ends that connection with an audit record, nothing more.
+Subclasses implement :meth:`BaseListener.handle` for one connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import time
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from proxy.audit import AuditRecord, AuditSink, Direction, rfc3339
+from proxy.metrics import Metrics
+from proxy.netaddr import HostPort, format_sockaddr
+from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
+from proxy.tls import TLSHandshakeError, TLSStream
+
+log = structlog.get_logger("agent_proxy")
+
+# Accept errors that mean "out of resources right now", not "listener dead".
+_TRANSIENT_ACCEPT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_conn_counter = itertools.count(1)
+
+
+def new_conn_id() -> str:
+    return f"{os.getpid():x}-{next(_conn_counter):x}"
+
+
+@dataclass
+class Conn:
+    """What one connection's audit records share."""
+
+    conn_id: str
+    snapshot: IdentitySnapshot
+    peer_addr: str | None
+    client_addr: str | None = None  # outbound: the local agent's address
+    tls: TLSStream | None = None
+    started: float = 0.0
+
+
+class BaseListener:
+    def __init__(
+        self,
+        *,
+        name: str,
+        direction: Direction,
+        listen: HostPort,
+        target_label: str,
+        max_connections: int,
+        handshake_timeout: float,
+        identity: IdentityState,
+        audit: AuditSink,
+    ) -> None:
+        self.name = name
+        self.direction: Direction = direction
+        self.listen = listen
+        self.target_label = target_label
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.identity = identity
+        self.audit = audit
+        self.active = 0
+        self.bound: list[str] = []
+        self.metrics: Metrics | None = None
+
+    # -- audit ------------------------------------------------------------
+
+    def record(self, conn: Conn, event: str, decision: str, reason: str, **extra: object) -> None:
+        peer_id = serial = not_after = rule = None
+        if conn.tls is not None:
+            verified = conn.tls.peer.verified
+            if verified is not None:
+                peer_id = str(verified.spiffe_id)
+                serial = verified.serial_hex
+                not_after = rfc3339(verified.not_after)
+            peer_decision = conn.tls.peer.decision
+            if peer_decision is not None and peer_decision.allowed:
+                rule = peer_decision.rule
+        for key in ("peer_id", "peer_cert_serial", "peer_cert_not_after", "rule"):
+            if key in extra:  # per-request records override the connection's view
+                value = extra.pop(key)
+                if key == "peer_id":
+                    peer_id = value  # type: ignore[assignment]
+                elif key == "peer_cert_serial":
+                    serial = value  # type: ignore[assignment]
+                elif key == "peer_cert_not_after":
+                    not_after = value  # type: ignore[assignment]
+                else:
+                    rule = value  # type: ignore[assignment]
+        if conn.client_addr is not None:
+            extra["client_addr"] = conn.client_addr
+        if self.metrics is not None:
+            self._count(event, decision, reason, extra)
+        self.audit.emit(
+            AuditRecord(
+                event=event,
+                direction=self.direction,
+                decision="allow" if decision == "allow" else "deny",
+                reason=reason,
+                listener=self.name,
+                conn_id=conn.conn_id,
+                rule=rule,
+                peer_id=peer_id,
+                local_id=conn.snapshot.local_id,
+                peer_addr=conn.peer_addr,
+                target=str(extra.pop("target", self.target_label)),
+                peer_cert_serial=serial,
+                peer_cert_not_after=not_after,
+                extra={k: v for k, v in extra.items() if v is not None},
+            )
+        )
+
+    def _count(self, event: str, decision: str, reason: str, extra: dict[str, object]) -> None:
+        metrics = self.metrics
+        assert metrics is not None
+        verdict = "allow" if decision == "allow" else "deny"
+        up = extra.get("bytes_up")
+        down = extra.get("bytes_down")
+        if event == "http.request":
+            duration = extra.get("duration_ms")
+            metrics.request(
+                self.name,
+                self.direction,
+                verdict,
+                reason,
+                duration / 1000 if isinstance(duration, int) else None,
+                up if isinstance(up, int) else 0,
+                down if isinstance(down, int) else 0,
+            )
+            return
+        metrics.connection(self.name, self.direction, verdict, reason)
+        if event == "connection.refused" and reason not in ("connection_limit",):
+            metrics.handshake_failure(self.name, reason)
+        elif event == "connection.close" and (up or down):
+            metrics.transferred(
+                self.name, up if isinstance(up, int) else 0, down if isinstance(down, int) else 0
+            )
+
+    # -- accepting --------------------------------------------------------
+
+    async def serve(
+        self,
+        handlers: trio.Nursery,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(self.listen.port, host=self.listen.host)
+        self.bound = [format_sockaddr(sock.socket.getsockname()) for sock in listeners]
+        log.info(
+            "listening",
+            listener=self.name,
+            direction=self.direction,
+            address=self.bound[0],
+            addresses=self.bound,
+            target=self.target_label,
+        )
+        task_status.started(self.bound)
+        async with trio.open_nursery() as accepting:
+            accepting.start_soon(self.background)
+            for listener in listeners:
+                accepting.start_soon(self._accept_loop, listener, handlers)
+
+    async def background(self) -> None:
+        """Per-listener housekeeping (pool sweeping); runs while accepting."""
+
+    async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno in _TRANSIENT_ACCEPT:
+                        log.error(
+                            "accept failed; backing off",
+                            listener=self.name,
+                            error=os.strerror(exc.errno or 0),
+                        )
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                handlers.start_soon(self._handle, stream)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            peer_addr: str | None = format_sockaddr(stream.socket.getpeername())
+        except OSError:
+            peer_addr = None
+        conn = Conn(new_conn_id(), self.identity.current, peer_addr, started=time.monotonic())
+        if self.active >= self.max_connections:
+            self.record(conn, "connection.refused", "deny", "connection_limit")
+            await stream.aclose()
+            return
+        self.active += 1
+        if self.metrics is not None:
+            self.metrics.active(self.name, 1)
+        try:
+            await self.handle(stream, conn)
+        except Exception as exc:  # invariant 5: one connection's failure is never fatal
+            log.exception("connection handler failed", listener=self.name, conn_id=conn.conn_id)
+            try:
+                self.record(
+                    conn, "connection.close", "deny", "internal_error", error=type(exc).__name__
+                )
+            except Exception:
+                log.exception("cannot write audit record", conn_id=conn.conn_id)
+        finally:
+            self.active -= 1
+            if self.metrics is not None:
+                self.metrics.active(self.name, -1)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+                if conn.tls is not None:
+                    await conn.tls.aclose()
+
+    async def handle(self, stream: trio.SocketStream, conn: Conn) -> None:
+        raise NotImplementedError
+
+    async def handshake(self, conn: Conn) -> bool:
+        """Run ``conn.tls``'s handshake under the deadline; audit a refusal."""
+        assert conn.tls is not None
+        reason = message = None
+        with trio.move_on_after(self.handshake_timeout) as scope:
+            try:
+                await conn.tls.do_handshake()
+            except TLSHandshakeError as exc:
+                reason, message = exc.reason, exc.message
+        if scope.cancelled_caught:
+            reason = "handshake_timeout"
+            message = f"no TLS handshake within {self.handshake_timeout:g}s"
+        if reason is None:
+            return True
+        self.record(conn, "connection.refused", "deny", reason, error=message)
+        return False
+
+
+def ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
