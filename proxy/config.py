@@ -566,7 +566,6 @@ _LIMIT_KEYS = (
     "idle_timeout",
     "request_timeout",
     "response_timeout",
-    "max_connection_lifetime",
 )
 
 
@@ -578,8 +577,13 @@ def _limits(t: _Table) -> HttpLimits:
         idle_timeout=t.duration("idle_timeout", default=d.idle_timeout),
         request_timeout=t.duration("request_timeout", default=d.request_timeout),
         response_timeout=t.duration("response_timeout", default=d.response_timeout),
-        max_connection_lifetime=t.duration("max_connection_lifetime", default=None),
+        max_connection_lifetime=_lifetime(t),
     )
+
+
+def _lifetime(t: _Table) -> float | None:
+    # Continuous authentication applies to every protocol, TCP included.
+    return t.duration("max_connection_lifetime", default=None)
 
 
 def _common(t: _Table) -> dict[str, Any]:
@@ -649,7 +653,7 @@ def _inbound(t: _Table) -> InboundConfig:
         rt.done(allowed_elsewhere=_http_only(protocol, ("methods", "paths", "allow_upgrade")))
     if not rules:
         t.fail("rules", "at least one [[inbound.rules]] table is required (no rule, no traffic)")
-    limits = HttpLimits()
+    limits = HttpLimits(max_connection_lifetime=_lifetime(t))
     headers_t: tuple[str, ...] = (XFCC,)
     if protocol == "http":
         limits = _limits(t)
@@ -749,7 +753,7 @@ def _outbound(t: _Table) -> OutboundConfig:
             f'protocol = "{protocol}" takes exactly one route, got {len(routes)} '
             '(use protocol = "http-proxy" to route by host)',
         )
-    limits, pool = HttpLimits(), PoolConfig()
+    limits, pool = HttpLimits(max_connection_lifetime=_lifetime(t)), PoolConfig()
     if protocol != "tcp":
         limits = _limits(t)
         pt = t.table("pool")

@@ -1,10 +1,12 @@
-"""``make demo``: the sidecar pair end to end with real processes.
+"""``make demo``: the payroll scenario end to end, with real processes.
 
-A dev CA for payroll.example; an HR API on loopback behind HR's inbound
-sidecar; the payroll agent's outbound sidecar; the payroll agent (a stock
-HTTP client) calls HR through it; a marketing agent's sidecar, holding a
-valid SVID that HR does not allow, is refused. Prints what the HR API saw
-and a summary of both audit trails, stops everything and exits 0.
+The cast: a dev CA for payroll.example; an HR API and a bank API, each
+behind its own inbound sidecar; the payroll agent and the marketing agent,
+each a small script using a stock HTTP client (urllib, via HTTP_PROXY)
+through its own egress sidecar. Every sidecar is ``agent-proxy run`` with its
+own config file. The demo shows allowed and refused calls, the identity the
+HR API received, and a summary of every sidecar's audit trail; then it stops
+everything and exits 0.
 """
 
 from __future__ import annotations
@@ -12,44 +14,96 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-import urllib.error
-import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
 TD = "payroll.example"
+CAST = {
+    "hr": "/svc/hr",
+    "bank": "/svc/bank",
+    "payroll": "/agent/payroll",
+    "marketing": "/agent/marketing",
+}
+
+# What an agent runs: a stock HTTP client that honours HTTP_PROXY.
+AGENT = r"""
+import json, sys, urllib.request, urllib.error
+for line in sys.argv[1:]:
+    method, url, *body = line.split(" ", 2)
+    data = body[0].encode() if body else None
+    req = urllib.request.Request(url, method=method, data=data,
+                                 headers={"content-type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(req, timeout=15) as resp:
+            out = f"{resp.status} {resp.read().decode()}"
+    except urllib.error.HTTPError as exc:
+        out = f"{exc.code} {exc.read().decode()}"
+    except (urllib.error.URLError, ConnectionError) as exc:
+        out = f"failed: {exc}"
+    print(json.dumps({"call": f"{method} {url}", "result": out}), flush=True)
+"""
 
 
 def _agent_proxy(*args: str) -> list[str]:
     return [sys.executable, "-m", "proxy", *args]
 
 
-class _HrApi(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = json.dumps(
-            {"timesheets": [{"employee": "ada", "hours": 38}], "path": self.path}
-        ).encode()
+class _Api(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    name = "api"
+
+    def _reply(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        body_in = self.rfile.read(length) if length else b""
+        seen = self.headers.get("x-forwarded-client-cert", "")
+        payload = {
+            "api": self.name,
+            "method": self.command,
+            "path": self.path,
+            "caller": seen.rpartition("URI=")[2] or None,
+        }
+        if body_in:
+            payload["received"] = json.loads(body_in)
+        self.server.seen.append(seen)  # type: ignore[attr-defined]
+        body = json.dumps(payload).encode()
         self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    do_GET = do_POST = do_DELETE = _reply
 
     def log_message(self, *args: Any) -> None:
         pass
 
 
+def _api(name: str) -> http.server.ThreadingHTTPServer:
+    handler = type(f"{name.title()}Api", (_Api,), {"name": name})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.seen = []  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 class _Sidecar:
-    def __init__(self, name: str, args: Sequence[str], audit: Path) -> None:
+    def __init__(self, root: Path, name: str, body: str) -> None:
         self.name = name
-        self.audit = audit
+        self.audit = root / f"{name}-audit.jsonl"
+        ident = root / name
+        config = root / f"{name}.toml"
+        config.write_text(
+            f'[identity]\nsource = "files"\ncert = "{ident}/svid.pem"\n'
+            f'key = "{ident}/svid_key.pem"\nbundle = "{ident}/bundle.pem"\n'
+            f'[admin]\nlisten = "127.0.0.1:0"\n[audit]\npath = "{self.audit}"\n' + body
+        )
         self.proc = subprocess.Popen(
-            _agent_proxy(*args, "--listen", "127.0.0.1:0", "--audit-log", str(audit)),
+            _agent_proxy("run", "--config", str(config)),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -65,48 +119,56 @@ class _Sidecar:
             except ValueError:
                 continue
             if event.get("event") == "listening":
+                # Keep draining stderr so the sidecar never blocks on a full pipe.
                 threading.Thread(target=lambda: [None for _ in stream], daemon=True).start()
                 return int(str(event["address"]).rpartition(":")[2])
         raise RuntimeError("sidecar exited before listening")
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(timeout=20)
+        self.proc.wait(timeout=30)
 
 
-def _identity(root: Path, name: str) -> list[str]:
-    d = root / name
-    return [
-        "--cert",
-        str(d / "svid.pem"),
-        "--key",
-        str(d / "svid_key.pem"),
-        "--bundle",
-        str(d / "bundle.pem"),
-    ]
+def _inbound(name: str, target: int, rules: str) -> str:
+    return (
+        f'[[inbound]]\nname = "{name}"\nlisten = "127.0.0.1:0"\n'
+        f'target = "127.0.0.1:{target}"\nprotocol = "http"\n' + rules
+    )
 
 
-def _call(port: int, path: str) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
-            return f"{resp.status} {resp.read().decode()}"
-    except (urllib.error.URLError, ConnectionError) as exc:
-        return f"refused ({exc.__class__.__name__})"
+def _run_agent(proxy_port: int, calls: list[str]) -> list[dict[str, str]]:
+    env = {
+        **os.environ,
+        "HTTP_PROXY": f"http://127.0.0.1:{proxy_port}",
+        "http_proxy": f"http://127.0.0.1:{proxy_port}",
+        "NO_PROXY": "",
+        "no_proxy": "",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", AGENT, *calls],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def _print_calls(who: str, results: list[dict[str, str]]) -> None:
+    for r in results:
+        print(f"   {who:9} {r['call']:48} -> {r['result'][:110]}")
 
 
 def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="agent-proxy-demo-"))
-    print(f"== dev CA and SVIDs in {root}")
+    print(f"== a dev CA for {TD}, one SVID per workload ({root})")
     subprocess.run(
         _agent_proxy("ca", "init", "--trust-domain", TD, "--dir", str(root / "ca")),
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    for name, path in (
-        ("hr", "/svc/hr"),
-        ("payroll", "/agent/payroll"),
-        ("marketing", "/agent/marketing"),
-    ):
+    for name, path in CAST.items():
         subprocess.run(
             _agent_proxy(
                 "ca",
@@ -121,79 +183,128 @@ def main() -> int:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        print(f"   issued spiffe://{TD}{path}")
+        print(f"   {name:9} spiffe://{TD}{path}")
 
-    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HrApi)
-    threading.Thread(target=api.serve_forever, daemon=True).start()
+    hr_api, bank_api = _api("hr"), _api("bank")
     sidecars: list[_Sidecar] = []
     try:
         hr = _Sidecar(
-            "hr inbound",
-            [
-                "inbound",
-                "--name",
+            root,
+            "hr",
+            _inbound(
                 "hr-api",
-                "--target",
-                f"127.0.0.1:{api.server_address[1]}",
-                *_identity(root, "hr"),
-                "--allow",
-                f"spiffe://{TD}/agent/payroll",
-            ],
-            root / "hr-audit.jsonl",
+                hr_api.server_address[1],
+                f"""
+[[inbound.rules]]
+name = "payroll-reads-timesheets"
+peers = ["spiffe://{TD}/agent/payroll"]
+methods = ["GET"]
+paths = ["/timesheets/**"]
+""",
+            ),
         )
         sidecars.append(hr)
+        bank = _Sidecar(
+            root,
+            "bank",
+            _inbound(
+                "bank-api",
+                bank_api.server_address[1],
+                f"""
+[[inbound.rules]]
+name = "payroll-files-payments"
+peers = ["spiffe://{TD}/agent/payroll"]
+methods = ["POST"]
+paths = ["/payments"]
+""",
+            ),
+        )
+        sidecars.append(bank)
         payroll = _Sidecar(
-            "payroll outbound",
-            [
-                "outbound",
-                "--name",
-                "to-hr",
-                "--target",
-                f"127.0.0.1:{hr.port}",
-                *_identity(root, "payroll"),
-                "--expect",
-                f"spiffe://{TD}/svc/hr",
-            ],
-            root / "payroll-audit.jsonl",
+            root,
+            "payroll",
+            f"""
+[[outbound]]
+name = "payroll-egress"
+listen = "127.0.0.1:0"
+protocol = "http-proxy"
+[[outbound.routes]]
+name = "hr"
+host = "hr-api"
+target = "127.0.0.1:{hr.port}"
+expect = ["spiffe://{TD}/svc/hr"]
+methods = ["GET", "DELETE"]
+paths = ["/timesheets/**"]
+[[outbound.routes]]
+name = "bank"
+host = "bank-api"
+target = "127.0.0.1:{bank.port}"
+expect = ["spiffe://{TD}/svc/bank"]
+methods = ["POST"]
+paths = ["/payments"]
+""",
         )
         sidecars.append(payroll)
         marketing = _Sidecar(
-            "marketing outbound",
-            [
-                "outbound",
-                "--name",
-                "to-hr",
-                "--target",
-                f"127.0.0.1:{hr.port}",
-                *_identity(root, "marketing"),
-                "--expect",
-                f"spiffe://{TD}/svc/hr",
-            ],
-            root / "marketing-audit.jsonl",
+            root,
+            "marketing",
+            f"""
+[[outbound]]
+name = "marketing-egress"
+listen = "127.0.0.1:0"
+protocol = "http-proxy"
+[[outbound.routes]]
+name = "hr"
+host = "hr-api"
+target = "127.0.0.1:{hr.port}"
+expect = ["spiffe://{TD}/svc/hr"]
+methods = ["GET"]
+paths = ["/timesheets/**"]
+""",
         )
         sidecars.append(marketing)
 
-        print("\n== payroll agent → its sidecar → mTLS → HR's sidecar → HR API")
-        print("   GET /timesheets/2026-11:", _call(payroll.port, "/timesheets/2026-11"))
-        print("\n== marketing agent → its sidecar → HR (valid SVID, not allowed)")
-        print("   GET /timesheets/2026-11:", _call(marketing.port, "/timesheets/2026-11"))
+        print("\n== the payroll agent (no keys; plain HTTP to its sidecar)")
+        _print_calls(
+            "payroll",
+            _run_agent(
+                payroll.port,
+                [
+                    "GET http://hr-api/timesheets/2026-11",
+                    'POST http://bank-api/payments {"employee": "ada", "amount": 4200}',
+                    "DELETE http://hr-api/timesheets/2026-11",
+                    "GET http://exfil.example/upload",
+                ],
+            ),
+        )
+        print("\n== the marketing agent (a valid SVID, but HR does not admit it)")
+        _print_calls(
+            "marketing", _run_agent(marketing.port, ["GET http://hr-api/timesheets/2026-11"])
+        )
+        print("\n== what the HR API was told about its caller (set by HR's sidecar)")
+        for xfcc in hr_api.seen:  # type: ignore[attr-defined]
+            print(f"   X-Forwarded-Client-Cert: {xfcc}")
     finally:
         for sidecar in reversed(sidecars):
             sidecar.stop()
-        api.shutdown()
+        hr_api.shutdown()
+        bank_api.shutdown()
 
-    print("\n== audit trail")
+    print("\n== audit trail (one JSON record per decision; summarised)")
     for sidecar in sidecars:
         for line in sidecar.audit.read_text().splitlines():
             r = json.loads(line)
+            if r["event"] in ("connection.close",):
+                continue
+            what = f"{r.get('method', '')} {r.get('path', '')}".strip() or r["event"]
             print(
-                f"   [{sidecar.name:18}] {r['event']:18} {r['decision']:5} {r['reason']:18} "
-                f"peer={r['peer_id']}"
+                f"   {sidecar.name:9} {r['event']:18} {r['decision']:5} {r['reason']:20} "
+                f"peer={r['peer_id'] or '-':32} {what:28} rule={r['rule'] or '-'}"
             )
     if os.environ.get("AGENT_PROXY_DEMO_KEEP") is None:
-        import shutil
-
         shutil.rmtree(root)
+    else:
+        print(f"\n(kept {root})")
     return 0
 
 

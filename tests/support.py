@@ -73,7 +73,22 @@ class LineReader:
             self.lines.put(raw.rstrip("\n"))
         pipe.close()
 
-    def wait_for(self, predicate: Any, deadline: float = DEADLINE) -> str:
+    def all_lines(self) -> list[str]:
+        """Every line read so far, consumed by waits or not."""
+        while True:
+            try:
+                self.seen.append(self.lines.get_nowait())
+            except queue.Empty:
+                return list(self.seen)
+
+    def wait_for(self, predicate: Any, deadline: float = DEADLINE, *,
+                 search_seen: bool = False) -> str:
+        """The next line matching ``predicate``; with ``search_seen``, also
+        lines already consumed by earlier waits (for one-off events)."""
+        if search_seen:
+            for line in self.seen:
+                if predicate(line):
+                    return line
         end = time.monotonic() + deadline
         while True:
             remaining = end - time.monotonic()
@@ -87,7 +102,8 @@ class LineReader:
             if predicate(line):
                 return line
 
-    def wait_json(self, deadline: float = DEADLINE, **fields: Any) -> dict[str, Any]:
+    def wait_json(self, deadline: float = DEADLINE, search_seen: bool = False,
+                  **fields: Any) -> dict[str, Any]:
         def match(line: str) -> bool:
             try:
                 obj = json.loads(line)
@@ -95,7 +111,7 @@ class LineReader:
                 return False
             return isinstance(obj, dict) and all(obj.get(k) == v for k, v in fields.items())
 
-        return dict(json.loads(self.wait_for(match, deadline)))
+        return dict(json.loads(self.wait_for(match, deadline, search_seen=search_seen)))
 
 
 def agent_proxy_cmd() -> list[str]:
@@ -123,6 +139,15 @@ class ProxyProcess:
         host, _, port = line["address"].rpartition(":")
         self.address = (host.strip("[]"), int(port))
         return self.address
+
+    def wait_listener(self, name: str) -> tuple[str, int]:
+        """The bound address of the listener called ``name`` (admin: "admin")."""
+        if name == "admin":
+            line = self.logs.wait_json(event="admin listening", search_seen=True)
+        else:
+            line = self.logs.wait_json(event="listening", listener=name, search_seen=True)
+        host, _, port = line["address"].rpartition(":")
+        return host.strip("[]"), int(port)
 
     def stop(self, sig: int = signal.SIGTERM, deadline: float = DEADLINE) -> int:
         if self.proc.poll() is None:

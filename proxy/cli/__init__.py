@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from proxy.cli import ca, sidecar, svid
+    from proxy.cli import ca, run, sidecar, svid
 
     parser = _Parser(
         prog="agent-proxy",
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.register(sub)
     svid.register(sub)
     sidecar.register(sub)
+    run.register(sub)
     return parser
 
 

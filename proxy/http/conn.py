@@ -11,6 +11,7 @@ errors (``BrokenResourceError``: nothing more to say).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -70,14 +71,15 @@ class Downstream:
             return data
         raise on_timeout
 
-    async def next_request(self) -> h11.Request | None:
-        """The next request head, checked strictly; None on a clean close."""
+    async def next_request(self, idle_deadline: float = math.inf) -> h11.Request | None:
+        """The next request head, checked strictly; None on a clean close.
+        ``idle_deadline`` (trio time) cuts the wait for a new request short."""
         try:
-            return await self._next_request()
+            return await self._next_request(idle_deadline)
         except HeadError as exc:
             raise PeerError(exc.status, exc.reason, exc.message) from exc
 
-    async def _next_request(self) -> h11.Request | None:
+    async def _next_request(self, idle_deadline: float) -> h11.Request | None:
         started: float | None = None
         while True:
             pending, closed = self.h11.trailing_data
@@ -94,7 +96,7 @@ class Downstream:
                 self.closed_by_peer = True
                 return None
             if started is None:
-                timeout = self.limits.idle_timeout
+                timeout = min(self.limits.idle_timeout, idle_deadline - trio.current_time())
                 error = PeerError(0, "idle_timeout", "idle connection closed")
             else:
                 timeout = self.limits.request_timeout - (time.monotonic() - started)
@@ -161,6 +163,16 @@ def check_chunked_or_raise(conn: h11.Connection) -> None:
             raise PeerError(exc.status, exc.reason, exc.message) from exc
 
 
+def upstream_broken(exc: BaseException) -> PeerError:
+    """An upstream that broke mid-exchange. In TLS 1.3 a server judges our
+    certificate after our side of the handshake is done, so its refusal
+    arrives here, as an alert, on the first read."""
+    text = f"{exc} {exc.__cause__ or ''}"
+    if "alert" in text.lower():
+        return PeerError(502, "upstream_refused", "the upstream refused our identity (TLS alert)")
+    return PeerError(502, "upstream_reset", "the upstream connection broke")
+
+
 class Upstream:
     """A connection to the target or an upstream sidecar; h11 CLIENT role.
 
@@ -176,6 +188,7 @@ class Upstream:
         )
         self.created = time.monotonic()
         self.last_used = self.created
+        self.expires_at = math.inf  # trio time: peer certificate expiry or max lifetime
         self.requests = 0
         self.peer_id: str | None = None
         self.peer_serial: str | None = None
@@ -196,7 +209,11 @@ class Upstream:
                 raise PeerError(502, "bad_upstream_response", str(exc)) from exc
             if event is h11.NEED_DATA:
                 with trio.move_on_after(timeout):
-                    self.h11.receive_data(bytes(await self.stream.receive_some(_RECV)))
+                    try:
+                        data = await self.stream.receive_some(_RECV)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        raise upstream_broken(exc) from exc
+                    self.h11.receive_data(bytes(data))
                     continue
                 raise PeerError(504, "upstream_timeout", "upstream did not answer in time")
             if isinstance(event, h11.ConnectionClosed):
@@ -212,8 +229,9 @@ class Upstream:
             await self.stream.aclose()
 
 
-async def linger_close(stream: trio.abc.Stream, *, seconds: float = 2.0,
-                       max_bytes: int = 1 << 20) -> None:
+async def linger_close(
+    stream: trio.abc.Stream, *, seconds: float = 2.0, max_bytes: int = 1 << 20
+) -> None:
     """Half-close, then read and drop what the client still sends for a
     moment before closing. Closing a socket with unread input makes the
     kernel send RST, which can destroy the error response we just wrote

@@ -71,7 +71,11 @@ class UpstreamPool:
             now = time.monotonic()
             while idle:
                 up = idle.pop()  # most recently used first: likeliest alive
-                if now - up.last_used > self.idle_timeout or _looks_dead(up):
+                if (
+                    now - up.last_used > self.idle_timeout
+                    or trio.current_time() >= up.expires_at
+                    or _looks_dead(up)
+                ):
                     await self._close(up)
                     continue
                 self.reuses += 1
@@ -93,7 +97,11 @@ class UpstreamPool:
     async def checkin(self, up: Upstream) -> None:
         """Return after an exchange; anything not cleanly reusable is closed."""
         idle = self._idle.setdefault(up.key, deque())
-        if up.reusable() and len(idle) < self.max_idle_per_key:
+        if (
+            up.reusable()
+            and len(idle) < self.max_idle_per_key
+            and trio.current_time() < up.expires_at
+        ):
             up.h11.start_next_cycle()
             up.last_used = time.monotonic()
             idle.append(up)

@@ -21,6 +21,7 @@ ends, so the unread body is never taken as the next request.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Protocol
 import h11
 import trio
 
-from proxy.http.conn import Downstream, Limits, PeerError, Upstream, linger_close
+from proxy.http.conn import Downstream, Limits, PeerError, Upstream, linger_close, upstream_broken
 from proxy.http.headers import (
     REQUEST_ID,
     Header,
@@ -139,7 +140,9 @@ class HttpSession:
         self.limits = limits
         self.emit = emit
         self.requests = 0
-        self.closing = False  # set by max-connection-lifetime / shutdown
+        # max_connection_lifetime, in trio time: no new exchange starts after it.
+        self.lifetime_deadline = math.inf
+        self.end_reason: str | None = None
 
     async def run(self) -> None:
         clean = await self._run()
@@ -149,9 +152,12 @@ class HttpSession:
 
     async def _run(self) -> bool:
         """True when the connection ended cleanly (peer closed or idle)."""
-        while not self.closing:
+        while True:
+            if trio.current_time() >= self.lifetime_deadline:
+                self.end_reason = "max_lifetime"
+                return True
             try:
-                request = await self.down.next_request()
+                request = await self.down.next_request(self.lifetime_deadline)
             except PeerError as exc:
                 if exc.status:
                     outcome = RequestOutcome(request_id=request_id_from(())[0], method="", path="")
@@ -160,6 +166,9 @@ class HttpSession:
                     await self._answer(outcome, exc.status, exc.message, close=True)
                     self.emit(outcome)
                     return False
+                self.end_reason = (
+                    "max_lifetime" if trio.current_time() >= self.lifetime_deadline else exc.reason
+                )
                 return True
             if request is None:
                 return True
@@ -168,7 +177,6 @@ class HttpSession:
             if not keep or not self.down.reusable():
                 return False
             self.down.h11.start_next_cycle()
-        return True
 
     # -- answering ourselves ----------------------------------------------
 
@@ -369,7 +377,10 @@ class HttpSession:
                 request_error.append(exc)
                 cancel.cancel()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                request_error.append(PeerError(0, side, str(exc)))
+                if side == "upstream_reset":
+                    request_error.append(upstream_broken(exc))
+                else:
+                    request_error.append(PeerError(0, side, str(exc)))
                 cancel.cancel()
 
         async def relay_response(cancel: trio.CancelScope) -> None:
@@ -409,6 +420,8 @@ class HttpSession:
                         headers.append((b"transfer-encoding", b"chunked"))
                     if header_value(headers, REQUEST_ID) is None:
                         headers.append((REQUEST_ID, outcome.request_id.encode()))
+                    if trio.current_time() >= self.lifetime_deadline:
+                        headers.append((b"connection", b"close"))  # the last exchange
                     await self.down.send(
                         h11.Response(
                             status_code=event.status_code, headers=headers, reason=event.reason
@@ -463,8 +476,8 @@ class HttpSession:
                     outcome, upstream_error.status, upstream_error.message, close=True
                 )
             return False
-        if transport_error:
-            outcome.reason = outcome.reason if response_started else "upstream_reset"
+        if transport_error:  # the client went away while we answered
+            outcome.reason = "client_reset"
             await self.pool.discard(up)
             return False
         await self.pool.checkin(up)

@@ -14,6 +14,7 @@ pooled per route.
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 from collections.abc import Hashable
 from functools import partial
@@ -117,6 +118,8 @@ class HttpInboundListener(BaseListener):
             handshake_timeout=config.handshake_timeout,
             identity=identity,
             audit=audit,
+            max_lifetime=config.limits.max_connection_lifetime,
+            graceful_lifetime=True,
         )
         self.config = config
         self.limits = _limits(config)
@@ -168,6 +171,7 @@ class HttpInboundListener(BaseListener):
             self.limits,
             partial(self._emit, conn),
         )
+        session.lifetime_deadline = conn.lifetime_deadline
         finished = False
         try:
             await session.run()
@@ -177,7 +181,7 @@ class HttpInboundListener(BaseListener):
                 conn,
                 "connection.close",
                 "allow",
-                "closed" if finished else "shutdown",
+                (session.end_reason or "closed") if finished else conn.end_reason(),
                 requests=session.requests,
                 duration_ms=ms_since(conn.started),
             )
@@ -313,6 +317,15 @@ class HttpOutboundListener(BaseListener):
             )
         assert verified is not None
         up = Upstream(tls, key, self.limits)
+        # Continuous authentication for pooled connections: never reuse one
+        # past its upstream's certificate or max_connection_lifetime.
+        not_after = min(cert.not_valid_after_utc for cert in verified.chain)
+        up.expires_at = trio.current_time() + max(
+            0.0, (not_after - _dt.datetime.now(_dt.UTC)).total_seconds()
+        )
+        lifetime = self.config.limits.max_connection_lifetime
+        if lifetime is not None:
+            up.expires_at = min(up.expires_at, trio.current_time() + lifetime)
         up.peer_id = str(verified.spiffe_id)
         up.peer_serial = verified.serial_hex
         up.peer_not_after = rfc3339(verified.not_after)

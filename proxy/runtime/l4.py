@@ -28,6 +28,7 @@ class L4Config:
     connect_timeout: float = 10.0
     max_connections: int = 4096
     min_tls: TlsVersion = "1.3"
+    max_connection_lifetime: float | None = None
 
 
 async def connect_tcp(target: HostPort, timeout: float) -> trio.SocketStream | tuple[str, str]:
@@ -51,6 +52,7 @@ class L4Listener(BaseListener):
             handshake_timeout=config.handshake_timeout,
             identity=identity,
             audit=audit,
+            max_lifetime=config.max_connection_lifetime,
         )
         self.config = config
         patterns = config.patterns
@@ -117,7 +119,7 @@ class L4Listener(BaseListener):
             await relay(accepted, far, stats)
             finished = True
         finally:
-            reason = stats.error or ("closed" if finished else "shutdown")
+            reason = stats.error or ("closed" if finished else conn.end_reason())
             self.record(
                 conn,
                 "connection.close",

@@ -11,11 +11,13 @@ Subclasses implement :meth:`BaseListener.handle` for one connection.
 
 from __future__ import annotations
 
+import datetime as _dt
 import errno
 import itertools
+import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 import trio
@@ -47,6 +49,20 @@ class Conn:
     client_addr: str | None = None  # outbound: the local agent's address
     tls: TLSStream | None = None
     started: float = 0.0
+    # Continuous authentication, in trio time: when the peer's certificate
+    # expires and when max_connection_lifetime runs out.
+    cert_deadline: float = math.inf
+    lifetime_deadline: float = math.inf
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def end_reason(self) -> str:
+        """Why a cancelled connection ended, for its close record."""
+        now = trio.current_time()
+        if now >= self.cert_deadline:
+            return "peer_certificate_expired"
+        if now >= self.lifetime_deadline:
+            return "max_lifetime"
+        return "shutdown"
 
 
 class BaseListener:
@@ -61,6 +77,8 @@ class BaseListener:
         handshake_timeout: float,
         identity: IdentityState,
         audit: AuditSink,
+        max_lifetime: float | None = None,
+        graceful_lifetime: bool = False,
     ) -> None:
         self.name = name
         self.direction: Direction = direction
@@ -70,6 +88,10 @@ class BaseListener:
         self.handshake_timeout = handshake_timeout
         self.identity = identity
         self.audit = audit
+        self.max_lifetime = max_lifetime
+        # HTTP ends a connection that outlived its lifetime between exchanges;
+        # TCP has no such boundary and is cut at the deadline.
+        self.graceful_lifetime = graceful_lifetime
         self.active = 0
         self.bound: list[str] = []
         self.metrics: Metrics | None = None
@@ -196,15 +218,26 @@ class BaseListener:
         except OSError:
             peer_addr = None
         conn = Conn(new_conn_id(), self.identity.current, peer_addr, started=time.monotonic())
+        refusal = None
         if self.active >= self.max_connections:
-            self.record(conn, "connection.refused", "deny", "connection_limit")
+            refusal = "connection_limit"
+        elif conn.snapshot.expired(_dt.datetime.now(_dt.UTC)):
+            # Fail closed: with our SVID expired we present nothing.
+            refusal = "own_svid_expired"
+        if refusal is not None:
+            self.record(conn, "connection.refused", "deny", refusal)
             await stream.aclose()
             return
+        if self.max_lifetime is not None:
+            conn.lifetime_deadline = trio.current_time() + self.max_lifetime
+            if not self.graceful_lifetime:
+                conn.scope.deadline = conn.lifetime_deadline
         self.active += 1
         if self.metrics is not None:
             self.metrics.active(self.name, 1)
         try:
-            await self.handle(stream, conn)
+            with conn.scope:
+                await self.handle(stream, conn)
         except Exception as exc:  # invariant 5: one connection's failure is never fatal
             log.exception("connection handler failed", listener=self.name, conn_id=conn.conn_id)
             try:
@@ -238,9 +271,22 @@ class BaseListener:
             reason = "handshake_timeout"
             message = f"no TLS handshake within {self.handshake_timeout:g}s"
         if reason is None:
+            self.arm_peer_expiry(conn)
             return True
         self.record(conn, "connection.refused", "deny", reason, error=message)
         return False
+
+    def arm_peer_expiry(self, conn: Conn) -> None:
+        """Close the connection the moment the peer's certificate (or any
+        certificate in its verified chain) expires."""
+        assert conn.tls is not None
+        verified = conn.tls.peer.verified
+        if verified is None:
+            return
+        not_after = min(cert.not_valid_after_utc for cert in verified.chain)
+        remaining = (not_after - _dt.datetime.now(_dt.UTC)).total_seconds()
+        conn.cert_deadline = trio.current_time() + max(0.0, remaining)
+        conn.scope.deadline = min(conn.scope.deadline, conn.cert_deadline)
 
 
 def ms_since(started: float) -> int:

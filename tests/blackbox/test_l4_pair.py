@@ -540,7 +540,7 @@ def test_private_key_never_logged(ids, echo) -> None:  # type: ignore[no-untyped
         proc.audit.wait_json(event="connection.refused")
     finally:
         proc.stop()
-    everything = "\n".join(proc.audit.seen + proc.logs.seen)
+    everything = "\n".join(proc.audit.all_lines() + proc.logs.all_lines())
     key_pem = Path(ids["hr"]["key"]).read_text()
     body = "".join(key_pem.strip().splitlines()[1:-1])
     assert "PRIVATE KEY" not in everything

@@ -63,21 +63,38 @@ class RecordingBackend:
                     elif isinstance(event, h11.ConnectionClosed):
                         return
                 assert request is not None
-                seen = Seen(request.method.decode(), request.target.decode(),
-                            [(n.decode(), v.decode()) for n, v in request.headers], bytes(body))
+                seen = Seen(
+                    request.method.decode(),
+                    request.target.decode(),
+                    [(n.decode(), v.decode()) for n, v in request.headers],
+                    bytes(body),
+                )
                 self.seen.append(seen)
                 if b"/big/" in request.target:
                     size = int(request.target.rsplit(b"/", 1)[1])
                     await self._stream_body(stream, conn, size)
                 else:
-                    payload = json.dumps({"method": seen.method, "target": seen.target,
-                                          "body_len": len(body),
-                                          "xfcc": seen.header("x-forwarded-client-cert")}).encode()
-                    await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
-                        ("content-type", "application/json"),
-                        ("content-length", str(len(payload))),
-                        ("connection", "keep-alive"), ("keep-alive", "timeout=5"),
-                    ])))
+                    payload = json.dumps(
+                        {
+                            "method": seen.method,
+                            "target": seen.target,
+                            "body_len": len(body),
+                            "xfcc": seen.header("x-forwarded-client-cert"),
+                        }
+                    ).encode()
+                    await stream.send_all(
+                        conn.send(
+                            h11.Response(
+                                status_code=200,
+                                headers=[
+                                    ("content-type", "application/json"),
+                                    ("content-length", str(len(payload))),
+                                    ("connection", "keep-alive"),
+                                    ("keep-alive", "timeout=5"),
+                                ],
+                            )
+                        )
+                    )
                     await stream.send_all(conn.send(h11.Data(data=payload)))
                     await stream.send_all(conn.send(h11.EndOfMessage()))
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
@@ -88,9 +105,12 @@ class RecordingBackend:
         finally:
             await stream.aclose()
 
-    async def _stream_body(self, stream: trio.SocketStream, conn: h11.Connection, size: int) -> None:
-        await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
-            ("transfer-encoding", "chunked")])))
+    async def _stream_body(
+        self, stream: trio.SocketStream, conn: h11.Connection, size: int
+    ) -> None:
+        await stream.send_all(
+            conn.send(h11.Response(status_code=200, headers=[("transfer-encoding", "chunked")]))
+        )
         chunk = bytes(range(256)) * 256
         sent = 0
         while sent < size:
@@ -110,30 +130,65 @@ def identity_section() -> dict[str, Any]:
     return {"source": "files", "cert": "c.pem", "key": "k.pem", "bundle": "b.pem"}
 
 
-async def start_inbound(nursery: trio.Nursery, *, issued: Issued, cas: tuple[TestCA, ...],
-                        target_port: int, rules: list[dict[str, Any]], audit: MemoryAudit,
-                        **extra: Any) -> tuple[HttpInboundListener, int]:
-    config = parse_config({
-        "identity": identity_section(),
-        "inbound": [{"name": "hr-api", "listen": "127.0.0.1:0", "protocol": "http",
-                     "target": f"127.0.0.1:{target_port}", "rules": rules, **extra}],
-    })
-    listener = HttpInboundListener(config.inbound[0], IdentityState(snapshot(issued, *cas)),
-                                   audit.sink)
+async def start_inbound(
+    nursery: trio.Nursery,
+    *,
+    issued: Issued,
+    cas: tuple[TestCA, ...],
+    target_port: int,
+    rules: list[dict[str, Any]],
+    audit: MemoryAudit,
+    **extra: Any,
+) -> tuple[HttpInboundListener, int]:
+    config = parse_config(
+        {
+            "identity": identity_section(),
+            "inbound": [
+                {
+                    "name": "hr-api",
+                    "listen": "127.0.0.1:0",
+                    "protocol": "http",
+                    "target": f"127.0.0.1:{target_port}",
+                    "rules": rules,
+                    **extra,
+                }
+            ],
+        }
+    )
+    listener = HttpInboundListener(
+        config.inbound[0], IdentityState(snapshot(issued, *cas)), audit.sink
+    )
     bound = await nursery.start(listener.serve, nursery)
     return listener, int(bound[0].rpartition(":")[2])
 
 
-async def start_outbound(nursery: trio.Nursery, *, issued: Issued, cas: tuple[TestCA, ...],
-                         protocol: str, routes: list[dict[str, Any]], audit: MemoryAudit,
-                         **extra: Any) -> tuple[HttpOutboundListener, int]:
-    config = parse_config({
-        "identity": identity_section(),
-        "outbound": [{"name": "egress", "listen": "127.0.0.1:0", "protocol": protocol,
-                      "routes": routes, **extra}],
-    })
-    listener = HttpOutboundListener(config.outbound[0], IdentityState(snapshot(issued, *cas)),
-                                    audit.sink)
+async def start_outbound(
+    nursery: trio.Nursery,
+    *,
+    issued: Issued,
+    cas: tuple[TestCA, ...],
+    protocol: str,
+    routes: list[dict[str, Any]],
+    audit: MemoryAudit,
+    **extra: Any,
+) -> tuple[HttpOutboundListener, int]:
+    config = parse_config(
+        {
+            "identity": identity_section(),
+            "outbound": [
+                {
+                    "name": "egress",
+                    "listen": "127.0.0.1:0",
+                    "protocol": protocol,
+                    "routes": routes,
+                    **extra,
+                }
+            ],
+        }
+    )
+    listener = HttpOutboundListener(
+        config.outbound[0], IdentityState(snapshot(issued, *cas)), audit.sink
+    )
     bound = await nursery.start(listener.serve, nursery)
     return listener, int(bound[0].rpartition(":")[2])
 
@@ -155,7 +210,9 @@ async def tls_connect(port: int, ctx: ssl.SSLContext) -> trio.SSLStream[trio.Soc
     return stream
 
 
-async def read_response(stream: trio.abc.Stream, method: bytes = b"GET") -> tuple[int, dict[str, str], bytes]:
+async def read_response(
+    stream: trio.abc.Stream, method: bytes = b"GET", deadline: float = 10
+) -> tuple[int, dict[str, str], bytes]:
     """One response, parsed with h11 as a client would."""
     conn = h11.Connection(h11.CLIENT)
     conn.send(h11.Request(method=method, target=b"/", headers=[("host", "x")]))
@@ -163,7 +220,7 @@ async def read_response(stream: trio.abc.Stream, method: bytes = b"GET") -> tupl
     status = 0
     headers: dict[str, str] = {}
     body = bytearray()
-    with trio.fail_after(10):
+    with trio.fail_after(deadline):
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:

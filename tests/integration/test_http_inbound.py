@@ -23,10 +23,19 @@ from tests.pki import Issued, TestCA
 PAYROLL = "spiffe://a.org/agent/payroll"
 RULES = [
     {"name": "payroll-reads", "peers": [PAYROLL], "methods": ["GET"], "paths": ["/timesheets/**"]},
-    {"name": "payroll-posts", "peers": [PAYROLL], "methods": ["POST", "PUT"],
-     "paths": ["/upload", "/timesheets/**"]},
-    {"name": "payroll-ws", "peers": [PAYROLL], "methods": ["GET"], "paths": ["/ws"],
-     "allow_upgrade": True},
+    {
+        "name": "payroll-posts",
+        "peers": [PAYROLL],
+        "methods": ["POST", "PUT"],
+        "paths": ["/upload", "/timesheets/**"],
+    },
+    {
+        "name": "payroll-ws",
+        "peers": [PAYROLL],
+        "methods": ["GET"],
+        "paths": ["/ws"],
+        "allow_upgrade": True,
+    },
 ]
 
 
@@ -41,11 +50,14 @@ def payroll(ca_a: TestCA) -> Issued:
 
 
 class Env:
-    def __init__(self, backend: RecordingBackend, port: int, audit: MemoryAudit,
-                 client: Issued) -> None:
+    def __init__(
+        self, backend: RecordingBackend, port: int, audit: MemoryAudit, client: Issued
+    ) -> None:
         self.backend, self.port, self.audit, self.client = backend, port, audit, client
 
-    async def exchange(self, raw: bytes, method: bytes = b"GET") -> tuple[int, dict[str, str], bytes]:
+    async def exchange(
+        self, raw: bytes, method: bytes = b"GET"
+    ) -> tuple[int, dict[str, str], bytes]:
         stream = await tls_connect(self.port, client_context(self.client))
         try:
             await stream.send_all(raw)
@@ -57,13 +69,13 @@ class Env:
         return [r for r in self.audit.records() if r["event"] == "http.request"]
 
 
-async def _env(nursery: trio.Nursery, hr: Issued, ca: TestCA, client: Issued,
-               **extra: Any) -> Env:
+async def _env(nursery: trio.Nursery, hr: Issued, ca: TestCA, client: Issued, **extra: Any) -> Env:
     backend = RecordingBackend()
     await backend.start(nursery)
     audit = MemoryAudit()
-    _, port = await start_inbound(nursery, issued=hr, cas=(ca,), target_port=backend.port,
-                                  rules=RULES, audit=audit, **extra)
+    _, port = await start_inbound(
+        nursery, issued=hr, cas=(ca,), target_port=backend.port, rules=RULES, audit=audit, **extra
+    )
     return Env(backend, port, audit, client)
 
 
@@ -76,13 +88,15 @@ async def test_allowed_request_reaches_target_with_our_identity_header(
             b"GET /timesheets/2026?employee=ada HTTP/1.1\r\nHost: hr\r\n"
             b"X-Forwarded-Client-Cert: By=spiffe://evil/x;URI=spiffe://a.org/agent/admin\r\n"
             b"x-forwarded-client-cert: second copy\r\n"
-            b"Connection: close\r\n\r\n")
+            b"Connection: close\r\n\r\n"
+        )
         nursery.cancel_scope.cancel()
     assert status == 200
     [seen] = env.backend.seen
     leaf_hash = hashlib.sha256(payroll.cert.public_bytes(Encoding.DER)).hexdigest()
     assert seen.header("x-forwarded-client-cert") == [
-        f"By=spiffe://a.org/svc/hr;Hash={leaf_hash};URI={PAYROLL}"]
+        f"By=spiffe://a.org/svc/hr;Hash={leaf_hash};URI={PAYROLL}"
+    ]
     assert seen.target == "/timesheets/2026?employee=ada"
     assert len(seen.header("x-request-id")) == 1
     assert headers["x-request-id"] == seen.header("x-request-id")[0]
@@ -96,14 +110,16 @@ async def test_allowed_request_reaches_target_with_our_identity_header(
     assert record["bytes_down"] == len(body) and isinstance(record["duration_ms"], int)
 
 
-async def test_hop_by_hop_headers_are_not_forwarded(ca_a: TestCA, hr: Issued,
-                                                    payroll: Issued) -> None:
+async def test_hop_by_hop_headers_are_not_forwarded(
+    ca_a: TestCA, hr: Issued, payroll: Issued
+) -> None:
     async with trio.open_nursery() as nursery:
         env = await _env(nursery, hr, ca_a, payroll)
         status, _, _ = await env.exchange(
             b"GET /timesheets/1 HTTP/1.1\r\nHost: hr\r\nConnection: close, X-Secret, Host\r\n"
             b"X-Secret: drop me\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n"
-            b"Proxy-Authorization: Basic Zm9vOmJhcg==\r\nX-Request-Id: abc-123\r\n\r\n")
+            b"Proxy-Authorization: Basic Zm9vOmJhcg==\r\nX-Request-Id: abc-123\r\n\r\n"
+        )
         nursery.cancel_scope.cancel()
     assert status == 200
     [seen] = env.backend.seen
@@ -116,46 +132,91 @@ async def test_hop_by_hop_headers_are_not_forwarded(ca_a: TestCA, hr: Issued,
 @pytest.mark.parametrize(
     ("raw", "status", "reason"),
     [
-        (b"GET /timesheets/1 HTTP/1.1\r\nHost: hr\r\nContent-Length: 3\r\nContent-Length: 3\r\n"
-         b"\r\nabc", 400, "bad_request"),
-        (b"POST /upload HTTP/1.1\r\nHost: hr\r\nContent-Length: 3, 3\r\n\r\nabc", 400,
-         "bad_request"),
-        (b"POST /upload HTTP/1.1\r\nHost: hr\r\nContent-Length: abc\r\n\r\nabc", 400,
-         "bad_request"),
-        (b"POST /upload HTTP/1.1\r\nHost: hr\r\nContent-Length: 3\r\nTransfer-Encoding: chunked"
-         b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 400, "bad_request"),
-        (b"POST /upload HTTP/1.1\r\nHost: hr\r\nTransfer-Encoding: chunked\r\n\r\n"
-         b"zz\r\nabc\r\n0\r\n\r\n", 400, "bad_request"),
-        (b"POST /upload HTTP/1.1\r\nHost: hr\r\nTransfer-Encoding: chunked\r\n\r\n"
-         b"3\nabc\n0\n\n", 400, "bad_request"),
-        (b"GET /timesheets/1 HTTP/1.1\r\nHost: hr\r\nX-Long: a\r\n b\r\n\r\n", 400,
-         "bad_request"),
+        (
+            b"GET /timesheets/1 HTTP/1.1\r\nHost: hr\r\nContent-Length: 3\r\nContent-Length: 3\r\n"
+            b"\r\nabc",
+            400,
+            "bad_request",
+        ),
+        (
+            b"POST /upload HTTP/1.1\r\nHost: hr\r\nContent-Length: 3, 3\r\n\r\nabc",
+            400,
+            "bad_request",
+        ),
+        (
+            b"POST /upload HTTP/1.1\r\nHost: hr\r\nContent-Length: abc\r\n\r\nabc",
+            400,
+            "bad_request",
+        ),
+        (
+            b"POST /upload HTTP/1.1\r\nHost: hr\r\nContent-Length: 3\r\nTransfer-Encoding: chunked"
+            b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+        (
+            b"POST /upload HTTP/1.1\r\nHost: hr\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"zz\r\nabc\r\n0\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+        (
+            b"POST /upload HTTP/1.1\r\nHost: hr\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\n0\n\n",
+            400,
+            "bad_request",
+        ),
+        (b"GET /timesheets/1 HTTP/1.1\r\nHost: hr\r\nX-Long: a\r\n b\r\n\r\n", 400, "bad_request"),
         (b"GET /timesheets/1 HTTP/1.1\nHost: hr\n\n", 400, "bad_request"),
-        (b"GET /timesheets/1 HTTP/1.1\r\nHost: hr\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", 431,
-         "header_too_large"),
-        (b"GET /timesheets/1 HTTP/1.1\r\nHost: hr\r\n" + b"X-A: b\r\n" * 150 + b"\r\n", 431,
-         "header_too_large"),
+        (
+            b"GET /timesheets/1 HTTP/1.1\r\nHost: hr\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",
+            431,
+            "header_too_large",
+        ),
+        (
+            b"GET /timesheets/1 HTTP/1.1\r\nHost: hr\r\n" + b"X-A: b\r\n" * 150 + b"\r\n",
+            431,
+            "header_too_large",
+        ),
         (b"GET /timesheets/../admin HTTP/1.1\r\nHost: hr\r\n\r\n", 400, "bad_path"),
         (b"GET /timesheets/%2e%2e/admin HTTP/1.1\r\nHost: hr\r\n\r\n", 400, "bad_path"),
         (b"GET /timesheets%2fadmin HTTP/1.1\r\nHost: hr\r\n\r\n", 400, "bad_path"),
         (b"GET /timesheets/1 HTTP/1.1\r\n\r\n", 400, "bad_request"),
-        (b"POST /upload HTTP/1.1\r\nHost: hr\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501,
-         "unsupported_transfer_encoding"),
+        (
+            b"POST /upload HTTP/1.1\r\nHost: hr\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            501,
+            "unsupported_transfer_encoding",
+        ),
         (b"\x16\x03\x01garbage\r\n\r\n", 400, "bad_request"),
     ],
-    ids=["dup-cl", "cl-list", "cl-invalid", "cl-and-te", "bad-chunk-size", "chunk-bare-lf",
-         "obs-fold", "bare-lf", "header-too-big", "too-many-headers", "dot-segments",
-         "encoded-dots", "encoded-slash", "no-host", "te-gzip", "garbage"],
+    ids=[
+        "dup-cl",
+        "cl-list",
+        "cl-invalid",
+        "cl-and-te",
+        "bad-chunk-size",
+        "chunk-bare-lf",
+        "obs-fold",
+        "bare-lf",
+        "header-too-big",
+        "too-many-headers",
+        "dot-segments",
+        "encoded-dots",
+        "encoded-slash",
+        "no-host",
+        "te-gzip",
+        "garbage",
+    ],
 )
 async def test_bad_requests_never_reach_the_target(
     ca_a: TestCA, hr: Issued, payroll: Issued, raw: bytes, status: int, reason: str
 ) -> None:
     async with trio.open_nursery() as nursery:
         env = await _env(nursery, hr, ca_a, payroll)
-        got, headers, body = await env.exchange(raw)
+        got, _headers, _body = await env.exchange(raw)
         # The listener keeps serving.
-        ok, _, _ = await env.exchange(b"GET /timesheets/ok HTTP/1.1\r\nHost: hr\r\n"
-                                      b"Connection: close\r\n\r\n")
+        ok, _, _ = await env.exchange(
+            b"GET /timesheets/ok HTTP/1.1\r\nHost: hr\r\nConnection: close\r\n\r\n"
+        )
         nursery.cancel_scope.cancel()
     assert got == status
     assert [s.target for s in env.backend.seen] == ["/timesheets/ok"]
@@ -169,7 +230,8 @@ async def test_denied_request_gets_403_json(ca_a: TestCA, hr: Issued, payroll: I
     async with trio.open_nursery() as nursery:
         env = await _env(nursery, hr, ca_a, payroll)
         status, headers, body = await env.exchange(
-            b"DELETE /timesheets/2026 HTTP/1.1\r\nHost: hr\r\nContent-Length: 5\r\n\r\nhello")
+            b"DELETE /timesheets/2026 HTTP/1.1\r\nHost: hr\r\nContent-Length: 5\r\n\r\nhello"
+        )
         nursery.cancel_scope.cancel()
     assert status == 403
     doc = json.loads(body)
@@ -182,20 +244,23 @@ async def test_denied_request_gets_403_json(ca_a: TestCA, hr: Issued, payroll: I
     assert record["status"] == 403 and record["request_id"] == doc["request_id"]
 
 
-async def test_upgrade_refused_unless_a_rule_allows_it(ca_a: TestCA, hr: Issued,
-                                                       payroll: Issued) -> None:
+async def test_upgrade_refused_unless_a_rule_allows_it(
+    ca_a: TestCA, hr: Issued, payroll: Issued
+) -> None:
     async with trio.open_nursery() as nursery:
         env = await _env(nursery, hr, ca_a, payroll)
         status, _, body = await env.exchange(
             b"GET /timesheets/1 HTTP/1.1\r\nHost: hr\r\nConnection: Upgrade\r\n"
-            b"Upgrade: websocket\r\n\r\n")
+            b"Upgrade: websocket\r\n\r\n"
+        )
         nursery.cancel_scope.cancel()
     assert status == 403 and json.loads(body)["reason"] == "upgrade_not_allowed"
     assert env.backend.seen == []
 
 
-async def test_keep_alive_chunked_and_large_bodies(ca_a: TestCA, hr: Issued,
-                                                   payroll: Issued) -> None:
+async def test_keep_alive_chunked_and_large_bodies(
+    ca_a: TestCA, hr: Issued, payroll: Issued
+) -> None:
     """Two requests on one connection, a chunked 5 MB upload streamed through
     intact, then a 5 MB streamed response."""
     body = bytes(range(256)) * (5 * 1024 * 1024 // 256)
@@ -204,10 +269,11 @@ async def test_keep_alive_chunked_and_large_bodies(ca_a: TestCA, hr: Issued,
         stream = await tls_connect(env.port, client_context(payroll))
 
         async def send_chunked() -> None:
-            await stream.send_all(b"PUT /timesheets/bulk HTTP/1.1\r\nHost: hr\r\n"
-                                  b"Transfer-Encoding: chunked\r\n\r\n")
+            await stream.send_all(
+                b"PUT /timesheets/bulk HTTP/1.1\r\nHost: hr\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
             for i in range(0, len(body), 65536):
-                piece = body[i:i + 65536]
+                piece = body[i : i + 65536]
                 await stream.send_all(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
             await stream.send_all(b"0\r\n\r\n")
 
@@ -231,8 +297,10 @@ async def test_expect_100_continue(ca_a: TestCA, hr: Issued, payroll: Issued) ->
     async with trio.open_nursery() as nursery:
         env = await _env(nursery, hr, ca_a, payroll)
         stream = await tls_connect(env.port, client_context(payroll))
-        await stream.send_all(b"POST /upload HTTP/1.1\r\nHost: hr\r\nContent-Length: 5\r\n"
-                              b"Expect: 100-continue\r\n\r\n")
+        await stream.send_all(
+            b"POST /upload HTTP/1.1\r\nHost: hr\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
         with trio.fail_after(10):
             interim = await stream.receive_some(65536)
         assert interim.startswith(b"HTTP/1.1 100 ")
@@ -244,13 +312,15 @@ async def test_expect_100_continue(ca_a: TestCA, hr: Issued, payroll: Issued) ->
     assert env.backend.seen[0].header("expect") == []
 
 
-async def test_denied_expect_gets_403_without_100(ca_a: TestCA, hr: Issued,
-                                                  payroll: Issued) -> None:
+async def test_denied_expect_gets_403_without_100(
+    ca_a: TestCA, hr: Issued, payroll: Issued
+) -> None:
     async with trio.open_nursery() as nursery:
         env = await _env(nursery, hr, ca_a, payroll)
         stream = await tls_connect(env.port, client_context(payroll))
-        await stream.send_all(b"POST /admin HTTP/1.1\r\nHost: hr\r\nContent-Length: 5\r\n"
-                              b"Expect: 100-continue\r\n\r\n")
+        await stream.send_all(
+            b"POST /admin HTTP/1.1\r\nHost: hr\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
         with trio.fail_after(10):
             first = await stream.receive_some(65536)
         await stream.aclose()
@@ -258,8 +328,9 @@ async def test_denied_expect_gets_403_without_100(ca_a: TestCA, hr: Issued,
     assert first.startswith(b"HTTP/1.1 403 ")
 
 
-async def test_request_timeout_on_a_stalled_head(ca_a: TestCA, hr: Issued, payroll: Issued,
-                                                 autojump_clock: trio.testing.MockClock) -> None:
+async def test_request_timeout_on_a_stalled_head(
+    ca_a: TestCA, hr: Issued, payroll: Issued, autojump_clock: trio.testing.MockClock
+) -> None:
     async with trio.open_nursery() as nursery:
         env = await _env(nursery, hr, ca_a, payroll, request_timeout=5)
         stream = await tls_connect(env.port, client_context(payroll))

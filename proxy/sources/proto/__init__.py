@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf modules for the SPIFFE Workload API (see README.md)."""

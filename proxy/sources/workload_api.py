@@ -1,0 +1,493 @@
+"""The SPIFFE Workload API source: our identity streamed by SPIRE's agent.
+
+Theory of operation: we open the ``FetchX509SVID`` server stream with the
+``workload.spiffe.io: true`` metadata the Workload Endpoint standard
+requires, and every message on it is the *full* current state: our SVIDs
+(we take the first, the default identity), the bundle of our trust domain
+and the bundles of federated trust domains. So each message is validated
+on its own into an :class:`IdentitySnapshot`; a malformed one is discarded
+(logged, counted) and the stream goes on, because the next message replaces
+it entirely. A valid message that changes nothing is not swapped in.
+
+Errors, as the Workload Endpoint standard's table says: ``InvalidArgument``
+(we sent a bad request, the security header) and ``Unimplemented`` are not
+retried; everything else, ``Unavailable`` and ``PermissionDenied`` (the
+agent has no identity for us yet) above all, and a stream the server simply
+ends, is retried with exponential backoff and jitter, reset by the next
+valid message. Each attempt uses a fresh gRPC channel, so the reconnect
+timing is ours rather than the channel's own (longer) backoff.
+
+Bridging gRPC to trio: grpcio's aio API runs on asyncio, so we use its
+synchronous streaming API on a worker thread instead. ``_stream_once``
+starts the call (non-blocking) from trio, then a ``trio.to_thread`` worker
+iterates it (blocking in gRPC's C core, GIL released) and hands each
+message to trio with ``trio.from_thread.run_sync(send.send_nowait, ...)``
+on an unbounded memory channel (messages are rare: one per rotation). The
+trio task consumes the channel. Cancellation is clean: the consumer's
+``finally`` calls ``call.cancel()``, which is thread-safe and makes the
+worker's iteration raise ``CANCELLED`` at once, so the worker returns and
+the nursery (which waits for it: ``abandon_on_cancel=False``) exits. No
+thread outlives the trio task that started it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import grpc
+import trio
+
+from proxy.identity import (
+    BundleError,
+    SpiffeId,
+    SpiffeIdError,
+    SvidError,
+    TrustBundle,
+    TrustDomain,
+    load_x509_svid,
+)
+from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
+from proxy.sources.base import (
+    Clock,
+    ExpiryWarner,
+    IdentityLoadError,
+    Pulse,
+    SourceStats,
+    build_snapshot,
+    describe_snapshot,
+    log,
+    snapshot_fingerprint,
+    utc_now,
+    watch_expiry,
+)
+from proxy.sources.proto import workload_pb2, workload_pb2_grpc
+
+__all__ = [
+    "ENDPOINT_ENV",
+    "SECURITY_HEADER",
+    "WorkloadApiSource",
+    "parse_endpoint",
+    "snapshot_from_response",
+]
+
+ENDPOINT_ENV = "SPIFFE_ENDPOINT_SOCKET"
+# Workload Endpoint section 3: every request carries this, against SSRF.
+SECURITY_HEADER = ("workload.spiffe.io", "true")
+
+# Workload Endpoint, appendix A: report, do not retry.
+_PERMANENT = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED})
+
+_CHANNEL_OPTIONS = (
+    # The endpoint is local by definition; never send it through an HTTP
+    # proxy picked up from http_proxy/https_proxy in the environment.
+    ("grpc.enable_http_proxy", 0),
+    # A connection of our own per channel, not one from grpc's process-wide
+    # pool: a fresh channel per attempt then really means a fresh connection.
+    ("grpc.use_local_subchannel_pool", 1),
+)
+
+_DETAILS_MAX = 200  # server-supplied text in our logs stays short
+
+
+# -- endpoint --------------------------------------------------------------------
+
+
+def parse_endpoint(text: str) -> str:
+    """The gRPC target for a Workload Endpoint address (Workload Endpoint 4).
+
+    Accepts ``unix:///absolute/path`` (also the equivalent ``unix:/absolute/
+    path``) and ``tcp://IP:PORT``; the host must be an IP address, not a
+    name. Nothing else may be set: no authority for unix, no path for tcp,
+    no userinfo, query or fragment. Raises IdentityLoadError otherwise.
+    """
+    shown = repr(text[:120])
+    if not text:
+        raise IdentityLoadError("Workload API endpoint is empty")
+    if any(ch.isspace() or not ch.isprintable() for ch in text):
+        raise IdentityLoadError(
+            f"Workload API endpoint {shown}: contains whitespace or control characters"
+        )
+    if "?" in text or "#" in text:
+        raise IdentityLoadError(f"Workload API endpoint {shown}: no query or fragment is allowed")
+    if "%" in text:
+        raise IdentityLoadError(f"Workload API endpoint {shown}: percent-encoding is not supported")
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:
+        raise IdentityLoadError(f"Workload API endpoint {shown}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme == "unix":
+        if parts.netloc:
+            raise IdentityLoadError(
+                f"Workload API endpoint {shown}: a unix URI has no authority "
+                "(write unix:///absolute/path)"
+            )
+        if not parts.path.startswith("/"):
+            raise IdentityLoadError(
+                f"Workload API endpoint {shown}: the unix socket path must be absolute "
+                "(write unix:///absolute/path)"
+            )
+        return "unix://" + parts.path
+    if scheme == "tcp":
+        if "@" in parts.netloc:
+            raise IdentityLoadError(f"Workload API endpoint {shown}: userinfo is not allowed")
+        if parts.path:
+            raise IdentityLoadError(
+                f"Workload API endpoint {shown}: a tcp URI has no path (write tcp://IP:PORT)"
+            )
+        host = parts.hostname or ""
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise IdentityLoadError(
+                f"Workload API endpoint {shown}: the host must be an IP address, not a name"
+            ) from None
+        try:
+            port = parts.port
+        except ValueError:
+            raise IdentityLoadError(f"Workload API endpoint {shown}: invalid port") from None
+        if port is None or port == 0:
+            raise IdentityLoadError(f"Workload API endpoint {shown}: a port is required")
+        if address.version == 6:
+            return f"ipv6:[{address.compressed}]:{port}"
+        return f"ipv4:{address.compressed}:{port}"
+    raise IdentityLoadError(
+        f"Workload API endpoint {shown}: the scheme must be unix or tcp "
+        "(unix:///path/to/socket or tcp://IP:PORT)"
+    )
+
+
+# -- messages --------------------------------------------------------------------
+
+
+def snapshot_from_response(
+    response: workload_pb2.X509SVIDResponse, now: datetime
+) -> IdentitySnapshot:
+    """Validate one FetchX509SVID message into a snapshot, or IdentityLoadError."""
+    if not response.svids:
+        raise IdentityLoadError("Workload API message has no X509-SVID")
+    entry = response.svids[0]
+    try:
+        declared = SpiffeId.parse(entry.spiffe_id)
+    except SpiffeIdError as exc:
+        raise IdentityLoadError(f"Workload API X509-SVID spiffe_id: {exc}") from None
+    origin = f"Workload API X509-SVID {declared}"
+    try:
+        svid = load_x509_svid(entry.x509_svid, entry.x509_svid_key)
+    except SvidError as exc:
+        raise IdentityLoadError(f"{origin}: x509_svid/x509_svid_key: {exc}") from None
+    if svid.spiffe_id != declared:
+        raise IdentityLoadError(
+            f"{origin}: the certificate's SPIFFE ID is {svid.spiffe_id}, not the declared one"
+        )
+    own_td = svid.spiffe_id.trust_domain
+    if not entry.bundle:
+        raise IdentityLoadError(f"{origin}: the bundle of {own_td} is empty")
+    try:
+        own_bundle = TrustBundle.from_der(own_td, entry.bundle)
+    except BundleError as exc:
+        raise IdentityLoadError(f"{origin}: bundle: {exc}") from None
+    federated: list[TrustBundle] = []
+    for key in sorted(response.federated_bundles):
+        try:
+            td = TrustDomain.parse(key)
+        except SpiffeIdError as exc:
+            raise IdentityLoadError(f"Workload API federated_bundles key: {exc}") from None
+        if td == own_td:
+            # The SVID entry's own bundle is authoritative for our trust domain.
+            continue
+        try:
+            federated.append(TrustBundle.from_der(td, response.federated_bundles[key]))
+        except BundleError as exc:
+            raise IdentityLoadError(f"Workload API federated bundle {td}: {exc}") from None
+    return build_snapshot(svid, own_bundle, federated, now, origin=origin)
+
+
+# -- the gRPC stream, bridged to trio ------------------------------------------------
+
+
+class _StreamCall(Protocol):
+    """What we use of grpc's server-streaming call object."""
+
+    def __iter__(self) -> Iterator[workload_pb2.X509SVIDResponse]: ...
+
+    def cancel(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class _StreamEnd:
+    code: grpc.StatusCode
+    details: str
+
+    def describe(self) -> str:
+        details = self.details[:_DETAILS_MAX]
+        return f"{self.code.name}: {details}" if details else self.code.name
+
+
+def _pump(
+    call: _StreamCall,
+    send: trio.MemorySendChannel[workload_pb2.X509SVIDResponse],
+) -> _StreamEnd:
+    """Worker thread: iterate the stream, hand each message to trio."""
+    try:
+        for response in call:
+            try:
+                trio.from_thread.run_sync(send.send_nowait, response)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError):
+                call.cancel()  # nobody is listening any more
+                return _StreamEnd(grpc.StatusCode.CANCELLED, "consumer gone")
+    except grpc.RpcError as exc:
+        if isinstance(exc, grpc.Call):
+            return _StreamEnd(exc.code(), exc.details() or "")
+        return _StreamEnd(grpc.StatusCode.UNKNOWN, type(exc).__name__)
+    return _StreamEnd(grpc.StatusCode.OK, "the server ended the stream")
+
+
+class _Permanent(Exception):
+    """The endpoint said not to retry (InvalidArgument, Unimplemented)."""
+
+
+class WorkloadApiSource:
+    """Follows the FetchX509SVID stream of a SPIFFE Workload API endpoint."""
+
+    name = "workload-api"
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        first_fetch_timeout: float = 30.0,
+        clock: Clock = utc_now,
+        expiry_check_interval: float = 30.0,
+    ) -> None:
+        text = endpoint if endpoint is not None else os.environ.get(ENDPOINT_ENV, "")
+        if not text:
+            raise IdentityLoadError(
+                f"no Workload API endpoint: configure one or set {ENDPOINT_ENV}"
+            )
+        if not 0 < backoff_initial <= backoff_max:
+            raise ValueError("need 0 < backoff_initial <= backoff_max")
+        if not first_fetch_timeout > 0:
+            raise ValueError("first_fetch_timeout must be positive")
+        self.endpoint = text
+        self.target = parse_endpoint(text)
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._first_fetch_timeout = first_fetch_timeout
+        self._clock = clock
+        self._expiry_check_interval = expiry_check_interval
+        self.stats = SourceStats()
+        self.pulse = Pulse()
+        """Fires after every message handled and every stream that ended."""
+        self.connects = 0
+        """Stream attempts so far."""
+        self.gave_up: str | None = None
+        """Set while run() has stopped retrying after a permanent error."""
+        self._expiry = ExpiryWarner(self.name)
+        self._wake = trio.Event()
+        self._attempt: trio.CancelScope | None = None
+        self._jitter = secrets.SystemRandom()
+
+    def request_reload(self) -> None:
+        """Re-fetch: drop the current stream and reconnect now. After a
+        permanent error this is the one way to try again."""
+        if self._attempt is not None:
+            self._attempt.cancel()
+        self._wake.set()
+
+    async def initial(self) -> IdentitySnapshot:
+        first: list[IdentitySnapshot] = []
+
+        def take(snapshot: IdentitySnapshot) -> bool:
+            first.append(snapshot)
+            return False
+
+        with trio.move_on_after(self._first_fetch_timeout):
+            try:
+                await self._follow(take)
+            except _Permanent as exc:
+                raise IdentityLoadError(str(exc)) from None
+        if not first:
+            last = f" (last error: {self.stats.last_error})" if self.stats.last_error else ""
+            raise IdentityLoadError(
+                f"Workload API at {self.endpoint}: no valid X509-SVID within "
+                f"{self._first_fetch_timeout:g}s{last}"
+            )
+        snapshot = first[0]
+        self.stats.record_success(self._clock(), swapped=False)
+        log.info(
+            "identity loaded",
+            source=self.name,
+            endpoint=self.endpoint,
+            **describe_snapshot(snapshot),
+        )
+        return snapshot
+
+    async def run(self, state: IdentityState) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(
+                    watch_expiry,
+                    state,
+                    self._expiry,
+                    self._clock,
+                    interval=self._expiry_check_interval,
+                )
+            )
+            while True:
+                try:
+                    await self._follow(partial(self._apply, state))
+                except _Permanent as exc:
+                    self.gave_up = str(exc)
+                    log.error(
+                        "Workload API refused our request; not retrying "
+                        "(SIGHUP tries again); keeping the current identity",
+                        source=self.name,
+                        error=str(exc),
+                    )
+                    self.pulse.fire()
+                    await self._wait_for_reload(math.inf)
+                    self.gave_up = None
+
+    # -- internals ---------------------------------------------------------------
+
+    def _apply(self, state: IdentityState, snapshot: IdentitySnapshot) -> bool:
+        now = self._clock()
+        if snapshot_fingerprint(snapshot) == snapshot_fingerprint(state.current):
+            self.stats.record_success(now, swapped=False)
+            log.debug("Workload API message; identity unchanged", source=self.name)
+            return True
+        previous = state.current.svid.serial_hex
+        state.swap(snapshot)
+        self.stats.record_success(now, swapped=True)
+        log.info(
+            "identity rotated",
+            source=self.name,
+            previous_serial=previous,
+            generation=state.generation,
+            **describe_snapshot(snapshot),
+        )
+        return True
+
+    async def _wait_for_reload(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True if request_reload woke us."""
+        with trio.move_on_after(seconds):
+            await self._wake.wait()
+        woken = self._wake.is_set()
+        if woken:
+            self._wake = trio.Event()
+        return woken
+
+    async def _follow(self, on_snapshot: Callable[[IdentitySnapshot], bool]) -> None:
+        """Stream and reconnect until ``on_snapshot`` returns False.
+
+        Raises _Permanent on InvalidArgument or Unimplemented.
+        """
+        delay = self._backoff_initial
+        while True:
+            valid = 0
+
+            def handle(response: workload_pb2.X509SVIDResponse) -> bool:
+                nonlocal valid
+                try:
+                    snapshot = snapshot_from_response(response, self._clock())
+                except IdentityLoadError as exc:
+                    self.stats.record_failure(str(exc))
+                    log.warning(
+                        "Workload API message discarded; keeping the current identity",
+                        source=self.name,
+                        error=str(exc),
+                    )
+                    self.pulse.fire()
+                    return True
+                valid += 1
+                keep_going = on_snapshot(snapshot)
+                self.pulse.fire()
+                return keep_going
+
+            self.connects += 1
+            if self._wake.is_set():
+                self._wake = trio.Event()
+            with trio.CancelScope() as attempt:
+                self._attempt = attempt
+                try:
+                    end = await self._stream_once(handle)
+                finally:
+                    self._attempt = None
+            if attempt.cancelled_caught:
+                log.info("Workload API: reconnecting on request", source=self.name)
+                delay = self._backoff_initial
+                continue
+            if end is None:
+                return
+            if valid:
+                delay = self._backoff_initial
+            message = f"Workload API at {self.endpoint}: {end.describe()}"
+            if end.code in _PERMANENT:
+                self.stats.record_failure(message)
+                raise _Permanent(message)
+            sleep = delay * self._jitter.uniform(0.8, 1.2)
+            if end.code == grpc.StatusCode.OK:
+                log.info("Workload API stream ended; reconnecting", source=self.name)
+            else:
+                self.stats.record_failure(message)
+                log.warning(
+                    "Workload API stream failed; retrying",
+                    source=self.name,
+                    error=message,
+                    retry_in=round(sleep, 3),
+                )
+            self.pulse.fire()
+            if await self._wait_for_reload(sleep):
+                delay = self._backoff_initial
+            else:
+                delay = min(delay * 2, self._backoff_max)
+
+    async def _stream_once(
+        self, handle: Callable[[workload_pb2.X509SVIDResponse], bool]
+    ) -> _StreamEnd | None:
+        """One FetchX509SVID call; None if ``handle`` asked to stop."""
+        channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+        try:
+            # The generated service module is unannotated (see the proto README).
+            stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)  # type: ignore[no-untyped-call]
+            call: _StreamCall = stub.FetchX509SVID(
+                workload_pb2.X509SVIDRequest(), metadata=(SECURITY_HEADER,)
+            )
+            send, receive = trio.open_memory_channel[workload_pb2.X509SVIDResponse](math.inf)
+            ends: list[_StreamEnd] = []
+
+            async def pump() -> None:
+                with send:
+                    ends.append(
+                        await trio.to_thread.run_sync(
+                            _pump, call, send, thread_name="workload-api stream"
+                        )
+                    )
+
+            stopped = False
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump)
+                try:
+                    async with receive:
+                        async for response in receive:
+                            if not handle(response):
+                                stopped = True
+                                break
+                finally:
+                    # Ends the worker's iteration at once (see the module doc).
+                    call.cancel()
+            return None if stopped else ends[0]
+        finally:
+            channel.close()
