@@ -24,6 +24,7 @@ import difflib
 import ipaddress
 import math
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ MinTls = Literal["1.2", "1.3"]
 XFCC = "x-forwarded-client-cert"
 DEFAULT_ADMIN = HostPort("127.0.0.1", 15000)
 DEV_STATE_DIR = ".agent-proxy-dev"
+DEV_TRUST_DOMAIN = "agent-proxy.local"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -203,7 +205,7 @@ def parse_config(
     if not isinstance(data, Mapping):
         ctx.fail("", "expected a table at the top level")
     root = _Table(ctx, "", data)
-    identity = _identity(root.table("identity"), ctx)
+    identity = _identity(root.table("identity"), ctx, root.string("spiffe_id", default=None))
     admin = _admin(root.table("admin"))
     audit_table = root.table("audit")
     audit = AuditConfig()
@@ -449,12 +451,21 @@ _IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _identity(t: _Table | None, ctx: _Ctx) -> IdentityConfig:
+def default_dev_id() -> SpiffeId:
+    """The ID a dev sidecar issues itself when the config names none."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip(".") or "localhost"
+    return SpiffeId.parse(f"spiffe://{DEV_TRUST_DOMAIN}/sidecar/{host}")
+
+
+def _identity(t: _Table | None, ctx: _Ctx, spiffe_id_text: str | None) -> IdentityConfig:
     if t is None:
-        ctx.fail(
-            "identity.spiffe_id",
-            'required: with no [identity] table the sidecar runs a local dev CA (source = "dev") '
-            "and needs the SPIFFE ID to issue to itself",
+        # No identity configured: the embedded dev CA issues us an SVID, for
+        # the top-level spiffe_id or a per-host default.
+        spiffe_id = _dev_id(ctx, "spiffe_id", spiffe_id_text) if spiffe_id_text else None
+        return IdentityConfig(
+            "dev",
+            spiffe_id=spiffe_id or default_dev_id(),
+            state_dir=ctx.base_dir / DEV_STATE_DIR,
         )
     source: IdentitySource = t.choice("source", ("files", "workload-api", "dev"), default="dev")
     elsewhere = {
@@ -489,20 +500,28 @@ def _identity(t: _Table | None, ctx: _Ctx) -> IdentityConfig:
         t.done(allowed_elsewhere=elsewhere)
         return IdentityConfig(source, endpoint=endpoint)
     id_text = t.string("spiffe_id", default=None)
-    if id_text is None:
-        t.fail("spiffe_id", 'required when identity.source = "dev" (the ID to issue to ourselves)')
-    try:
-        spiffe_id = SpiffeId.parse(id_text)
-    except SpiffeIdError as exc:
-        t.fail("spiffe_id", str(exc))
-    if not spiffe_id.path:
-        t.fail("spiffe_id", f"{id_text!r} is a trust domain; a workload ID needs a path")
+    if id_text is not None:
+        spiffe_id = _dev_id(ctx, t.at("spiffe_id"), id_text)
+    elif spiffe_id_text is not None:
+        spiffe_id = _dev_id(ctx, "spiffe_id", spiffe_id_text)
+    else:
+        spiffe_id = default_dev_id()
     state_dir = t.path_value("state_dir", default=ctx.base_dir / DEV_STATE_DIR)
     ttl = t.duration("ttl", default=3600.0)
     t.done(allowed_elsewhere=elsewhere)
     return IdentityConfig(
         source, spiffe_id=spiffe_id, state_dir=state_dir, ttl=timedelta(seconds=ttl)
     )
+
+
+def _dev_id(ctx: _Ctx, key: str, text: str) -> SpiffeId:
+    try:
+        spiffe_id = SpiffeId.parse(text)
+    except SpiffeIdError as exc:
+        ctx.fail(key, str(exc))
+    if not spiffe_id.path:
+        ctx.fail(key, f"{text!r} is a trust domain; a workload ID needs a path")
+    return spiffe_id
 
 
 def _endpoint_problem(text: str) -> str | None:

@@ -671,12 +671,8 @@ ERRORS: list[tuple[str, list[Mutation], str]] = [
         'outbound[0].routes: protocol = "http" takes exactly one route, got 2',
     ),
     # identity
-    ("no identity", [drop("identity")], "identity.spiffe_id: required"),
-    (
-        "dev without spiffe_id",
-        [put("identity", {"source": "dev"})],
-        'identity.spiffe_id: required when identity.source = "dev"',
-    ),
+    ("top-level spiffe_id invalid", [drop("identity"), put("spiffe_id", "spiffe://x/")],
+     "spiffe_id: "),
     (
         "dev with a trust-domain id",
         [put("identity", {"spiffe_id": "spiffe://payroll.example"})],
@@ -837,3 +833,19 @@ def test_newlines_in_values_stay_on_one_line() -> None:
     with pytest.raises(ConfigError) as info:
         parse(put(f"{IN}.name", "a\nb"))
     assert "\n" not in str(info.value)
+
+
+def test_no_identity_section_means_dev_with_a_default_or_top_level_id() -> None:
+    from proxy.config import DEV_TRUST_DOMAIN
+
+    base = {"inbound": [{"name": "hr", "listen": "127.0.0.1:8443", "target": "127.0.0.1:8080",
+                         "protocol": "tcp", "rules": [{"peers": [PAYROLL]}]}]}
+    default = parse_config(base, "sidecar.toml", base_dir=Path("/etc/ap"))
+    assert default.identity.source == "dev"
+    assert default.identity.spiffe_id is not None
+    assert str(default.identity.spiffe_id.trust_domain) == DEV_TRUST_DOMAIN
+    assert default.identity.state_dir == Path("/etc/ap/.agent-proxy-dev")
+    named = parse_config({**base, "spiffe_id": PAYROLL}, "sidecar.toml")
+    assert named.identity.spiffe_id == SpiffeId.parse(PAYROLL)
+    dev_table = parse_config({**base, "identity": {"source": "dev"}}, "sidecar.toml")
+    assert dev_table.identity.spiffe_id == default.identity.spiffe_id
