@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests benchmarks
+	$(BIN)/ruff check proxy tests $(wildcard benchmarks)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict proxy
