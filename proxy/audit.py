@@ -17,7 +17,7 @@ import json
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any, Literal, TextIO, cast
+from typing import IO, Any, Literal
 
 import structlog
 
@@ -82,17 +82,52 @@ class AuditRecord:
         return out
 
 
+class _BatchWriter:
+    """A structlog logger that batches rendered lines in memory.
+
+    structlog's WriteLogger takes a lock and the sink used to flush per
+    record: a lock and a syscall per request on the hot path. One task owns
+    the event loop, so no lock is needed; the batch goes out when it grows
+    past ``max_bytes``, when :meth:`AuditSink.flush` runs (every
+    ``flush_interval`` while serving), and at shutdown.
+    """
+
+    def __init__(self, stream: IO[str], max_bytes: int) -> None:
+        self.stream = stream
+        self.max_bytes = max_bytes
+        self.parts: list[str] = []
+        self.size = 0
+
+    def msg(self, message: str) -> None:
+        self.parts.append(message)
+        self.size += len(message) + 1
+        if self.size >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.parts:
+            self.parts.append("")
+            self.stream.write("\n".join(self.parts))
+            self.parts.clear()
+            self.size = 0
+        self.stream.flush()
+
+
 class AuditSink:
     """Writes audit records as JSON lines to one stream (stdout or a file).
 
-    structlog does the rendering so audit and operational logs share one
-    serialisation path; the audit logger is separate from the stderr one.
+    structlog does the rendering, with a logger of our own that batches
+    lines; the audit logger is separate from the stderr one. Each record is
+    serialised exactly once.
     """
 
-    def __init__(self, stream: IO[str]) -> None:
+    flush_interval = 0.25  # seconds: how stale a record on disk may be
+
+    def __init__(self, stream: IO[str], *, max_batch_bytes: int = 65536) -> None:
         self._stream = stream
+        self._writer = _BatchWriter(stream, max_batch_bytes)
         self._logger = structlog.wrap_logger(
-            structlog.WriteLogger(cast(TextIO, stream)),
+            self._writer,
             wrapper_class=structlog.BoundLogger,
             processors=[_render_record],
             cache_logger_on_first_use=True,
@@ -105,8 +140,7 @@ class AuditSink:
         if target == "-":
             return cls(sys.stdout)
         try:
-            # Line buffered: a crash never loses a record already "written".
-            stream = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            stream = open(target, "a", encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
             from proxy.errors import UsageError
 
@@ -116,9 +150,23 @@ class AuditSink:
     def emit(self, record: AuditRecord) -> None:
         self._logger.msg("audit", record=record)
         self.records_written += 1
-        self._stream.flush()
+
+    def flush(self) -> None:
+        try:
+            self._writer.flush()
+        except (OSError, ValueError):
+            pass  # a closed stdout must not take the sidecar down
+
+    async def flush_forever(self) -> None:
+        """Run while serving: the batch reaches its stream at least this often."""
+        import trio
+
+        while True:
+            await trio.sleep(self.flush_interval)
+            self.flush()
 
     def close(self) -> None:
+        self.flush()
         if self._stream not in (sys.stdout, sys.stderr):
             self._stream.close()
 

@@ -177,7 +177,7 @@ async def _serve(
         await run_until_signalled(
             listeners,
             drain_timeout=config.drain_timeout,
-            background=[partial(source.run, state)],
+            background=[partial(source.run, state), audit.flush_forever],
             on_hup=source.request_reload,
             on_ready=ready,
         )

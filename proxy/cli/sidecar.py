@@ -352,7 +352,14 @@ def _run(args: argparse.Namespace, direction: str) -> int:
         trust_domains=sorted(str(td) for td in snapshot.bundles.trust_domains),
     )
     try:
-        trio.run(partial(run_until_signalled, [listener], drain_timeout=drain))
+        trio.run(
+            partial(
+                run_until_signalled,
+                [listener],
+                drain_timeout=drain,
+                background=[audit.flush_forever],
+            )
+        )
     except BaseException as exc:
         bind_error = find_os_error(exc)
         if bind_error is None:

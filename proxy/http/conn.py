@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import h11
@@ -62,6 +63,7 @@ class Downstream:
         self.bytes_in = 0
         self.bytes_out = 0
         self.closed_by_peer = False
+        self._pending: list[bytes] = []
 
     async def _receive(self, timeout: float, on_timeout: PeerError) -> bytes:
         with trio.move_on_after(timeout):
@@ -127,25 +129,44 @@ class Downstream:
         assert isinstance(event, (h11.Data, h11.EndOfMessage)), event
         return event
 
-    async def next_body_event(self) -> h11.Data | h11.EndOfMessage:
+    async def next_body_event(
+        self, before_wait: Callable[[], Awaitable[None]] | None = None
+    ) -> h11.Data | h11.EndOfMessage:
         while True:
             event = self.buffered_body_event()
             if event is not None:
                 return event
             if self.h11.trailing_data[1]:
                 raise PeerError(400, "bad_request", "connection closed inside a request body")
+            if before_wait is not None:
+                await before_wait()
             await self._receive(
                 self.limits.request_timeout,
                 PeerError(408, "request_timeout", "request body stalled"),
             )
 
-    async def send(
+    def queue(
         self, event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage
     ) -> None:
+        """Serialise ``event`` now, send it with the next :meth:`flush`. One
+        write per burst instead of per event: on loopback each send is a
+        syscall that also runs the receiver's TCP stack."""
         data = self.h11.send(event)
         if data:
             self.bytes_out += len(data)
+            self._pending.append(data)
+
+    async def flush(self) -> None:
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending.clear()
             await self.stream.send_all(data)
+
+    async def send(
+        self, event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage
+    ) -> None:
+        self.queue(event)
+        await self.flush()
 
     def reusable(self) -> bool:
         return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
@@ -193,21 +214,36 @@ class Upstream:
         self.peer_id: str | None = None
         self.peer_serial: str | None = None
         self.peer_not_after: str | None = None
+        self._pending: list[bytes] = []
 
-    async def send(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> None:
+    def queue(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> None:
         data = self.h11.send(event)
         if data:
+            self._pending.append(data)
+
+    async def flush(self) -> None:
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending.clear()
             await self.stream.send_all(data)
 
+    async def send(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> None:
+        self.queue(event)
+        await self.flush()
+
     async def next_event(
-        self, timeout: float
+        self, timeout: float, before_wait: Callable[[], Awaitable[None]] | None = None
     ) -> h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage:
+        """The next response event; ``before_wait`` runs before any network
+        wait (the caller flushes what it queued for the client)."""
         while True:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
                 raise PeerError(502, "bad_upstream_response", str(exc)) from exc
             if event is h11.NEED_DATA:
+                if before_wait is not None:
+                    await before_wait()
                 with trio.move_on_after(timeout):
                     try:
                         data = await self.stream.receive_some(_RECV)

@@ -319,13 +319,14 @@ class HttpSession:
         for attempt in (0, 1):
             up, reused = await self.pool.checkout(key)
             try:
-                await up.send(request)
+                up.queue(request)
                 if not (reused and body_complete):
-                    return up, None
+                    return up, None  # the body pump sends the head with the body
                 for event in prefetched:
-                    await up.send(event)
+                    up.queue(event)
                     if isinstance(event, h11.Data):
                         outcome.bytes_up += len(event.data)
+                await up.flush()
                 first = await up.next_event(self.limits.response_timeout)
                 assert isinstance(first, (h11.Response, h11.InformationalResponse))
                 return up, first
@@ -360,17 +361,19 @@ class HttpSession:
             side = "upstream_reset"
             try:
                 for event in to_send:
-                    await up.send(event)
+                    up.queue(event)
                     if isinstance(event, h11.Data):
                         outcome.bytes_up += len(event.data)
                 if body_complete or self.down.h11.their_state is not h11.SEND_BODY:
+                    await up.flush()
                     return
                 while True:
                     side = "client_reset"
-                    event = await self.down.next_body_event()
+                    event = await self.down.next_body_event(before_wait=up.flush)
                     side = "upstream_reset"
-                    await up.send(event)
+                    up.queue(event)
                     if isinstance(event, h11.EndOfMessage):
+                        await up.flush()
                         return
                     outcome.bytes_up += len(event.data)
             except PeerError as exc:
@@ -389,13 +392,15 @@ class HttpSession:
             event = first
             while True:
                 if event is None:
-                    event = await up.next_event(self.limits.response_timeout)
+                    event = await up.next_event(
+                        self.limits.response_timeout, before_wait=self.down.flush
+                    )
                 if isinstance(event, h11.InformationalResponse):
                     if event.status_code == 101 and upgrade_allowed:
                         response_started = True
                         outcome.status = 101
                         await self.down.send(
-                            h11.Response(
+                            h11.InformationalResponse(
                                 status_code=101,
                                 headers=forwardable(event.headers, keep_upgrade=True),
                                 reason=event.reason,
@@ -422,14 +427,14 @@ class HttpSession:
                         headers.append((REQUEST_ID, outcome.request_id.encode()))
                     if trio.current_time() >= self.lifetime_deadline:
                         headers.append((b"connection", b"close"))  # the last exchange
-                    await self.down.send(
+                    self.down.queue(
                         h11.Response(
                             status_code=event.status_code, headers=headers, reason=event.reason
                         )
                     )
                 elif isinstance(event, h11.Data):
                     outcome.bytes_down += len(event.data)
-                    await self.down.send(event)
+                    self.down.queue(event)
                 else:
                     await self.down.send(h11.EndOfMessage())
                     if self.down.h11.their_state is h11.SEND_BODY:

@@ -354,3 +354,41 @@ async def test_peer_named_by_no_rule_is_refused_in_handshake(ca_a: TestCA, hr: I
         nursery.cancel_scope.cancel()
     refused = [r for r in env.audit.records() if r["event"] == "connection.refused"]
     assert refused[0]["reason"] == "peer_not_allowed"
+
+
+async def test_allowed_upgrade_becomes_a_tunnel(ca_a: TestCA, hr: Issued, payroll: Issued) -> None:
+    """A rule with allow_upgrade lets a WebSocket-style upgrade through: the
+    101 reaches the client and then bytes flow both ways, raw."""
+
+    async def upgrading_backend(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(65536)
+        assert b"upgrade: websocket" in head.lower()
+        await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                              b"Connection: Upgrade\r\n\r\n")
+        while data := await stream.receive_some(65536):
+            await stream.send_all(data.upper())
+        await stream.aclose()
+
+    audit = MemoryAudit()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, upgrading_backend, 0)
+        backend_port = listeners[0].socket.getsockname()[1]
+        _, port = await start_inbound(nursery, issued=hr, cas=(ca_a,), target_port=backend_port,
+                                      rules=RULES, audit=audit)
+        stream = await tls_connect(port, client_context(payroll))
+        await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: hr\r\nConnection: Upgrade\r\n"
+                              b"Upgrade: websocket\r\n\r\n")
+        head = b""
+        with trio.fail_after(10):
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive_some(65536)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        await stream.send_all(b"raw frames")
+        with trio.fail_after(10):
+            assert await stream.receive_some(65536) == b"RAW FRAMES"
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    [record] = [r for r in audit.records() if r["event"] == "http.request"]
+    assert record["status"] == 101 and record["rule"] == "payroll-ws"

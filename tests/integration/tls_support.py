@@ -53,6 +53,7 @@ class MemoryAudit:
         self.sink = AuditSink(self.buffer)
 
     def records(self) -> list[dict[str, Any]]:
+        self.sink.flush()
         return [json.loads(line) for line in self.buffer.getvalue().splitlines()]
 
 
