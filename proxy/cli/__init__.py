@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from proxy.cli import ca, run, sidecar, svid
+    from proxy.cli import ca, launch, run, sidecar, svid
 
     parser = _Parser(
         prog="agent-proxy",
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     svid.register(sub)
     sidecar.register(sub)
     run.register(sub)
+    launch.register(sub)
     return parser
 
 
