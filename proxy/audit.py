@@ -12,6 +12,7 @@ The sink serialises each record exactly once and writes it with a single
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import sys
@@ -152,10 +153,9 @@ class AuditSink:
         self.records_written += 1
 
     def flush(self) -> None:
-        try:
+        # A closed stdout must not take the sidecar down.
+        with contextlib.suppress(OSError, ValueError):
             self._writer.flush()
-        except (OSError, ValueError):
-            pass  # a closed stdout must not take the sidecar down
 
     async def flush_forever(self) -> None:
         """Run while serving: the batch reaches its stream at least this often."""

@@ -36,6 +36,10 @@ from urllib.parse import urlsplit
 
 from proxy.durations import DurationError, format_duration, parse_duration
 from proxy.errors import UsageError
+from proxy.guard.conditions import SCHEMA, ConditionError, compile_condition
+from proxy.guard.policy import GuardRule, HighImpact, PolicySet, policy_version
+from proxy.guard.quarantine import DenyBurst, GuardConfig, RateSpike
+from proxy.guard.ratelimit import Rate, RateError
 from proxy.http.policy import HttpRule, PathPattern, PathPatternError, parse_method
 from proxy.identity import SpiffeId, SpiffeIdError, TrustDomain
 from proxy.netaddr import AddressError, HostPort
@@ -46,6 +50,7 @@ __all__ = [
     "AuditConfig",
     "Config",
     "ConfigError",
+    "GuardConfig",
     "HttpLimits",
     "IdentityConfig",
     "InboundConfig",
@@ -65,6 +70,10 @@ DEFAULT_ADMIN = HostPort("127.0.0.1", 15000)
 DEV_STATE_DIR = ".agent-proxy-dev"
 DEV_TRUST_DOMAIN = "agent-proxy.local"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+InboundProtocol = Literal["tcp", "http", "mcp", "a2a"]
+RouteProtocol = Literal["tcp", "http", "mcp", "a2a"]
+HTTP_FAMILY = ("http", "mcp", "a2a")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -121,7 +130,9 @@ class InboundConfig:
     name: str
     listen: HostPort
     target: HostPort
-    protocol: Literal["tcp", "http"]
+    protocol: InboundProtocol
+    # The relay's view before the guard: only plain enforced allow rules (no
+    # condition, scope, rate, step-up, deny or dry-run), on "http" listeners.
     rules: tuple[HttpRule, ...]
     handshake_timeout: float = 10.0
     connect_timeout: float = 10.0
@@ -130,6 +141,9 @@ class InboundConfig:
     allow_remote_target: bool = False
     identity_headers: tuple[str, ...] = (XFCC,)
     limits: HttpLimits = HttpLimits()
+    # Every rule of the listener, for the guard (proxy.guard.policy).
+    guard: PolicySet = field(default_factory=PolicySet, compare=False)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # mcp/a2a: JSON-RPC bodies we parse
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +152,13 @@ class RouteConfig:
     host: str | None  # http-proxy: the (lowercased) host the agent asks for
     target: HostPort
     expect: tuple[SpiffePattern, ...]
-    rule: HttpRule | None  # http/http-proxy: what the agent may do; tcp: None
+    # http/http-proxy: what the agent may do, when it is a plain enforced allow
+    # rule; tcp, and routes only the guard can judge: None.
+    rule: HttpRule | None
+    protocol: RouteProtocol = "http"
+    guard_rule: GuardRule | None = field(default=None, compare=False)
+    policy: PolicySet | None = field(default=None, compare=False)  # (guard_rule,)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +193,9 @@ class Config:
     outbound: tuple[OutboundConfig, ...]
     drain_timeout: float = 15.0
     log_level: str = "info"
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    # SHA-256 over every listener's and route's policy version.
+    policy_version: str = field(default="", compare=False)
 
 
 # -- entry points -----------------------------------------------------------
@@ -217,6 +240,7 @@ def parse_config(
         audit_table.done()
     inbound = tuple(_inbound(t) for t in root.tables("inbound"))
     outbound = tuple(_outbound(t) for t in root.tables("outbound"))
+    guard = _guard(root.table("guard"))
     drain = root.duration("drain_timeout", default=15.0, allow_zero=True)
     level = root.string("log_level", default="info").lower()
     if level not in LOG_LEVELS:
@@ -225,6 +249,11 @@ def parse_config(
     if not inbound and not outbound:
         ctx.fail("", "no listeners: add an [[inbound]] or [[outbound]] table")
     _check_unique(ctx, admin, inbound, outbound)
+    sets: dict[str, PolicySet] = {f"inbound.{c.name}": c.guard for c in inbound}
+    for out in outbound:
+        for route in out.routes:
+            if route.policy is not None:
+                sets[f"outbound.{out.name}.{route.name}"] = route.policy
     return Config(
         source=source,
         identity=identity,
@@ -234,6 +263,8 @@ def parse_config(
         outbound=outbound,
         drain_timeout=drain,
         log_level=level,
+        guard=guard,
+        policy_version=policy_version(sets),
     )
 
 
@@ -422,12 +453,24 @@ class _Table:
             self.fail(key, f"expected an array of tables ([[{_generic(self.at(key))}]])")
         return [_Table(self.ctx, f"{self.at(key)}[{i}]", v) for i, v in enumerate(value)]
 
-    def choice(self, key: str, options: Sequence[str], *, default: Any = _MISSING) -> Any:
+    def choice(
+        self, key: str, options: Sequence[str], *, default: Any = _MISSING, more: str = ""
+    ) -> Any:
         value = self.string(key, default=default)
         if value not in options:
             quoted = ", ".join(f'"{o}"' for o in options)
-            self.fail(key, f"expected one of {quoted}, got {value!r}")
+            self.fail(key, f"expected one of {quoted}, got {value!r}{more}")
         return value
+
+    def number(self, key: str, *, default: float, minimum: float) -> float:
+        value = self.get(key)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.fail(key, f"expected a number, got {_type_name(value)}")
+        if not math.isfinite(value) or value < minimum:
+            self.fail(key, f"must be at least {minimum:g}, got {value}")
+        return float(value)
 
     def name(self, key: str = "name", *, default: Any = _MISSING) -> Any:
         value = self.string(key, default=default)
@@ -577,6 +620,47 @@ def _admin(t: _Table | None) -> AdminConfig:
     return AdminConfig(listen=listen)
 
 
+# -- guard --------------------------------------------------------------------
+
+
+def _guard(t: _Table | None) -> GuardConfig:
+    """``[guard]``: the anomaly tripwire, the quarantine and table sizes."""
+    d = GuardConfig()
+    if t is None:
+        return d
+    deny_burst = rate_spike = None
+    bt = t.table("deny_burst")
+    if bt is not None:
+        deny_burst = DenyBurst(
+            count=bt.integer("count", default=DenyBurst().count),
+            window=bt.duration("window", default=DenyBurst().window),
+        )
+        bt.done()
+    st = t.table("rate_spike")
+    if st is not None:
+        r = RateSpike()
+        rate_spike = RateSpike(
+            factor=st.number("factor", default=r.factor, minimum=1.0),
+            min_requests=st.integer("min_requests", default=r.min_requests),
+            interval=st.duration("interval", default=r.interval),
+            warmup=st.integer("warmup", default=r.warmup),
+        )
+        st.done()
+    guard = GuardConfig(
+        quarantine_for=t.duration("quarantine_for", default=d.quarantine_for),
+        deny_burst=deny_burst,
+        rate_spike=rate_spike,
+        new_tool=t.boolean("new_tool"),
+        new_path=t.boolean("new_path"),
+        learning_period=t.duration("learning_period", default=d.learning_period, allow_zero=True),
+        max_identities=t.integer("max_identities", default=d.max_identities, minimum=16),
+        rate_table_size=t.integer("rate_table_size", default=d.rate_table_size, minimum=16),
+        replay_cache_size=t.integer("replay_cache_size", default=d.replay_cache_size, minimum=16),
+    )
+    t.done()
+    return guard
+
+
 # -- listeners ----------------------------------------------------------------
 
 _LIMIT_KEYS = (
@@ -644,11 +728,164 @@ def _patterns(t: _Table, key: str) -> tuple[SpiffePattern, ...]:
     return t.parsed_list(key, SpiffePattern.parse, (PatternError,))
 
 
+_GUARD_KEYS = (
+    "when",
+    "action",
+    "mode",
+    "rate",
+    "high_impact",
+    "tools",
+    "resources",
+    "prompts",
+    "log_args",
+    "push_url_allowlist",
+    "max_body_bytes",
+)
+_MCP_ONLY = ("tools", "resources", "prompts", "log_args")
+_A2A_ONLY = ("push_url_allowlist",)
+
+
+def _only_for(protocol: str, keys: Sequence[str], needed: str) -> dict[str, str]:
+    return {k: f'only valid for protocol = "{needed}", not protocol = "{protocol}"' for k in keys}
+
+
+def _globs(t: _Table, key: str) -> tuple[str, ...]:
+    values = t.strings(key, required=False)
+    for i, value in enumerate(values):
+        if not value.strip() or any(c in value for c in "\r\n\x00"):
+            t.ctx.fail(f"{t.at(key)}[{i}]", f"invalid name or pattern {value!r}")
+    return tuple(values)
+
+
+def _rate(t: _Table) -> Rate | None:
+    text = t.string("rate", default=None)
+    if text is None:
+        return None
+    try:
+        return Rate.parse(text)
+    except RateError as exc:
+        t.fail("rate", str(exc))
+
+
+def _high_impact(t: _Table) -> HighImpact | None:
+    ht = t.table("high_impact")
+    if ht is None:
+        return None
+    age = ht.duration("max_svid_age", default=None)
+    approvers: tuple[SpiffePattern, ...] = ()
+    if ht.has("approvers"):
+        approvers = _patterns(ht, "approvers")
+    ht.done()
+    if age is None and not approvers:
+        t.fail(
+            "high_impact",
+            "needs max_svid_age (a fresh SVID), approvers (an approval token), or both",
+        )
+    return HighImpact(max_svid_age=age, approvers=approvers)
+
+
+def _push_urls(t: _Table) -> tuple[str, ...]:
+    values = t.strings("push_url_allowlist", required=False, nonempty=False)
+    for i, value in enumerate(values):
+        url = urlsplit(value.replace("*", "x"))
+        if url.scheme not in ("https", "http") or not url.netloc:
+            t.ctx.fail(
+                f"{t.at('push_url_allowlist')}[{i}]",
+                f"invalid URL pattern {value!r}: expected https://host/path ('*' allowed)",
+            )
+    return tuple(values)
+
+
+def _guard_rule(
+    rt: _Table,
+    name: str,
+    protocol: str,
+    peers: tuple[SpiffePattern, ...],
+    roots: frozenset[str],
+) -> GuardRule:
+    """The guard keys of an [[inbound.rules]] or [[outbound.routes]] table."""
+    if protocol == "http":
+        methods, paths = _methods(rt), _paths(rt)
+    else:  # mcp, a2a: one endpoint; any method and path unless narrowed
+        methods = _methods(rt) if rt.has("methods") else frozenset({"*"})
+        paths = _paths(rt) if rt.has("paths") else ()
+    action = rt.choice("action", ("allow", "deny"), default="allow")
+    mode = rt.choice("mode", ("enforce", "dry-run"), default="enforce")
+    when = None
+    text = rt.string("when", default=None)
+    if text is not None:
+        try:
+            when = compile_condition(text, roots)
+        except ConditionError as exc:
+            rt.fail("when", str(exc))
+    rate, high_impact = _rate(rt), _high_impact(rt)
+    for key, value in (("rate", rate), ("high_impact", high_impact)):
+        if value is not None and (action != "allow" or mode != "enforce"):
+            rt.fail(key, 'only enforced allow rules take it (action = "allow", mode = "enforce")')
+    empty: tuple[str, ...] = ()
+    tools = resources = prompts = log_args = push = empty
+    if protocol == "mcp":
+        tools, resources = _globs(rt, "tools"), _globs(rt, "resources")
+        prompts = _globs(rt, "prompts")
+        log_args = tuple(rt.strings("log_args", required=False, nonempty=False))
+    if protocol == "a2a":
+        push = _push_urls(rt)
+    return GuardRule(
+        name=name,
+        peers=peers,
+        methods=methods,
+        paths=paths,
+        tools=tools,
+        resources=resources,
+        prompts=prompts,
+        when=when,
+        action=action,
+        mode=mode,
+        rate=rate,
+        high_impact=high_impact,
+        allow_upgrade=rt.boolean("allow_upgrade"),
+        log_args=log_args,
+        push_url_allowlist=push,
+    )
+
+
+def _guard_elsewhere(protocol: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if protocol != "mcp":
+        out.update(_only_for(protocol, _MCP_ONLY, "mcp"))
+    if protocol != "a2a":
+        out.update(_only_for(protocol, _A2A_ONLY, "a2a"))
+    return out
+
+
+def _plain(rule: GuardRule) -> HttpRule | None:
+    """The relay's pre-guard view of a rule, when it has one (see InboundConfig.rules)."""
+    if (
+        rule.action != "allow"
+        or rule.mode != "enforce"
+        or rule.when is not None
+        or rule.scoped
+        or rule.rate is not None
+        or rule.high_impact is not None
+        or not rule.paths
+    ):
+        return None
+    return HttpRule(rule.name, rule.peers, rule.methods, rule.paths, rule.allow_upgrade)
+
+
+def _max_body(t: _Table) -> int:
+    return t.integer("max_body_bytes", default=DEFAULT_MAX_BODY_BYTES, minimum=1024)
+
+
 def _inbound(t: _Table) -> InboundConfig:
     name = t.name()
     listen = t.address("listen", zero_port=True)
     target = t.address("target", zero_port=False)
-    protocol: Literal["tcp", "http"] = t.choice("protocol", ("tcp", "http"))
+    protocol: InboundProtocol = t.get("protocol")
+    if protocol not in ("mcp", "a2a"):
+        protocol = t.choice(
+            "protocol", ("tcp", "http"), more=' (or an agent protocol over HTTP: "mcp", "a2a")'
+        )
     allow_remote = t.boolean("allow_remote_target")
     # Invariant 4: what we relay to the target is plaintext.
     if not target.is_loopback() and not allow_remote:
@@ -658,30 +895,46 @@ def _inbound(t: _Table) -> InboundConfig:
             "(set allow_remote_target = true to relay off this host)",
         )
     common = _common(t)
+    http_family = protocol in HTTP_FAMILY
+    roots = frozenset(r for r in SCHEMA if r != "mcp" or protocol == "mcp")
     rules: list[HttpRule] = []
+    guard_rules: list[GuardRule] = []
     for i, rt in enumerate(t.tables("rules")):
         rule_name = rt.name(default=f"{name}.rules[{i}]")
         peers = _patterns(rt, "peers")
-        if protocol == "http":
-            rule = HttpRule(rule_name, peers, _methods(rt), _paths(rt), rt.boolean("allow_upgrade"))
+        if any(r.name == rule_name for r in guard_rules):
+            rt.fail("name", f"rule name {rule_name!r} is used twice in this listener")
+        if http_family:
+            guard_rule = _guard_rule(rt, rule_name, protocol, peers, roots)
+            guard_rules.append(guard_rule)
+            plain = _plain(guard_rule) if protocol == "http" else None
+            if plain is not None:
+                rules.append(plain)
+            elsewhere = _guard_elsewhere(protocol)
         else:
             rule = HttpRule(rule_name, peers, frozenset({"*"}), (PathPattern.parse("/**"),))
-        if any(r.name == rule_name for r in rules):
-            rt.fail("name", f"rule name {rule_name!r} is used twice in this listener")
-        rules.append(rule)
-        rt.done(allowed_elsewhere=_http_only(protocol, ("methods", "paths", "allow_upgrade")))
-    if not rules:
+            rules.append(rule)
+            guard_rules.append(GuardRule(rule_name, peers))
+            elsewhere = _http_only(protocol, ("methods", "paths", "allow_upgrade", *_GUARD_KEYS))
+        rt.done(allowed_elsewhere=elsewhere)
+    if not guard_rules:
         t.fail("rules", "at least one [[inbound.rules]] table is required (no rule, no traffic)")
     limits = HttpLimits(max_connection_lifetime=_lifetime(t))
     headers_t: tuple[str, ...] = (XFCC,)
-    if protocol == "http":
+    max_body = DEFAULT_MAX_BODY_BYTES
+    if http_family:
         limits = _limits(t)
         extra = t.strings("identity_headers", required=False, nonempty=False)
         for i, header in enumerate(extra):
             if not _TOKEN.match(header):
                 t.ctx.fail(f"{t.at('identity_headers')}[{i}]", f"invalid header name {header!r}")
         headers_t = tuple(dict.fromkeys([XFCC, *(h.lower() for h in extra)]))
-    t.done(allowed_elsewhere=_http_only(protocol, (*_LIMIT_KEYS, "identity_headers")))
+        max_body = _max_body(t)
+    t.done(
+        allowed_elsewhere=_http_only(
+            protocol, (*_LIMIT_KEYS, "identity_headers", "max_body_bytes")
+        )
+    )
     return InboundConfig(
         name=name,
         listen=listen,
@@ -691,6 +944,8 @@ def _inbound(t: _Table) -> InboundConfig:
         allow_remote_target=allow_remote,
         identity_headers=headers_t,
         limits=limits,
+        guard=PolicySet(guard_rules),
+        max_body_bytes=max_body,
         **common,
     )
 
@@ -749,13 +1004,38 @@ def _outbound(t: _Table) -> OutboundConfig:
             hosts.add(host)
         target = rt.address("target", zero_port=False)
         expect = _patterns(rt, "expect")
-        rule = None
-        if protocol != "tcp":
-            rule = HttpRule(route_name, (), _methods(rt), _paths(rt), rt.boolean("allow_upgrade"))
         if any(r.name == route_name for r in routes):
             rt.fail("name", f"route name {route_name!r} is used twice in this listener")
-        routes.append(RouteConfig(route_name, host, target, expect, rule))
-        elsewhere = _http_only(protocol, ("methods", "paths", "allow_upgrade"))
+        if protocol != "tcp":
+            route_protocol: RouteProtocol = rt.choice(
+                "protocol", HTTP_FAMILY, default="http"
+            )
+            # The agent is the only client of an outbound listener: no peer selectors,
+            # and no "peer" in conditions (the upstream is checked by expect).
+            roots = frozenset(
+                r for r in SCHEMA if r != "peer" and (r != "mcp" or route_protocol == "mcp")
+            )
+            guard_rule = _guard_rule(rt, route_name, route_protocol, (), roots)
+            rule = _plain(guard_rule) if route_protocol == "http" else None
+            routes.append(
+                RouteConfig(
+                    route_name,
+                    host,
+                    target,
+                    expect,
+                    rule,
+                    protocol=route_protocol,
+                    guard_rule=guard_rule,
+                    policy=PolicySet((guard_rule,)),
+                    max_body_bytes=_max_body(rt),
+                )
+            )
+            elsewhere = _guard_elsewhere(route_protocol)
+        else:
+            routes.append(RouteConfig(route_name, host, target, expect, None, protocol="tcp"))
+            elsewhere = _http_only(
+                protocol, ("methods", "paths", "allow_upgrade", "protocol", *_GUARD_KEYS)
+            )
         if protocol != "http-proxy":
             elsewhere["host"] = (
                 f'only for protocol = "http-proxy"; a "{protocol}" listener has one fixed target'
@@ -832,16 +1112,63 @@ def _seconds(value: float) -> str:
     return format_duration(timedelta(seconds=value))
 
 
-def _rule_lines(rule: HttpRule, protocol: str, head: str) -> list[str]:
+def _rule_lines(rule: HttpRule | GuardRule, protocol: str, head: str) -> list[str]:
     parts = [head]
+    if isinstance(rule, GuardRule) and (rule.action != "allow" or rule.mode != "enforce"):
+        parts.append(rule.action + (" (dry-run)" if rule.mode == "dry-run" else ""))
     if rule.peers:
         parts.append("peers " + ", ".join(p.text for p in rule.peers))
     if protocol != "tcp":
         parts.append("methods " + ",".join(sorted(rule.methods)))
-        parts.append("paths " + ", ".join(p.text for p in rule.paths))
+        parts.append("paths " + (", ".join(p.text for p in rule.paths) or "any"))
         if rule.allow_upgrade:
             parts.append("upgrade allowed")
+    if isinstance(rule, GuardRule):
+        for key, values in (
+            ("tools", rule.tools),
+            ("resources", rule.resources),
+            ("prompts", rule.prompts),
+            ("logs args", rule.log_args),
+            ("push URLs", rule.push_url_allowlist),
+        ):
+            if values:
+                parts.append(f"{key} " + ", ".join(values))
+        if rule.when is not None:
+            parts.append(f"when {rule.when.text}")
+        if rule.rate is not None:
+            parts.append(f"rate {rule.rate}")
+        hi = rule.high_impact
+        if hi is not None:
+            need = []
+            if hi.max_svid_age is not None:
+                need.append(f"SVID younger than {_seconds(hi.max_svid_age)}")
+            if hi.approvers:
+                need.append("approval by " + ", ".join(p.text for p in hi.approvers))
+            parts.append("high impact: " + " and ".join(need))
     return [parts[0] + " " + "; ".join(parts[1:])]
+
+
+def _guard_summary(guard: GuardConfig) -> str:
+    trips = []
+    if guard.deny_burst is not None:
+        b = guard.deny_burst
+        trips.append(f"{b.count} denials in {_seconds(b.window)}")
+    if guard.rate_spike is not None:
+        r = guard.rate_spike
+        trips.append(
+            f"rate over {r.factor:g}x baseline (min {r.min_requests} per {_seconds(r.interval)})"
+        )
+    if guard.new_tool:
+        trips.append("new tool")
+    if guard.new_path:
+        trips.append("new path")
+    if not trips:
+        return "guard: no tripwire"
+    return (
+        f"guard: quarantine {_seconds(guard.quarantine_for)} on "
+        + ", ".join(trips)
+        + f" (learning period {_seconds(guard.learning_period)})"
+    )
 
 
 def summarize(config: Config) -> str:
@@ -866,16 +1193,21 @@ def summarize(config: Config) -> str:
     lines.append(f"admin: {'http://' + str(admin) if admin else 'disabled'}")
     lines.append(f"audit: {'stdout' if config.audit.path == '-' else config.audit.path}")
     lines.append(f"log level: {config.log_level}; drain timeout {_seconds(config.drain_timeout)}")
+    lines.append(_guard_summary(config.guard))
+    lines.append(f"policy version: {config.policy_version}")
     for inb in config.inbound:
         lines.append(
             f"inbound {inb.name} ({inb.protocol}): {inb.listen} -> {inb.target}"
             f" [min TLS {inb.min_tls}, max {inb.max_connections} connections]"
         )
-        if inb.protocol == "http" and inb.identity_headers != (XFCC,):
+        if inb.protocol in HTTP_FAMILY and inb.identity_headers != (XFCC,):
             lines.append(f"  strips identity headers {', '.join(inb.identity_headers)}")
-        lines.append(f"  {len(inb.rules)} rule{'s' if len(inb.rules) != 1 else ''}:")
-        for rule in inb.rules:
-            lines += _rule_lines(rule, inb.protocol, f"    - {rule.name}:")
+        if inb.protocol in ("mcp", "a2a"):
+            lines.append(f"  max body {inb.max_body_bytes} bytes")
+        count = len(inb.guard)
+        lines.append(f"  {count} rule{'s' if count != 1 else ''}:")
+        for grule in inb.guard.rules:
+            lines += _rule_lines(grule, inb.protocol, f"    - {grule.name}:")
     for out in config.outbound:
         lines.append(
             f"outbound {out.name} ({out.protocol}): {out.listen}"
@@ -888,6 +1220,7 @@ def summarize(config: Config) -> str:
                 f"    - {route.name}: {head}{route.target} expecting "
                 + ", ".join(p.text for p in route.expect)
             )
-            if route.rule is not None:
-                lines += _rule_lines(route.rule, out.protocol, "      allows")
+            if route.guard_rule is not None:
+                verb = "      allows" if route.protocol == "http" else f"      {route.protocol}:"
+                lines += _rule_lines(route.guard_rule, out.protocol, verb)
     return "\n".join(lines)

@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from proxy.cli import ca, launch, run, sidecar, svid
+    from proxy.cli import approve, ca, launch, run, sidecar, svid
 
     parser = _Parser(
         prog="agent-proxy",
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.register(sub)
     run.register(sub)
     launch.register(sub)
+    approve.register(sub)
     return parser
 
 
