@@ -25,6 +25,7 @@ from proxy.config import Config, InboundConfig, OutboundConfig, load_config, sum
 from proxy.errors import UsageError
 from proxy.metrics import Metrics
 from proxy.runtime.admin import AdminServer
+from proxy.runtime.gate import Gate, install_guard_routes
 from proxy.runtime.http_listeners import HttpInboundListener, HttpOutboundListener
 from proxy.runtime.identity_state import IdentityState
 from proxy.runtime.l4 import L4Config, L4Listener
@@ -76,18 +77,20 @@ def make_source(config: Config) -> IdentitySource:
         raise UsageError(f"{config.source}: identity: {exc}") from None
 
 
-def build_listeners(config: Config, state: IdentityState, audit: AuditSink) -> list[BaseListener]:
+def build_listeners(
+    config: Config, state: IdentityState, audit: AuditSink, gate: Gate
+) -> list[BaseListener]:
     listeners: list[BaseListener] = []
     for inbound in config.inbound:
-        listeners.append(_inbound(inbound, state, audit))
+        listeners.append(_inbound(inbound, state, audit, gate))
     for outbound in config.outbound:
-        listeners.append(_outbound(outbound, state, audit))
+        listeners.append(_outbound(outbound, state, audit, gate))
     return listeners
 
 
-def _inbound(c: InboundConfig, state: IdentityState, audit: AuditSink) -> BaseListener:
-    if c.protocol == "http":
-        return HttpInboundListener(c, state, audit)
+def _inbound(c: InboundConfig, state: IdentityState, audit: AuditSink, gate: Gate) -> BaseListener:
+    if c.protocol != "tcp":  # http, mcp, a2a: all through the HTTP relay
+        return HttpInboundListener(c, state, audit, gate)
     peers = tuple(p for rule in c.rules for p in rule.peers)
     return L4Listener(
         L4Config(
@@ -106,9 +109,11 @@ def _inbound(c: InboundConfig, state: IdentityState, audit: AuditSink) -> BaseLi
     )
 
 
-def _outbound(c: OutboundConfig, state: IdentityState, audit: AuditSink) -> BaseListener:
+def _outbound(
+    c: OutboundConfig, state: IdentityState, audit: AuditSink, gate: Gate
+) -> BaseListener:
     if c.protocol in ("http", "http-proxy"):
-        return HttpOutboundListener(c, state, audit)
+        return HttpOutboundListener(c, state, audit, gate)
     route = c.routes[0]
     return L4Listener(
         L4Config(
@@ -167,7 +172,9 @@ async def _serve(
             serial=snapshot.svid.serial_hex,
             not_after=rfc3339(snapshot.svid.not_after),
         )
-        listeners = build_listeners(config, state, audit)
+        gate = Gate(config.guard)
+        install_guard_routes(admin, gate) if admin is not None else None
+        listeners = build_listeners(config, state, audit, gate)
         for listener in listeners:
             listener.metrics = metrics
 

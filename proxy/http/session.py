@@ -20,6 +20,7 @@ ends, so the unread body is never taken as the next request.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -71,6 +72,13 @@ class Routed:
     allow_upgrade: bool = False
     status: int = 403  # for denials
     label: str | None = None  # where it was going, for the audit record
+    # Headers for the client either way (RateLimit, Retry-After).
+    reply_headers: Sequence[Header] = ()
+    audit: dict[str, object] = field(default_factory=dict)  # policy_version, dry_run...
+    # Set when the decision needs the whole body first (a high-impact action
+    # binds the body's hash): call with the SHA-256 hex of the body.
+    finish: Callable[[str], Routed] | None = None
+    max_body: int = 1 << 20
 
 
 class Router(Protocol):
@@ -105,6 +113,8 @@ class RequestOutcome:
     upstream_not_after: str | None = None
     error: str | None = None
     target: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+    reply_headers: Sequence[Header] = ()
 
     @property
     def duration_ms(self) -> int:
@@ -238,17 +248,30 @@ class HttpSession:
             outcome.reason, outcome.error = exc.reason, exc.message
             await self._answer(outcome, exc.status, exc.message, close=True)
             return False
+        body_pending = self.down.h11.their_state is h11.SEND_BODY
+        prefetched: list[h11.Data | h11.EndOfMessage] = []
+        if routed.finish is not None:
+            try:
+                body = await self._read_whole_body(routed.max_body) if body_pending else b""
+            except PeerError as exc:
+                outcome.reason, outcome.error = exc.reason, exc.message
+                await self._answer(outcome, exc.status, exc.message, close=True)
+                return False
+            routed = routed.finish(hashlib.sha256(body).hexdigest())
+            prefetched = [h11.Data(data=body), h11.EndOfMessage()] if body else []
+            body_pending = False
         outcome.path = routed.path or outcome.path
         outcome.target = routed.label
         outcome.reason, outcome.rule = routed.decision.reason, routed.decision.rule
-        body_pending = self.down.h11.their_state is h11.SEND_BODY
+        outcome.extra.update(routed.audit)
+        outcome.reply_headers = routed.reply_headers
         if not routed.decision.allowed:
-            await self._answer(outcome, routed.status, "forbidden", close=body_pending)
+            await self._answer(outcome, routed.status, "forbidden", close=body_pending,
+                               extra=routed.reply_headers)
             return not body_pending
 
         # Look at what is already buffered of the body before anything goes
         # upstream: malformed framing here is a 400 the target never sees.
-        prefetched: list[h11.Data | h11.EndOfMessage] = []
         try:
             while body_pending:
                 event = self.down.buffered_body_event()
@@ -265,6 +288,8 @@ class HttpSession:
         body_complete = not body_pending or bool(
             prefetched and isinstance(prefetched[-1], h11.EndOfMessage)
         )
+        if routed.finish is None and self.down.h11.their_state is not h11.SEND_BODY:
+            body_complete = True
 
         headers = forwardable(
             request.headers,
@@ -304,6 +329,21 @@ class HttpSession:
             outcome,
             upgrade and routed.allow_upgrade,
         )
+
+    async def _read_whole_body(self, limit: int) -> bytes:
+        """The whole request body, for a decision that binds its hash."""
+        if self.down.h11.they_are_waiting_for_100_continue:
+            await self.down.send(h11.InformationalResponse(status_code=100, headers=[]))
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = await self.down.next_body_event()
+            if isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            size += len(event.data)
+            if size > limit:
+                raise PeerError(413, "body_too_large", f"request body over {limit} bytes")
+            chunks.append(bytes(event.data))
 
     async def _start_upstream(
         self,
@@ -427,6 +467,7 @@ class HttpSession:
                         headers.append((REQUEST_ID, outcome.request_id.encode()))
                     if trio.current_time() >= self.lifetime_deadline:
                         headers.append((b"connection", b"close"))  # the last exchange
+                    headers.extend(outcome.reply_headers)
                     self.down.queue(
                         h11.Response(
                             status_code=event.status_code, headers=headers, reason=event.reason

@@ -23,6 +23,7 @@ answers HEAD; a known path with an unregistered method is a 405 with Allow.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 
@@ -78,15 +79,22 @@ class AdminServer:
         self.active = 0
         self.bound: list[str] = []
         self._routes: dict[str, dict[str, Handler]] = {}
+        self._loopback_only: set[str] = set()
         self.add_route("GET", "/healthz", self._healthz)
         self.add_route("GET", "/readyz", self._readyz)
         self.add_route("GET", "/metrics", self._metrics)
 
-    def add_route(self, method: str, path: str, handler: Handler) -> None:
-        """Serve ``method path`` (exact path; the query string is ignored)."""
+    def add_route(
+        self, method: str, path: str, handler: Handler, *, loopback_only: bool = False
+    ) -> None:
+        """Serve ``method path`` (exact path; the query string is ignored).
+        ``loopback_only`` routes answer 403 to any client not on loopback,
+        even when the admin endpoint itself listens more widely."""
         if not path.startswith("/"):
             raise ValueError(f"route path must start with '/': {path!r}")
         self._routes.setdefault(path, {})[method.upper()] = handler
+        if loopback_only:
+            self._loopback_only.add(path)
 
     # -- built-in routes --------------------------------------------------
 
@@ -129,6 +137,11 @@ class AdminServer:
                 await stream.aclose()
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = stream.socket.getpeername()[0]
+            loopback = ipaddress.ip_address(peer.split("%")[0]).is_loopback
+        except (OSError, ValueError, IndexError):
+            loopback = False
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
         while True:
             request: h11.Request | None = None
@@ -145,7 +158,7 @@ class AdminServer:
             except _BodyTooLarge:
                 await self._send_error(stream, conn, 413, "413 request body too large\n")
                 return
-            status, headers, payload = await self._dispatch(request, body)
+            status, headers, payload = await self._dispatch(request, body, loopback)
             await self._respond(stream, conn, request, status, headers, payload)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
@@ -191,12 +204,14 @@ class AdminServer:
             elif event is h11.PAUSED:  # pragma: no cover - we never read past DONE
                 raise _Close
 
-    async def _dispatch(self, request: h11.Request, body: bytes) -> Response:
+    async def _dispatch(self, request: h11.Request, body: bytes, loopback: bool) -> Response:
         method = request.method.decode("ascii", "replace")
         path = request.target.decode("ascii", "replace").split("?", 1)[0]
         methods = self._routes.get(path)
         if methods is None:
             return 404, [("content-type", _TEXT)], b"not found\n"
+        if path in self._loopback_only and not loopback:
+            return 403, [("content-type", _TEXT)], b"loopback only\n"
         handler = methods.get(method)
         if handler is None and method == "HEAD":
             handler = methods.get("GET")

@@ -27,13 +27,17 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy.audit import AuditSink, rfc3339
 from proxy.config import InboundConfig, OutboundConfig, RouteConfig
+from proxy.guard.approval import APPROVAL_HEADER
+from proxy.guard.policy import PolicySet, RequestFacts
+from proxy.guard.quarantine import GuardConfig
 from proxy.http.conn import Downstream, Limits, PeerError, Upstream
 from proxy.http.headers import XFCC, Header, header_value, xfcc_value
-from proxy.http.policy import BadPath, HttpRule, RequestDecision, decide_request, normalize_path
+from proxy.http.policy import BadPath, RequestDecision, normalize_path
 from proxy.http.pool import UpstreamPool
 from proxy.http.session import HttpSession, RequestOutcome, Routed, UpstreamFailure
-from proxy.identity import SpiffeId
+from proxy.identity import SpiffeId, TrustBundleSet
 from proxy.policy import SpiffePattern, decide_peer
+from proxy.runtime.gate import Gate, svid_age_seconds
 from proxy.runtime.identity_state import IdentitySnapshot, IdentityState, SideCache
 from proxy.runtime.l4 import connect_tcp
 from proxy.runtime.listener import BaseListener, Conn, ms_since
@@ -73,42 +77,92 @@ def _normalized(origin: bytes) -> str:
         raise PeerError(400, "bad_path", f"refused request path: {exc}") from exc
 
 
+def _headers_map(request: h11.Request) -> dict[str, str]:
+    return {n.decode("latin-1"): v.decode("latin-1") for n, v in request.headers}
+
+
+def _gated(
+    gate: Gate,
+    policy: PolicySet,
+    request: h11.Request,
+    path: str,
+    upgrade: bool,
+    *,
+    peer: SpiffeId | None,
+    svid_age: float | None,
+    bundles: TrustBundleSet,
+    max_body: int,
+    base: Routed,
+) -> Routed:
+    """Decide with the guard; a high-impact rule makes the session hand us
+    the body's hash first (``Routed.finish``)."""
+    method = request.method.decode("ascii")
+    facts = RequestFacts(peer=peer, method=method, path=path, now=_dt.datetime.now(_dt.UTC),
+                         svid_age_seconds=svid_age, headers=_headers_map(request),
+                         upgrade=upgrade)
+    token_raw = header_value(request.headers, APPROVAL_HEADER.lower().encode())
+    token = token_raw.decode("ascii", "replace") if token_raw else None
+
+    def decide(body_hash: str | None) -> Routed:
+        result = gate.check(policy, facts, bundles=bundles, approval_token=token, target=path,
+                            body_hash=body_hash)
+        base.decision = RequestDecision(result.allowed, result.reason, result.rule)
+        base.status = result.status
+        base.allow_upgrade = result.allowed and upgrade
+        base.reply_headers = [(n.encode(), v.encode()) for n, v in result.headers]
+        base.audit = result.audit_fields()
+        base.finish = None
+        return base
+
+    preview = policy.evaluate(facts)
+    needs_body = preview.allowed and any(step.approvers for _, step in preview.high_impact)
+    if needs_body:
+        base.decision = RequestDecision(True, preview.reason, preview.rule)
+        base.max_body = max_body
+        base.finish = decide
+        return base
+    return decide(hashlib.sha256(b"").hexdigest())
+
+
 class _InboundRouter:
     def __init__(
         self,
-        rules: tuple[HttpRule, ...],
+        listener: HttpInboundListener,
         peer: SpiffeId,
+        svid_age: float,
+        bundles: TrustBundleSet,
         key: Hashable,
         xfcc: Header,
-        strip: frozenset[bytes],
     ) -> None:
-        self.rules = rules
+        self.listener = listener
         self.peer = peer
+        self.svid_age = svid_age
+        self.bundles = bundles
         self.key = key
         self.xfcc = xfcc
-        self.strip = strip
 
     def route(self, request: h11.Request, upgrade: bool) -> Routed:
         if request.method == b"CONNECT":
             return Routed(RequestDecision(False, "connect_not_allowed", None))
         origin, _ = _origin_form(request)
         path = _normalized(origin)
-        decision = decide_request(
-            self.rules, self.peer, request.method.decode("ascii"), path, upgrade=upgrade
-        )
-        return Routed(
-            decision,
-            path=path,
-            key=self.key,
-            target=origin,
-            add_headers=(self.xfcc,),
-            strip=self.strip,
-            allow_upgrade=decision.allowed and upgrade,
-        )
+        listener = self.listener
+        base = Routed(RequestDecision(False, "no_matching_rule", None), path=path, key=self.key,
+                      target=origin, add_headers=(self.xfcc,), strip=listener.strip)
+        # The policy is read per request, so a hot reload applies at once.
+        return _gated(listener.gate, listener.policy, request, path, upgrade, peer=self.peer,
+                      svid_age=self.svid_age, bundles=self.bundles,
+                      max_body=listener.config.max_body_bytes, base=base)
 
 
 class HttpInboundListener(BaseListener):
-    def __init__(self, config: InboundConfig, identity: IdentityState, audit: AuditSink) -> None:
+    def __init__(
+        self,
+        config: InboundConfig,
+        identity: IdentityState,
+        audit: AuditSink,
+        gate: Gate | None = None,
+    ) -> None:
         super().__init__(
             name=config.name,
             direction="inbound",
@@ -124,14 +178,16 @@ class HttpInboundListener(BaseListener):
         self.config = config
         self.limits = _limits(config)
         self.strip = frozenset(h.lower().encode() for h in config.identity_headers) | {XFCC}
-        # Peers no rule names are refused inside the handshake (TLS alert).
-        admitted: tuple[SpiffePattern, ...] = tuple(p for r in config.rules for p in r.peers)
+        self.gate = gate or Gate(GuardConfig())
+        self.set_policy(config.guard)
 
         def build(snapshot: IdentitySnapshot) -> TlsSide:
+            # Peers no rule names are refused inside the handshake (TLS alert);
+            # read per handshake so a policy reload applies to new connections.
             return build_side(
                 snapshot.svid,
                 snapshot.bundles,
-                lambda peer: decide_peer(peer, admitted),
+                lambda peer: decide_peer(peer, self.admitted),
                 server=True,
                 min_version=config.min_tls,
             )
@@ -143,6 +199,11 @@ class HttpInboundListener(BaseListener):
             idle_timeout=30.0,
             max_per_key=config.max_connections,
         )
+
+    def set_policy(self, policy: PolicySet) -> None:
+        """Swap the rules (hot reload): new requests and handshakes use them."""
+        self.policy = policy
+        self.admitted: tuple[SpiffePattern, ...] = policy.admitted_peers()
 
     async def background(self) -> None:
         await self.pool.sweep_forever()
@@ -162,7 +223,9 @@ class HttpInboundListener(BaseListener):
         assert verified is not None
         leaf_hash = hashlib.sha256(verified.leaf.public_bytes(Encoding.DER)).hexdigest()
         xfcc = (XFCC, xfcc_value(conn.snapshot.local_id, leaf_hash, str(verified.spiffe_id)))
-        router = _InboundRouter(self.config.rules, verified.spiffe_id, "target", xfcc, self.strip)
+        age = svid_age_seconds(verified.leaf.not_valid_before_utc, _dt.datetime.now(_dt.UTC))
+        router = _InboundRouter(self, verified.spiffe_id, age, conn.snapshot.bundles, "target",
+                                xfcc)
         self.record(conn, "connection.open", "allow", "peer_allowed")
         session = HttpSession(
             Downstream(conn.tls, self.limits),
@@ -201,11 +264,14 @@ class HttpInboundListener(BaseListener):
             bytes_down=outcome.bytes_down,
             duration_ms=outcome.duration_ms,
             error=outcome.error,
+            **outcome.extra,
         )
 
 
 class _OutboundRouter:
-    def __init__(self, config: OutboundConfig) -> None:
+    def __init__(self, config: OutboundConfig, gate: Gate, identity: IdentityState) -> None:
+        self.gate = gate
+        self.identity = identity
         self.proxy_mode = config.protocol == "http-proxy"
         self.routes = {r.host: r for r in config.routes if r.host is not None}
         self.single = config.routes[0] if not self.proxy_mode else None
@@ -235,24 +301,25 @@ class _OutboundRouter:
             host = raw_host.decode("ascii", "replace").lower() if raw_host else None
         route = self._lookup(host)
         path = _normalized(origin)
-        if route is None or route.rule is None:
+        if route is None or route.policy is None:
             return Routed(RequestDecision(False, "egress_not_allowed", None), path=path, label=host)
-        decision = decide_request(
-            (route.rule,), None, request.method.decode("ascii"), path, upgrade=upgrade
-        )
-        return Routed(
-            decision,
-            path=path,
-            key=route.name,
-            target=origin,
-            strip=frozenset({XFCC}),
-            allow_upgrade=decision.allowed and upgrade,
-            label=str(route.target),
-        )
+        base = Routed(RequestDecision(False, "no_matching_rule", None), path=path,
+                      key=route.name, target=origin, strip=frozenset({XFCC}),
+                      label=str(route.target))
+        snapshot = self.identity.current
+        return _gated(self.gate, route.policy, request, path, upgrade, peer=None,
+                      svid_age=None, bundles=snapshot.bundles, max_body=route.max_body_bytes,
+                      base=base)
 
 
 class HttpOutboundListener(BaseListener):
-    def __init__(self, config: OutboundConfig, identity: IdentityState, audit: AuditSink) -> None:
+    def __init__(
+        self,
+        config: OutboundConfig,
+        identity: IdentityState,
+        audit: AuditSink,
+        gate: Gate | None = None,
+    ) -> None:
         label = ", ".join(f"{r.host or r.name}={r.target}" for r in config.routes)
         super().__init__(
             name=config.name,
@@ -267,7 +334,8 @@ class HttpOutboundListener(BaseListener):
         self.config = config
         self.limits = _limits(config)
         self.routes = {r.name: r for r in config.routes}
-        self.router = _OutboundRouter(config)
+        self.gate = gate or Gate(GuardConfig())
+        self.router = _OutboundRouter(config, self.gate, identity)
         self._sides = {r.name: SideCache(identity, self._side_builder(r)) for r in config.routes}
         pool = config.pool
         self.pool = UpstreamPool(
@@ -361,4 +429,5 @@ class HttpOutboundListener(BaseListener):
             duration_ms=outcome.duration_ms,
             error=outcome.error,
             target=outcome.target or self.target_label,
+            **outcome.extra,
         )
