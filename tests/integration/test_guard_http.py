@@ -159,7 +159,7 @@ async def test_rate_limit_answers_429_with_headers(
         results = [await env.request(_get(f"/t/{i}")) for i in range(3)]
         nursery.cancel_scope.cancel()
     assert [r[0] for r in results] == [200, 200, 429]
-    status, headers, body = results[2]
+    _status, headers, body = results[2]
     assert int(headers["retry-after"]) >= 1
     assert headers["ratelimit-policy"] == '"reads";q=2;w=60'
     assert headers["ratelimit"].startswith('"reads";r=0;t=')
