@@ -26,11 +26,13 @@ import math
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import h11
 import trio
 
+from proxy.agent.mcp import DEFAULT_VERSION
 from proxy.http.conn import Downstream, Limits, PeerError, Upstream, linger_close, upstream_broken
 from proxy.http.headers import (
     REQUEST_ID,
@@ -41,6 +43,7 @@ from proxy.http.headers import (
     is_chunked,
     request_id_from,
 )
+from proxy.http.mcp_flow import McpGuard, ResponseFilter
 from proxy.http.policy import RequestDecision
 from proxy.http.pool import UpstreamPool
 from proxy.runtime.relay import RelayStats, relay
@@ -79,6 +82,18 @@ class Routed:
     # binds the body's hash): call with the SHA-256 hex of the body.
     finish: Callable[[str], Routed] | None = None
     max_body: int = 1 << 20
+    mcp: McpGuard | None = None  # protocol = "mcp": decide per JSON-RPC call
+
+
+FilterFactory = Callable[[str], ResponseFilter]
+
+
+def _filtered(step: Callable[[], bytes]) -> bytes:
+    """Run a response filter step; what cannot be filtered is not passed on."""
+    try:
+        return step()
+    except Exception as exc:  # a list answer we cannot read safely: fail closed
+        raise PeerError(502, "unfilterable_response", str(exc)) from exc
 
 
 class Router(Protocol):
@@ -115,6 +130,7 @@ class RequestOutcome:
     target: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
     reply_headers: Sequence[Header] = ()
+    calls: list[dict[str, object]] = field(default_factory=list)  # MCP: one per JSON-RPC call
 
     @property
     def duration_ms(self) -> int:
@@ -250,7 +266,14 @@ class HttpSession:
             return False
         body_pending = self.down.h11.their_state is h11.SEND_BODY
         prefetched: list[h11.Data | h11.EndOfMessage] = []
-        if routed.finish is not None:
+        filter_factory: FilterFactory | None = None
+        if routed.mcp is not None and routed.decision.reason != "connect_not_allowed":
+            handled = await self._mcp_request(request, routed, outcome, body_pending)
+            if isinstance(handled, bool):
+                return handled
+            prefetched, filter_factory = handled
+            body_pending = False
+        elif routed.finish is not None:
             try:
                 body = await self._read_whole_body(routed.max_body) if body_pending else b""
             except PeerError as exc:
@@ -266,8 +289,9 @@ class HttpSession:
         outcome.extra.update(routed.audit)
         outcome.reply_headers = routed.reply_headers
         if not routed.decision.allowed:
-            await self._answer(outcome, routed.status, "forbidden", close=body_pending,
-                               extra=routed.reply_headers)
+            await self._answer(
+                outcome, routed.status, "forbidden", close=body_pending, extra=routed.reply_headers
+            )
             return not body_pending
 
         # Look at what is already buffered of the body before anything goes
@@ -328,7 +352,85 @@ class HttpSession:
             first,
             outcome,
             upgrade and routed.allow_upgrade,
+            filter_factory,
         )
+
+    async def _mcp_request(
+        self, request: h11.Request, routed: Routed, outcome: RequestOutcome, body_pending: bool
+    ) -> bool | tuple[list[h11.Data | h11.EndOfMessage], FilterFactory | None]:
+        """Judge an MCP request. Returns True/False (keep-alive) when we
+        answered it ourselves, else the body to forward and the filter for
+        the answer."""
+        guard = routed.mcp
+        assert guard is not None
+        headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in request.headers}
+        path = routed.path
+        if request.method != b"POST":
+            if not routed.decision.allowed:
+                return await self._refuse(outcome, routed, body_pending)
+            if request.method == b"GET":
+                policy = guard.list_policy(headers, path)
+                version = headers.get("mcp-protocol-version") or DEFAULT_VERSION
+
+                def replay_filter(content_type: str) -> ResponseFilter:
+                    return ResponseFilter({}, policy, version, content_type, infer=True)
+
+                return [], replay_filter
+            return [], None
+        try:
+            body = await self._read_whole_body(guard.max_body) if body_pending else b""
+        except PeerError as exc:
+            outcome.reason, outcome.error = exc.reason, exc.message
+            await self._answer(outcome, exc.status, exc.message, close=True)
+            return False
+        verdict = guard.judge(body, headers, path)
+        outcome.calls = verdict.calls
+        outcome.reason, outcome.rule = verdict.reason, verdict.rule
+        outcome.reply_headers = [(n.encode(), v.encode()) for n, v in verdict.headers]
+        if not verdict.forward:
+            outcome.decision = "deny"
+            outcome.status = verdict.status
+            await self._reply_json(outcome, verdict.status, verdict.body)
+            return True
+        routed.decision = RequestDecision(True, verdict.reason, verdict.rule)
+        events: list[h11.Data | h11.EndOfMessage] = [h11.Data(data=body)] if body else []
+        events.append(h11.EndOfMessage())
+        if not verdict.pending:
+            return events, None
+        policy = guard.list_policy(headers, path)
+
+        def list_filter(content_type: str) -> ResponseFilter:
+            return ResponseFilter(
+                verdict.pending, policy, verdict.version, content_type, infer=False
+            )
+
+        return events, list_filter
+
+    async def _refuse(self, outcome: RequestOutcome, routed: Routed, body_pending: bool) -> bool:
+        outcome.reason, outcome.rule = routed.decision.reason, routed.decision.rule
+        outcome.extra.update(routed.audit)
+        await self._answer(
+            outcome, routed.status, "forbidden", close=body_pending, extra=routed.reply_headers
+        )
+        return not body_pending
+
+    async def _reply_json(self, outcome: RequestOutcome, status: int, body: bytes) -> None:
+        headers: list[Header] = [(REQUEST_ID, outcome.request_id.encode()), *outcome.reply_headers]
+        if body:
+            headers += [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+        else:
+            headers.append((b"content-length", b"0"))
+        self.down.queue(
+            h11.Response(
+                status_code=status, headers=headers, reason=_REASON_PHRASES.get(status, b"OK")
+            )
+        )
+        if body:
+            self.down.queue(h11.Data(data=body))
+        await self.down.send(h11.EndOfMessage())
 
     async def _read_whole_body(self, limit: int) -> bytes:
         """The whole request body, for a decision that binds its hash."""
@@ -392,8 +494,11 @@ class HttpSession:
         first: h11.Response | h11.InformationalResponse | None,
         outcome: RequestOutcome,
         upgrade_allowed: bool,
+        filter_factory: FilterFactory | None = None,
     ) -> bool:
         request_error: list[PeerError] = []
+        response_filter: ResponseFilter | None = None
+        held_head: h11.Response | None = None  # JSON answers are filtered whole
         response_started = False
         switched = False
 
@@ -427,7 +532,7 @@ class HttpSession:
                 cancel.cancel()
 
         async def relay_response(cancel: trio.CancelScope) -> None:
-            nonlocal response_started, switched
+            nonlocal response_started, switched, held_head, response_filter
             event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage | None
             event = first
             while True:
@@ -468,15 +573,50 @@ class HttpSession:
                     if trio.current_time() >= self.lifetime_deadline:
                         headers.append((b"connection", b"close"))  # the last exchange
                     headers.extend(outcome.reply_headers)
-                    self.down.queue(
-                        h11.Response(
-                            status_code=event.status_code, headers=headers, reason=event.reason
-                        )
+                    head = h11.Response(
+                        status_code=event.status_code, headers=headers, reason=event.reason
                     )
+                    content_type = (
+                        (header_value(event.headers, b"content-type") or b"")
+                        .decode("latin-1")
+                        .lower()
+                    )
+                    if filter_factory is not None and event.status_code == 200:
+                        response_filter = filter_factory(content_type)
+                        # The body changes length: re-frame it.
+                        head = h11.Response(
+                            status_code=event.status_code,
+                            headers=[h for h in headers if h[0] != b"content-length"],
+                            reason=event.reason,
+                        )
+                        if response_filter.sse is None:
+                            held_head = head
+                            event = None
+                            continue
+                    self.down.queue(head)
                 elif isinstance(event, h11.Data):
                     outcome.bytes_down += len(event.data)
-                    self.down.queue(event)
+                    if response_filter is not None:
+                        out = _filtered(partial(response_filter.feed, bytes(event.data)))
+                        if out:
+                            self.down.queue(h11.Data(data=out))
+                    else:
+                        self.down.queue(event)
                 else:
+                    if response_filter is not None:
+                        tail = _filtered(response_filter.finish)
+                        if held_head is not None:
+                            framed = [h for h in held_head.headers if h[0] != b"transfer-encoding"]
+                            framed.append((b"content-length", str(len(tail)).encode()))
+                            self.down.queue(
+                                h11.Response(
+                                    status_code=held_head.status_code,
+                                    headers=framed,
+                                    reason=held_head.reason,
+                                )
+                            )
+                        if tail:
+                            self.down.queue(h11.Data(data=tail))
                     await self.down.send(h11.EndOfMessage())
                     if self.down.h11.their_state is h11.SEND_BODY:
                         cancel.cancel()  # response done before the request body: stop reading it

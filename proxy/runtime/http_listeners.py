@@ -32,6 +32,7 @@ from proxy.guard.policy import PolicySet, RequestFacts
 from proxy.guard.quarantine import GuardConfig
 from proxy.http.conn import Downstream, Limits, PeerError, Upstream
 from proxy.http.headers import XFCC, Header, header_value, xfcc_value
+from proxy.http.mcp_flow import McpGuard
 from proxy.http.policy import BadPath, RequestDecision, normalize_path
 from proxy.http.pool import UpstreamPool
 from proxy.http.session import HttpSession, RequestOutcome, Routed, UpstreamFailure
@@ -97,15 +98,22 @@ def _gated(
     """Decide with the guard; a high-impact rule makes the session hand us
     the body's hash first (``Routed.finish``)."""
     method = request.method.decode("ascii")
-    facts = RequestFacts(peer=peer, method=method, path=path, now=_dt.datetime.now(_dt.UTC),
-                         svid_age_seconds=svid_age, headers=_headers_map(request),
-                         upgrade=upgrade)
+    facts = RequestFacts(
+        peer=peer,
+        method=method,
+        path=path,
+        now=_dt.datetime.now(_dt.UTC),
+        svid_age_seconds=svid_age,
+        headers=_headers_map(request),
+        upgrade=upgrade,
+    )
     token_raw = header_value(request.headers, APPROVAL_HEADER.lower().encode())
     token = token_raw.decode("ascii", "replace") if token_raw else None
 
     def decide(body_hash: str | None) -> Routed:
-        result = gate.check(policy, facts, bundles=bundles, approval_token=token, target=path,
-                            body_hash=body_hash)
+        result = gate.check(
+            policy, facts, bundles=bundles, approval_token=token, target=path, body_hash=body_hash
+        )
         base.decision = RequestDecision(result.allowed, result.reason, result.rule)
         base.status = result.status
         base.allow_upgrade = result.allowed and upgrade
@@ -147,12 +155,38 @@ class _InboundRouter:
         origin, _ = _origin_form(request)
         path = _normalized(origin)
         listener = self.listener
-        base = Routed(RequestDecision(False, "no_matching_rule", None), path=path, key=self.key,
-                      target=origin, add_headers=(self.xfcc,), strip=listener.strip)
+        base = Routed(
+            RequestDecision(False, "no_matching_rule", None),
+            path=path,
+            key=self.key,
+            target=origin,
+            add_headers=(self.xfcc,),
+            strip=listener.strip,
+        )
+        if listener.config.protocol == "mcp":
+            base.mcp = McpGuard(
+                lambda: listener.policy,
+                listener.gate,
+                self.peer,
+                self.svid_age,
+                self.bundles,
+                listener.config.max_body_bytes,
+            )
+            if request.method == b"POST":
+                return base  # decided per JSON-RPC call
         # The policy is read per request, so a hot reload applies at once.
-        return _gated(listener.gate, listener.policy, request, path, upgrade, peer=self.peer,
-                      svid_age=self.svid_age, bundles=self.bundles,
-                      max_body=listener.config.max_body_bytes, base=base)
+        return _gated(
+            listener.gate,
+            listener.policy,
+            request,
+            path,
+            upgrade,
+            peer=self.peer,
+            svid_age=self.svid_age,
+            bundles=self.bundles,
+            max_body=listener.config.max_body_bytes,
+            base=base,
+        )
 
 
 class HttpInboundListener(BaseListener):
@@ -224,8 +258,9 @@ class HttpInboundListener(BaseListener):
         leaf_hash = hashlib.sha256(verified.leaf.public_bytes(Encoding.DER)).hexdigest()
         xfcc = (XFCC, xfcc_value(conn.snapshot.local_id, leaf_hash, str(verified.spiffe_id)))
         age = svid_age_seconds(verified.leaf.not_valid_before_utc, _dt.datetime.now(_dt.UTC))
-        router = _InboundRouter(self, verified.spiffe_id, age, conn.snapshot.bundles, "target",
-                                xfcc)
+        router = _InboundRouter(
+            self, verified.spiffe_id, age, conn.snapshot.bundles, "target", xfcc
+        )
         self.record(conn, "connection.open", "allow", "peer_allowed")
         session = HttpSession(
             Downstream(conn.tls, self.limits),
@@ -250,6 +285,18 @@ class HttpInboundListener(BaseListener):
             )
 
     def _emit(self, conn: Conn, outcome: RequestOutcome) -> None:
+        for call in outcome.calls:
+            fields = dict(call)
+            decision, reason = str(fields.pop("decision")), str(fields.pop("reason"))
+            self.record(
+                conn,
+                "mcp.call",
+                decision,
+                reason,
+                request_id=outcome.request_id,
+                path=outcome.path,
+                **fields,
+            )
         self.record(
             conn,
             "http.request",
@@ -303,13 +350,34 @@ class _OutboundRouter:
         path = _normalized(origin)
         if route is None or route.policy is None:
             return Routed(RequestDecision(False, "egress_not_allowed", None), path=path, label=host)
-        base = Routed(RequestDecision(False, "no_matching_rule", None), path=path,
-                      key=route.name, target=origin, strip=frozenset({XFCC}),
-                      label=str(route.target))
+        base = Routed(
+            RequestDecision(False, "no_matching_rule", None),
+            path=path,
+            key=route.name,
+            target=origin,
+            strip=frozenset({XFCC}),
+            label=str(route.target),
+        )
         snapshot = self.identity.current
-        return _gated(self.gate, route.policy, request, path, upgrade, peer=None,
-                      svid_age=None, bundles=snapshot.bundles, max_body=route.max_body_bytes,
-                      base=base)
+        if route.protocol == "mcp":
+            policy = route.policy
+            base.mcp = McpGuard(
+                lambda: policy, self.gate, None, None, snapshot.bundles, route.max_body_bytes
+            )
+            if request.method == b"POST":
+                return base  # decided per JSON-RPC call
+        return _gated(
+            self.gate,
+            route.policy,
+            request,
+            path,
+            upgrade,
+            peer=None,
+            svid_age=None,
+            bundles=snapshot.bundles,
+            max_body=route.max_body_bytes,
+            base=base,
+        )
 
 
 class HttpOutboundListener(BaseListener):
@@ -411,6 +479,18 @@ class HttpOutboundListener(BaseListener):
         await session.run()
 
     def _emit(self, conn: Conn, outcome: RequestOutcome) -> None:
+        for call in outcome.calls:
+            fields = dict(call)
+            decision, reason = str(fields.pop("decision")), str(fields.pop("reason"))
+            self.record(
+                conn,
+                "mcp.call",
+                decision,
+                reason,
+                request_id=outcome.request_id,
+                path=outcome.path,
+                **fields,
+            )
         self.record(
             conn,
             "http.request",
