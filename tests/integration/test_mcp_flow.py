@@ -189,8 +189,8 @@ def _call(i: Any, tool: str, args: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("mode", ["json", "sse"])
 async def test_tools_list_is_filtered(ca_a: TestCA, hr: Issued, mode: str) -> None:
     async with trio.open_nursery() as nursery:
-        port, server, _ = await _setup(nursery, hr, ca_a)
-        status, headers, body = await _post(
+        port, _server, _ = await _setup(nursery, hr, ca_a)
+        status, _headers, body = await _post(
             port,
             ca_a.issue(PAYROLL),
             {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
