@@ -30,6 +30,7 @@ from proxy.runtime.http_listeners import HttpInboundListener, HttpOutboundListen
 from proxy.runtime.identity_state import IdentityState
 from proxy.runtime.l4 import L4Config, L4Listener
 from proxy.runtime.listener import BaseListener
+from proxy.runtime.reload import ConfigReloader
 from proxy.runtime.serve import run_until_signalled
 from proxy.sources.base import IdentityLoadError, IdentitySource
 from proxy.sources.dev import DevSource
@@ -165,27 +166,26 @@ async def _serve(
         state = IdentityState(snapshot)
         readiness.state = state
         state.subscribe(lambda snap: metrics.set_svid_not_after(snap.svid.not_after))
-        log.info(
-            "identity loaded",
-            source=source.name,
-            spiffe_id=snapshot.local_id,
-            serial=snapshot.svid.serial_hex,
-            not_after=rfc3339(snapshot.svid.not_after),
-        )
         gate = Gate(config.guard)
         install_guard_routes(admin, gate) if admin is not None else None
         listeners = build_listeners(config, state, audit, gate)
         for listener in listeners:
             listener.metrics = metrics
 
+        reloader = ConfigReloader(config.source, config, listeners, metrics)
+
         def ready() -> None:
             readiness.listening = True
+
+        def hup() -> None:
+            source.request_reload()
+            reloader.reload("SIGHUP")
 
         await run_until_signalled(
             listeners,
             drain_timeout=config.drain_timeout,
-            background=[partial(source.run, state), audit.flush_forever],
-            on_hup=source.request_reload,
+            background=[partial(source.run, state), audit.flush_forever, reloader.watch],
+            on_hup=hup,
             on_ready=ready,
         )
         nursery.cancel_scope.cancel()

@@ -413,6 +413,13 @@ class HttpOutboundListener(BaseListener):
             max_per_key=pool.max_per_route,
         )
 
+    def set_routes(self, routes: tuple[RouteConfig, ...]) -> None:
+        """Swap the routes' rules (hot reload; addresses and hosts are unchanged)."""
+        self.routes = {r.name: r for r in routes}
+        self.router.routes = {r.host: r for r in routes if r.host is not None}
+        if self.router.single is not None:
+            self.router.single = routes[0]
+
     def _side_builder(self, route: RouteConfig):  # type: ignore[no-untyped-def]
         expect = route.expect
 
