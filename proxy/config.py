@@ -896,7 +896,8 @@ def _inbound(t: _Table) -> InboundConfig:
         )
     common = _common(t)
     http_family = protocol in HTTP_FAMILY
-    roots = frozenset(r for r in SCHEMA if r != "mcp" or protocol == "mcp")
+    # A2A decisions read the JSON-RPC method as mcp.method (v1.0 names).
+    roots = frozenset(r for r in SCHEMA if r != "mcp" or protocol in ("mcp", "a2a"))
     rules: list[HttpRule] = []
     guard_rules: list[GuardRule] = []
     for i, rt in enumerate(t.tables("rules")):

@@ -20,7 +20,7 @@ import datetime as _dt
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.agent import mcp
 from proxy.agent.jsonrpc import (
@@ -56,6 +56,22 @@ class Verdict:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
 
+class AgentGuard(Protocol):
+    """What the relay needs from an agent protocol (MCP, A2A)."""
+
+    max_body: int
+
+    def judge(self, body: bytes, headers: dict[str, str], path: str) -> Verdict: ...
+
+    def answer_filter(
+        self, verdict: Verdict, headers: dict[str, str], path: str
+    ) -> Callable[[str], ResponseFilter] | None: ...
+
+    def stream_filter(
+        self, headers: dict[str, str], path: str
+    ) -> Callable[[str], ResponseFilter] | None: ...
+
+
 @dataclass
 class McpGuard:
     policy: Callable[[], PolicySet]
@@ -89,6 +105,23 @@ class McpGuard:
             return kind is not None and policy.visible(facts, kind, name)  # type: ignore[arg-type]
 
         return allowed
+
+    def answer_filter(
+        self, verdict: Verdict, headers: dict[str, str], path: str
+    ) -> Callable[[str], ResponseFilter] | None:
+        if not verdict.pending:
+            return None
+        policy = self.list_policy(headers, path)
+        pending, version = verdict.pending, verdict.version
+        return lambda ctype: ResponseFilter(pending, policy, version, ctype, infer=False)
+
+    def stream_filter(
+        self, headers: dict[str, str], path: str
+    ) -> Callable[[str], ResponseFilter] | None:
+        """GET streams: server messages and replays after Last-Event-ID."""
+        policy = self.list_policy(headers, path)
+        version = headers.get("mcp-protocol-version") or mcp.DEFAULT_VERSION
+        return lambda ctype: ResponseFilter({}, policy, version, ctype, infer=True)
 
     def judge(self, body: bytes, headers: dict[str, str], path: str) -> Verdict:
         try:
@@ -204,7 +237,11 @@ def _approval_token(call: mcp.McpCall, headers: dict[str, str]) -> str | None:
 
 
 class ResponseFilter:
-    """Rewrites the answer to pending list requests; JSON or SSE."""
+    """Rewrites (or just reads) an answer: JSON bodies whole, SSE by event.
+
+    By default it filters MCP list answers; ``json_step`` and ``sse_step``
+    replace that (A2A only reads answers, to learn who owns which task).
+    """
 
     def __init__(
         self,
@@ -214,13 +251,13 @@ class ResponseFilter:
         content_type: str,
         *,
         infer: bool,
+        json_step: Callable[[bytes], bytes | None] | None = None,
+        sse_step: Callable[[str], str | None] | None = None,
     ) -> None:
         self.pending, self.policy, self.version, self.infer = pending, policy, version, infer
-        self.sse = (
-            SseFilter(make_list_transform(pending, policy, version))
-            if ("text/event-stream" in content_type)
-            else None
-        )
+        self.json_step = json_step
+        transform = sse_step or make_list_transform(pending, policy, version)
+        self.sse = SseFilter(transform) if "text/event-stream" in content_type else None
         self.json_parts: list[bytes] = []
         self.size = 0
 
@@ -229,7 +266,7 @@ class ResponseFilter:
             return self.sse.feed(data)
         self.size += len(data)
         if self.size > _MAX_RESPONSE:
-            raise mcp.UnfilterableResponse("list response too large to filter")
+            raise mcp.UnfilterableResponse("response too large to inspect")
         self.json_parts.append(data)
         return b""
 
@@ -237,9 +274,12 @@ class ResponseFilter:
         if self.sse is not None:
             return self.sse.close()
         body = b"".join(self.json_parts)
-        filtered = mcp.filter_responses(
-            body, self.pending, self.policy, self.version, infer=self.infer
-        )
+        if self.json_step is not None:
+            filtered = self.json_step(body)
+        else:
+            filtered = mcp.filter_responses(
+                body, self.pending, self.policy, self.version, infer=self.infer
+            )
         return body if filtered is None else filtered
 
 
@@ -247,4 +287,4 @@ def json_headers() -> list[tuple[bytes, bytes]]:
     return [(b"content-type", b"application/json")]
 
 
-__all__ = ["McpGuard", "ResponseFilter", "Verdict", "dumps", "json_headers"]
+__all__ = ["AgentGuard", "McpGuard", "ResponseFilter", "Verdict", "dumps", "json_headers"]

@@ -32,7 +32,6 @@ from typing import Protocol
 import h11
 import trio
 
-from proxy.agent.mcp import DEFAULT_VERSION
 from proxy.http.conn import Downstream, Limits, PeerError, Upstream, linger_close, upstream_broken
 from proxy.http.headers import (
     REQUEST_ID,
@@ -43,7 +42,7 @@ from proxy.http.headers import (
     is_chunked,
     request_id_from,
 )
-from proxy.http.mcp_flow import McpGuard, ResponseFilter
+from proxy.http.mcp_flow import AgentGuard, ResponseFilter
 from proxy.http.policy import RequestDecision
 from proxy.http.pool import UpstreamPool
 from proxy.runtime.relay import RelayStats, relay
@@ -82,10 +81,10 @@ class Routed:
     # binds the body's hash): call with the SHA-256 hex of the body.
     finish: Callable[[str], Routed] | None = None
     max_body: int = 1 << 20
-    mcp: McpGuard | None = None  # protocol = "mcp": decide per JSON-RPC call
+    mcp: AgentGuard | None = None  # protocol = "mcp" or "a2a": decide per JSON-RPC call
 
 
-FilterFactory = Callable[[str], ResponseFilter]
+FilterFactory = Callable[[str], "ResponseFilter"]
 
 
 def _filtered(step: Callable[[], bytes]) -> bytes:
@@ -358,9 +357,9 @@ class HttpSession:
     async def _mcp_request(
         self, request: h11.Request, routed: Routed, outcome: RequestOutcome, body_pending: bool
     ) -> bool | tuple[list[h11.Data | h11.EndOfMessage], FilterFactory | None]:
-        """Judge an MCP request. Returns True/False (keep-alive) when we
-        answered it ourselves, else the body to forward and the filter for
-        the answer."""
+        """Judge an agent-protocol request (MCP, A2A). Returns True/False
+        (keep-alive) when we answered it ourselves, else the body to forward
+        and the filter for the answer."""
         guard = routed.mcp
         assert guard is not None
         headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in request.headers}
@@ -369,13 +368,7 @@ class HttpSession:
             if not routed.decision.allowed:
                 return await self._refuse(outcome, routed, body_pending)
             if request.method == b"GET":
-                policy = guard.list_policy(headers, path)
-                version = headers.get("mcp-protocol-version") or DEFAULT_VERSION
-
-                def replay_filter(content_type: str) -> ResponseFilter:
-                    return ResponseFilter({}, policy, version, content_type, infer=True)
-
-                return [], replay_filter
+                return [], guard.stream_filter(headers, path)
             return [], None
         try:
             body = await self._read_whole_body(guard.max_body) if body_pending else b""
@@ -395,16 +388,7 @@ class HttpSession:
         routed.decision = RequestDecision(True, verdict.reason, verdict.rule)
         events: list[h11.Data | h11.EndOfMessage] = [h11.Data(data=body)] if body else []
         events.append(h11.EndOfMessage())
-        if not verdict.pending:
-            return events, None
-        policy = guard.list_policy(headers, path)
-
-        def list_filter(content_type: str) -> ResponseFilter:
-            return ResponseFilter(
-                verdict.pending, policy, verdict.version, content_type, infer=False
-            )
-
-        return events, list_filter
+        return events, guard.answer_filter(verdict, headers, path)
 
     async def _refuse(self, outcome: RequestOutcome, routed: Routed, body_pending: bool) -> bool:
         outcome.reason, outcome.rule = routed.decision.reason, routed.decision.rule

@@ -25,11 +25,13 @@ import structlog
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from proxy.agent.a2a import TaskOwnership
 from proxy.audit import AuditSink, rfc3339
 from proxy.config import InboundConfig, OutboundConfig, RouteConfig
 from proxy.guard.approval import APPROVAL_HEADER
 from proxy.guard.policy import PolicySet, RequestFacts
 from proxy.guard.quarantine import GuardConfig
+from proxy.http.a2a_flow import A2aGuard
 from proxy.http.conn import Downstream, Limits, PeerError, Upstream
 from proxy.http.headers import XFCC, Header, header_value, xfcc_value
 from proxy.http.mcp_flow import McpGuard
@@ -163,15 +165,28 @@ class _InboundRouter:
             add_headers=(self.xfcc,),
             strip=listener.strip,
         )
-        if listener.config.protocol == "mcp":
-            base.mcp = McpGuard(
-                lambda: listener.policy,
-                listener.gate,
-                self.peer,
-                self.svid_age,
-                self.bundles,
-                listener.config.max_body_bytes,
-            )
+        protocol = listener.config.protocol
+        if protocol in ("mcp", "a2a"):
+            max_body = listener.config.max_body_bytes
+            if protocol == "mcp":
+                base.mcp = McpGuard(
+                    lambda: listener.policy,
+                    listener.gate,
+                    self.peer,
+                    self.svid_age,
+                    self.bundles,
+                    max_body,
+                )
+            else:
+                base.mcp = A2aGuard(
+                    lambda: listener.policy,
+                    listener.gate,
+                    self.peer,
+                    self.svid_age,
+                    self.bundles,
+                    max_body,
+                    listener.tasks,
+                )
             if request.method == b"POST":
                 return base  # decided per JSON-RPC call
         # The policy is read per request, so a hot reload applies at once.
@@ -213,6 +228,7 @@ class HttpInboundListener(BaseListener):
         self.limits = _limits(config)
         self.strip = frozenset(h.lower().encode() for h in config.identity_headers) | {XFCC}
         self.gate = gate or Gate(GuardConfig())
+        self.tasks = TaskOwnership()  # A2A: who created which task
         self.set_policy(config.guard)
 
         def build(snapshot: IdentitySnapshot) -> TlsSide:
@@ -319,6 +335,7 @@ class _OutboundRouter:
     def __init__(self, config: OutboundConfig, gate: Gate, identity: IdentityState) -> None:
         self.gate = gate
         self.identity = identity
+        self.tasks = TaskOwnership()
         self.proxy_mode = config.protocol == "http-proxy"
         self.routes = {r.host: r for r in config.routes if r.host is not None}
         self.single = config.routes[0] if not self.proxy_mode else None
@@ -359,11 +376,22 @@ class _OutboundRouter:
             label=str(route.target),
         )
         snapshot = self.identity.current
-        if route.protocol == "mcp":
+        if route.protocol in ("mcp", "a2a"):
             policy = route.policy
-            base.mcp = McpGuard(
-                lambda: policy, self.gate, None, None, snapshot.bundles, route.max_body_bytes
-            )
+            if route.protocol == "mcp":
+                base.mcp = McpGuard(
+                    lambda: policy, self.gate, None, None, snapshot.bundles, route.max_body_bytes
+                )
+            else:
+                base.mcp = A2aGuard(
+                    lambda: policy,
+                    self.gate,
+                    None,
+                    None,
+                    snapshot.bundles,
+                    route.max_body_bytes,
+                    self.tasks,
+                )
             if request.method == b"POST":
                 return base  # decided per JSON-RPC call
         return _gated(

@@ -148,7 +148,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     reason, message = _classify_ssl_error(exc)
                     raise TLSHandshakeError(reason, message) from exc
             self._handshake_done = True
-            await self._flush()
+            try:
+                # A TLS 1.3 server's last flight (session tickets) goes out
+                # here; a peer that resets right after its Finished lands here.
+                await self._flush()
+            except trio.BrokenResourceError as exc:
+                raise TLSHandshakeError(
+                    "tls_error", "connection closed at the end of the TLS handshake"
+                ) from exc
 
     async def _flush_alert(self) -> None:
         # Best effort: the peer should learn why, but a dead peer must not stall us.
