@@ -32,3 +32,16 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# make bench       : the full benchmark (3 repetitions x 10 s cells, about 20 minutes);
+#                    writes benchmarks/results/latest.md and latest.png.
+# make bench-quick : the same rows in about 2 minutes (1 repetition x 2 s cells).
+# Both install the bench extra (matplotlib) and any missing Debian peers.
+.PHONY: bench bench-quick
+bench: $(STAMP)
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: $(STAMP)
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m benchmarks.run --quick
