@@ -63,7 +63,6 @@ __all__ = [
 ]
 
 
-
 class _Log:
     """The "agent_proxy" structlog logger, looked up afresh at every call.
 

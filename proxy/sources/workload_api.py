@@ -17,17 +17,28 @@ ends, is retried with exponential backoff and jitter, reset by the next
 valid message. Each attempt uses a fresh gRPC channel, so the reconnect
 timing is ours rather than the channel's own (longer) backoff.
 
+A stream that has not delivered its first message (or a status) within
+``stream_start_timeout`` is abandoned and retried like ``Unavailable``: an
+agent answers at once, with the current state or ``PermissionDenied``, and
+grpcio can leave a call that starts just as the server goes away waiting
+forever, even after ``call.cancel()`` (seen with grpcio 1.85; closing the
+channel does end it). Once the first message is in, silence is normal:
+the next one comes with the next rotation.
+
 Bridging gRPC to trio: grpcio's aio API runs on asyncio, so we use its
 synchronous streaming API on a worker thread instead. ``_stream_once``
 starts the call (non-blocking) from trio, then a ``trio.to_thread`` worker
 iterates it (blocking in gRPC's C core, GIL released) and hands each
 message to trio with ``trio.from_thread.run_sync(send.send_nowait, ...)``
-on an unbounded memory channel (messages are rare: one per rotation). The
-trio task consumes the channel. Cancellation is clean: the consumer's
-``finally`` calls ``call.cancel()``, which is thread-safe and makes the
-worker's iteration raise ``CANCELLED`` at once, so the worker returns and
-the nursery (which waits for it: ``abandon_on_cancel=False``) exits. No
-thread outlives the trio task that started it.
+on an unbounded memory channel (messages are rare: one per rotation); the
+trio task consumes the channel. When the attempt ends for any reason (the
+call ended, the handler has what it wanted, the start deadline passed, or
+the trio task was cancelled) its ``finally`` cancels the call and closes
+the channel, which makes the worker's iteration end at once, and the
+worker is abandoned rather than awaited (``abandon_on_cancel=True``), so a
+misbehaving gRPC call can never hold up trio: a cancelled ``run()``
+returns promptly and the worker exits on its own moments later (a late
+message finds the memory channel closed and is dropped).
 """
 
 from __future__ import annotations
@@ -96,6 +107,9 @@ _CHANNEL_OPTIONS = (
 )
 
 _DETAILS_MAX = 200  # server-supplied text in our logs stays short
+
+# Stream workers at once, counting abandoned ones still winding down.
+_MAX_STREAM_THREADS = 4
 
 
 # -- endpoint --------------------------------------------------------------------
@@ -268,6 +282,7 @@ class WorkloadApiSource:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         first_fetch_timeout: float = 30.0,
+        stream_start_timeout: float = 10.0,
         clock: Clock = utc_now,
         expiry_check_interval: float = 30.0,
     ) -> None:
@@ -278,13 +293,14 @@ class WorkloadApiSource:
             )
         if not 0 < backoff_initial <= backoff_max:
             raise ValueError("need 0 < backoff_initial <= backoff_max")
-        if not first_fetch_timeout > 0:
-            raise ValueError("first_fetch_timeout must be positive")
+        if not (first_fetch_timeout > 0 and stream_start_timeout > 0):
+            raise ValueError("first_fetch_timeout and stream_start_timeout must be positive")
         self.endpoint = text
         self.target = parse_endpoint(text)
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._first_fetch_timeout = first_fetch_timeout
+        self._stream_start_timeout = stream_start_timeout
         self._clock = clock
         self._expiry_check_interval = expiry_check_interval
         self.stats = SourceStats()
@@ -298,6 +314,10 @@ class WorkloadApiSource:
         self._wake = trio.Event()
         self._attempt: trio.CancelScope | None = None
         self._jitter = secrets.SystemRandom()
+        # Our stream workers use their own thread tokens, so one that gRPC
+        # keeps busy after we abandoned it never delays another component's
+        # trio.to_thread work (name resolution, for one).
+        self._threads: trio.CapacityLimiter | None = None
 
     def request_reload(self) -> None:
         """Re-fetch: drop the current stream and reconnect now. After a
@@ -458,6 +478,9 @@ class WorkloadApiSource:
         self, handle: Callable[[workload_pb2.X509SVIDResponse], bool]
     ) -> _StreamEnd | None:
         """One FetchX509SVID call; None if ``handle`` asked to stop."""
+        if self._threads is None:
+            self._threads = trio.CapacityLimiter(_MAX_STREAM_THREADS)
+        threads = self._threads
         channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
         try:
             # The generated service module is unannotated (see the proto README).
@@ -472,22 +495,47 @@ class WorkloadApiSource:
                 with send:
                     ends.append(
                         await trio.to_thread.run_sync(
-                            _pump, call, send, thread_name="workload-api stream"
+                            _pump,
+                            call,
+                            send,
+                            thread_name="workload-api stream",
+                            abandon_on_cancel=True,
+                            limiter=threads,
                         )
                     )
 
-            stopped = False
+            stopped = silent = False
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pump)
                 try:
                     async with receive:
-                        async for response in receive:
+                        wait = self._stream_start_timeout
+                        while True:
+                            response: workload_pb2.X509SVIDResponse | None = None
+                            with trio.move_on_after(wait):
+                                try:
+                                    response = await receive.receive()
+                                except trio.EndOfChannel:
+                                    break  # the call ended; ``ends`` holds how
+                            if response is None:
+                                silent = True
+                                break
+                            wait = math.inf  # after the first message, silence is normal
                             if not handle(response):
                                 stopped = True
                                 break
                 finally:
-                    # Ends the worker's iteration at once (see the module doc).
+                    # See the module doc: cancel, close, and never wait on gRPC.
                     call.cancel()
-            return None if stopped else ends[0]
+                    channel.close()
+                    nursery.cancel_scope.cancel()
+            if stopped:
+                return None
+            if silent or not ends:
+                return _StreamEnd(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no response within {self._stream_start_timeout:g}s",
+                )
+            return ends[0]
         finally:
             channel.close()
