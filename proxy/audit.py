@@ -44,10 +44,22 @@ _CORE_FIELDS = (
 )
 
 
+_second_cache: tuple[int, str] = (-1, "")
+
+
 def rfc3339(moment: _dt.datetime) -> str:
-    """RFC 3339 in UTC with millisecond precision and a ``Z`` suffix."""
-    utc = moment.astimezone(_dt.UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    """RFC 3339 in UTC with millisecond precision and a ``Z`` suffix.
+
+    strftime runs once per second, not once per record: on the hot path
+    every request writes at least one record."""
+    global _second_cache
+    utc = moment if moment.tzinfo is _dt.UTC else moment.astimezone(_dt.UTC)
+    second = int(utc.timestamp())
+    cached_second, prefix = _second_cache
+    if second != cached_second:
+        prefix = utc.strftime("%Y-%m-%dT%H:%M:%S.")
+        _second_cache = (second, prefix)
+    return f"{prefix}{utc.microsecond // 1000:03d}Z"
 
 
 def utcnow() -> _dt.datetime:

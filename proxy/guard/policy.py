@@ -335,6 +335,13 @@ class PolicySet:
             self._by_peer[key] = found
         return found
 
+    @property
+    def reads_headers(self) -> bool:
+        """Whether any condition reads ``request.headers`` (else callers may
+        skip building the header map on the hot path)."""
+        spec = self._needs.get("request", {})
+        return spec is None or "headers" in spec
+
     def __len__(self) -> int:
         return len(self.rules)
 

@@ -610,9 +610,17 @@ class HttpSession:
         upstream_error: PeerError | None = None
         transport_error = False
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump_request, nursery.cancel_scope)
-                nursery.start_soon(relay_response, nursery.cancel_scope)
+            if body_complete or self.down.h11.their_state is not h11.SEND_BODY:
+                # Nothing left to stream up (most requests): send, then relay
+                # the answer in this task; a nursery per request costs more.
+                with trio.CancelScope() as scope:
+                    await pump_request(scope)
+                    if not request_error:
+                        await relay_response(scope)
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pump_request, nursery.cancel_scope)
+                    nursery.start_soon(relay_response, nursery.cancel_scope)
         except PeerError as exc:
             upstream_error = exc
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

@@ -81,6 +81,7 @@ class Gate:
         approval_token: str | None = None,
         target: str | None = None,
         body_hash: str | None = None,
+        decision: GuardDecision | None = None,
     ) -> GateResult:
         peer = facts.peer
         if peer is not None and self.quarantine.is_quarantined(peer) is not None:
@@ -93,7 +94,8 @@ class Gate:
                 detail="this identity is quarantined",
             )
             return result
-        decision = policy.evaluate(facts)
+        if decision is None:  # callers that already decided pass it in
+            decision = policy.evaluate(facts)
         result = self._apply(decision, facts, bundles, approval_token, target, body_hash)
         if peer is not None and self.config.enabled:
             seen = facts.mcp_tool or facts.resource_uri or facts.prompt_name or facts.path

@@ -29,7 +29,7 @@ from proxy.agent.a2a import TaskOwnership
 from proxy.audit import AuditSink, rfc3339
 from proxy.config import InboundConfig, OutboundConfig, RouteConfig
 from proxy.guard.approval import APPROVAL_HEADER
-from proxy.guard.policy import PolicySet, RequestFacts
+from proxy.guard.policy import GuardDecision, PolicySet, RequestFacts
 from proxy.guard.quarantine import GuardConfig
 from proxy.http.a2a_flow import A2aGuard
 from proxy.http.conn import Downstream, Limits, PeerError, Upstream
@@ -80,6 +80,9 @@ def _normalized(origin: bytes) -> str:
         raise PeerError(400, "bad_path", f"refused request path: {exc}") from exc
 
 
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
 def _headers_map(request: h11.Request) -> dict[str, str]:
     return {n.decode("latin-1"): v.decode("latin-1") for n, v in request.headers}
 
@@ -106,15 +109,21 @@ def _gated(
         path=path,
         now=_dt.datetime.now(_dt.UTC),
         svid_age_seconds=svid_age,
-        headers=_headers_map(request),
+        headers=_headers_map(request) if policy.reads_headers else {},
         upgrade=upgrade,
     )
     token_raw = header_value(request.headers, APPROVAL_HEADER.lower().encode())
     token = token_raw.decode("ascii", "replace") if token_raw else None
 
-    def decide(body_hash: str | None) -> Routed:
+    def decide(body_hash: str | None, decision: GuardDecision | None = None) -> Routed:
         result = gate.check(
-            policy, facts, bundles=bundles, approval_token=token, target=path, body_hash=body_hash
+            policy,
+            facts,
+            bundles=bundles,
+            approval_token=token,
+            target=path,
+            body_hash=body_hash,
+            decision=decision,
         )
         base.decision = RequestDecision(result.allowed, result.reason, result.rule)
         base.status = result.status
@@ -131,7 +140,7 @@ def _gated(
         base.max_body = max_body
         base.finish = decide
         return base
-    return decide(hashlib.sha256(b"").hexdigest())
+    return decide(_EMPTY_SHA256, preview)
 
 
 class _InboundRouter:

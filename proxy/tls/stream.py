@@ -3,8 +3,10 @@
 Theory of operation: the SSL.Connection never touches a socket. Ciphertext
 that OpenSSL produces accumulates in its outgoing memory BIO; whoever holds
 ``_send_lock`` drains that BIO and writes it to the transport, so records
-produced by a send and by a receive (a TLS 1.3 KeyUpdate reply, an alert)
-reach the wire in the order OpenSSL made them. Incoming ciphertext is read
+reach the wire in the order OpenSSL made them. The receive path never
+writes: in TLS 1.3 (renegotiation off) nothing SSL_read processes needs an
+immediate answer; OpenSSL sends a KeyUpdate reply with our next write, and
+no receive ever waits behind a sender blocked on a full socket. Incoming ciphertext is read
 from the transport only by the single task allowed in ``receive_some`` (or
 the handshake) and fed to the incoming BIO.
 
@@ -65,28 +67,36 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._broken = False
         self._eof_sent = False
+        self._dirty = True  # OpenSSL may have ciphertext for us to send
         self._transport_eof = False
         self.truncated = False  # the peer ended TCP without close_notify
 
     # -- plumbing ---------------------------------------------------------
 
     def _pull(self) -> None:
-        """Move OpenSSL's pending ciphertext to ``_out``, keeping its order."""
+        """Move OpenSSL's pending ciphertext to ``_out``, keeping its order.
+
+        Only after an operation that can write (``_dirty``): an empty memory
+        BIO answers with an exception, and that costs more than the read. A
+        short read means the BIO is empty, so no probing read follows it."""
+        if not self._dirty:
+            return
+        self._dirty = False
         while True:
             try:
-                self._out.append(self._conn.bio_read(_BIO_DRAIN))
+                chunk = self._conn.bio_read(_BIO_DRAIN)
             except SSL.WantReadError:
                 return
+            self._out.append(chunk)
+            if len(chunk) < _BIO_DRAIN:
+                return
 
-    async def _flush(self, *, wait: bool = True) -> None:
-        """Send everything queued. With ``wait=False`` (the receive path) we
-        never queue behind a sender blocked on a full socket: if the lock is
-        held, its holder loops until ``_out`` is empty and sends ours too.
-        Waiting there could deadlock two proxies streaming at each other."""
+    async def _flush(self) -> None:
+        """Send everything queued, in the order OpenSSL produced it. Whoever
+        holds ``_send_lock`` keeps sending until nothing is left, including
+        records another task produced while it was blocked on the socket."""
         self._pull()
         if not self._out:
-            return
-        if not wait and self._send_lock.locked():
             return
         async with self._send_lock:
             while True:
@@ -130,6 +140,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 return
             while True:
                 try:
+                    self._dirty = True
                     self._conn.do_handshake()
                     break
                 except SSL.WantReadError:
@@ -159,6 +170,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     async def _flush_alert(self) -> None:
         # Best effort: the peer should learn why, but a dead peer must not stall us.
+        self._dirty = True
         self._pull()
         data = b"".join(self._out)
         self._out.clear()
@@ -205,14 +217,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     raise trio.BrokenResourceError(f"TLS error while receiving: {exc}") from exc
                 else:
                     break
-                if waited:
-                    # A post-handshake message (KeyUpdate) may want an answer.
-                    await self._flush(wait=False)
+                # No flush here: in TLS 1.3 nothing SSL_read processes needs
+                # an answer now (OpenSSL sends a KeyUpdate reply with our next
+                # write), and renegotiation is off.
                 await self._read_transport()
                 waited = True
-            if waited:
-                await self._flush(wait=False)
-            else:
+            if not waited:
                 await trio.lowlevel.checkpoint()
             return data
         finally:
@@ -230,6 +240,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 await self.do_handshake()
             if data:
                 try:
+                    self._dirty = True
                     self._conn.sendall(data if isinstance(data, bytes) else bytes(data))
                 except SSL.Error as exc:
                     self._broken = True
@@ -253,6 +264,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             await self.do_handshake()
         self._eof_sent = True
         try:
+            self._dirty = True
             self._conn.shutdown()
         except SSL.Error as exc:
             self._broken = True
@@ -268,6 +280,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if self._handshake_done and not self._broken and not self._eof_sent:
                 self._eof_sent = True
                 try:
+                    self._dirty = True
                     self._conn.shutdown()
                 except SSL.Error:
                     pass
