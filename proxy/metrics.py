@@ -1,35 +1,29 @@
 """Prometheus metrics for the sidecar, on a private registry.
 
-Theory of operation: one :class:`Metrics` per process owns a private
-``CollectorRegistry`` (never the global one, so tests and embedders get
-clean, independent instances). The hot-path methods (:meth:`Metrics.connection`,
-:meth:`Metrics.request`...) look the labelled child up in a plain dict keyed by
-the label tuple, and only on a miss pay for prometheus_client's ``labels()``
-(which takes a lock). Label values are bounded: listener names come from the
-config, directions and decisions are fixed, reasons are stable snake_case
-codes.
+Theory of operation: the hot-path methods (:meth:`Metrics.connection`,
+:meth:`Metrics.request`...) only add to plain dicts keyed by the label
+tuple: no lock and no allocation beyond the first use of a label set. The
+sidecar's event loop is one thread, so nothing else writes concurrently;
+prometheus_client's own metric objects take a lock on every increment,
+which the guide rules out on the hot path. At scrape time a collector turns
+the dicts into metric families on a private ``CollectorRegistry`` (never the
+global one, so tests and embedders get independent instances). Label values
+are bounded: listener names come from the config, directions and decisions
+are fixed, reasons are stable snake_case codes.
 
 The SVID expiry gauge is computed at scrape time from the ``not_after`` set
 by :meth:`Metrics.set_svid_not_after`, so it counts down between rotations
-and jumps when a rotation swaps the SVID. ``*_created`` series are left out
-of the exposition: nobody graphs them and they double the output.
+and jumps when a rotation swaps the SVID.
 """
 
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
 from collections.abc import Callable, Iterable, Sequence
-from typing import Generic, Protocol, TypeVar
 
-from prometheus_client import (
-    CONTENT_TYPE_PLAIN_0_0_4,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
 __all__ = ["DURATION_BUCKETS", "Metrics"]
@@ -50,28 +44,65 @@ DURATION_BUCKETS = (
     10.0,
 )
 
-_P = TypeVar("_P", Counter, Gauge, Histogram)
+Labels = tuple[str, ...]
 
 
-class _Children(Generic[_P]):
-    """Labelled children of one metric, cached by label tuple."""
+class _Counter:
+    __slots__ = ("doc", "labels", "name", "values")
 
-    __slots__ = ("_cache", "_parent")
+    def __init__(self, name: str, doc: str, labels: Sequence[str]) -> None:
+        self.name, self.doc, self.labels = name, doc, list(labels)
+        self.values: dict[Labels, float] = {}
 
-    def __init__(self, parent: _P) -> None:
-        self._parent: _P = parent
-        self._cache: dict[tuple[str, ...], _P] = {}
+    def inc(self, key: Labels, amount: float = 1.0) -> None:
+        self.values[key] = self.values.get(key, 0.0) + amount
 
-    def get(self, *labels: str) -> _P:
-        child = self._cache.get(labels)
-        if child is None:
-            child = self._parent.labels(*labels)
-            self._cache[labels] = child
-        return child
+    def family(self) -> Metric:
+        base = self.name.removesuffix("_total")
+        out = CounterMetricFamily(base, self.doc, labels=self.labels)
+        for key, value in self.values.items():
+            out.add_metric(list(key), value)
+        return out
 
 
-class _Collector(Protocol):
-    def collect(self) -> Iterable[Metric]: ...
+class _Gauge(_Counter):
+    def family(self) -> Metric:
+        out = GaugeMetricFamily(self.name, self.doc, labels=self.labels)
+        for key, value in self.values.items():
+            out.add_metric(list(key), value)
+        return out
+
+
+class _Histogram:
+    __slots__ = ("buckets", "doc", "labels", "name", "series")
+
+    def __init__(
+        self, name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> None:
+        self.name, self.doc, self.labels = name, doc, list(labels)
+        self.buckets = tuple(buckets)
+        # per label set: [count per bucket (not cumulative)..., +Inf count], and the sum
+        self.series: dict[Labels, tuple[list[int], list[float]]] = {}
+
+    def observe(self, key: Labels, value: float) -> None:
+        entry = self.series.get(key)
+        if entry is None:
+            entry = ([0] * (len(self.buckets) + 1), [0.0])
+            self.series[key] = entry
+        counts, total = entry
+        counts[bisect.bisect_left(self.buckets, value)] += 1
+        total[0] += value
+
+    def family(self) -> Metric:
+        out = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+        for key, (counts, total) in self.series.items():
+            running = 0
+            cumulative = []
+            for bound, count in zip((*map(str, self.buckets), "+Inf"), counts, strict=True):
+                running += count
+                cumulative.append((bound, float(running)))
+            out.add_metric(list(key), cumulative, total[0])
+        return out
 
 
 class _SvidExpiry:
@@ -81,27 +112,25 @@ class _SvidExpiry:
         self.not_after: _dt.datetime | None = None
         self._clock = clock
 
-    def collect(self) -> Iterable[Metric]:
+    def family(self) -> Metric:
         family = GaugeMetricFamily(
             "agent_proxy_svid_expiry_seconds",
             "Seconds until our current X509-SVID expires (negative once expired).",
         )
         if self.not_after is not None:
             family.add_metric([], (self.not_after - self._clock()).total_seconds())
-        yield family
+        return family
 
 
-class _WithoutCreated:
-    """The registry's metrics minus the ``*_created`` samples."""
+class _Families:
+    """The collector registered on the private registry."""
 
-    def __init__(self, registry: _Collector) -> None:
-        self._registry = registry
+    def __init__(self, families: Sequence[_Counter | _Histogram | _SvidExpiry]) -> None:
+        self._families = families
 
     def collect(self) -> Iterable[Metric]:
-        for metric in self._registry.collect():
-            # collect() builds fresh Metric objects on every call; trimming them is safe.
-            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
-            yield metric
+        for family in self._families:
+            yield family.family()
 
 
 def _utcnow() -> _dt.datetime:
@@ -114,82 +143,80 @@ class Metrics:
     CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
     def __init__(self, *, clock: Callable[[], _dt.datetime] = _utcnow) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        reg = self.registry
         traffic: Sequence[str] = ("listener", "direction", "decision", "reason")
-        self._connections = _Children(
-            Counter(
-                "agent_proxy_connections_total",
-                "Connections by listener, direction, decision and reason.",
-                traffic,
-                registry=reg,
-            )
+        self._connections = _Counter(
+            "agent_proxy_connections_total",
+            "Connections by listener, direction, decision and reason.",
+            traffic,
         )
-        self._active = _Children(
-            Gauge(
-                "agent_proxy_connections_active",
-                "Connections open now.",
-                ("listener",),
-                registry=reg,
-            )
+        self._active = _Gauge(
+            "agent_proxy_connections_active", "Connections open now.", ("listener",)
         )
-        self._requests = _Children(
-            Counter(
-                "agent_proxy_requests_total",
-                "HTTP requests by listener, direction, decision and reason.",
-                traffic,
-                registry=reg,
-            )
+        self._requests = _Counter(
+            "agent_proxy_requests_total",
+            "HTTP requests by listener, direction, decision and reason.",
+            traffic,
         )
-        self._handshake_failures = _Children(
-            Counter(
-                "agent_proxy_handshake_failures_total",
-                "TLS handshakes that failed, by reason.",
-                ("listener", "reason"),
-                registry=reg,
-            )
+        self._handshake_failures = _Counter(
+            "agent_proxy_handshake_failures_total",
+            "TLS handshakes that failed, by reason.",
+            ("listener", "reason"),
         )
-        self._bytes = _Children(
-            Counter(
-                "agent_proxy_bytes_total",
-                "Bytes relayed: up is toward the target, down is back.",
-                ("listener", "direction"),
-                registry=reg,
-            )
+        self._bytes = _Counter(
+            "agent_proxy_bytes_total",
+            "Bytes relayed: up is toward the target, down is back.",
+            ("listener", "direction"),
         )
-        self._duration = _Children(
-            Histogram(
-                "agent_proxy_request_duration_seconds",
-                "HTTP request duration, from the request head to the end of the response.",
-                ("listener",),
-                buckets=DURATION_BUCKETS,
-                registry=reg,
-            )
+        self._duration = _Histogram(
+            "agent_proxy_request_duration_seconds",
+            "HTTP request duration, from the request head to the end of the response.",
+            ("listener",),
+            DURATION_BUCKETS,
         )
-        self._identity_reloads = _Children(
-            Counter(
-                "agent_proxy_identity_reloads_total",
-                "SVID/bundle updates applied (ok) or refused (error).",
-                ("result",),
-                registry=reg,
-            )
+        self._identity_reloads = _Counter(
+            "agent_proxy_identity_reloads_total",
+            "SVID/bundle updates applied (ok) or refused (error).",
+            ("result",),
         )
-        self._config_reloads = _Children(
-            Counter(
-                "agent_proxy_config_reloads_total",
-                "Configuration reloads applied (ok) or refused (error).",
-                ("result",),
-                registry=reg,
-            )
+        self._config_reloads = _Counter(
+            "agent_proxy_config_reloads_total",
+            "Configuration reloads applied (ok) or refused (error, restart_required).",
+            ("result",),
+        )
+        self._dry_run = _Counter(
+            "agent_proxy_dry_run_total",
+            "Dry-run rule outcomes (would_allow, would_deny); they never change a decision.",
+            ("listener", "rule", "outcome"),
+        )
+        self._quarantines = _Counter(
+            "agent_proxy_quarantines_total",
+            "Identities quarantined by the tripwire, by reason.",
+            ("reason",),
         )
         self._expiry = _SvidExpiry(clock)
-        reg.register(self._expiry)
-        self._exposition = _WithoutCreated(reg)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(
+            _Families(
+                (
+                    self._connections,
+                    self._active,
+                    self._requests,
+                    self._handshake_failures,
+                    self._bytes,
+                    self._duration,
+                    self._identity_reloads,
+                    self._config_reloads,
+                    self._dry_run,
+                    self._quarantines,
+                    self._expiry,
+                )
+            )
+        )
 
     # -- hot path ---------------------------------------------------------
 
     def connection(self, listener: str, direction: str, decision: str, reason: str) -> None:
-        self._connections.get(listener, direction, decision, reason).inc()
+        self._connections.inc((listener, direction, decision, reason))
 
     def request(
         self,
@@ -201,23 +228,29 @@ class Metrics:
         bytes_up: int = 0,
         bytes_down: int = 0,
     ) -> None:
-        self._requests.get(listener, direction, decision, reason).inc()
+        self._requests.inc((listener, direction, decision, reason))
         if duration_s is not None:
-            self._duration.get(listener).observe(duration_s)
+            self._duration.observe((listener,), duration_s)
         self.transferred(listener, bytes_up, bytes_down)
 
     def transferred(self, listener: str, bytes_up: int, bytes_down: int) -> None:
         """Bytes relayed outside of :meth:`request` (TCP-mode connections)."""
         if bytes_up:
-            self._bytes.get(listener, "up").inc(bytes_up)
+            self._bytes.inc((listener, "up"), bytes_up)
         if bytes_down:
-            self._bytes.get(listener, "down").inc(bytes_down)
+            self._bytes.inc((listener, "down"), bytes_down)
 
     def handshake_failure(self, listener: str, reason: str) -> None:
-        self._handshake_failures.get(listener, reason).inc()
+        self._handshake_failures.inc((listener, reason))
 
     def active(self, listener: str, delta: int) -> None:
-        self._active.get(listener).inc(delta)
+        self._active.inc((listener,), delta)
+
+    def dry_run(self, listener: str, rule: str, outcome: str) -> None:
+        self._dry_run.inc((listener, rule, outcome))
+
+    def quarantined(self, reason: str) -> None:
+        self._quarantines.inc((reason,))
 
     # -- identity and config ------------------------------------------------
 
@@ -226,13 +259,13 @@ class Metrics:
         self._expiry.not_after = not_after
 
     def identity_reload(self, result: str) -> None:
-        self._identity_reloads.get(result).inc()
+        self._identity_reloads.inc((result,))
 
     def config_reload(self, result: str) -> None:
-        self._config_reloads.get(result).inc()
+        self._config_reloads.inc((result,))
 
     # -- exposition -----------------------------------------------------------
 
     def render(self) -> bytes:
         """The text exposition format 0.0.4 (:attr:`CONTENT_TYPE`)."""
-        return generate_latest(self._exposition)
+        return generate_latest(self.registry)
