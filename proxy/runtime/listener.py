@@ -149,6 +149,15 @@ class BaseListener:
         verdict = "allow" if decision == "allow" else "deny"
         up = extra.get("bytes_up")
         down = extra.get("bytes_down")
+        dry_run = extra.get("dry_run")
+        if isinstance(dry_run, list):
+            for item in dry_run:
+                metrics.dry_run(self.name, str(item["rule"]), str(item["outcome"]))
+        tripped = extra.get("quarantine_reason")
+        if tripped is not None:
+            metrics.quarantined(str(tripped))
+        if event == "mcp.call":
+            return  # counted through its HTTP request; the call's own counts are above
         if event == "http.request":
             duration = extra.get("duration_ms")
             metrics.request(

@@ -99,7 +99,9 @@ async def _env(
         config.inbound[0], IdentityState(snapshot(hr, ca)), audit.sink, gate
     )
     bound = await nursery.start(listener.serve, nursery)
-    return Env(int(bound[0].rpartition(":")[2]), audit, backend, gate, client)
+    env = Env(int(bound[0].rpartition(":")[2]), audit, backend, gate, client)
+    env.listener = listener
+    return env
 
 
 def _get(path: str) -> bytes:
@@ -236,3 +238,57 @@ async def test_high_impact_needs_a_bound_single_use_approval(
     assert ok[0] == 200
     assert replay[0] == 403 and json.loads(replay[2])["reason"] == "approval_replayed"
     assert [s.body for s in env.backend.seen] == [body]
+
+
+async def test_dry_run_is_counted_and_quarantines_are_managed_on_the_admin_endpoint(
+    ca_a: TestCA, hr: Issued, payroll: Issued
+) -> None:
+    from proxy.metrics import Metrics
+    from proxy.netaddr import HostPort
+    from proxy.runtime.admin import AdminServer
+    from proxy.runtime.gate import install_guard_routes
+
+    rules = [
+        {"name": "reads", "peers": [PAYROLL], "methods": ["GET"], "paths": ["/ok/**"]},
+        {"name": "try-deny-ok", "peers": [PAYROLL], "methods": ["GET"], "paths": ["/ok/**"],
+         "action": "deny", "mode": "dry-run"},
+    ]
+    guard = {"quarantine_for": "10m", "deny_burst": {"count": 2, "window": "1m"}}
+
+    async def admin_call(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(f"{method} {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+                              f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        data = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+        await stream.aclose()
+        head, _, payload = data.partition(b"\r\n\r\n")
+        return int(head.split()[1]), payload
+
+    async with trio.open_nursery() as nursery:
+        env = await _env(nursery, ca_a, hr, payroll, rules, guard)
+        metrics = Metrics()
+        admin = AdminServer(HostPort("127.0.0.1", 0), metrics, lambda: (True, "ready"))
+        install_guard_routes(admin, env.gate)
+        admin_port = int((await nursery.start(admin.serve)).rpartition(":")[2])
+        env.listener.metrics = metrics  # the listener reports into the admin's metrics
+        assert (await env.request(_get("/ok/1")))[0] == 200
+        for i in range(2):
+            assert (await env.request(_get(f"/no/{i}")))[0] == 403
+        status, listed = await admin_call(admin_port, "GET", "/guard/quarantines")
+        assert status == 200 and json.loads(listed)[0]["peer"] == PAYROLL
+        status, _ = await admin_call(admin_port, "POST", "/guard/quarantines/release",
+                                     json.dumps({"peer": PAYROLL}).encode())
+        assert status == 200
+        status, listed = await admin_call(admin_port, "GET", "/guard/quarantines")
+        assert json.loads(listed) == []
+        assert (await env.request(_get("/ok/2")))[0] == 200
+        nursery.cancel_scope.cancel()
+    assert [r.get("dry_run") for r in env.records()][0] == [
+        {"rule": "try-deny-ok", "outcome": "would_deny"}]
+    text = metrics.render().decode()
+    assert ('agent_proxy_dry_run_total{listener="hr-api",outcome="would_deny",'
+            'rule="try-deny-ok"} 2.0') in text
+    assert 'agent_proxy_quarantines_total{reason="deny_burst"} 1.0' in text
