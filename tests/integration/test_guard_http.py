@@ -286,7 +286,7 @@ async def test_dry_run_is_counted_and_quarantines_are_managed_on_the_admin_endpo
         assert json.loads(listed) == []
         assert (await env.request(_get("/ok/2")))[0] == 200
         nursery.cancel_scope.cancel()
-    assert [r.get("dry_run") for r in env.records()][0] == [
+    assert env.records()[0].get("dry_run") == [
         {"rule": "try-deny-ok", "outcome": "would_deny"}]
     text = metrics.render().decode()
     assert ('agent_proxy_dry_run_total{listener="hr-api",outcome="would_deny",'
