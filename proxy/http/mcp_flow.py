@@ -17,7 +17,6 @@ messages, replays after ``Last-Event-ID``) are filtered by shape.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,7 +26,6 @@ from proxy.agent.jsonrpc import (
     IdKey,
     JsonRpcError,
     args_sha256,
-    canonical_json,
     dumps,
     parse_message,
 )
@@ -150,7 +148,8 @@ class McpGuard:
             facts = self._facts(headers, path, call)
             token = _approval_token(call, headers)
             target = call.tool or call.resource_uri or call.prompt_name or path
-            body_hash = hashlib.sha256(canonical_json(call.arguments or {})).hexdigest()
+            # One canonical hash serves the approval binding and the audit record.
+            body_hash = args_sha256(call.arguments or {})
             result = self.gate.check(
                 policy,
                 facts,
@@ -168,7 +167,7 @@ class McpGuard:
                 "decision": "allow" if result.allowed else "deny",
                 "reason": result.reason,
                 "rule": result.rule,
-                "args_sha256": args_sha256(call.arguments or {}) if call.tool else None,
+                "args_sha256": body_hash if call.tool else None,
                 **result.audit_fields(),
             }
             if result.log_args and call.arguments:
