@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     svid.register(sub)
     sidecar.register(sub)
     run.register(sub)
-    launch.register(sub)
     approve.register(sub)
+    launch.register(sub)
     return parser
 
 

@@ -271,7 +271,8 @@ class HttpSession:
             if isinstance(handled, bool):
                 return handled
             prefetched, filter_factory = handled
-            body_pending = False
+            if request.method == b"POST":
+                body_pending = False  # read whole for judging; GET/DELETE read as usual
         elif routed.finish is not None:
             try:
                 body = await self._read_whole_body(routed.max_body) if body_pending else b""
