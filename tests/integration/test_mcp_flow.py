@@ -65,6 +65,27 @@ class FixtureServer:
                     else:
                         return
                 assert request is not None
+                if request.method == b"GET":
+                    # A replay after Last-Event-ID: an earlier tools/list answer.
+                    old = json.dumps(
+                        {"jsonrpc": "2.0", "id": 5, "result": {"tools": TOOLS, "nextCursor": "p2"}}
+                    )
+                    payload = f"id: 41\ndata: {old}\n\n".encode()
+                    await stream.send_all(
+                        conn.send(
+                            h11.Response(
+                                status_code=200,
+                                headers=[
+                                    ("content-type", "text/event-stream"),
+                                    ("content-length", str(len(payload))),
+                                ],
+                            )
+                        )
+                    )
+                    await stream.send_all(conn.send(h11.Data(data=payload)))
+                    await stream.send_all(conn.send(h11.EndOfMessage()))
+                    conn.start_next_cycle()
+                    continue
                 msg = json.loads(body)
                 self.calls.append(msg)
                 if msg["method"] == "tools/list":
@@ -292,3 +313,24 @@ async def test_2026_mirrored_headers_must_match(ca_a: TestCA, hr: Issued) -> Non
         nursery.cancel_scope.cancel()
     assert bad[0] == 400 and json.loads(bad[2])["error"]["code"] == -32020
     assert good[0] == 200 and len(server.calls) == 1
+
+
+async def test_replayed_list_on_get_is_filtered_too(ca_a: TestCA, hr: Issued) -> None:
+    async with trio.open_nursery() as nursery:
+        port, _server, _ = await _setup(nursery, hr, ca_a)
+        stream = await tls_connect(port, client_context(ca_a.issue(PAYROLL)))
+        await stream.send_all(
+            b"GET /mcp HTTP/1.1\r\nHost: hr\r\nAccept: text/event-stream\r\n"
+            b"Last-Event-ID: 40\r\nConnection: close\r\n\r\n"
+        )
+        data = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    body = data.partition(b"\r\n\r\n")[2].decode()
+    assert "id: 41" in body
+    doc = json.loads(body.split("data: ", 1)[1].split("\n")[0])
+    assert [t["name"] for t in doc["result"]["tools"]] == ["read_timesheet", "issue_payment"]
+    assert doc["result"]["nextCursor"] == "p2"
