@@ -34,6 +34,7 @@ from types import MappingProxyType
 from typing import Any, Literal, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
+from proxy.agent.a2a import normalize_method as normalize_a2a_method
 from proxy.durations import DurationError, format_duration, parse_duration
 from proxy.errors import UsageError
 from proxy.guard.conditions import SCHEMA, ConditionError, compile_condition
@@ -742,7 +743,7 @@ _GUARD_KEYS = (
     "max_body_bytes",
 )
 _MCP_ONLY = ("tools", "resources", "prompts", "log_args")
-_A2A_ONLY = ("push_url_allowlist",)
+_A2A_ONLY = ("push_url_allowlist", "a2a_methods")
 
 
 def _only_for(protocol: str, keys: Sequence[str], needed: str) -> dict[str, str]:
@@ -813,6 +814,17 @@ def _guard_rule(
     mode = rt.choice("mode", ("enforce", "dry-run"), default="enforce")
     when = None
     text = rt.string("when", default=None)
+    if protocol == "a2a" and rt.has("a2a_methods"):
+        # Method allowlists name v0.3 or v1.0 methods; both normalise to the
+        # v1.0 name the relay puts in mcp.method, so one list covers both.
+        names = []
+        for i, name in enumerate(rt.strings("a2a_methods")):
+            normal = normalize_a2a_method(name)
+            if normal is None:
+                rt.ctx.fail(f"{rt.at('a2a_methods')}[{i}]", f"unknown A2A method {name!r}")
+            names.append(normal[0])
+        listed = "mcp.method in [" + ", ".join(repr(n) for n in sorted(set(names))) + "]"
+        text = listed if text is None else f"({text}) && {listed}"
     if text is not None:
         try:
             when = compile_condition(text, roots)
@@ -932,9 +944,7 @@ def _inbound(t: _Table) -> InboundConfig:
         headers_t = tuple(dict.fromkeys([XFCC, *(h.lower() for h in extra)]))
         max_body = _max_body(t)
     t.done(
-        allowed_elsewhere=_http_only(
-            protocol, (*_LIMIT_KEYS, "identity_headers", "max_body_bytes")
-        )
+        allowed_elsewhere=_http_only(protocol, (*_LIMIT_KEYS, "identity_headers", "max_body_bytes"))
     )
     return InboundConfig(
         name=name,
@@ -1008,9 +1018,7 @@ def _outbound(t: _Table) -> OutboundConfig:
         if any(r.name == route_name for r in routes):
             rt.fail("name", f"route name {route_name!r} is used twice in this listener")
         if protocol != "tcp":
-            route_protocol: RouteProtocol = rt.choice(
-                "protocol", HTTP_FAMILY, default="http"
-            )
+            route_protocol: RouteProtocol = rt.choice("protocol", HTTP_FAMILY, default="http")
             # The agent is the only client of an outbound listener: no peer selectors,
             # and no "peer" in conditions (the upstream is checked by expect).
             roots = frozenset(

@@ -85,6 +85,7 @@ MCP_SESSION_METHODS = frozenset(
     {
         "initialize",
         "ping",
+        "server/discover",  # 2026-07-28: what the server offers, before any call
         "tools/list",
         "resources/list",
         "resources/templates/list",

@@ -136,12 +136,22 @@ class McpGuard:
             if mcp.is_2026(version) and call.method is not None:
                 mismatch = mcp.check_mirrored_headers(call, headers)
                 if mismatch is not None:
+                    refused = {
+                        "mcp_method": call.method,
+                        "tool": call.tool,
+                        "resource": call.resource_uri or call.prompt_name,
+                        "protocol_version": version,
+                        "decision": "deny",
+                        "reason": "mcp_header_mismatch",
+                        "rule": None,
+                    }
                     return Verdict(
                         False,
                         mcp.HEADER_MISMATCH_HTTP_STATUS,
                         mismatch.to_bytes(),
                         version=version,
                         reason="mcp_header_mismatch",
+                        calls=[refused],
                     )
             if call.method is None:
                 continue  # a client's response (legacy): nothing to decide

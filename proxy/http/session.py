@@ -384,6 +384,7 @@ class HttpSession:
         if not verdict.forward:
             outcome.decision = "deny"
             outcome.status = verdict.status
+            outcome.bytes_up, outcome.bytes_down = len(body), len(verdict.body)
             await self._reply_json(outcome, verdict.status, verdict.body)
             return True
         routed.decision = RequestDecision(True, verdict.reason, verdict.rule)
@@ -580,16 +581,18 @@ class HttpSession:
                             continue
                     self.down.queue(head)
                 elif isinstance(event, h11.Data):
-                    outcome.bytes_down += len(event.data)
                     if response_filter is not None:
                         out = _filtered(partial(response_filter.feed, bytes(event.data)))
+                        outcome.bytes_down += len(out)  # what the client gets
                         if out:
                             self.down.queue(h11.Data(data=out))
                     else:
+                        outcome.bytes_down += len(event.data)
                         self.down.queue(event)
                 else:
                     if response_filter is not None:
                         tail = _filtered(response_filter.finish)
+                        outcome.bytes_down += len(tail)
                         if held_head is not None:
                             framed = [h for h in held_head.headers if h[0] != b"transfer-encoding"]
                             framed.append((b"content-length", str(len(tail)).encode()))

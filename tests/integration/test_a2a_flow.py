@@ -26,9 +26,15 @@ RULES = [
     {
         "name": "agents-talk",
         "peers": [PAYROLL, MARKETING],
-        "when": "mcp.method in ['SendMessage', 'GetTask', 'CreateTaskPushNotificationConfig'] "
-        "|| request.method == 'GET'",
+        # v0.3 and v1.0 spellings mix freely: both normalise to the v1.0 names.
+        "a2a_methods": ["message/send", "GetTask", "tasks/pushNotificationConfig/set"],
         "push_url_allowlist": ["https://hooks.payroll.example/*"],
+    },
+    {
+        "name": "agent-card",
+        "peers": [PAYROLL, MARKETING],
+        "methods": ["GET"],
+        "paths": ["/.well-known/**"],
     },
 ]
 
@@ -221,3 +227,23 @@ async def test_signed_agent_card_is_never_rewritten(ca_a: TestCA, hr: Issued) ->
         await stream.aclose()
         nursery.cancel_scope.cancel()
     assert data.partition(b"\r\n\r\n")[2] == CARD
+
+
+def test_unknown_a2a_method_in_a_rule_is_a_load_error() -> None:
+    from proxy.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"rules\[0\]\.a2a_methods\[0\]: unknown A2A method"):
+        parse_config(
+            {
+                "identity": identity_section(),
+                "inbound": [
+                    {
+                        "name": "a",
+                        "listen": "127.0.0.1:0",
+                        "protocol": "a2a",
+                        "target": "127.0.0.1:9",
+                        "rules": [{"peers": [PAYROLL], "a2a_methods": ["tasks/explode"]}],
+                    }
+                ],
+            }
+        )

@@ -305,7 +305,7 @@ async def test_2026_mirrored_headers_must_match(ca_a: TestCA, hr: Issued) -> Non
         "params": {"name": "read_timesheet", "arguments": {}, "_meta": meta},
     }
     async with trio.open_nursery() as nursery:
-        port, server, _ = await _setup(nursery, hr, ca_a)
+        port, server, audit = await _setup(nursery, hr, ca_a)
         client = ca_a.issue(PAYROLL)
         base = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call"}
         bad = await _post(port, client, message, {**base, "Mcp-Name": "issue_payment"})
@@ -313,6 +313,10 @@ async def test_2026_mirrored_headers_must_match(ca_a: TestCA, hr: Issued) -> Non
         nursery.cancel_scope.cancel()
     assert bad[0] == 400 and json.loads(bad[2])["error"]["code"] == -32020
     assert good[0] == 200 and len(server.calls) == 1
+    refused = [r for r in audit.records() if r["event"] == "mcp.call"][0]
+    assert refused["reason"] == "mcp_header_mismatch" and refused["tool"] == "read_timesheet"
+    answered = [r for r in audit.records() if r["event"] == "http.request"][0]
+    assert answered["bytes_up"] > 0 and answered["bytes_down"] == len(bad[2])
 
 
 async def test_replayed_list_on_get_is_filtered_too(ca_a: TestCA, hr: Issued) -> None:
