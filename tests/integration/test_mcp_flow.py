@@ -313,9 +313,9 @@ async def test_2026_mirrored_headers_must_match(ca_a: TestCA, hr: Issued) -> Non
         nursery.cancel_scope.cancel()
     assert bad[0] == 400 and json.loads(bad[2])["error"]["code"] == -32020
     assert good[0] == 200 and len(server.calls) == 1
-    refused = [r for r in audit.records() if r["event"] == "mcp.call"][0]
+    refused = next(r for r in audit.records() if r["event"] == "mcp.call")
     assert refused["reason"] == "mcp_header_mismatch" and refused["tool"] == "read_timesheet"
-    answered = [r for r in audit.records() if r["event"] == "http.request"][0]
+    answered = next(r for r in audit.records() if r["event"] == "http.request")
     assert answered["bytes_up"] > 0 and answered["bytes_down"] == len(bad[2])
 
 
