@@ -331,3 +331,30 @@ async def test_idle_connections_are_closed(
         await slow.aclose()
         await client.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_loopback_only_routes_refuse_other_clients() -> None:
+    """Quarantine release is for loopback clients only, even when the admin
+    endpoint listens more widely (pods). The socket's peer decides; here the
+    dispatcher is driven directly with a non-loopback verdict."""
+    import h11
+
+    from proxy.metrics import Metrics
+    from proxy.netaddr import HostPort
+    from proxy.runtime.admin import AdminServer
+
+    server = AdminServer(HostPort("127.0.0.1", 0), Metrics(), lambda: (True, "ready"))
+
+    async def release(
+        request: h11.Request, body: bytes
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        return 200, [], b"released\n"
+
+    server.add_route("POST", "/guard/quarantines/release", release, loopback_only=True)
+    request = h11.Request(
+        method="POST", target="/guard/quarantines/release", headers=[("host", "a")]
+    )
+    assert (await server._dispatch(request, b"", False))[0] == 403
+    assert (await server._dispatch(request, b"", True))[0] == 200
+    health = h11.Request(method="GET", target="/healthz", headers=[("host", "a")])
+    assert (await server._dispatch(health, b"", False))[0] == 200
