@@ -143,6 +143,41 @@ def _gated(
     return decide(_EMPTY_SHA256, preview)
 
 
+def emit_outcome(
+    listener: BaseListener, conn: Conn, outcome: RequestOutcome, **overrides: object
+) -> None:
+    """One ``mcp.call`` record per JSON-RPC call, then the ``http.request``."""
+    for call in outcome.calls:
+        fields = dict(call)
+        decision, reason = str(fields.pop("decision")), str(fields.pop("reason"))
+        listener.record(
+            conn,
+            "mcp.call",
+            decision,
+            reason,
+            request_id=outcome.request_id,
+            path=outcome.path,
+            **fields,
+        )
+    listener.record(
+        conn,
+        "http.request",
+        outcome.decision,
+        outcome.reason,
+        rule=outcome.rule,
+        request_id=outcome.request_id,
+        method=outcome.method,
+        path=outcome.path,
+        status=outcome.status,
+        bytes_up=outcome.bytes_up,
+        bytes_down=outcome.bytes_down,
+        duration_ms=outcome.duration_ms,
+        error=outcome.error,
+        **overrides,
+        **outcome.extra,
+    )
+
+
 class _InboundRouter:
     def __init__(
         self,
@@ -310,34 +345,7 @@ class HttpInboundListener(BaseListener):
             )
 
     def _emit(self, conn: Conn, outcome: RequestOutcome) -> None:
-        for call in outcome.calls:
-            fields = dict(call)
-            decision, reason = str(fields.pop("decision")), str(fields.pop("reason"))
-            self.record(
-                conn,
-                "mcp.call",
-                decision,
-                reason,
-                request_id=outcome.request_id,
-                path=outcome.path,
-                **fields,
-            )
-        self.record(
-            conn,
-            "http.request",
-            outcome.decision,
-            outcome.reason,
-            rule=outcome.rule,
-            request_id=outcome.request_id,
-            method=outcome.method,
-            path=outcome.path,
-            status=outcome.status,
-            bytes_up=outcome.bytes_up,
-            bytes_down=outcome.bytes_down,
-            duration_ms=outcome.duration_ms,
-            error=outcome.error,
-            **outcome.extra,
-        )
+        emit_outcome(self, conn, outcome)
 
 
 class _OutboundRouter:
@@ -523,35 +531,13 @@ class HttpOutboundListener(BaseListener):
         await session.run()
 
     def _emit(self, conn: Conn, outcome: RequestOutcome) -> None:
-        for call in outcome.calls:
-            fields = dict(call)
-            decision, reason = str(fields.pop("decision")), str(fields.pop("reason"))
-            self.record(
-                conn,
-                "mcp.call",
-                decision,
-                reason,
-                request_id=outcome.request_id,
-                path=outcome.path,
-                **fields,
-            )
-        self.record(
+        # For outbound the peer is the upstream this request went to.
+        emit_outcome(
+            self,
             conn,
-            "http.request",
-            outcome.decision,
-            outcome.reason,
-            rule=outcome.rule,
+            outcome,
             peer_id=outcome.upstream_peer,
             peer_cert_serial=outcome.upstream_serial,
             peer_cert_not_after=outcome.upstream_not_after,
-            request_id=outcome.request_id,
-            method=outcome.method,
-            path=outcome.path,
-            status=outcome.status,
-            bytes_up=outcome.bytes_up,
-            bytes_down=outcome.bytes_down,
-            duration_ms=outcome.duration_ms,
-            error=outcome.error,
             target=outcome.target or self.target_label,
-            **outcome.extra,
         )
