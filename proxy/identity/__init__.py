@@ -17,7 +17,12 @@ from proxy.identity.svid import (
     validate_leaf,
     validate_signing_cert,
 )
-from proxy.identity.verify import ChainError, VerifiedSvid, verify_x509_svid
+from proxy.identity.verify import (
+    ChainError,
+    VerifiedSvid,
+    accept_verified_path,
+    verify_x509_svid,
+)
 
 __all__ = [
     "BundleError",
@@ -31,6 +36,7 @@ __all__ = [
     "TrustDomain",
     "VerifiedSvid",
     "X509Svid",
+    "accept_verified_path",
     "check_validity",
     "load_certificates",
     "load_private_key",

@@ -169,3 +169,42 @@ def verify_x509_svid(
             raise ChainError(str(exc), reason=UNTRUSTED_CHAIN) from exc
 
     return VerifiedSvid(spiffe_id=spiffe_id, leaf=leaf, chain=tuple(chain))
+
+
+def accept_verified_path(
+    path: Sequence[x509.Certificate],
+    bundles: TrustBundleSet,
+    now: dt.datetime,
+) -> VerifiedSvid | None:
+    """The SPIFFE checks left for a path a TLS library has already verified.
+
+    Precondition: ``path`` runs from the leaf to a trust anchor and the TLS
+    library (OpenSSL, in the handshake) has checked every signature, validity
+    period and CA constraint on it. What remains is what OpenSSL cannot know:
+    the X509-SVID rules, and that the anchor belongs to the bundle of the
+    leaf's *own* trust domain. When the anchor is not in that bundle this
+    returns None and the caller must run :func:`verify_x509_svid`, which
+    decides (and rejects a cross-domain forgery). Saves the second full path
+    verification on every ordinary handshake.
+    """
+    if len(path) < 2:
+        return None
+    leaf = path[0]
+    try:
+        spiffe_id = validate_leaf(leaf)
+    except SvidError as exc:
+        raise ChainError(str(exc), reason=INVALID_SVID) from exc
+    bundle = bundles.get(spiffe_id.trust_domain)
+    if bundle is None or path[-1] not in bundle.authorities:
+        return None
+    for cert in path:
+        try:
+            check_validity(cert, now)
+        except SvidError as exc:
+            raise ChainError(f"{describe(cert)}: {exc}", reason=CERTIFICATE_EXPIRED) from exc
+    for cert in path[1:]:
+        try:
+            validate_signing_cert(cert)
+        except SvidError as exc:
+            raise ChainError(str(exc), reason=UNTRUSTED_CHAIN) from exc
+    return VerifiedSvid(spiffe_id=spiffe_id, leaf=leaf, chain=tuple(path))

@@ -34,6 +34,7 @@ from proxy.identity import (
     TrustBundleSet,
     VerifiedSvid,
     X509Svid,
+    accept_verified_path,
     verify_x509_svid,
 )
 from proxy.policy import PeerDecision
@@ -110,7 +111,13 @@ class PeerVerification:
         try:
             chain = [self._certs[d].to_cryptography() for d in sorted(self._certs)]
             self._certs.clear()  # held for the connection's life otherwise
-            verified = verify_x509_svid(chain[0], chain[1:], self._bundles, self._clock())
+            now = self._clock()
+            # OpenSSL has verified this path; when its anchor is in the leaf's
+            # own trust domain bundle only the SPIFFE rules remain. Anything
+            # else (a cross-domain anchor) gets the full scoped verification.
+            verified = accept_verified_path(chain, self._bundles, now) or verify_x509_svid(
+                chain[0], chain[1:], self._bundles, now
+            )
         except ChainError as exc:
             return self._fail(exc.reason, str(exc))
         except Exception as exc:  # never let a callback exception escape into OpenSSL

@@ -332,3 +332,60 @@ def test_chain_error_defaults() -> None:
     assert ChainError("x").reason == "untrusted_chain"
     assert ChainError("x", reason="invalid_svid").reason == "invalid_svid"
     assert isinstance(ChainError("x"), ValueError)
+
+
+# --- accept_verified_path: the checks left after OpenSSL verified a path ----------
+
+
+def test_fast_path_accepts_an_anchor_of_the_leafs_own_domain(
+    a: TestCA, bundles: TrustBundleSet
+) -> None:
+    from proxy.identity.verify import accept_verified_path
+
+    lower = a.intermediate()
+    issued = lower.issue("spiffe://a.org/svc/hr")
+    verified = accept_verified_path([issued.cert, *lower.chain, a.cert], bundles, now())
+    assert verified is not None and str(verified.spiffe_id) == "spiffe://a.org/svc/hr"
+
+
+def test_fast_path_declines_a_foreign_anchor(a: TestCA, b: TestCA, bundles: TrustBundleSet) -> None:
+    """b.org leaf that chains to a.org's root: not decided here, and the full
+    verification the caller then runs rejects it."""
+    from proxy.identity.verify import accept_verified_path
+
+    forged = a.issue("spiffe://b.org/agent/payroll")
+    assert accept_verified_path([forged.cert, a.cert], bundles, now()) is None
+    with pytest.raises(ChainError) as info:
+        _verify(forged, bundles)
+    assert info.value.reason == "untrusted_chain"
+    assert accept_verified_path([forged.cert], bundles, now()) is None
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("leaf is a CA", "invalid_svid"),
+        ("intermediate lacks keyCertSign", "untrusted_chain"),
+        ("expired leaf", "certificate_expired"),
+    ],
+)
+def test_fast_path_still_applies_the_svid_rules(
+    a: TestCA, bundles: TrustBundleSet, case: str, reason: str
+) -> None:
+    from proxy.identity.verify import accept_verified_path
+
+    if case == "leaf is a CA":
+        path = [a.issue("spiffe://a.org/x", ca=True).cert, a.cert]
+    elif case == "intermediate lacks keyCertSign":
+        lower = a.intermediate(key_usage_cert_sign=False)
+        path = [lower.issue("spiffe://a.org/x").cert, *lower.chain, a.cert]
+    else:
+        old = a.issue(
+            "spiffe://a.org/x",
+            not_before=now() - dt.timedelta(hours=2),
+            not_after=now() - dt.timedelta(hours=1),
+        )
+        path = [old.cert, a.cert]
+    with pytest.raises(ChainError) as info:
+        accept_verified_path(path, bundles, now())
+    assert info.value.reason == reason
