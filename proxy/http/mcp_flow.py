@@ -137,6 +137,8 @@ class McpGuard:
                 mismatch = mcp.check_mirrored_headers(call, headers)
                 if mismatch is not None:
                     refused = {
+                        "args_sha256": args_sha256(call.arguments or {}) if call.tool else None,
+                        "session": call.session_id,
                         "mcp_method": call.method,
                         "tool": call.tool,
                         "resource": call.resource_uri or call.prompt_name,
