@@ -38,7 +38,16 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import cel
+# ``cel`` is imported on first use: its package imports an interactive CLI
+# (prompt_toolkit, rich) that costs ~80 ms and megabytes in every process,
+# and most configurations have no condition at all.
+
+
+def _cel() -> Any:
+    import cel
+
+    return cel
+
 
 __all__ = [
     "ALL_ROOTS",
@@ -291,7 +300,7 @@ def compile_condition(text: str, roots: Collection[str] = ALL_ROOTS) -> Conditio
     if not isinstance(text, str) or not text.strip():
         raise ConditionError("the condition is empty")
     try:
-        program = cel.compile(text)
+        program = _cel().compile(text)
     except BaseException as exc:  # ValueError with the parser's report, or a Rust panic
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
@@ -335,7 +344,7 @@ class Activation:
 
     def context_for(self, condition: Condition) -> Any:
         if self._ctx is None:
-            self._ctx = cel.Context()
+            self._ctx = _cel().Context()
         for root in condition.needs:
             if root not in self._added:
                 needs = self._needs if self._needs is not None else condition.needs
