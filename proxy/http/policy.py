@@ -1,7 +1,8 @@
-"""Request policy for HTTP listeners and routes (pure).
+"""HTTP request matching primitives (pure): path normalisation, path
+patterns, methods, and the plain view of a rule. Decisions themselves are
+:mod:`proxy.guard.policy`'s.
 
-A rule allows a set of peer patterns some methods on some path patterns.
-Anything no rule allows is denied. Paths are checked after normalisation
+Paths are checked after normalisation
 (:func:`normalize_path`), and requests whose path could mean something else
 to the target (dot segments, encoded slashes) never get that far: they are
 400s, so ``/timesheets/../admin`` cannot ride on a ``/timesheets/**`` rule.
@@ -16,11 +17,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from proxy.identity import SpiffeId
 from proxy.policy import SpiffePattern
 
 _UNRESERVED = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -122,45 +121,9 @@ class HttpRule:
     paths: tuple[PathPattern, ...]
     allow_upgrade: bool = False
 
-    def allows_peer(self, peer: SpiffeId | None) -> bool:
-        if not self.peers:
-            return True
-        return peer is not None and any(p.matches(peer) for p in self.peers)
-
-    def allows(self, peer: SpiffeId | None, method: str, path: str) -> bool:
-        if not self.allows_peer(peer):
-            return False
-        if "*" not in self.methods and method not in self.methods:
-            return False
-        return any(p.matches(path) for p in self.paths)
-
 
 @dataclass(frozen=True, slots=True)
 class RequestDecision:
     allowed: bool
     reason: str
     rule: str | None
-
-
-ALLOWED = "rule_matched"
-
-
-def decide_request(
-    rules: Sequence[HttpRule],
-    peer: SpiffeId | None,
-    method: str,
-    path: str,
-    *,
-    upgrade: bool = False,
-) -> RequestDecision:
-    """Deny by default. ``path`` must already be normalised."""
-    upgrade_refused = False
-    for rule in rules:
-        if rule.allows(peer, method, path):
-            if upgrade and not rule.allow_upgrade:
-                upgrade_refused = True
-                continue
-            return RequestDecision(True, ALLOWED, rule.name)
-    if upgrade_refused:
-        return RequestDecision(False, "upgrade_not_allowed", None)
-    return RequestDecision(False, "no_matching_rule", None)
