@@ -239,3 +239,51 @@ async def read_response(
                 body += event.data
             elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                 return status, headers, bytes(body)
+
+
+Answer = tuple[str, bytes]  # content type, body
+
+
+async def serve_h11(stream: trio.SocketStream, respond: Any) -> None:
+    """A keep-alive HTTP/1.1 origin: ``respond(request, body) -> (content
+    type, payload)`` answers each request with a 200."""
+    conn = h11.Connection(h11.SERVER)
+    try:
+        while True:
+            request, body = None, b""
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    if not data and conn.their_state is h11.IDLE:
+                        return
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:
+                    return
+            assert request is not None
+            content_type, payload = respond(request, body)
+            await stream.send_all(
+                conn.send(
+                    h11.Response(
+                        status_code=200,
+                        headers=[
+                            ("content-type", content_type),
+                            ("content-length", str(len(payload))),
+                        ],
+                    )
+                )
+            )
+            await stream.send_all(conn.send(h11.Data(data=payload)))
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+            conn.start_next_cycle()
+    except (trio.BrokenResourceError, h11.RemoteProtocolError):
+        return
+    finally:
+        await stream.aclose()

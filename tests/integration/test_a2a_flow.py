@@ -15,7 +15,12 @@ from proxy.config import parse_config
 from proxy.runtime.gate import Gate
 from proxy.runtime.http_listeners import HttpInboundListener
 from proxy.runtime.identity_state import IdentityState
-from tests.integration.http_support import client_context, identity_section, tls_connect
+from tests.integration.http_support import (
+    client_context,
+    identity_section,
+    serve_h11,
+    tls_connect,
+)
 from tests.integration.tls_support import MemoryAudit, snapshot
 from tests.pki import Issued, TestCA
 
@@ -45,61 +50,26 @@ class A2aServer:
         self.tasks = 0
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        try:
-            while True:
-                request, body = None, b""
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        data = await stream.receive_some(65536)
-                        if not data and conn.their_state is h11.IDLE:
-                            return
-                        conn.receive_data(data)
-                        continue
-                    if isinstance(event, h11.Request):
-                        request = event
-                    elif isinstance(event, h11.Data):
-                        body += event.data
-                    elif isinstance(event, h11.EndOfMessage):
-                        break
-                    else:
-                        return
-                assert request is not None
-                if request.method == b"GET":
-                    payload = CARD
-                else:
-                    msg = json.loads(body)
-                    self.seen.append(msg)
-                    if msg["method"] in ("message/send", "SendMessage"):
-                        self.tasks += 1
-                        result: Any = {
-                            "kind": "task",
-                            "id": f"task-{self.tasks}",
-                            "contextId": "ctx",
-                            "status": {"state": "submitted"},
-                        }
-                    else:
-                        result = {"ok": True}
-                    payload = json.dumps(
-                        {"jsonrpc": "2.0", "id": msg["id"], "result": result}
-                    ).encode()
-                await stream.send_all(
-                    conn.send(
-                        h11.Response(
-                            status_code=200,
-                            headers=[
-                                ("content-type", "application/json"),
-                                ("content-length", str(len(payload))),
-                            ],
-                        )
-                    )
-                )
-                await stream.send_all(conn.send(h11.Data(data=payload)))
-                await stream.send_all(conn.send(h11.EndOfMessage()))
-                conn.start_next_cycle()
-        except (trio.BrokenResourceError, h11.RemoteProtocolError):
-            return
+        await serve_h11(stream, self.respond)
+
+    def respond(self, request: h11.Request, body: bytes) -> tuple[str, bytes]:
+        if request.method == b"GET":
+            return "application/json", CARD
+        msg = json.loads(body)
+        self.seen.append(msg)
+        if msg["method"] in ("message/send", "SendMessage"):
+            self.tasks += 1
+            result: Any = {
+                "kind": "task",
+                "id": f"task-{self.tasks}",
+                "contextId": "ctx",
+                "status": {"state": "submitted"},
+            }
+        else:
+            result = {"ok": True}
+        return "application/json", json.dumps(
+            {"jsonrpc": "2.0", "id": msg["id"], "result": result}
+        ).encode()
 
 
 @pytest.fixture

@@ -15,7 +15,12 @@ from proxy.config import parse_config
 from proxy.runtime.gate import Gate
 from proxy.runtime.http_listeners import HttpInboundListener
 from proxy.runtime.identity_state import IdentityState
-from tests.integration.http_support import client_context, identity_section, tls_connect
+from tests.integration.http_support import (
+    client_context,
+    identity_section,
+    serve_h11,
+    tls_connect,
+)
 from tests.integration.tls_support import MemoryAudit, snapshot
 from tests.pki import Issued, TestCA
 
@@ -44,84 +49,31 @@ class FixtureServer:
         self.port = 0
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        try:
-            while True:
-                request, body = None, b""
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        data = await stream.receive_some(65536)
-                        if not data and conn.their_state is h11.IDLE:
-                            return
-                        conn.receive_data(data)
-                        continue
-                    if isinstance(event, h11.Request):
-                        request = event
-                    elif isinstance(event, h11.Data):
-                        body += event.data
-                    elif isinstance(event, h11.EndOfMessage):
-                        break
-                    else:
-                        return
-                assert request is not None
-                if request.method == b"GET":
-                    # A replay after Last-Event-ID: an earlier tools/list answer.
-                    old = json.dumps(
-                        {"jsonrpc": "2.0", "id": 5, "result": {"tools": TOOLS, "nextCursor": "p2"}}
-                    )
-                    payload = f"id: 41\ndata: {old}\n\n".encode()
-                    await stream.send_all(
-                        conn.send(
-                            h11.Response(
-                                status_code=200,
-                                headers=[
-                                    ("content-type", "text/event-stream"),
-                                    ("content-length", str(len(payload))),
-                                ],
-                            )
-                        )
-                    )
-                    await stream.send_all(conn.send(h11.Data(data=payload)))
-                    await stream.send_all(conn.send(h11.EndOfMessage()))
-                    conn.start_next_cycle()
-                    continue
-                msg = json.loads(body)
-                self.calls.append(msg)
-                if msg["method"] == "tools/list":
-                    result: Any = {"tools": TOOLS, "nextCursor": "page-2"}
-                else:
-                    result = {"content": [{"type": "text", "text": "done"}]}
-                answer = json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result})
-                sse = dict(request.headers).get(b"x-mode") == b"sse"
-                if sse:
-                    note = json.dumps(
-                        {
-                            "jsonrpc": "2.0",
-                            "method": "notifications/progress",
-                            "params": {"progress": 1},
-                        }
-                    )
-                    payload = f"event: message\ndata: {note}\n\nid: 7\ndata: {answer}\n\n".encode()
-                    ctype = "text/event-stream"
-                else:
-                    payload, ctype = answer.encode(), "application/json"
-                await stream.send_all(
-                    conn.send(
-                        h11.Response(
-                            status_code=200,
-                            headers=[
-                                ("content-type", ctype),
-                                ("content-length", str(len(payload))),
-                            ],
-                        )
-                    )
-                )
-                await stream.send_all(conn.send(h11.Data(data=payload)))
-                await stream.send_all(conn.send(h11.EndOfMessage()))
-                conn.start_next_cycle()
-        except (trio.BrokenResourceError, h11.RemoteProtocolError):
-            return
+        await serve_h11(stream, self.respond)
+
+    def respond(self, request: h11.Request, body: bytes) -> tuple[str, bytes]:
+        if request.method == b"GET":
+            # A replay after Last-Event-ID: an earlier tools/list answer.
+            old = json.dumps(
+                {"jsonrpc": "2.0", "id": 5, "result": {"tools": TOOLS, "nextCursor": "p2"}}
+            )
+            return "text/event-stream", f"id: 41\ndata: {old}\n\n".encode()
+        msg = json.loads(body)
+        self.calls.append(msg)
+        if msg["method"] == "tools/list":
+            result: Any = {"tools": TOOLS, "nextCursor": "page-2"}
+        else:
+            result = {"content": [{"type": "text", "text": "done"}]}
+        answer = json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result})
+        if dict(request.headers).get(b"x-mode") == b"sse":
+            note = json.dumps(
+                {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}
+            )
+            return (
+                "text/event-stream",
+                f"event: message\ndata: {note}\n\nid: 7\ndata: {answer}\n\n".encode(),
+            )
+        return "application/json", answer.encode()
 
 
 @pytest.fixture
@@ -266,6 +218,7 @@ async def test_forbidden_argument_never_reaches_the_server(ca_a: TestCA, hr: Iss
     assert [c["decision"] for c in calls] == ["deny", "allow"]
     assert calls[0]["rule"] == "payment-cap" and calls[1]["rule"] == "payroll-tools"
     assert len(calls[0]["args_sha256"]) == 64 and calls[0]["protocol_version"]
+
     # Argument values are never logged: no record holds the amounts as
     # values (hex ids and hashes may contain the digits by chance).
     def values(node: Any) -> list[Any]:
