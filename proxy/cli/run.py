@@ -20,9 +20,9 @@ import trio
 from proxy import logs
 from proxy.audit import AuditSink, rfc3339
 from proxy.cli.envflags import EnvFlag, env_help, fill_from_env
-from proxy.cli.sidecar import find_os_error, raise_fd_limit
+from proxy.cli.sidecar import raise_fd_limit
 from proxy.config import Config, InboundConfig, OutboundConfig, load_config, summarize
-from proxy.errors import UsageError
+from proxy.errors import UsageError, find_exception
 from proxy.metrics import Metrics
 from proxy.runtime.admin import AdminServer
 from proxy.runtime.gate import Gate, install_guard_routes
@@ -202,10 +202,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         trio.run(_serve, config, source, audit, metrics)
     except BaseException as exc:
-        usage = _find(exc, UsageError)
+        usage = find_exception(exc, UsageError)
         if usage is not None:
             raise usage from None
-        bind_error = find_os_error(exc)
+        bind_error = find_exception(exc, OSError)
         if bind_error is None:
             raise
         raise UsageError(
@@ -214,17 +214,6 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         audit.close()
     return 0
-
-
-def _find(exc: BaseException, kind: type[UsageError]) -> UsageError | None:
-    if isinstance(exc, kind):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _find(inner, kind)
-            if found is not None:
-                return found
-    return None
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -23,23 +23,18 @@ import trio
 from proxy import logs
 from proxy.audit import AuditSink, rfc3339
 from proxy.cli.envflags import EnvFlag, env_help, fill_from_env
-from proxy.errors import UsageError
+from proxy.errors import UsageError, find_exception
 from proxy.identity import (
-    BundleError,
-    ChainError,
     SpiffeIdError,
-    SvidError,
-    TrustBundle,
-    TrustBundleSet,
     TrustDomain,
-    load_x509_svid,
-    verify_x509_svid,
 )
 from proxy.netaddr import AddressError, HostPort
 from proxy.policy import PatternError, parse_patterns
 from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
 from proxy.runtime.l4 import L4Config, L4Listener
 from proxy.runtime.serve import run_until_signalled
+from proxy.sources.base import IdentityLoadError
+from proxy.sources.files import load_snapshot_from_files
 
 log = structlog.get_logger("agent_proxy")
 
@@ -224,13 +219,6 @@ def _address(value: str, flag: str, *, zero_port: bool = False) -> HostPort:
         raise UsageError(f"{flag}: {exc}") from None
 
 
-def _read(path: str, flag: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
-
-
 def load_identity(
     cert: str,
     key: str,
@@ -238,20 +226,9 @@ def load_identity(
     federate: Sequence[str],
     now: _dt.datetime | None = None,
 ) -> IdentitySnapshot:
-    """Read and check our SVID and every bundle; UsageError on any problem."""
-    cert_data = _read(cert, "--cert")
-    key_data = _read(key, "--key")
-    try:
-        svid = load_x509_svid(cert_data, key_data)
-    except SvidError as exc:
-        raise UsageError(f"--cert {cert} / --key {key}: {exc}") from None
-    now = now or _dt.datetime.now(_dt.UTC)
-    if now >= svid.not_after:
-        raise UsageError(f"--cert {cert}: our SVID expired at {rfc3339(svid.not_after)}")
-    if now < svid.not_before:
-        raise UsageError(f"--cert {cert}: our SVID is not valid before {rfc3339(svid.not_before)}")
-    own_td = svid.spiffe_id.trust_domain
-    bundles = [_load_bundle(own_td, bundle, "--bundle")]
+    """Read and check our SVID and every bundle (the files source's loader);
+    UsageError on any problem."""
+    federation: dict[TrustDomain, Path] = {}
     for item in federate:
         td_text, sep, path = item.partition("=")
         if not sep or not td_text or not path:
@@ -260,27 +237,15 @@ def load_identity(
             td = TrustDomain.parse(td_text)
         except SpiffeIdError as exc:
             raise UsageError(f"--federate {item!r}: {exc}") from None
-        if td == own_td:
-            raise UsageError(f"--federate {item!r}: {td} is our own trust domain; use --bundle")
-        bundles.append(_load_bundle(td, path, "--federate"))
+        if td in federation:
+            raise UsageError(f"--federate {item!r}: {td} is given twice")
+        federation[td] = Path(path)
     try:
-        bundle_set = TrustBundleSet(bundles)
-    except BundleError as exc:
-        raise UsageError(f"--federate: {exc}") from None
-    try:
-        verify_x509_svid(svid.leaf, svid.intermediates, bundle_set, now)
-    except ChainError as exc:
-        raise UsageError(
-            f"--cert {cert}: our SVID does not verify against --bundle: {exc}"
-        ) from None
-    return IdentitySnapshot(svid=svid, bundles=bundle_set)
-
-
-def _load_bundle(td: TrustDomain, path: str, flag: str) -> TrustBundle:
-    try:
-        return TrustBundle.load(td, path)
-    except BundleError as exc:
-        raise UsageError(f"{flag} {path}: {exc}") from None
+        return load_snapshot_from_files(
+            Path(cert), Path(key), Path(bundle), federation, now or _dt.datetime.now(_dt.UTC)
+        )
+    except IdentityLoadError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _config(args: argparse.Namespace, direction: str) -> tuple[L4Config, float]:
@@ -361,25 +326,13 @@ def _run(args: argparse.Namespace, direction: str) -> int:
             )
         )
     except BaseException as exc:
-        bind_error = find_os_error(exc)
+        bind_error = find_exception(exc, OSError)
         if bind_error is None:
             raise
         raise UsageError(f"--listen {config.listen}: {bind_error.strerror or bind_error}") from None
     finally:
         audit.close()
     return 0
-
-
-def find_os_error(exc: BaseException) -> OSError | None:
-    """Listener setup errors (address in use...) arrive inside exception groups."""
-    if isinstance(exc, OSError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = find_os_error(inner)
-            if found is not None:
-                return found
-    return None
 
 
 def _run_inbound(args: argparse.Namespace) -> int:
