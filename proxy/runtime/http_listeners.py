@@ -43,8 +43,8 @@ from proxy.policy import SpiffePattern, decide_peer
 from proxy.runtime.gate import Gate, svid_age_seconds
 from proxy.runtime.identity_state import IdentitySnapshot, IdentityState, SideCache
 from proxy.runtime.l4 import connect_tcp
-from proxy.runtime.listener import BaseListener, Conn, ms_since
-from proxy.tls import TLSHandshakeError, TlsSide, TLSStream, build_side
+from proxy.runtime.listener import BaseListener, Conn, handshake_within, ms_since
+from proxy.tls import TlsSide, TLSStream, build_side
 
 log = structlog.get_logger("agent_proxy")
 
@@ -489,19 +489,12 @@ class HttpOutboundListener(BaseListener):
         if isinstance(stream, tuple):
             raise UpstreamFailure(502, stream[0], stream[1])
         tls = TLSStream(stream, side)
-        reason = message = None
-        with trio.move_on_after(self.handshake_timeout) as scope:
-            try:
-                await tls.do_handshake()
-            except TLSHandshakeError as exc:
-                reason, message = exc.reason, exc.message
-        if scope.cancelled_caught:
-            reason, message = "handshake_timeout", "upstream TLS handshake timed out"
+        failure = await handshake_within(tls, self.handshake_timeout)
         verified = tls.peer.verified
-        if reason is not None:
+        if failure is not None:
             await tls.aclose()
             raise UpstreamFailure(
-                502, reason, message or reason, str(verified.spiffe_id) if verified else None
+                502, failure[0], failure[1], str(verified.spiffe_id) if verified else None
             )
         assert verified is not None
         up = Upstream(tls, key, self.limits)

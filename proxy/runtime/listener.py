@@ -270,19 +270,11 @@ class BaseListener:
     async def handshake(self, conn: Conn) -> bool:
         """Run ``conn.tls``'s handshake under the deadline; audit a refusal."""
         assert conn.tls is not None
-        reason = message = None
-        with trio.move_on_after(self.handshake_timeout) as scope:
-            try:
-                await conn.tls.do_handshake()
-            except TLSHandshakeError as exc:
-                reason, message = exc.reason, exc.message
-        if scope.cancelled_caught:
-            reason = "handshake_timeout"
-            message = f"no TLS handshake within {self.handshake_timeout:g}s"
-        if reason is None:
+        failure = await handshake_within(conn.tls, self.handshake_timeout)
+        if failure is None:
             self.arm_peer_expiry(conn)
             return True
-        self.record(conn, "connection.refused", "deny", reason, error=message)
+        self.record(conn, "connection.refused", "deny", failure[0], error=failure[1])
         return False
 
     def arm_peer_expiry(self, conn: Conn) -> None:
@@ -296,6 +288,18 @@ class BaseListener:
         remaining = (not_after - _dt.datetime.now(_dt.UTC)).total_seconds()
         conn.cert_deadline = trio.current_time() + max(0.0, remaining)
         conn.scope.deadline = min(conn.scope.deadline, conn.cert_deadline)
+
+
+async def handshake_within(tls: TLSStream, timeout: float) -> tuple[str, str] | None:
+    """Run a handshake under its deadline: None, or (audit reason, detail)."""
+    with trio.move_on_after(timeout) as scope:
+        try:
+            await tls.do_handshake()
+        except TLSHandshakeError as exc:
+            return exc.reason, exc.message
+    if scope.cancelled_caught:
+        return "handshake_timeout", f"no TLS handshake within {timeout:g}s"
+    return None
 
 
 def ms_since(started: float) -> int:
