@@ -105,3 +105,8 @@ def header_value(headers: Iterable[Header], wanted: bytes) -> bytes | None:
         if name == wanted:
             return value
     return None
+
+
+def header_map(headers: Iterable[Header]) -> dict[str, str]:
+    """Lower-cased names (h11 gives them so) to values, as text, for policy."""
+    return {n.decode("latin-1"): v.decode("latin-1") for n, v in headers}

@@ -38,6 +38,7 @@ from proxy.http.headers import (
     Header,
     connection_tokens,
     forwardable,
+    header_map,
     header_value,
     is_chunked,
     request_id_from,
@@ -363,7 +364,7 @@ class HttpSession:
         and the filter for the answer."""
         guard = routed.mcp
         assert guard is not None
-        headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in request.headers}
+        headers = header_map(request.headers)
         path = routed.path
         if request.method != b"POST":
             if not routed.decision.allowed:

@@ -33,7 +33,7 @@ from proxy.guard.policy import GuardDecision, PolicySet, RequestFacts
 from proxy.guard.quarantine import GuardConfig
 from proxy.http.a2a_flow import A2aGuard
 from proxy.http.conn import Downstream, Limits, PeerError, Upstream
-from proxy.http.headers import XFCC, Header, header_value, xfcc_value
+from proxy.http.headers import XFCC, Header, header_map, header_value, xfcc_value
 from proxy.http.mcp_flow import McpGuard
 from proxy.http.policy import BadPath, RequestDecision, normalize_path
 from proxy.http.pool import UpstreamPool
@@ -83,10 +83,6 @@ def _normalized(origin: bytes) -> str:
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
-def _headers_map(request: h11.Request) -> dict[str, str]:
-    return {n.decode("latin-1"): v.decode("latin-1") for n, v in request.headers}
-
-
 def _gated(
     gate: Gate,
     policy: PolicySet,
@@ -109,7 +105,7 @@ def _gated(
         path=path,
         now=_dt.datetime.now(_dt.UTC),
         svid_age_seconds=svid_age,
-        headers=_headers_map(request) if policy.reads_headers else {},
+        headers=header_map(request.headers) if policy.reads_headers else {},
         upgrade=upgrade,
     )
     token_raw = header_value(request.headers, APPROVAL_HEADER.lower().encode())
