@@ -260,9 +260,9 @@ class BaseListener:
             if self.metrics is not None:
                 self.metrics.active(self.name, -1)
             with trio.CancelScope(shield=True):
-                await stream.aclose()
                 if conn.tls is not None:
-                    await conn.tls.aclose()
+                    await conn.tls.aclose()  # close_notify first, then the socket
+                await stream.aclose()
 
     async def handle(self, stream: trio.SocketStream, conn: Conn) -> None:
         raise NotImplementedError

@@ -205,7 +205,7 @@ async def test_tls12_allowed_when_configured(ca_a: TestCA, ids) -> None:  # type
     async with trio.open_nursery() as nursery:
         server, client = await _pair(nursery, s, c)
         assert await _handshake_both(server, client) == {}
-        assert server._conn.get_protocol_version_name() == "TLSv1.2"
+        assert server.ssl_connection.get_protocol_version_name() == "TLSv1.2"
         await client.aclose()
         await server.aclose()
 
