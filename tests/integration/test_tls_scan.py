@@ -7,8 +7,9 @@ covers what its scan reports for a server like ours: protocol versions
 (nothing below TLS 1.2; TLS 1.2 only when configured), every TLS 1.2 cipher
 and TLS 1.3 suite the scanner's OpenSSL knows (only ECDHE + AEAD accepted,
 which also rules out ROBOT: no RSA key exchange), no compression, RFC 5746
-secure renegotiation, TLS_FALLBACK_SCSV honoured, no session resumption and
-no heartbeat extension (so no Heartbleed). Findings SPIFFE implies are
+secure renegotiation and no client-initiated renegotiation, TLS_FALLBACK_SCSV
+honoured, no session resumption and no heartbeat extension (so no
+Heartbleed). Findings SPIFFE implies are
 expected, not failures: no DNS name, a private CA, a client certificate
 required (the scanner presents a valid SVID so the handshakes can finish).
 
@@ -18,6 +19,7 @@ scanner that refuses to offer something itself cannot pass a check.
 
 from __future__ import annotations
 
+import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,6 +71,35 @@ class Scanner:
                     command, stdin=b"", capture_stdout=True, capture_stderr=True, check=False
                 )
         return (done.stdout + done.stderr).decode(errors="replace")
+
+    async def renegotiate(self, port: int) -> str:
+        """Ask for a client-initiated renegotiation (s_client's ``R`` command,
+        after one echo). Returns s_client's output once it has ended."""
+        command = [
+            self.openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_2", "-msg",
+            "-cert", str(self.cert), "-key", str(self.key),
+        ]  # fmt: skip
+        proc = await trio.lowlevel.open_process(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        output = b""
+        try:
+            with trio.fail_after(20):
+                await proc.stdin.send_all(b"ping\n")
+                while b"\nping" not in output:
+                    output += await proc.stdout.receive_some()
+                # A separate write: s_client takes R as a command only at
+                # the start of what one read from stdin returns.
+                await proc.stdin.send_all(b"R\n")
+                while chunk := await proc.stdout.receive_some():
+                    output += chunk
+                await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        return output.decode(errors="replace")
 
     async def ciphers(self, *spec: str) -> list[str]:
         done = await trio.run_process(
@@ -179,6 +210,11 @@ async def test_tls_scan_of_the_inbound_listener(ca_a: TestCA, scanner: Scanner) 
         report13 = await scanner.probe(default, "-tls1_3", "-reconnect")
         assert "\nReused," not in report13
         assert report13.count("\nNew, TLSv1.3") >= 2
+        # Client-initiated renegotiation: refused at once, and the client
+        # gives up (it does not hang waiting for a ServerHello).
+        output = await scanner.renegotiate(opted_down)
+        assert "RENEGOTIATING" in output
+        assert "warning no_renegotiation" in output
         # Downgrade protection: a 1.2 hello marked as a fallback is refused.
         output = await scanner.probe(opted_down, "-tls1_2", "-fallback_scsv")
         assert _refused_by_server(output)
