@@ -209,6 +209,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
             waited = False
             while True:
                 self._check_socket()
+                if self.truncated:  # OpenSSL is in its failed state now; EOF stays EOF
+                    data = b""
+                    break
                 try:
                     data = self._conn.recv(size)
                     break

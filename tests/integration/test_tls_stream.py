@@ -108,6 +108,7 @@ async def test_eof_without_close_notify_reads_as_truncated_eof(ca_a: TestCA, ids
         await client.transport.aclose()  # TCP FIN, no close_notify
         assert await server.receive_some() == b""
         assert server.truncated
+        assert await server.receive_some() == b""  # EOF stays EOF
         await server.aclose()
 
 
