@@ -23,11 +23,11 @@ from proxy.cli.envflags import EnvFlag, env_help, fill_from_env
 from proxy.cli.sidecar import raise_fd_limit
 from proxy.config import Config, InboundConfig, OutboundConfig, load_config, summarize
 from proxy.errors import UsageError, find_exception
+from proxy.identity import IdentityState
 from proxy.metrics import Metrics
 from proxy.runtime.admin import AdminServer
 from proxy.runtime.gate import Gate, install_guard_routes
 from proxy.runtime.http_listeners import HttpInboundListener, HttpOutboundListener
-from proxy.runtime.identity_state import IdentityState
 from proxy.runtime.l4 import L4Config, L4Listener
 from proxy.runtime.listener import BaseListener
 from proxy.runtime.reload import ConfigReloader

@@ -25,12 +25,13 @@ from proxy.audit import AuditSink, rfc3339
 from proxy.cli.envflags import EnvFlag, env_help, fill_from_env
 from proxy.errors import UsageError, find_exception
 from proxy.identity import (
+    IdentitySnapshot,
+    IdentityState,
     SpiffeIdError,
     TrustDomain,
 )
 from proxy.netaddr import AddressError, HostPort
 from proxy.policy import PatternError, parse_patterns
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
 from proxy.runtime.l4 import L4Config, L4Listener
 from proxy.runtime.serve import run_until_signalled
 from proxy.sources.base import IdentityLoadError

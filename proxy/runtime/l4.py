@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import trio
 
 from proxy.audit import AuditSink, Direction
+from proxy.identity import IdentitySnapshot, IdentityState, SideCache
 from proxy.netaddr import HostPort, format_sockaddr
 from proxy.policy import SpiffePattern, decide_peer
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState, SideCache
 from proxy.runtime.listener import BaseListener, Conn, ms_since
 from proxy.runtime.relay import RelayStats, relay
 from proxy.tls import TlsSide, TLSStream, TlsVersion, build_side
@@ -66,7 +66,7 @@ class L4Listener(BaseListener):
                 min_version=config.min_tls,
             )
 
-        self._sides = SideCache(identity, build)
+        self._sides = SideCache(identity, build, name=f"listener {config.name}")
 
     async def handle(self, stream: trio.SocketStream, conn: Conn) -> None:
         conn.snapshot, side = self._sides.current()

@@ -23,9 +23,9 @@ import structlog
 import trio
 
 from proxy.audit import AuditRecord, AuditSink, Direction, rfc3339
+from proxy.identity import IdentitySnapshot, IdentityState
 from proxy.metrics import Metrics
 from proxy.netaddr import HostPort, format_sockaddr
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
 from proxy.tls import TLSHandshakeError, TLSStream
 
 log = structlog.get_logger("agent_proxy")

@@ -28,19 +28,18 @@ import trio
 
 from proxy.devca import DEFAULT_SVID_TTL, DevCA, DevCAError
 from proxy.fileutil import ensure_private_dir
-from proxy.identity import SpiffeId, SvidError, TrustBundle, load_x509_svid
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
-from proxy.sources.base import (
-    Clock,
-    ExpiryWarner,
+from proxy.identity import (
     IdentityLoadError,
-    Pulse,
-    SourceStats,
+    IdentitySnapshot,
+    IdentityState,
+    SpiffeId,
+    SvidError,
+    TrustBundle,
     build_snapshot,
     describe_snapshot,
-    log,
-    utc_now,
+    load_x509_svid,
 )
+from proxy.sources.base import Clock, ExpiryWarner, Pulse, SourceStats, log, swap_in, utc_now
 
 __all__ = ["DEV_WARNING", "DevSource"]
 
@@ -110,6 +109,7 @@ class DevSource:
     async def _renew(self, state: IdentityState) -> None:
         try:
             snapshot = self._issue()
+            swap_in(state, snapshot, source=self.name)
         except IdentityLoadError as exc:
             self.stats.record_failure(str(exc))
             log.error(
@@ -121,16 +121,7 @@ class DevSource:
             remaining = (state.current.svid.not_after - self._clock()).total_seconds()
             await trio.sleep(max(1.0, min(_RETRY_AFTER, remaining / 2)))
             return
-        previous = state.current.svid.serial_hex
-        state.swap(snapshot)
         self.stats.record_success(self._clock(), swapped=True)
-        log.info(
-            "identity rotated",
-            source=self.name,
-            previous_serial=previous,
-            generation=state.generation,
-            **describe_snapshot(snapshot),
-        )
         self._announce(snapshot)
         self.pulse.fire()
 

@@ -47,22 +47,23 @@ import trio
 
 from proxy.identity import (
     BundleError,
+    IdentityLoadError,
+    IdentitySnapshot,
+    IdentityState,
     SvidError,
     TrustBundle,
     TrustDomain,
+    build_snapshot,
+    describe_snapshot,
     load_x509_svid,
 )
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
 from proxy.sources.base import (
     Clock,
     ExpiryWarner,
-    IdentityLoadError,
     Pulse,
     SourceStats,
-    build_snapshot,
-    describe_snapshot,
     log,
-    snapshot_fingerprint,
+    swap_in,
     utc_now,
 )
 
@@ -267,28 +268,17 @@ class FilesSource:
                 # A writer is at work right now; look again next tick.
                 self._seen = None
                 return
-            snapshot = _snapshot(self._files, data, now)
+            swapped = swap_in(state, _snapshot(self._files, data, now), source=self.name)
         except IdentityLoadError as exc:
             self._refused(signature, str(exc), first_sight=first_sight, forced=forced)
             return
         self._settled = signature
         self._failed = None
-        if snapshot_fingerprint(snapshot) == snapshot_fingerprint(state.current):
-            self.stats.record_success(now, swapped=False)
+        self.stats.record_success(now, swapped=swapped)
+        if not swapped:
             (log.info if forced else log.debug)(
                 "identity files reloaded; identity unchanged", source=self.name
             )
-            return
-        previous = state.current.svid.serial_hex
-        state.swap(snapshot)
-        self.stats.record_success(now, swapped=True)
-        log.info(
-            "identity rotated",
-            source=self.name,
-            previous_serial=previous,
-            generation=state.generation,
-            **describe_snapshot(snapshot),
-        )
 
     def _refused(
         self, signature: _Signature, error: str, *, first_sight: bool, forced: bool

@@ -59,24 +59,25 @@ import trio
 
 from proxy.identity import (
     BundleError,
+    IdentityLoadError,
+    IdentitySnapshot,
+    IdentityState,
     SpiffeId,
     SpiffeIdError,
     SvidError,
     TrustBundle,
     TrustDomain,
+    build_snapshot,
+    describe_snapshot,
     load_x509_svid,
 )
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
 from proxy.sources.base import (
     Clock,
     ExpiryWarner,
-    IdentityLoadError,
     Pulse,
     SourceStats,
-    build_snapshot,
-    describe_snapshot,
     log,
-    snapshot_fingerprint,
+    swap_in,
     utc_now,
     watch_expiry,
 )
@@ -383,22 +384,23 @@ class WorkloadApiSource:
     # -- internals ---------------------------------------------------------------
 
     def _apply(self, state: IdentityState, snapshot: IdentitySnapshot) -> bool:
-        now = self._clock()
-        if snapshot_fingerprint(snapshot) == snapshot_fingerprint(state.current):
-            self.stats.record_success(now, swapped=False)
-            log.debug("Workload API message; identity unchanged", source=self.name)
+        try:
+            swapped = swap_in(state, snapshot, source=self.name)
+        except IdentityLoadError as exc:
+            self._discarded(str(exc))
             return True
-        previous = state.current.svid.serial_hex
-        state.swap(snapshot)
-        self.stats.record_success(now, swapped=True)
-        log.info(
-            "identity rotated",
-            source=self.name,
-            previous_serial=previous,
-            generation=state.generation,
-            **describe_snapshot(snapshot),
-        )
+        self.stats.record_success(self._clock(), swapped=swapped)
+        if not swapped:
+            log.debug("Workload API message; identity unchanged", source=self.name)
         return True
+
+    def _discarded(self, error: str) -> None:
+        self.stats.record_failure(error)
+        log.warning(
+            "Workload API message discarded; keeping the current identity",
+            source=self.name,
+            error=error,
+        )
 
     async def _wait_for_reload(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True if request_reload woke us."""
@@ -423,12 +425,7 @@ class WorkloadApiSource:
                 try:
                     snapshot = snapshot_from_response(response, self._clock())
                 except IdentityLoadError as exc:
-                    self.stats.record_failure(str(exc))
-                    log.warning(
-                        "Workload API message discarded; keeping the current identity",
-                        source=self.name,
-                        error=str(exc),
-                    )
+                    self._discarded(str(exc))
                     self.pulse.fire()
                     return True
                 valid += 1
