@@ -165,7 +165,7 @@ async def _serve(
             raise UsageError(f"{config.source}: identity: {exc}") from None
         state = IdentityState(snapshot)
         readiness.state = state
-        state.subscribe(lambda snap: metrics.set_svid_not_after(snap.svid.not_after))
+        metrics.watch_identity(state, source.stats)
         gate = Gate(config.guard)
         install_guard_routes(admin, gate) if admin is not None else None
         listeners = build_listeners(config, state, audit, gate)

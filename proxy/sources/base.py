@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 import trio
@@ -44,6 +44,7 @@ __all__ = [
     "Pulse",
     "SourceStats",
     "lifetime_remaining_fraction",
+    "loading",
     "log",
     "swap_in",
     "utc_now",
@@ -139,6 +140,29 @@ class Pulse:
 
     async def wait(self) -> None:
         await self._event.wait()
+
+
+_T = TypeVar("_T")
+
+
+def loading(origin: str, load: Callable[[], _T]) -> _T:
+    """Run ``load`` (which parses outside input) so that it raises only
+    IdentityLoadError.
+
+    The identity parsers raise only their documented errors; this is the
+    backstop that keeps a bug in one of them from stopping rotation (or
+    start-up with a traceback). The unexpected exception's message is not
+    shown, only its type: we cannot vouch that it does not echo key bytes.
+    """
+    try:
+        return load()
+    except IdentityLoadError:
+        raise
+    except Exception as exc:
+        raise IdentityLoadError(
+            f"{origin}: unexpected {type(exc).__name__} while loading the identity "
+            "(a bug: please report it)"
+        ) from exc
 
 
 def swap_in(state: IdentityState, snapshot: IdentitySnapshot, *, source: str) -> bool:

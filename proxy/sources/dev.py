@@ -39,7 +39,16 @@ from proxy.identity import (
     describe_snapshot,
     load_x509_svid,
 )
-from proxy.sources.base import Clock, ExpiryWarner, Pulse, SourceStats, log, swap_in, utc_now
+from proxy.sources.base import (
+    Clock,
+    ExpiryWarner,
+    Pulse,
+    SourceStats,
+    loading,
+    log,
+    swap_in,
+    utc_now,
+)
 
 __all__ = ["DEV_WARNING", "DevSource"]
 
@@ -110,12 +119,13 @@ class DevSource:
         try:
             snapshot = self._issue()
             swap_in(state, snapshot, source=self.name)
-        except IdentityLoadError as exc:
-            self.stats.record_failure(str(exc))
+        except Exception as exc:
+            error = str(exc) if isinstance(exc, IdentityLoadError) else type(exc).__name__
+            self.stats.record_failure(error)
             log.error(
                 "dev identity renewal failed; keeping the current identity",
                 source=self.name,
-                error=str(exc),
+                error=error,
             )
             self.pulse.fire()
             remaining = (state.current.svid.not_after - self._clock()).total_seconds()
@@ -173,6 +183,9 @@ class DevSource:
         return ca
 
     def _issue(self) -> IdentitySnapshot:
+        return loading(f"dev identity {self.spiffe_id}", self._issue_unguarded)
+
+    def _issue_unguarded(self) -> IdentitySnapshot:
         ca = self._load_ca()
         now = self._clock()
         origin = f"dev identity {self.spiffe_id}"

@@ -62,6 +62,7 @@ from proxy.sources.base import (
     ExpiryWarner,
     Pulse,
     SourceStats,
+    loading,
     log,
     swap_in,
     utc_now,
@@ -127,6 +128,10 @@ def _read_all(files: _FileSet) -> _FileData:
 
 
 def _snapshot(files: _FileSet, data: _FileData, now: datetime) -> IdentitySnapshot:
+    return loading(f"certificate {files.cert}", lambda: _parse(files, data, now))
+
+
+def _parse(files: _FileSet, data: _FileData, now: datetime) -> IdentitySnapshot:
     try:
         svid = load_x509_svid(data.cert, data.key)
     except SvidError as exc:
@@ -239,7 +244,12 @@ class FilesSource:
             self._reload_requested = False
             if self._wake.is_set():
                 self._wake = trio.Event()
-            self._poll(state, forced=forced)
+            try:
+                self._poll(state, forced=forced)
+            except Exception as exc:
+                # A bug outside the loaders (signature, bookkeeping) must not
+                # stop rotation either; the current identity stays.
+                self._count_failure(f"files source: unexpected {type(exc).__name__}")
             self.polls += 1
             self._expiry.check(state.current.svid, self._clock())
             self.pulse.fire()
@@ -295,8 +305,11 @@ class FilesSource:
         if self._failed == (signature, error):
             return  # the quiet periodic retry of a set already reported
         self._failed = (signature, error)
+        self._count_failure(error)
+
+    def _count_failure(self, error: str) -> None:
         self.stats.record_failure(error)
-        log.warning(
+        log.error(
             "identity reload failed; keeping the current identity",
             source=self.name,
             error=error,

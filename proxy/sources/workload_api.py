@@ -76,6 +76,7 @@ from proxy.sources.base import (
     ExpiryWarner,
     Pulse,
     SourceStats,
+    loading,
     log,
     swap_in,
     utc_now,
@@ -188,6 +189,10 @@ def snapshot_from_response(
     response: workload_pb2.X509SVIDResponse, now: datetime
 ) -> IdentitySnapshot:
     """Validate one FetchX509SVID message into a snapshot, or IdentityLoadError."""
+    return loading("Workload API message", lambda: _snapshot(response, now))
+
+
+def _snapshot(response: workload_pb2.X509SVIDResponse, now: datetime) -> IdentitySnapshot:
     if not response.svids:
         raise IdentityLoadError("Workload API message has no X509-SVID")
     entry = response.svids[0]
@@ -389,6 +394,9 @@ class WorkloadApiSource:
         except IdentityLoadError as exc:
             self._discarded(str(exc))
             return True
+        except Exception as exc:  # a subscriber's bug must not end the stream
+            self._discarded(f"Workload API: unexpected {type(exc).__name__} while swapping")
+            return True
         self.stats.record_success(self._clock(), swapped=swapped)
         if not swapped:
             log.debug("Workload API message; identity unchanged", source=self.name)
@@ -396,7 +404,7 @@ class WorkloadApiSource:
 
     def _discarded(self, error: str) -> None:
         self.stats.record_failure(error)
-        log.warning(
+        log.error(
             "Workload API message discarded; keeping the current identity",
             source=self.name,
             error=error,
