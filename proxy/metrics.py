@@ -194,6 +194,11 @@ class Metrics:
             ("reason",),
         )
         self._expiry = _SvidExpiry(clock)
+        self._policy = _Gauge(
+            "agent_proxy_policy_info",
+            "The policy version in force (the value audit records carry), as a label.",
+            ("version",),
+        )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(
             _Families(
@@ -209,6 +214,7 @@ class Metrics:
                     self._dry_run,
                     self._quarantines,
                     self._expiry,
+                    self._policy,
                 )
             )
         )
@@ -260,6 +266,11 @@ class Metrics:
 
     def identity_reload(self, result: str) -> None:
         self._identity_reloads.inc((result,))
+
+    def set_policy_version(self, version: str) -> None:
+        """An info metric: one series, value 1, for the version in force."""
+        self._policy.values.clear()
+        self._policy.inc((version,))
 
     def config_reload(self, result: str) -> None:
         self._config_reloads.inc((result,))
