@@ -111,18 +111,6 @@ def parse_method(text: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class HttpRule:
-    """One allow rule. ``peers`` empty means any peer (outbound routes: the
-    agent is the only client). ``methods`` containing ``*`` means any."""
-
-    name: str
-    peers: tuple[SpiffePattern, ...]
-    methods: frozenset[str]
-    paths: tuple[PathPattern, ...]
-    allow_upgrade: bool = False
-
-
-@dataclass(frozen=True, slots=True)
 class RequestDecision:
     allowed: bool
     reason: str
