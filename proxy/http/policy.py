@@ -20,8 +20,6 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from proxy.policy import SpiffePattern
-
 _UNRESERVED = re.compile(r"%([0-9A-Fa-f]{2})")
 _TCHAR_METHOD = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # Characters whose encoded form we refuse: a decoded '/' or '\' or NUL could
