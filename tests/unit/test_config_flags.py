@@ -82,7 +82,7 @@ def test_any_address_listen() -> None:
 
 
 def test_default_ports_are_off_other_sidecars_ranges() -> None:
-    assert DEFAULT_ADMIN == HostPort("127.0.0.1", 7070)
+    assert HostPort("127.0.0.1", 7070) == DEFAULT_ADMIN
     reserved = [*range(15000, 15091), 9901, *range(4140, 4192), 19000]
     assert DEFAULT_ADMIN.port not in reserved
 
@@ -158,21 +158,23 @@ def test_flags_build_a_one_listener_files_config() -> None:
     assert no_admin.admin.listen is None
 
 
-@pytest.mark.parametrize(
-    ("direction", "extra", "needle"),
-    [
-        ("inbound", ("--allow", "spiffe://A.org/x"), "--allow[0]: "),
-        ("inbound", ("--allow", PAYROLL, "--handshake-timeout", "soon"), "--handshake-timeout: invalid duration"),
-        ("inbound", ("--allow", PAYROLL, "--connect-timeout", "0"), "--connect-timeout: must be greater than zero"),
-        ("inbound", ("--allow", PAYROLL, "--max-connections", "many"), "--max-connections: expected a positive integer"),
-        ("inbound", ("--allow", PAYROLL, "--min-tls", "1.1"), "--min-tls: "),
-        ("inbound", ("--allow", PAYROLL, "--admin", "0.0.0.0:1"), "--admin: 0.0.0.0:1 is not a loopback"),
-        ("inbound", ("--allow", PAYROLL, "--name", "bad name"), "--name: invalid name"),
-        ("inbound", ("--allow", PAYROLL, "--federate", "b.org"), "--federate 'b.org': expected"),
-        ("outbound", ("--expect", PAYROLL, "--listen", ":7071"), "--listen: :7071 listens on every address"),
-        ("outbound", ("--expect", PAYROLL, "--listen", ":7071"), "pass --allow-public-listen"),
-    ],
-)  # fmt: skip
+A = ("--allow", PAYROLL)
+E = ("--expect", PAYROLL)
+FLAG_ERRORS = [
+    ("inbound", ("--allow", "spiffe://A.org/x"), "--allow[0]: "),
+    ("inbound", (*A, "--handshake-timeout", "soon"), "--handshake-timeout: invalid duration"),
+    ("inbound", (*A, "--connect-timeout", "0"), "--connect-timeout: must be greater than zero"),
+    ("inbound", (*A, "--max-connections", "x"), "--max-connections: expected a positive integer"),
+    ("inbound", (*A, "--min-tls", "1.1"), "--min-tls: "),
+    ("inbound", (*A, "--admin", "0.0.0.0:1"), "--admin: 0.0.0.0:1 is not a loopback"),
+    ("inbound", (*A, "--name", "bad name"), "--name: invalid name"),
+    ("inbound", (*A, "--federate", "b.org"), "--federate 'b.org': expected"),
+    ("outbound", (*E, "--listen", ":7071"), "--listen: :7071 listens on every address"),
+    ("outbound", (*E, "--listen", ":7071"), "pass --allow-public-listen"),
+]
+
+
+@pytest.mark.parametrize(("direction", "extra", "needle"), FLAG_ERRORS)
 def test_flag_errors_name_the_flag(direction: str, extra: tuple[str, ...], needle: str) -> None:
     args = _flags(direction, *BASE, *FILES, *extra)
     with pytest.raises(UsageError) as info:
