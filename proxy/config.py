@@ -124,6 +124,7 @@ class HttpLimits:
     request_timeout: float = 30.0
     response_timeout: float = 60.0
     max_connection_lifetime: float | None = None
+    write_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -670,6 +671,7 @@ _LIMIT_KEYS = (
     "idle_timeout",
     "request_timeout",
     "response_timeout",
+    "write_timeout",
 )
 
 
@@ -681,6 +683,7 @@ def _limits(t: _Table) -> HttpLimits:
         idle_timeout=t.duration("idle_timeout", default=d.idle_timeout),
         request_timeout=t.duration("request_timeout", default=d.request_timeout),
         response_timeout=t.duration("response_timeout", default=d.response_timeout),
+        write_timeout=t.duration("write_timeout", default=d.write_timeout),
         max_connection_lifetime=_lifetime(t),
     )
 

@@ -2,9 +2,10 @@
 
 Theory of operation. A :class:`GuardRule` *matches* a request when every
 selector it has matches: the peer (``peers``, empty = any), the HTTP method
-(``methods``, ``*`` = any), the path (``paths``, empty = any), the MCP scope
-(``tools``/``resources``/``prompts``, below) and, last, the CEL condition
-``when``. Matching rules then combine (:meth:`PolicySet.evaluate`):
+(``methods``, ``*`` = any; ``GET`` also selects ``HEAD``), the path
+(``paths``, empty = any), the MCP scope (``tools``/``resources``/``prompts``,
+below) and, last, the CEL condition ``when``. Matching rules then combine
+(:meth:`PolicySet.evaluate`):
 
 1. a condition that fails to evaluate in an enforced rule denies the request
    with reason ``policy_error``, whatever other rules say (fail closed);
@@ -307,6 +308,8 @@ class PolicySet:
         # Per class of request, per method (None: a method no rule names), the
         # rules that can apply, in file order.
         methods = {m for r in self.rules for m in r.methods if m != "*"}
+        if "GET" in methods:
+            methods.add("HEAD")
         self._by_class: dict[int, dict[str | None, tuple[_Entry, ...]]] = {}
         for cls in (_PLAIN, _OTHER, _TOOL, _RESOURCE, _PROMPT):
             entries = [_Entry(r, cls) for r in self.rules if _applies(r, cls)]
@@ -314,7 +317,7 @@ class PolicySet:
                 None: tuple(e for e in entries if "*" in e.rule.methods)
             }
             for m in methods:
-                index[m] = tuple(e for e in entries if m in e.rule.methods or "*" in e.rule.methods)
+                index[m] = tuple(e for e in entries if _names_method(e.rule.methods, m))
             self._by_class[cls] = index
         # (peer, method, class) -> the entries whose selectors those satisfy. A
         # pure cache (peers are few: workload identities), bounded by clearing.
@@ -505,6 +508,13 @@ class PolicySet:
     def visible_names(self, facts: RequestFacts, kind: Kind, names: Iterable[str]) -> list[str]:
         """The subset of ``names`` :meth:`visible` allows, in order."""
         return [n for n in names if self.visible(facts, kind, n)]
+
+
+def _names_method(methods: frozenset[str], method: str) -> bool:
+    """Whether a rule's ``methods`` select ``method``. A server answers HEAD
+    as it answers GET, without the body (RFC 9110 9.3.2), so a rule that
+    allows GET allows HEAD; a deny rule naming HEAD still refuses it."""
+    return method in methods or "*" in methods or (method == "HEAD" and "GET" in methods)
 
 
 def _peer_matches(patterns: tuple[SpiffePattern, ...], peer: SpiffeId) -> bool:

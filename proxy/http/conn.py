@@ -19,13 +19,7 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from proxy.http.framing import (
-    HeadError,
-    check_chunked_buffer,
-    check_head,
-    check_partial_head,
-    find_head_end,
-)
+from proxy.http.framing import HeadError, HeadScanner, check_chunked_buffer, check_head
 
 _RECV = 65536
 
@@ -39,6 +33,9 @@ class Limits:
     idle_timeout: float = 60.0
     request_timeout: float = 30.0
     response_timeout: float = 60.0
+    # A send that makes no progress for this long ends the exchange: a peer
+    # that stops reading must not hold our connection (and the other side's).
+    write_timeout: float = 60.0
 
 
 class PeerError(Exception):
@@ -60,16 +57,18 @@ class Downstream:
         self.h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=limits.max_header_bytes + 1024
         )
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.closed_by_peer = False
         self._pending: list[bytes] = []
 
     async def _receive(self, timeout: float, on_timeout: PeerError) -> bytes:
         with trio.move_on_after(timeout):
-            data = bytes(await self.stream.receive_some(_RECV))
+            try:
+                data = bytes(await self.stream.receive_some(_RECV))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                # A reset (or a TLS stream that broke) is the client leaving,
+                # not a fault of ours: nothing to answer, one close record.
+                raise PeerError(0, "client_reset", f"client connection broke: {exc}") from exc
             self.h11.receive_data(data)
-            self.bytes_in += len(data)
             return data
         raise on_timeout
 
@@ -82,18 +81,15 @@ class Downstream:
             raise PeerError(exc.status, exc.reason, exc.message) from exc
 
     async def _next_request(self, idle_deadline: float) -> h11.Request | None:
-        started: float | None = None
-        while True:
-            pending, closed = self.h11.trailing_data
-            if pending:
-                started = started or time.monotonic()
-                end = find_head_end(pending)
-                if end is not None:
-                    check_head(pending[:end], self.limits.max_header_bytes, self.limits.max_headers)
-                    break
-                check_partial_head(pending, self.limits.max_header_bytes)
+        # Bytes h11 already holds (pipelined after the last exchange) are
+        # copied out once; new bytes are scanned once each as they arrive.
+        scanner = HeadScanner(self.limits.max_header_bytes)
+        pending, closed = self.h11.trailing_data
+        started = time.monotonic() if pending else None
+        end = scanner.feed(pending) if pending else None
+        while end is None:
             if closed:
-                if pending:
+                if started is not None:
                     raise PeerError(400, "bad_request", "connection closed inside a request head")
                 self.closed_by_peer = True
                 return None
@@ -103,7 +99,13 @@ class Downstream:
             else:
                 timeout = self.limits.request_timeout - (time.monotonic() - started)
                 error = PeerError(408, "request_timeout", "request head not complete in time")
-            await self._receive(max(timeout, 0), error)
+            data = await self._receive(max(timeout, 0), error)
+            if not data:
+                closed = True
+                continue
+            started = started or time.monotonic()
+            end = scanner.feed(data)
+        check_head(scanner.head, self.limits.max_header_bytes, self.limits.max_headers)
         event = self._next_event()
         assert isinstance(event, h11.Request)
         return event
@@ -153,14 +155,18 @@ class Downstream:
         syscall that also runs the receiver's TCP stack."""
         data = self.h11.send(event)
         if data:
-            self.bytes_out += len(data)
             self._pending.append(data)
 
     async def flush(self) -> None:
         if self._pending:
             data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
             self._pending.clear()
-            await self.stream.send_all(data)
+            await send_within(
+                self.stream,
+                data,
+                self.limits.write_timeout,
+                PeerError(0, "write_timeout", "the client stopped reading"),
+            )
 
     async def send(
         self, event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage
@@ -173,6 +179,16 @@ class Downstream:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+async def send_within(
+    stream: trio.abc.Stream, data: bytes, timeout: float, on_timeout: PeerError
+) -> None:
+    """``send_all`` under the write timeout."""
+    with trio.move_on_after(timeout):
+        await stream.send_all(data)
+        return
+    raise on_timeout
 
 
 def check_chunked_or_raise(conn: h11.Connection) -> None:
@@ -225,7 +241,12 @@ class Upstream:
         if self._pending:
             data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
             self._pending.clear()
-            await self.stream.send_all(data)
+            await send_within(
+                self.stream,
+                data,
+                self.limits.write_timeout,
+                PeerError(504, "upstream_write_timeout", "the upstream stopped reading"),
+            )
 
     async def send(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> None:
         self.queue(event)

@@ -50,8 +50,15 @@ def _decode_unreserved(match: re.Match[str]) -> str:
 
 
 def normalize_path(target: str) -> str:
-    """The path of a request target, normalised for matching; raises BadPath."""
-    path = target.split("?", 1)[0].split("#", 1)[0]
+    """The path of a request target, normalised for matching; raises BadPath.
+    Normalising decodes only unreserved characters, so the result means the
+    same resource to any RFC 3986 reader: it is what we forward, too."""
+    if "#" in target:
+        # A fragment is never part of a request target (RFC 9112 3.2); a
+        # target that judges as one path and reaches the backend as another
+        # is how a rule gets bypassed.
+        raise BadPath("fragment in request target")
+    path = target.split("?", 1)[0]
     if not path.startswith("/"):
         raise BadPath("path must start with '/'")
     if "\\" in path:
@@ -60,6 +67,10 @@ def normalize_path(target: str) -> str:
     for segment in decoded.split("/")[1:]:
         if segment in (".", ".."):
             raise BadPath("dot segment in path")
+        # Tomcat and Spring drop path parameters before resolving dot
+        # segments, so /ok/..;/admin is /admin to them.
+        if ";" in segment and segment.split(";", 1)[0] in (".", ".."):
+            raise BadPath("dot segment with path parameters")
     return decoded
 
 

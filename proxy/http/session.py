@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from http import HTTPStatus
 from typing import Protocol
 
 import h11
@@ -42,24 +43,22 @@ from proxy.http.headers import (
     header_value,
     is_chunked,
     request_id_from,
+    trailer_fields,
 )
 from proxy.http.mcp_flow import AgentGuard, ResponseFilter
 from proxy.http.policy import RequestDecision
 from proxy.http.pool import UpstreamPool
 from proxy.runtime.relay import RelayStats, relay
 
-_REASON_PHRASES = {
-    400: b"Bad Request",
-    403: b"Forbidden",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large",
-    501: b"Not Implemented",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase for ``status`` (RFC 9110 15), for status
+    lines we write: clients and logs read ``HTTP/1.1 403 Forbidden`` better
+    than ``HTTP/1.1 403 ``."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
 
 
 @dataclass
@@ -85,6 +84,7 @@ class Routed:
     mcp: AgentGuard | None = None  # protocol = "mcp" or "a2a": decide per JSON-RPC call
 
 
+_CONTINUE = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
 FilterFactory = Callable[[str], "ResponseFilter"]
 
 
@@ -128,6 +128,7 @@ class RequestOutcome:
     upstream_not_after: str | None = None
     error: str | None = None
     target: str | None = None
+    outcome: str = ""  # what happened (served, denied...), next to the policy's decision
     extra: dict[str, object] = field(default_factory=dict)
     reply_headers: Sequence[Header] = ()
     calls: list[dict[str, object]] = field(default_factory=list)  # MCP: one per JSON-RPC call
@@ -135,6 +136,58 @@ class RequestOutcome:
     @property
     def duration_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
+
+
+# Why an exchange may end its connection, carried to the close record.
+_CONNECTION_ENDERS = frozenset({"client_reset", "write_timeout"})
+# Audit reasons by what they say happened (see :func:`classify`).
+_CLIENT_ERRORS = frozenset(
+    {
+        "bad_request",
+        "bad_path",
+        "header_too_large",
+        "request_timeout",
+        "body_too_large",
+        "unsupported_transfer_encoding",
+        "client_reset",
+        "write_timeout",
+    }
+)
+_UPSTREAM_ERRORS = frozenset(
+    {
+        "bad_upstream_response",
+        "unfilterable_response",
+        "target_unreachable",
+        "target_connect_timeout",
+        "handshake_timeout",
+        "tls_error",
+        "tls_version_refused",
+    }
+)
+
+
+def classify(outcome: RequestOutcome) -> str:
+    """What actually happened to a request, next to what policy decided:
+
+    ``served`` (an upstream answered, whatever its status), ``denied`` (our
+    policy refused), ``refused_by_upstream`` (the upstream refused our
+    identity in its handshake), ``upstream_untrusted`` (we refused the
+    upstream's identity), ``upstream_error`` (connect, TLS, timeout, reset,
+    bad answer), ``client_error`` (malformed or stalled input, the client
+    left or stopped reading).
+    """
+    if outcome.outcome:
+        return outcome.outcome  # set where the cause was known first-hand
+    reason = outcome.reason
+    if reason == "upstream_refused":
+        return "refused_by_upstream"
+    if reason in _CLIENT_ERRORS:
+        return "client_error"
+    if reason in _UPSTREAM_ERRORS or reason.startswith("upstream_"):
+        return "upstream_error"
+    if outcome.decision == "allow":
+        return "served"
+    return "denied"
 
 
 def _path_only(target: bytes) -> str:
@@ -169,6 +222,8 @@ class HttpSession:
         # max_connection_lifetime, in trio time: no new exchange starts after it.
         self.lifetime_deadline = math.inf
         self.end_reason: str | None = None
+        self._method = b""  # of the exchange under way: a HEAD answer has no body
+        self._strip: frozenset[bytes] = frozenset()  # identity headers, for trailers
 
     async def run(self) -> None:
         clean = await self._run()
@@ -190,6 +245,7 @@ class HttpSession:
                     outcome.reason = exc.reason
                     outcome.error = exc.message
                     await self._answer(outcome, exc.status, exc.message, close=True)
+                    outcome.outcome = classify(outcome)
                     self.emit(outcome)
                     return False
                 self.end_reason = (
@@ -199,7 +255,9 @@ class HttpSession:
             if request is None:
                 return True
             self.requests += 1
-            keep = await self._exchange(request)
+            keep, reason = await self._exchange(request)
+            if reason in _CONNECTION_ENDERS:
+                self.end_reason = reason  # the close record says why, too
             if not keep or not self.down.reusable():
                 return False
             self.down.h11.start_next_cycle()
@@ -216,8 +274,8 @@ class HttpSession:
         extra: Sequence[Header] = (),
     ) -> None:
         outcome.status = status
-        if self.down.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return  # a response is already under way; nothing more to say
+        if not status or self.down.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return  # the client left, or a response is already under way
         body = _json_body(outcome, message)
         headers: list[Header] = [
             (b"content-type", b"application/json"),
@@ -230,27 +288,38 @@ class HttpSession:
         try:
             await self.down.send(
                 h11.Response(
-                    status_code=status, headers=headers, reason=_REASON_PHRASES.get(status, b"")
+                    status_code=status, headers=headers, reason=reason_phrase(status)
                 )
             )
-            await self.down.send(h11.Data(data=body))
+            if self._method != b"HEAD":
+                await self.down.send(h11.Data(data=body))
             await self.down.send(h11.EndOfMessage())
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            h11.LocalProtocolError,
+            PeerError,  # write_timeout: the client does not read its answer
+        ):
             pass
 
     # -- one exchange -----------------------------------------------------
 
-    async def _exchange(self, request: h11.Request) -> bool:
+    async def _exchange(self, request: h11.Request) -> tuple[bool, str]:
+        """(keep the connection, the exchange's audit reason)."""
         request_id, generated = request_id_from(request.headers)
+        self._method = request.method
+        self._strip = frozenset()
         outcome = RequestOutcome(
             request_id=request_id,
             method=request.method.decode("ascii", "replace"),
             path=_path_only(request.target),
         )
         try:
-            return await self._exchange_inner(request, outcome, generated)
+            keep = await self._exchange_inner(request, outcome, generated)
         finally:
+            outcome.outcome = classify(outcome)
             self.emit(outcome)
+        return keep, outcome.reason
 
     async def _exchange_inner(
         self, request: h11.Request, outcome: RequestOutcome, generated_id: bool
@@ -290,6 +359,7 @@ class HttpSession:
         outcome.extra.update(routed.audit)
         outcome.reply_headers = routed.reply_headers
         if not routed.decision.allowed:
+            body_pending = body_pending and not self._body_ended()
             await self._answer(
                 outcome, routed.status, "forbidden", close=body_pending, extra=routed.reply_headers
             )
@@ -318,7 +388,8 @@ class HttpSession:
 
         headers = forwardable(
             request.headers,
-            strip=routed.strip | {b"expect"},
+            # An X-Request-Id we did not take (invalid) is replaced, not doubled.
+            strip=routed.strip | ({b"expect", REQUEST_ID} if generated_id else {b"expect"}),
             keep_upgrade=upgrade and routed.allow_upgrade,
         )
         if is_chunked(request.headers):
@@ -326,6 +397,7 @@ class HttpSession:
         headers.extend(routed.add_headers)
         if generated_id:
             headers.append((REQUEST_ID, outcome.request_id.encode()))
+        self._strip = routed.strip
         upstream_request = h11.Request(method=request.method, target=routed.target, headers=headers)
         expect_continue = self.down.h11.they_are_waiting_for_100_continue
 
@@ -336,6 +408,10 @@ class HttpSession:
         except UpstreamFailure as exc:
             outcome.decision, outcome.reason, outcome.error = "deny", exc.reason, exc.message
             outcome.upstream_peer = exc.peer_id
+            if exc.reason not in _UPSTREAM_ERRORS and exc.reason != "upstream_refused":
+                # The handshake completed far enough for us to judge the
+                # upstream's certificate, and we refused it.
+                outcome.outcome = "upstream_untrusted"
             await self._answer(outcome, exc.status, exc.message, close=body_pending)
             return not body_pending
         except PeerError as exc:
@@ -345,7 +421,7 @@ class HttpSession:
         outcome.upstream_peer, outcome.upstream_serial = up.peer_id, up.peer_serial
         outcome.upstream_not_after = up.peer_not_after
         if expect_continue and not body_complete and first is None:
-            await self.down.send(h11.InformationalResponse(status_code=100, headers=[]))
+            await self.down.send(_CONTINUE)
         return await self._relay(
             up,
             prefetched if first is None else [],
@@ -394,6 +470,7 @@ class HttpSession:
         return events, guard.answer_filter(verdict, headers, path)
 
     async def _refuse(self, outcome: RequestOutcome, routed: Routed, body_pending: bool) -> bool:
+        body_pending = body_pending and not self._body_ended()
         outcome.reason, outcome.rule = routed.decision.reason, routed.decision.rule
         outcome.extra.update(routed.audit)
         await self._answer(
@@ -412,7 +489,7 @@ class HttpSession:
             headers.append((b"content-length", b"0"))
         self.down.queue(
             h11.Response(
-                status_code=status, headers=headers, reason=_REASON_PHRASES.get(status, b"OK")
+                status_code=status, headers=headers, reason=reason_phrase(status)
             )
         )
         if body:
@@ -422,7 +499,7 @@ class HttpSession:
     async def _read_whole_body(self, limit: int) -> bytes:
         """The whole request body, for a decision that binds its hash."""
         if self.down.h11.they_are_waiting_for_100_continue:
-            await self.down.send(h11.InformationalResponse(status_code=100, headers=[]))
+            await self.down.send(_CONTINUE)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -452,7 +529,7 @@ class HttpSession:
                 if not (reused and body_complete):
                     return up, None  # the body pump sends the head with the body
                 for event in prefetched:
-                    up.queue(event)
+                    up.queue(self._upward(event))
                     if isinstance(event, h11.Data):
                         outcome.bytes_up += len(event.data)
                 await up.flush()
@@ -493,7 +570,7 @@ class HttpSession:
             side = "upstream_reset"
             try:
                 for event in to_send:
-                    up.queue(event)
+                    up.queue(self._upward(event))
                     if isinstance(event, h11.Data):
                         outcome.bytes_up += len(event.data)
                 if body_complete or self.down.h11.their_state is not h11.SEND_BODY:
@@ -503,7 +580,7 @@ class HttpSession:
                     side = "client_reset"
                     event = await self.down.next_body_event(before_wait=up.flush)
                     side = "upstream_reset"
-                    up.queue(event)
+                    up.queue(self._upward(event))
                     if isinstance(event, h11.EndOfMessage):
                         await up.flush()
                         return
@@ -535,7 +612,7 @@ class HttpSession:
                             h11.InformationalResponse(
                                 status_code=101,
                                 headers=forwardable(event.headers, keep_upgrade=True),
-                                reason=event.reason,
+                                reason=event.reason or reason_phrase(101),
                             )
                         )
                         switched = True
@@ -546,7 +623,7 @@ class HttpSession:
                             h11.InformationalResponse(
                                 status_code=event.status_code,
                                 headers=forwardable(event.headers),
-                                reason=event.reason,
+                                reason=event.reason or reason_phrase(event.status_code),
                             )
                         )
                 elif isinstance(event, h11.Response):
@@ -561,7 +638,9 @@ class HttpSession:
                         headers.append((b"connection", b"close"))  # the last exchange
                     headers.extend(outcome.reply_headers)
                     head = h11.Response(
-                        status_code=event.status_code, headers=headers, reason=event.reason
+                        status_code=event.status_code,
+                        headers=headers,
+                        reason=event.reason or reason_phrase(event.status_code),
                     )
                     content_type = (
                         (header_value(event.headers, b"content-type") or b"")
@@ -665,6 +744,24 @@ class HttpSession:
             return False
         await self.pool.checkin(up)
         return self.down.reusable()
+
+    def _body_ended(self) -> bool:
+        """Whether the request's body is already over (none was framed, or
+        all of it is buffered): a refusal can then keep the connection."""
+        try:
+            while (event := self.down.buffered_body_event()) is not None:
+                if isinstance(event, h11.EndOfMessage):
+                    return True
+        except PeerError:
+            pass
+        return False
+
+    def _upward(self, event: h11.Data | h11.EndOfMessage) -> h11.Data | h11.EndOfMessage:
+        """A request body event as it goes upstream: trailers get the header
+        rules, and nothing that frames, routes or identifies passes there."""
+        if isinstance(event, h11.EndOfMessage) and event.headers:
+            return h11.EndOfMessage(headers=trailer_fields(event.headers, strip=self._strip))
+        return event
 
     async def _tunnel(self, up: Upstream, outcome: RequestOutcome) -> None:
         """After a 101 the connection is no longer HTTP: relay raw bytes,

@@ -33,7 +33,7 @@ from proxy.guard.policy import GuardDecision, PolicySet, RequestFacts
 from proxy.guard.quarantine import GuardConfig
 from proxy.http.a2a_flow import A2aGuard
 from proxy.http.conn import Downstream, Limits, PeerError, Upstream
-from proxy.http.headers import XFCC, Header, header_map, header_value, xfcc_value
+from proxy.http.headers import XFCC, Header, fold, header_map, header_value, xfcc_value
 from proxy.http.mcp_flow import McpGuard
 from proxy.http.policy import BadPath, RequestDecision, normalize_path
 from proxy.http.pool import UpstreamPool
@@ -57,12 +57,15 @@ def _limits(config: InboundConfig | OutboundConfig) -> Limits:
         idle_timeout=lim.idle_timeout,
         request_timeout=lim.request_timeout,
         response_timeout=lim.response_timeout,
+        write_timeout=lim.write_timeout,
     )
 
 
 def _origin_form(request: h11.Request) -> tuple[bytes, str | None]:
     """(origin-form target, host from an absolute-form target if any)."""
     target = request.target
+    if b"#" in target:
+        raise PeerError(400, "bad_path", "refused request path: fragment in request target")
     if target.startswith(b"/"):
         return target, None
     text = target.decode("ascii", "replace")
@@ -73,11 +76,15 @@ def _origin_form(request: h11.Request) -> tuple[bytes, str | None]:
     return origin.encode("ascii"), parts.netloc.lower()
 
 
-def _normalized(origin: bytes) -> str:
+def _normalized(origin: bytes) -> tuple[str, bytes]:
+    """(the path policy judges, the target the backend gets): the same path,
+    so what was judged is what is served; the query passes unchanged."""
     try:
-        return normalize_path(origin.decode("ascii"))
+        path = normalize_path(origin.decode("ascii"))
     except (BadPath, UnicodeDecodeError) as exc:
         raise PeerError(400, "bad_path", f"refused request path: {exc}") from exc
+    _, sep, query = origin.partition(b"?")
+    return path, path.encode("ascii") + sep + query
 
 
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -165,6 +172,7 @@ def emit_outcome(
         method=outcome.method,
         path=outcome.path,
         status=outcome.status,
+        outcome=outcome.outcome,
         bytes_up=outcome.bytes_up,
         bytes_down=outcome.bytes_down,
         duration_ms=outcome.duration_ms,
@@ -195,13 +203,13 @@ class _InboundRouter:
         if request.method == b"CONNECT":
             return Routed(RequestDecision(False, "connect_not_allowed", None))
         origin, _ = _origin_form(request)
-        path = _normalized(origin)
+        path, target = _normalized(origin)
         listener = self.listener
         base = Routed(
             RequestDecision(False, "no_matching_rule", None),
             path=path,
             key=self.key,
-            target=origin,
+            target=target,
             add_headers=(self.xfcc,),
             strip=listener.strip,
         )
@@ -266,7 +274,7 @@ class HttpInboundListener(BaseListener):
         )
         self.config = config
         self.limits = _limits(config)
-        self.strip = frozenset(h.lower().encode() for h in config.identity_headers) | {XFCC}
+        self.strip = frozenset(fold(h.encode()) for h in config.identity_headers) | {XFCC}
         self.gate = gate or Gate(GuardConfig())
         self.tasks = TaskOwnership()  # A2A: who created which task
         self.set_policy(config.guard)
@@ -377,14 +385,14 @@ class _OutboundRouter:
             raw_host = header_value(request.headers, b"host")
             host = raw_host.decode("ascii", "replace").lower() if raw_host else None
         route = self._lookup(host)
-        path = _normalized(origin)
+        path, target = _normalized(origin)
         if route is None or route.policy is None:
             return Routed(RequestDecision(False, "egress_not_allowed", None), path=path, label=host)
         base = Routed(
             RequestDecision(False, "no_matching_rule", None),
             path=path,
             key=route.name,
-            target=origin,
+            target=target,
             strip=frozenset({XFCC}),
             label=str(route.target),
         )
@@ -489,8 +497,13 @@ class HttpOutboundListener(BaseListener):
         verified = tls.peer.verified
         if failure is not None:
             await tls.aclose()
+            reason, detail = failure
+            if reason == "tls_error" and "alert" in detail.lower() and verified is not None:
+                # We accepted the upstream and it sent an alert: it refused us
+                # (TLS 1.2; under 1.3 the refusal arrives on the first read).
+                reason, detail = "upstream_refused", f"the upstream refused our identity: {detail}"
             raise UpstreamFailure(
-                502, failure[0], failure[1], str(verified.spiffe_id) if verified else None
+                502, reason, detail, str(verified.spiffe_id) if verified else None
             )
         assert verified is not None
         up = Upstream(tls, key, self.limits)
