@@ -4,9 +4,9 @@ server) and the upstream side (we are the client).
 Theory of operation: h11 holds the protocol state; these classes only move
 bytes and apply deadlines. The client-facing side checks every request head
 and chunked body with :mod:`proxy.http.framing` before h11 interprets it.
-Errors split the h11 way: :class:`PeerError` (they sent something wrong or
-went quiet: answer 4xx/5xx if we still can, then close) and plain transport
-errors (``BrokenResourceError``: nothing more to say).
+Errors split the h11 way: :class:`~proxy.http.exchange.PeerError` (they sent
+something wrong, went quiet or went away: answer 4xx/5xx if we still can,
+then close); anything else is ours.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import h11
 import trio
 
+from proxy.http.exchange import PeerError
 from proxy.http.framing import HeadError, HeadScanner, check_chunked_buffer, check_head
 
 _RECV = 65536
@@ -36,16 +37,6 @@ class Limits:
     # A send that makes no progress for this long ends the exchange: a peer
     # that stops reading must not hold our connection (and the other side's).
     write_timeout: float = 60.0
-
-
-class PeerError(Exception):
-    """The other side broke the protocol or a deadline: status for the reply."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
 
 
 class Downstream:
@@ -146,6 +137,35 @@ class Downstream:
                 self.limits.request_timeout,
                 PeerError(408, "request_timeout", "request body stalled"),
             )
+
+    async def read_whole_body(self, limit: int) -> bytes:
+        """The whole request body (a decision that binds its hash, or an
+        agent protocol's calls); over ``limit`` is a 413."""
+        if self.h11.they_are_waiting_for_100_continue:
+            await self.send(
+                h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = await self.next_body_event()
+            if isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            size += len(event.data)
+            if size > limit:
+                raise PeerError(413, "body_too_large", f"request body over {limit} bytes")
+            chunks.append(bytes(event.data))
+
+    def body_ended(self) -> bool:
+        """Whether the request's body is already over (none was framed, or
+        all of it is buffered): a refusal can then keep the connection."""
+        try:
+            while (event := self.buffered_body_event()) is not None:
+                if isinstance(event, h11.EndOfMessage):
+                    return True
+        except PeerError:
+            pass
+        return False
 
     def queue(
         self, event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage

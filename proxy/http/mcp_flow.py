@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 from proxy.agent import mcp
 from proxy.agent.jsonrpc import (
@@ -32,42 +32,12 @@ from proxy.agent.jsonrpc import (
 from proxy.agent.sse import SseFilter, make_list_transform
 from proxy.guard.approval import APPROVAL_HEADER, APPROVAL_META_KEY
 from proxy.guard.policy import PolicySet, RequestFacts
+from proxy.http.agent_hook import Judgement as Verdict
 from proxy.identity import SpiffeId, TrustBundleSet
 from proxy.runtime.gate import Gate
 
 _KIND = {"tools/list": "tool", "prompts/list": "prompt", "resources/list": "resource"}
 _MAX_RESPONSE = 64 << 20
-
-
-@dataclass
-class Verdict:
-    """What to do with one POST."""
-
-    forward: bool
-    status: int = 200
-    body: bytes = b""  # our answer when not forwarding
-    pending: dict[IdKey, str] = field(default_factory=dict)  # list requests to filter
-    version: str = mcp.DEFAULT_VERSION
-    calls: list[dict[str, Any]] = field(default_factory=list)  # one audit entry per call
-    reason: str = "rule_matched"
-    rule: str | None = None
-    headers: list[tuple[str, str]] = field(default_factory=list)
-
-
-class AgentGuard(Protocol):
-    """What the relay needs from an agent protocol (MCP, A2A)."""
-
-    max_body: int
-
-    def judge(self, body: bytes, headers: dict[str, str], path: str) -> Verdict: ...
-
-    def answer_filter(
-        self, verdict: Verdict, headers: dict[str, str], path: str
-    ) -> Callable[[str], ResponseFilter] | None: ...
-
-    def stream_filter(
-        self, headers: dict[str, str], path: str
-    ) -> Callable[[str], ResponseFilter] | None: ...
 
 
 @dataclass
@@ -272,6 +242,10 @@ class ResponseFilter:
         self.json_parts: list[bytes] = []
         self.size = 0
 
+    @property
+    def whole(self) -> bool:
+        return self.sse is None
+
     def feed(self, data: bytes) -> bytes:
         if self.sse is not None:
             return self.sse.feed(data)
@@ -294,8 +268,4 @@ class ResponseFilter:
         return body if filtered is None else filtered
 
 
-def json_headers() -> list[tuple[bytes, bytes]]:
-    return [(b"content-type", b"application/json")]
-
-
-__all__ = ["AgentGuard", "McpGuard", "ResponseFilter", "Verdict", "dumps", "json_headers"]
+__all__ = ["McpGuard", "ResponseFilter", "Verdict", "dumps"]

@@ -7,10 +7,10 @@ import datetime as dt
 import pytest
 
 from proxy.guard.policy import GuardRule, PolicySet, RequestFacts
+from proxy.http.answers import reason_phrase
 from proxy.http.framing import HeadError, HeadScanner
 from proxy.http.headers import fold, forwardable, trailer_fields
 from proxy.http.policy import BadPath, PathPattern, normalize_path
-from proxy.http.session import reason_phrase
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 

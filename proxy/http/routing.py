@@ -1,0 +1,57 @@
+"""What the exchange asks of a listener: route and judge one request head.
+
+A :class:`Router` (one per inbound connection, or per outbound listener)
+turns a request head into a :class:`Routed`: where it goes, which headers
+to strip and add, and the verdict, or a continuation when the verdict needs
+the body first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import h11
+
+from proxy.http.agent_hook import AgentHook
+from proxy.http.headers import Header
+from proxy.http.policy import RequestDecision
+
+
+@dataclass
+class Routed:
+    """The router's answer for one request."""
+
+    decision: RequestDecision
+    path: str = ""
+    key: Hashable | None = None  # pool key of the upstream; None when denied
+    target: bytes = b""  # request-target to send upstream (origin-form, normalised)
+    add_headers: Sequence[Header] = ()
+    strip: frozenset[bytes] = frozenset()
+    allow_upgrade: bool = False
+    status: int = 403  # for denials
+    label: str | None = None  # where it was going, for the audit record
+    # Headers for the client either way (RateLimit, Retry-After).
+    reply_headers: Sequence[Header] = ()
+    audit: dict[str, object] = field(default_factory=dict)  # policy_version, dry_run...
+    # Set when the decision needs the whole body first (a high-impact action
+    # binds the body's hash): call with the SHA-256 hex of the body.
+    finish: Callable[[str], Routed] | None = None
+    max_body: int = 1 << 20
+    hook: AgentHook | None = None  # an agent protocol judges the body per call
+
+
+class Router(Protocol):
+    def route(self, request: h11.Request, upgrade: bool) -> Routed: ...
+
+
+class UpstreamFailure(Exception):
+    """Could not get an upstream connection (connect, TLS, identity)."""
+
+    def __init__(self, status: int, reason: str, message: str, peer_id: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.peer_id = peer_id
