@@ -28,9 +28,8 @@ from proxy.http.headers import XFCC, Header, header_map, header_value
 from proxy.http.mcp_flow import McpGuard
 from proxy.http.policy import BadPath, RequestDecision, normalize_path
 from proxy.http.routing import Routed
-from proxy.identity import SpiffeId, TrustBundleSet
+from proxy.identity import IdentityState, SpiffeId, TrustBundleSet
 from proxy.runtime.gate import Gate
-from proxy.runtime.identity_state import IdentityState
 from proxy.runtime.listener import BaseListener, Conn
 
 
@@ -55,7 +54,7 @@ def limits_of(config: InboundConfig | OutboundConfig) -> Limits:
         idle_timeout=lim.idle_timeout,
         request_timeout=lim.request_timeout,
         response_timeout=lim.response_timeout,
-        write_timeout=lim.write_timeout,
+        write_timeout=config.write_timeout,
     )
 
 
