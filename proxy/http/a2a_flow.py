@@ -27,10 +27,11 @@ from proxy.agent.jsonrpc import (
     parse_message,
 )
 from proxy.agent.mcp import denied
-from proxy.guard.policy import PolicySet, RequestFacts
 from proxy.http.mcp_flow import ResponseFilter, Verdict
 from proxy.identity import SpiffeId, TrustBundleSet
-from proxy.runtime.gate import Gate
+from proxy.policy.evaluate import PolicySet
+from proxy.policy.gate import Gate
+from proxy.policy.rules import RequestFacts
 
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602

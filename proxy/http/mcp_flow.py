@@ -30,11 +30,12 @@ from proxy.agent.jsonrpc import (
     parse_message,
 )
 from proxy.agent.sse import SseFilter, make_list_transform
-from proxy.guard.approval import APPROVAL_HEADER, APPROVAL_META_KEY
-from proxy.guard.policy import PolicySet, RequestFacts
 from proxy.http.agent_hook import Judgement as Verdict
 from proxy.identity import SpiffeId, TrustBundleSet
-from proxy.runtime.gate import Gate
+from proxy.policy.approval import APPROVAL_HEADER, APPROVAL_META_KEY
+from proxy.policy.evaluate import PolicySet
+from proxy.policy.gate import Gate
+from proxy.policy.rules import RequestFacts
 
 _KIND = {"tools/list": "tool", "prompts/list": "prompt", "resources/list": "resource"}
 _MAX_RESPONSE = 64 << 20

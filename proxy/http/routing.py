@@ -9,32 +9,28 @@ the body first.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import h11
 
 from proxy.http.agent_hook import AgentHook
 from proxy.http.headers import Header
-from proxy.http.policy import RequestDecision
+from proxy.policy.verdict import RequestVerdict
 
 
 @dataclass
 class Routed:
     """The router's answer for one request."""
 
-    decision: RequestDecision
+    decision: RequestVerdict  # status, client headers and audit fields included
     path: str = ""
     key: Hashable | None = None  # pool key of the upstream; None when denied
     target: bytes = b""  # request-target to send upstream (origin-form, normalised)
     add_headers: Sequence[Header] = ()
     strip: frozenset[bytes] = frozenset()
     allow_upgrade: bool = False
-    status: int = 403  # for denials
     label: str | None = None  # where it was going, for the audit record
-    # Headers for the client either way (RateLimit, Retry-After).
-    reply_headers: Sequence[Header] = ()
-    audit: dict[str, object] = field(default_factory=dict)  # policy_version, dry_run...
     # Set when the decision needs the whole body first (a high-impact action
     # binds the body's hash): call with the SHA-256 hex of the body.
     finish: Callable[[str], Routed] | None = None

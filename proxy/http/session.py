@@ -55,11 +55,11 @@ from proxy.http.headers import (
     request_id_from,
     trailer_fields,
 )
-from proxy.http.policy import RequestDecision
 from proxy.http.pool import UpstreamPool
 from proxy.http.relay import BodyEvent, Relay
 from proxy.http.routing import Routed, Router, UpstreamFailure
 from proxy.http.upstream import start_upstream, tunnel
+from proxy.policy.verdict import RequestVerdict
 
 Answered = bool  # keep the connection after our own answer
 
@@ -230,8 +230,8 @@ class HttpSession:
         outcome.path = routed.path or outcome.path
         outcome.target = routed.label
         outcome.reason, outcome.rule = routed.decision.reason, routed.decision.rule
-        outcome.extra.update(routed.audit)
-        outcome.reply_headers = routed.reply_headers
+        outcome.extra.update(routed.decision.audit_fields())
+        outcome.reply_headers = routed.decision.reply_headers()
         if not routed.decision.allowed:
             await self._deny(x, routed, body_pending)
             return
@@ -354,7 +354,11 @@ class HttpSession:
     async def _deny(self, x: Exchange, routed: Routed, body_pending: bool) -> None:
         body_pending = body_pending and not self.down.body_ended()
         await self._refuse(
-            x, routed.status, "forbidden", close=body_pending, extra=routed.reply_headers
+            x,
+            routed.decision.status,
+            "forbidden",
+            close=body_pending,
+            extra=routed.decision.reply_headers(),
         )
 
     async def _hooked_request(
@@ -371,7 +375,7 @@ class HttpSession:
         if request.method != b"POST":
             if not routed.decision.allowed:
                 outcome.reason, outcome.rule = routed.decision.reason, routed.decision.rule
-                outcome.extra.update(routed.audit)
+                outcome.extra.update(routed.decision.audit_fields())
                 await self._deny(x, routed, body_pending)
                 return None
             if request.method == b"GET":
@@ -404,7 +408,7 @@ class HttpSession:
             x.on(Ev.ANSWERED)
             return None
         x.on(Ev.BODY_READ)
-        routed.decision = RequestDecision(True, verdict.reason, verdict.rule)
+        routed.decision = RequestVerdict(True, verdict.reason, verdict.rule, status=200)
         events: list[BodyEvent] = [h11.Data(data=body)] if body else []
         events.append(h11.EndOfMessage())
         return events, hook.answer_filter(verdict, headers, path)

@@ -26,8 +26,6 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from proxy.agent.a2a import TaskOwnership
 from proxy.audit import AuditSink, rfc3339
 from proxy.config import InboundConfig, OutboundConfig, RouteConfig
-from proxy.guard.policy import PolicySet
-from proxy.guard.quarantine import GuardConfig
 from proxy.http.conn import Downstream, Upstream
 from proxy.http.exchange import RequestOutcome
 from proxy.http.headers import XFCC, fold, xfcc_value
@@ -36,7 +34,9 @@ from proxy.http.routing import UpstreamFailure
 from proxy.http.session import HttpSession
 from proxy.identity import IdentitySnapshot, IdentityState, SideCache
 from proxy.policy import SpiffePattern, decide_peer
-from proxy.runtime.gate import Gate, svid_age_seconds
+from proxy.policy.evaluate import PolicySet
+from proxy.policy.gate import Gate, svid_age_seconds
+from proxy.policy.quarantine import GuardConfig
 from proxy.runtime.http_routers import InboundRouter, OutboundRouter, emit_outcome, limits_of
 from proxy.runtime.l4 import connect_tcp
 from proxy.runtime.listener import BaseListener, Conn, handshake_within, ms_since

@@ -16,20 +16,23 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 import h11
+import structlog
 
 from proxy.agent.a2a import TaskOwnership
 from proxy.config import InboundConfig, OutboundConfig, RouteConfig
-from proxy.guard.approval import APPROVAL_HEADER
-from proxy.guard.policy import GuardDecision, PolicySet, RequestFacts
 from proxy.http.a2a_flow import A2aGuard
 from proxy.http.conn import Limits
 from proxy.http.exchange import PeerError, RequestOutcome
 from proxy.http.headers import XFCC, Header, header_map, header_value
 from proxy.http.mcp_flow import McpGuard
-from proxy.http.policy import BadPath, RequestDecision, normalize_path
 from proxy.http.routing import Routed
 from proxy.identity import IdentityState, SpiffeId, TrustBundleSet
-from proxy.runtime.gate import Gate
+from proxy.policy.approval import APPROVAL_HEADER
+from proxy.policy.evaluate import PolicySet
+from proxy.policy.gate import Gate
+from proxy.policy.paths import BadPath, normalize_path
+from proxy.policy.rules import RequestFacts
+from proxy.policy.verdict import RequestVerdict, refused
 from proxy.runtime.listener import BaseListener, Conn
 
 
@@ -44,6 +47,8 @@ class InboundView(Protocol):
 
     @property
     def config(self) -> InboundConfig: ...
+
+log = structlog.get_logger("agent_proxy")
 
 
 def limits_of(config: InboundConfig | OutboundConfig) -> Limits:
@@ -115,8 +120,8 @@ def _gated(
     token_raw = header_value(request.headers, APPROVAL_HEADER.lower().encode())
     token = token_raw.decode("ascii", "replace") if token_raw else None
 
-    def decide(body_hash: str | None, decision: GuardDecision | None = None) -> Routed:
-        result = gate.check(
+    def decide(body_hash: str | None, decision: RequestVerdict | None = None) -> Routed:
+        verdict = gate.check(
             policy,
             facts,
             bundles=bundles,
@@ -125,18 +130,15 @@ def _gated(
             body_hash=body_hash,
             decision=decision,
         )
-        base.decision = RequestDecision(result.allowed, result.reason, result.rule)
-        base.status = result.status
-        base.allow_upgrade = result.allowed and upgrade
-        base.reply_headers = [(n.encode(), v.encode()) for n, v in result.headers]
-        base.audit = result.audit_fields()
+        base.decision = verdict
+        base.allow_upgrade = verdict.allowed and upgrade
         base.finish = None
         return base
 
     preview = policy.evaluate(facts)
     needs_body = preview.allowed and any(step.approvers for _, step in preview.high_impact)
     if needs_body:
-        base.decision = RequestDecision(True, preview.reason, preview.rule)
+        base.decision = preview  # allowed so far; the gate decides with the body
         base.max_body = max_body
         base.finish = decide
         return base
@@ -146,7 +148,18 @@ def _gated(
 def emit_outcome(
     listener: BaseListener, conn: Conn, outcome: RequestOutcome, **overrides: object
 ) -> None:
-    """One ``mcp.call`` record per JSON-RPC call, then the ``http.request``."""
+    """One ``mcp.call`` record per JSON-RPC call, then the ``http.request``.
+    A verdict that quarantined the caller is also logged (the policy package
+    only reports it)."""
+    for fields in (*outcome.calls, outcome.extra):
+        if fields.get("quarantine_reason") is not None:
+            verified = conn.tls.peer.verified if conn.tls is not None else None
+            log.warning(
+                "identity quarantined",
+                peer=str(verified.spiffe_id) if verified is not None else "-",
+                reason=fields["quarantine_reason"],
+            )
+            break
     for call in outcome.calls:
         fields = dict(call)
         decision, reason = str(fields.pop("decision")), str(fields.pop("reason"))
@@ -198,12 +211,12 @@ class InboundRouter:
 
     def route(self, request: h11.Request, upgrade: bool) -> Routed:
         if request.method == b"CONNECT":
-            return Routed(RequestDecision(False, "connect_not_allowed", None))
+            return Routed(refused("connect_not_allowed"))
         origin, _ = _origin_form(request)
         path, target = _normalized(origin)
         listener = self.listener
         base = Routed(
-            RequestDecision(False, "no_matching_rule", None),
+            refused("no_matching_rule"),
             path=path,
             key=self.key,
             target=target,
@@ -276,7 +289,7 @@ class OutboundRouter:
 
     def route(self, request: h11.Request, upgrade: bool) -> Routed:
         if request.method == b"CONNECT":
-            return Routed(RequestDecision(False, "connect_not_allowed", None))
+            return Routed(refused("connect_not_allowed"))
         origin, host = _origin_form(request)
         if host is None:
             raw_host = header_value(request.headers, b"host")
@@ -284,9 +297,9 @@ class OutboundRouter:
         route = self._lookup(host)
         path, target = _normalized(origin)
         if route is None or route.policy is None:
-            return Routed(RequestDecision(False, "egress_not_allowed", None), path=path, label=host)
+            return Routed(refused("egress_not_allowed"), path=path, label=host)
         base = Routed(
-            RequestDecision(False, "no_matching_rule", None),
+            refused("no_matching_rule"),
             path=path,
             key=route.name,
             target=target,

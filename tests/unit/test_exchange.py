@@ -21,10 +21,10 @@ from proxy.http.exchange import (
     State,
     classify,
 )
-from proxy.http.policy import RequestDecision
 from proxy.http.pool import UpstreamPool
 from proxy.http.routing import Routed
 from proxy.http.session import HttpSession
+from proxy.policy.verdict import RequestVerdict
 
 # -- the table -------------------------------------------------------------------
 
@@ -111,7 +111,7 @@ class PathRouter:
         path = request.target.decode().split("?")[0]
         allowed = path.startswith("/ok") and request.method in (b"GET", b"POST", b"HEAD")
         return Routed(
-            RequestDecision(allowed, "rule_matched" if allowed else "no_matching_rule", None),
+            RequestVerdict(allowed, "rule_matched" if allowed else "no_matching_rule", None),
             path=path,
             key="origin",
             target=request.target,

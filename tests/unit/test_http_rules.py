@@ -6,11 +6,12 @@ import datetime as dt
 
 import pytest
 
-from proxy.guard.policy import GuardRule, PolicySet, RequestFacts
 from proxy.http.answers import reason_phrase
 from proxy.http.framing import HeadError, HeadScanner
 from proxy.http.headers import fold, forwardable, trailer_fields
-from proxy.http.policy import BadPath, PathPattern, normalize_path
+from proxy.policy.evaluate import PolicySet
+from proxy.policy.paths import BadPath, PathPattern, normalize_path
+from proxy.policy.rules import GuardRule, RequestFacts
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 

@@ -1,6 +1,5 @@
-"""HTTP request matching primitives (pure): path normalisation, path
-patterns, methods, and the plain view of a rule. Decisions themselves are
-:mod:`proxy.guard.policy`'s.
+"""Request matching primitives (pure): path normalisation, path patterns
+and methods. Decisions themselves are :mod:`proxy.policy.evaluate`'s.
 
 Paths are checked after normalisation
 (:func:`normalize_path`), and requests whose path could mean something else
@@ -97,30 +96,24 @@ class PathPattern:
         return cls(text, parts)
 
     def matches(self, path: str) -> bool:
-        return _match(self.segments, tuple(path.split("/")[1:]))
+        return match_segments(self.segments, tuple(path.split("/")[1:]))
 
 
 @lru_cache(maxsize=4096)
-def _match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+def match_segments(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Whether path segments ``parts`` match a parsed pattern's segments."""
     if not pattern:
         return not parts
     head, rest = pattern[0], pattern[1:]
     if head == "**":
-        return any(_match(rest, parts[i:]) for i in range(len(parts) + 1))
+        return any(match_segments(rest, parts[i:]) for i in range(len(parts) + 1))
     if not parts:
         return False
     ok = fnmatch.fnmatchcase(parts[0], head) if "*" in head else parts[0] == head
-    return ok and _match(rest, parts[1:])
+    return ok and match_segments(rest, parts[1:])
 
 
 def parse_method(text: str) -> str:
     if text == "*" or _TCHAR_METHOD.match(text):
         return text
     raise PathPatternError(f"invalid HTTP method {text!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class RequestDecision:
-    allowed: bool
-    reason: str
-    rule: str | None
