@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import h11
 import trio
@@ -84,6 +85,7 @@ class HttpSession:
         self.end_reason: str | None = None
         self._method = b""  # of the exchange under way: a HEAD answer has no body
         self._strip: frozenset[bytes] = frozenset()  # identity headers, for trailers
+        self.accepting: Callable[[], bool] = lambda: True  # the audit sink can write
 
     async def run(self) -> None:
         clean = await self._run()
@@ -103,8 +105,10 @@ class HttpSession:
                 if exc.status:
                     x = Exchange(RequestOutcome(request_id_from(())[0], method="", path=""))
                     x.outcome.failed(exc)
+                    self.down.before_release = partial(self._emit, x)
                     await self._refuse(x, exc.status, exc.message, close=True)
-                    self._emit(x)
+                    if self.down.before_release is not None:  # nothing was released
+                        self._emit(x)
                     return False
                 self.end_reason = (
                     "max_lifetime" if trio.current_time() >= self.lifetime_deadline else exc.reason
@@ -124,6 +128,10 @@ class HttpSession:
             self.down.h11.start_next_cycle()
 
     def _emit(self, x: Exchange) -> None:
+        """Emit the request's records (the listener commits them), once: from
+        the flush that completes the answer, before its last bytes leave, or
+        at the end of the exchange when no answer was released."""
+        self.down.before_release = None
         x.outcome.outcome = classify(x.outcome)
         self.emit(x.outcome)
 
@@ -185,10 +193,17 @@ class HttpSession:
             )
         )
         x.on(Ev.REQUEST_HEAD)
+        self.down.before_release = partial(self._emit, x)
         try:
-            await self._judge_and_forward(request, x, generated)
+            if not self.accepting():  # fail closed: the audit trail cannot be written
+                x.outcome.reason = "audit_unavailable"
+                x.outcome.error = "audit trail unavailable"
+                await self._refuse(x, 503, "audit trail unavailable", close=True)
+            else:
+                await self._judge_and_forward(request, x, generated)
         finally:
-            self._emit(x)
+            if self.down.before_release is not None:  # no answer was released
+                self._emit(x)
         return x
 
     async def _judge_and_forward(

@@ -249,3 +249,68 @@ async def test_head_gets_no_body() -> None:
     assert raw.startswith(b"HTTP/1.1 200 ")
     assert raw.endswith(b"\r\n\r\n")  # a head, and nothing after it
     assert records[0].method == "HEAD"
+
+
+async def _session_with(
+    raw: bytes, *, accepting: bool
+) -> tuple[bytes, list[RequestOutcome], list[str]]:
+    """A session whose audit trail may be down; ``order`` interleaves the
+    records emitted with the sends to the client."""
+    limits = Limits()
+    client, server = trio.testing.memory_stream_pair()
+    records: list[RequestOutcome] = []
+    order: list[str] = []
+
+    pump = server.send_stream.send_all_hook  # moves the bytes to the client's side
+    assert pump is not None
+
+    async def sent() -> None:
+        order.append("sent")
+        await pump()
+
+    server.send_stream.send_all_hook = sent
+
+    def emit(outcome: RequestOutcome) -> None:
+        order.append("record")
+        records.append(outcome)
+
+    async with trio.open_nursery() as nursery:
+
+        async def connect(key: Hashable) -> Upstream:
+            ours, theirs = trio.testing.memory_stream_pair()
+            nursery.start_soon(origin, theirs, [])
+            return Upstream(ours, key, limits)
+
+        session = HttpSession(
+            Downstream(server, limits), PathRouter(), UpstreamPool(connect), limits, emit
+        )
+        session.accepting = lambda: accepting
+
+        async def serve() -> None:
+            await session.run()
+            await server.aclose()
+
+        nursery.start_soon(serve)
+        await client.send_all(raw)
+        await client.send_eof()
+        received = b""
+        with trio.fail_after(10):
+            while data := await client.receive_some(65536):
+                received += data
+        nursery.cancel_scope.cancel()
+    return received, records, order
+
+
+async def test_a_request_is_recorded_before_its_answer_is_released() -> None:
+    raw, records, order = await _session_with(
+        b"GET /ok/1 HTTP/1.1\r\nHost: x\r\n\r\n", accepting=True
+    )
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n") and records[0].outcome == "served"
+    assert order[0] == "record" and "sent" in order
+
+
+async def test_no_audit_trail_no_service() -> None:
+    raw, records, _ = await _session_with(b"GET /ok/1 HTTP/1.1\r\nHost: x\r\n\r\n", accepting=False)
+    assert raw.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    [record] = records
+    assert record.reason == "audit_unavailable"
