@@ -59,7 +59,7 @@ from proxy.http.headers import (
 from proxy.http.pool import UpstreamPool
 from proxy.http.relay import BodyEvent, Relay
 from proxy.http.routing import Routed, Router, UpstreamFailure
-from proxy.http.upstream import start_upstream, tunnel
+from proxy.http.upstream import RawRelay, start_upstream, tunnel
 from proxy.policy.verdict import RequestVerdict
 
 Answered = bool  # keep the connection after our own answer
@@ -73,12 +73,15 @@ class HttpSession:
         pool: UpstreamPool,
         limits: Limits,
         emit: Callable[[RequestOutcome], None],
+        *,
+        raw_relay: RawRelay | None = None,
     ) -> None:
         self.down = downstream
         self.router = router
         self.pool = pool
         self.limits = limits
         self.emit = emit
+        self.raw_relay = raw_relay  # after a 101: the runtime's byte relay
         self.requests = 0
         # max_connection_lifetime, in trio time: no new exchange starts after it.
         self.lifetime_deadline = math.inf
@@ -347,7 +350,7 @@ class HttpSession:
         """After the relay: pool the upstream or drop it, say what failed."""
         x, outcome = run.exchange, run.outcome
         if run.switched:
-            await tunnel(self.down, up, self.pool, outcome)
+            await tunnel(self.down, up, self.pool, outcome, self.raw_relay)
             x.on(Ev.CLOSE)
             return
         error = run.request_error or run.upstream_error

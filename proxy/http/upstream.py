@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 
 import h11
 import trio
@@ -11,9 +11,11 @@ from proxy.http.conn import Downstream, Upstream
 from proxy.http.exchange import PeerError, RequestOutcome
 from proxy.http.pool import UpstreamPool
 from proxy.http.routing import UpstreamFailure
-from proxy.runtime.relay import RelayStats, relay
 
 BodyEvent = h11.Data | h11.EndOfMessage
+# Moves raw bytes both ways until either side ends; (bytes up, bytes down).
+# The runtime supplies it (its relay keeps half-close and the write timeout).
+RawRelay = Callable[[trio.abc.Stream, trio.abc.Stream], Awaitable[tuple[int, int]]]
 
 
 async def start_upstream(
@@ -58,7 +60,11 @@ async def start_upstream(
 
 
 async def tunnel(
-    down: Downstream, up: Upstream, pool: UpstreamPool, outcome: RequestOutcome
+    down: Downstream,
+    up: Upstream,
+    pool: UpstreamPool,
+    outcome: RequestOutcome,
+    raw_relay: RawRelay | None,
 ) -> None:
     """After a 101 the connection is no longer HTTP: relay raw bytes,
     starting with whatever either h11 had buffered past the handshake."""
@@ -69,9 +75,10 @@ async def tunnel(
             await up.stream.send_all(leftover_down)
         if leftover_up:
             await down.stream.send_all(leftover_up)
-        stats = RelayStats()
-        await relay(down.stream, up.stream, stats)
-        outcome.bytes_up += stats.bytes_up + len(leftover_down)
-        outcome.bytes_down += stats.bytes_down + len(leftover_up)
+        if raw_relay is None:  # this session cannot carry another protocol
+            return
+        bytes_up, bytes_down = await raw_relay(down.stream, up.stream)
+        outcome.bytes_up += bytes_up + len(leftover_down)
+        outcome.bytes_down += bytes_down + len(leftover_up)
     finally:
         await pool.discard(up)

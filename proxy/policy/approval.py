@@ -44,7 +44,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from proxy.agent.jsonrpc import canonical_json
 from proxy.identity import (
     ChainError,
     SpiffeId,
@@ -54,6 +53,7 @@ from proxy.identity import (
     X509Svid,
     verify_x509_svid,
 )
+from proxy.policy.canonical import canonical_json
 from proxy.policy.peers import SpiffePattern
 
 __all__ = [

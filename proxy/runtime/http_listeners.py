@@ -40,9 +40,20 @@ from proxy.policy.quarantine import GuardConfig
 from proxy.runtime.http_routers import InboundRouter, OutboundRouter, emit_outcome, limits_of
 from proxy.runtime.l4 import connect_tcp
 from proxy.runtime.listener import BaseListener, Conn, handshake_within, ms_since
+from proxy.runtime.relay import RelayStats, relay
 from proxy.tls import TlsSide, TLSStream, build_side
 
 log = structlog.get_logger("agent_proxy")
+
+
+async def raw_relay(
+    down: trio.abc.Stream, up: trio.abc.Stream, *, write_timeout: float
+) -> tuple[int, int]:
+    """The byte relay after a 101 (half-close, resets and the write timeout
+    as for TCP listeners): (bytes up, bytes down)."""
+    stats = RelayStats()
+    await relay(down, up, stats, write_timeout=write_timeout)
+    return stats.bytes_up, stats.bytes_down
 
 
 class HttpInboundListener(BaseListener):
@@ -123,6 +134,7 @@ class HttpInboundListener(BaseListener):
             self.pool,
             self.limits,
             partial(self._emit, conn),
+            raw_relay=partial(raw_relay, write_timeout=self.config.write_timeout),
         )
         session.lifetime_deadline = conn.lifetime_deadline
         finished = False
@@ -246,6 +258,7 @@ class HttpOutboundListener(BaseListener):
             self.pool,
             self.limits,
             partial(self._emit, conn),
+            raw_relay=partial(raw_relay, write_timeout=self.config.write_timeout),
         )
         await session.run()
 
