@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.agent import mcp
+from proxy.agent import mcp, mcp_answers, mcp_headers
 from proxy.agent.jsonrpc import (
     IdKey,
     JsonRpcError,
@@ -105,7 +105,7 @@ class McpGuard:
         denied_any = False
         for call in calls:
             if mcp.is_2026(version) and call.method is not None:
-                mismatch = mcp.check_mirrored_headers(call, headers)
+                mismatch = mcp_headers.check_mirrored_headers(call, headers)
                 if mismatch is not None:
                     refused = {
                         "args_sha256": args_sha256(call.arguments or {}) if call.tool else None,
@@ -183,7 +183,9 @@ class McpGuard:
             }
             for call in calls:
                 if call.id is not None and call.id_key not in denied_ids:
-                    answers.append(mcp.denied(call.id, "batch refused: it contains a denied call"))
+                    answers.append(
+                        mcp_answers.denied(call.id, "batch refused: it contains a denied call")
+                    )
             verdict.body = b"[" + b",".join(answers) + b"]"
         else:
             verdict.body = answers[0] if answers else b""
@@ -202,13 +204,13 @@ class McpGuard:
     ) -> bytes:
         assert call.id is not None
         if reason == "rate_limited":
-            return mcp.rate_limited(call.id, retry_after or 1.0)
+            return mcp_answers.rate_limited(call.id, retry_after or 1.0)
         if call.method == "tools/call" and call.tool is not None:
             if not policy.visible(facts, "tool", call.tool):
-                return mcp.unknown_tool(call.id, call.tool)  # hidden tools do not exist
+                return mcp_answers.unknown_tool(call.id, call.tool)  # hidden tools do not exist
             text = f"refused by policy ({reason})" + (f": {detail}" if detail else "")
-            return mcp.forbidden_arguments(call.id, text, version)
-        return mcp.denied(call.id, reason)
+            return mcp_answers.forbidden_arguments(call.id, text, version)
+        return mcp_answers.denied(call.id, reason)
 
 
 def _approval_token(call: mcp.McpCall, headers: dict[str, str]) -> str | None:
@@ -263,7 +265,7 @@ class ResponseFilter:
         if self.json_step is not None:
             filtered = self.json_step(body)
         else:
-            filtered = mcp.filter_responses(
+            filtered = mcp_answers.filter_responses(
                 body, self.pending, self.policy, self.version, infer=self.infer
             )
         return body if filtered is None else filtered
