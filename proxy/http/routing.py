@@ -15,7 +15,8 @@ from typing import Protocol
 import h11
 
 from proxy.http.agent_hook import AgentHook
-from proxy.http.headers import Header
+from proxy.http.exchange import RequestOutcome
+from proxy.http.headers import REQUEST_ID, Header, forwardable, is_chunked
 from proxy.policy.verdict import RequestVerdict
 
 
@@ -36,6 +37,29 @@ class Routed:
     finish: Callable[[str], Routed] | None = None
     max_body: int = 1 << 20
     hook: AgentHook | None = None  # an agent protocol judges the body per call
+
+
+def upstream_request_for(
+    request: h11.Request,
+    routed: Routed,
+    upgrade: bool,
+    generated_id: bool,
+    outcome: RequestOutcome,
+) -> h11.Request:
+    """The request head the upstream gets: hop-by-hop and identity fields
+    gone, ours added, the normalised target that policy judged."""
+    headers = forwardable(
+        request.headers,
+        # An X-Request-Id we did not take (invalid) is replaced, not doubled.
+        strip=routed.strip | ({b"expect", REQUEST_ID} if generated_id else {b"expect"}),
+        keep_upgrade=upgrade and routed.allow_upgrade,
+    )
+    if is_chunked(request.headers):
+        headers.append((b"transfer-encoding", b"chunked"))
+    headers.extend(routed.add_headers)
+    if generated_id:
+        headers.append((REQUEST_ID, outcome.request_id.encode()))
+    return h11.Request(method=request.method, target=routed.target, headers=headers)
 
 
 class Router(Protocol):

@@ -46,19 +46,16 @@ from proxy.http.exchange import (
     classify,
 )
 from proxy.http.headers import (
-    REQUEST_ID,
     Header,
     connection_tokens,
-    forwardable,
     header_map,
     header_value,
-    is_chunked,
     request_id_from,
     trailer_fields,
 )
 from proxy.http.pool import UpstreamPool
 from proxy.http.relay import BodyEvent, Relay
-from proxy.http.routing import Routed, Router, UpstreamFailure
+from proxy.http.routing import Routed, Router, UpstreamFailure, upstream_request_for
 from proxy.http.upstream import RawRelay, start_upstream, tunnel
 from proxy.policy.verdict import RequestVerdict
 
@@ -276,7 +273,8 @@ class HttpSession:
         )
         if self.down.h11.their_state is not h11.SEND_BODY:
             body_complete = True
-        upstream_request = self._upstream_request(request, routed, upgrade, generated_id, outcome)
+        upstream_request = upstream_request_for(request, routed, upgrade, generated_id, outcome)
+        self._strip = routed.strip
         expect_continue = self.down.h11.they_are_waiting_for_100_continue
         try:
             up, first = await start_upstream(
@@ -323,28 +321,6 @@ class HttpSession:
         )
         await run.run()
         await self._relayed(run, up)
-
-    def _upstream_request(
-        self,
-        request: h11.Request,
-        routed: Routed,
-        upgrade: bool,
-        generated_id: bool,
-        outcome: RequestOutcome,
-    ) -> h11.Request:
-        headers = forwardable(
-            request.headers,
-            # An X-Request-Id we did not take (invalid) is replaced, not doubled.
-            strip=routed.strip | ({b"expect", REQUEST_ID} if generated_id else {b"expect"}),
-            keep_upgrade=upgrade and routed.allow_upgrade,
-        )
-        if is_chunked(request.headers):
-            headers.append((b"transfer-encoding", b"chunked"))
-        headers.extend(routed.add_headers)
-        if generated_id:
-            headers.append((REQUEST_ID, outcome.request_id.encode()))
-        self._strip = routed.strip
-        return h11.Request(method=request.method, target=routed.target, headers=headers)
 
     async def _relayed(self, run: Relay, up: Upstream) -> None:
         """After the relay: pool the upstream or drop it, say what failed."""
