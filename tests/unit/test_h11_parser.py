@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from proxy.http.h11_parser import H11Parser
-from proxy.http.wire import NEED_DATA, Body, End, Event, Framing, Head, ParseError, ParserLimits
+from proxy.http.wire import (
+    NEED_DATA,
+    Body,
+    End,
+    Event,
+    Framing,
+    Head,
+    ParseError,
+    ParserLimits,
+    Role,
+)
 
 
 def drain(parser: H11Parser) -> list[Event]:
@@ -165,3 +177,56 @@ def test_a_broken_response_is_the_upstreams_fault() -> None:
     with pytest.raises(ParseError) as caught:
         parser.next_event()
     assert (caught.value.status, caught.value.reason) == (502, "bad_upstream_response")
+
+
+SEEDS = [
+    b"GET /a?b=c HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n",
+    b"POST /u HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST /u HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n0\r\nT: 1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\n\r\nuntil close",
+]
+NASTY = [b"\r", b"\n", b"\x00", b":", b" ", b"\t", b"\xff", b"0", b"\r\n\r\n", b",", b";"]
+
+
+def _mutate(rng: random.Random, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        pos = rng.randrange(len(out) + 1)
+        choice = rng.random()
+        if choice < 0.3 and out:
+            del out[pos : pos + rng.randint(1, 4)]
+        elif choice < 0.6:
+            out[pos:pos] = rng.choice(NASTY)
+        elif out:
+            out[min(pos, len(out) - 1)] = rng.randrange(256)
+    return bytes(out)
+
+
+def test_any_bytes_in_any_pieces_raise_only_parse_error() -> None:
+    rng = random.Random(20261201)
+    for case in range(3000):
+        seed = SEEDS[case % len(SEEDS)]
+        role: Role = "response" if seed.startswith(b"HTTP/") else "request"
+        data = _mutate(rng, seed)
+        parser = H11Parser(role, ParserLimits(max_header_bytes=1024, max_headers=20))
+        try:
+            pos = 0
+            while pos < len(data):
+                step = rng.randint(1, 16)
+                parser.feed(data[pos : pos + step])
+                pos += step
+                for _ in range(8):
+                    event = parser.next_event()
+                    if event is NEED_DATA:
+                        break
+                    if isinstance(event, End):
+                        parser.start_next_cycle()
+            parser.feed(b"")
+            for _ in range(8):
+                if parser.next_event() is NEED_DATA:
+                    break
+        except ParseError:
+            pass
