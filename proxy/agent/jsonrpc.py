@@ -33,6 +33,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
+from proxy.policy.canonical import canonical_json
+
 JsonRpcId: TypeAlias = str | int
 # (type tag, value): ("s", "1") and ("n", 1) never collide as dictionary keys.
 IdKey: TypeAlias = tuple[str, str | int]
@@ -344,18 +346,6 @@ def error_response(
 
 def result_response(id: JsonRpcId, result: Any) -> bytes:
     return dumps({"jsonrpc": JSONRPC_VERSION, "id": id, "result": result})
-
-
-def canonical_json(value: Any) -> bytes:
-    """Sorted keys, no whitespace, UTF-8: equal JSON values, equal bytes.
-
-    Stable within this project (audit digests, argument hashes). It is not
-    RFC 8785 (JCS): keys sort by code point, not UTF-16 unit, and floats use
-    Python's shortest repr.
-    """
-    return json.dumps(
-        value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-    ).encode("utf-8")
 
 
 def args_sha256(arguments: Any) -> str:

@@ -47,8 +47,8 @@ from proxy.config.sections import (
 )
 from proxy.config.summary import summarize
 from proxy.config.walker import Ctx, Table
-from proxy.guard.policy import PolicySet, policy_version
-from proxy.guard.quarantine import GuardConfig
+from proxy.policy.evaluate import PolicySet, policy_version
+from proxy.policy.quarantine import GuardConfig
 
 __all__ = [
     "DEFAULT_ADMIN",

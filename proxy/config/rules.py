@@ -9,11 +9,11 @@ from urllib.parse import urlsplit
 
 from proxy.agent.a2a import normalize_method as normalize_a2a_method
 from proxy.config.walker import Table
-from proxy.guard.conditions import ConditionError, compile_condition
-from proxy.guard.policy import GuardRule, HighImpact
-from proxy.guard.ratelimit import Rate, RateError
-from proxy.http.policy import PathPattern, PathPatternError, parse_method
 from proxy.policy import PatternError, SpiffePattern
+from proxy.policy.conditions import ConditionError, compile_condition
+from proxy.policy.paths import PathPattern, PathPatternError, parse_method
+from proxy.policy.ratelimit import Rate, RateError
+from proxy.policy.rules import GuardRule, HighImpact
 
 
 def http_only(protocol: str, keys: Sequence[str]) -> dict[str, str]:

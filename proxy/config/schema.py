@@ -15,11 +15,12 @@ from types import MappingProxyType
 from typing import Literal
 
 from proxy.errors import UsageError
-from proxy.guard.policy import GuardRule, PolicySet
-from proxy.guard.quarantine import GuardConfig
 from proxy.identity import SpiffeId, TrustDomain
 from proxy.netaddr import HostPort
 from proxy.policy import SpiffePattern
+from proxy.policy.evaluate import PolicySet
+from proxy.policy.quarantine import GuardConfig
+from proxy.policy.rules import GuardRule
 
 IdentitySource = Literal["files", "workload-api", "dev"]
 MinTls = Literal["1.2", "1.3"]
@@ -100,7 +101,7 @@ class InboundConfig:
     allow_remote_target: bool = False
     identity_headers: tuple[str, ...] = (XFCC,)
     limits: HttpLimits = HttpLimits()
-    # Every rule of the listener, for the guard (proxy.guard.policy).
+    # Every rule of the listener, for the guard (proxy.policy.evaluate).
     guard: PolicySet = field(default_factory=PolicySet, compare=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # mcp/a2a: JSON-RPC bodies we parse
 

@@ -21,9 +21,9 @@ from proxy.config.schema import (
     IdentitySource,
 )
 from proxy.config.walker import Ctx, Table
-from proxy.guard.quarantine import DenyBurst, GuardConfig, RateSpike
 from proxy.identity import SpiffeId, SpiffeIdError, TrustDomain
 from proxy.netaddr import AddressError, HostPort
+from proxy.policy.quarantine import DenyBurst, GuardConfig, RateSpike
 
 # -- identity, admin ----------------------------------------------------------
 

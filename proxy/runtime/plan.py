@@ -34,8 +34,9 @@ from proxy.config import Config, InboundConfig, OutboundConfig
 from proxy.errors import UsageError, find_exception
 from proxy.identity import IdentityState
 from proxy.metrics import Metrics
+from proxy.policy.gate import Gate
 from proxy.runtime.admin import AdminServer
-from proxy.runtime.gate import Gate, install_guard_routes
+from proxy.runtime.gate import install_guard_routes
 from proxy.runtime.http_listeners import HttpInboundListener, HttpOutboundListener
 from proxy.runtime.l4 import L4Config, L4Listener
 from proxy.runtime.listener import BaseListener

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.guard.approval import ReplayCache, body_sha256, canonical_json, verify_approval
 from proxy.identity import SpiffeId, TrustBundle, TrustBundleSet, TrustDomain
 from proxy.policy import SpiffePattern
+from proxy.policy.approval import ReplayCache, body_sha256, canonical_json, verify_approval
 from tests.pki import TestCA
 
 REPO = Path(__file__).resolve().parents[2]

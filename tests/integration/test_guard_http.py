@@ -13,9 +13,9 @@ import pytest
 import trio
 
 from proxy.config import parse_config
-from proxy.guard.approval import mint_approval
 from proxy.identity import IdentityState, SpiffeId, load_x509_svid
-from proxy.runtime.gate import Gate
+from proxy.policy.approval import mint_approval
+from proxy.policy.gate import Gate
 from proxy.runtime.http_listeners import HttpInboundListener
 from tests.integration.http_support import (
     RecordingBackend,

@@ -11,8 +11,9 @@ import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.integration.http_support import (
-    RecordingBackend,
+    InboundEnv,
     client_context,
+    inbound_env,
     read_response,
     start_inbound,
     tls_connect,
@@ -49,34 +50,10 @@ def payroll(ca_a: TestCA) -> Issued:
     return ca_a.issue(PAYROLL)
 
 
-class Env:
-    def __init__(
-        self, backend: RecordingBackend, port: int, audit: MemoryAudit, client: Issued
-    ) -> None:
-        self.backend, self.port, self.audit, self.client = backend, port, audit, client
-
-    async def exchange(
-        self, raw: bytes, method: bytes = b"GET"
-    ) -> tuple[int, dict[str, str], bytes]:
-        stream = await tls_connect(self.port, client_context(self.client))
-        try:
-            await stream.send_all(raw)
-            return await read_response(stream, method)
-        finally:
-            await stream.aclose()
-
-    def requests(self) -> list[dict[str, Any]]:
-        return [r for r in self.audit.records() if r["event"] == "http.request"]
-
-
-async def _env(nursery: trio.Nursery, hr: Issued, ca: TestCA, client: Issued, **extra: Any) -> Env:
-    backend = RecordingBackend()
-    await backend.start(nursery)
-    audit = MemoryAudit()
-    _, port = await start_inbound(
-        nursery, issued=hr, cas=(ca,), target_port=backend.port, rules=RULES, audit=audit, **extra
-    )
-    return Env(backend, port, audit, client)
+async def _env(
+    nursery: trio.Nursery, hr: Issued, ca: TestCA, client: Issued, **extra: Any
+) -> InboundEnv:
+    return await inbound_env(nursery, hr, ca, client, RULES, **extra)
 
 
 async def test_allowed_request_reaches_target_with_our_identity_header(

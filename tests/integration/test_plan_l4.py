@@ -13,7 +13,7 @@ import trio.testing
 
 from proxy.config import Config, parse_config
 from proxy.identity import IdentityState
-from proxy.runtime.gate import Gate
+from proxy.policy.gate import Gate
 from proxy.runtime.listener import BaseListener
 from proxy.runtime.plan import build_listeners
 from proxy.runtime.reload import ConfigReloader

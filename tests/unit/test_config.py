@@ -28,10 +28,10 @@ from proxy.config import (
     summarize,
 )
 from proxy.errors import UsageError
-from proxy.http.policy import PathPattern
 from proxy.identity import SpiffeId, TrustDomain
 from proxy.netaddr import HostPort
 from proxy.policy import SpiffePattern
+from proxy.policy.paths import PathPattern
 
 PAYROLL = "spiffe://payroll.example/agent/payroll"
 HR = "spiffe://payroll.example/svc/hr"

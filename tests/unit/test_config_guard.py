@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from proxy.config import ConfigError, parse_config, summarize
-from proxy.guard.policy import HighImpact
-from proxy.guard.quarantine import DenyBurst, GuardConfig, RateSpike
-from proxy.guard.ratelimit import Rate
 from proxy.policy import SpiffePattern
+from proxy.policy.quarantine import DenyBurst, GuardConfig, RateSpike
+from proxy.policy.ratelimit import Rate
+from proxy.policy.rules import HighImpact
 
 PAYROLL = "spiffe://payroll.example/agent/payroll"
 APPROVER = "spiffe://payroll.example/approver/*"

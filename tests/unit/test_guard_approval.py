@@ -11,7 +11,10 @@ from typing import Any
 import jwt
 import pytest
 
-from proxy.guard.approval import (
+from proxy.identity import SpiffeId, TrustBundle, TrustBundleSet, TrustDomain, load_x509_svid
+from proxy.identity.svid import X509Svid
+from proxy.policy import SpiffePattern
+from proxy.policy.approval import (
     ApprovalError,
     ReplayCache,
     body_sha256,
@@ -20,9 +23,6 @@ from proxy.guard.approval import (
     mint_approval,
     verify_approval,
 )
-from proxy.identity import SpiffeId, TrustBundle, TrustBundleSet, TrustDomain, load_x509_svid
-from proxy.identity.svid import X509Svid
-from proxy.policy import SpiffePattern
 from tests.pki import Issued, TestCA, now
 
 REQUESTER = SpiffeId.parse("spiffe://payroll.example/agent/payroll")

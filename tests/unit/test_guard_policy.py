@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 
-from proxy.guard.conditions import ConditionError, compile_condition
-from proxy.guard.policy import GuardRule, HighImpact, PolicySet, RequestFacts
-from proxy.guard.ratelimit import Rate
-from proxy.http.policy import PathPattern
 from proxy.identity import SpiffeId
 from proxy.policy import SpiffePattern
+from proxy.policy.conditions import ConditionError, compile_condition
+from proxy.policy.evaluate import PolicySet
+from proxy.policy.paths import PathPattern
+from proxy.policy.ratelimit import Rate
+from proxy.policy.rules import GuardRule, HighImpact, RequestFacts
 
 NOW = datetime(2026, 3, 4, 10, 30, tzinfo=UTC)  # a Wednesday
 PAYROLL = "spiffe://payroll.example/agent/payroll"

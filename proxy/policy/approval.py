@@ -44,7 +44,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from proxy.agent.jsonrpc import canonical_json
 from proxy.identity import (
     ChainError,
     SpiffeId,
@@ -54,7 +53,8 @@ from proxy.identity import (
     X509Svid,
     verify_x509_svid,
 )
-from proxy.policy import SpiffePattern
+from proxy.policy.canonical import canonical_json
+from proxy.policy.peers import SpiffePattern
 
 __all__ = [
     "APPROVAL_HEADER",
@@ -94,8 +94,6 @@ ATTESTATION_UNKNOWN = "attestation_unknown"
 
 class ApprovalError(ValueError):
     """Minting refused: bad input (the message says what)."""
-
-
 
 
 def body_sha256(data: bytes) -> str:
@@ -363,5 +361,3 @@ def check_high_impact(
             replay=replay,
         )
     return ApprovalResult(True, OK)
-
-

@@ -254,9 +254,7 @@ class Tripwire:
             )
         return None
 
-    def _novelty(
-        self, state: _PeerState, item: str | None, now: float
-    ) -> tuple[str, str] | None:
+    def _novelty(self, state: _PeerState, item: str | None, now: float) -> tuple[str, str] | None:
         cfg = self.config
         if item is None or not (cfg.new_tool or cfg.new_path):
             return None
