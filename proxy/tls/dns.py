@@ -281,7 +281,7 @@ def build_dns_side(
         if ca != SYSTEM_TRUST:
             raise DnsTlsError(f'ca must be "{SYSTEM_TRUST}" or certificates, got {ca!r}')
         ctx.set_default_verify_paths()
-        trust = SYSTEM_TRUST
+        trust: str = SYSTEM_TRUST
     else:
         if not ca:
             raise DnsTlsError("ca_file holds no certificate")
