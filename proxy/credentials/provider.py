@@ -56,6 +56,7 @@ USABLE_MARGIN = timedelta(seconds=10)
 # Refresh at 80% of a token's life, and at least this long before expiry.
 REFRESH_FRACTION = 0.8
 REFRESH_LEAD = timedelta(minutes=5)
+MIN_REFRESH = timedelta(seconds=1)
 _FIELD_SAFE = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII, as tokens are
 STATIC_POLL = 2.0  # seconds between checks of a static secret's file
 
@@ -135,14 +136,15 @@ class Credential:
 
 
 def refresh_at(token: Token) -> datetime | None:
-    """When to fetch the next token: at 80% of its life, and at least
-    REFRESH_LEAD before expiry (for short tokens: 80% wins, never past the
-    usable margin). None for a static secret."""
+    """When to fetch the next token: at 80% of its life or REFRESH_LEAD
+    before expiry, whichever is earlier, but never before half its life
+    (a short token must not make us hammer the endpoint), and at least
+    MIN_REFRESH after it was issued. None for a static secret."""
     if token.expiry is None:
         return None
     life = token.expiry - token.issued
-    at = min(token.issued + life * REFRESH_FRACTION, token.expiry - REFRESH_LEAD)
-    return max(at, token.issued)
+    after = max(min(life * REFRESH_FRACTION, life - REFRESH_LEAD), life / 2, MIN_REFRESH)
+    return token.issued + after
 
 
 class CredentialProvider:
