@@ -1,0 +1,165 @@
+"""Config parsers for DNS routes, credentials and inbound JWT-SVIDs."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.config import ConfigError
+from proxy.credentials.config import (
+    CredentialConfig,
+    InboundJwtConfig,
+    UpstreamTlsConfig,
+    parse_credential,
+    parse_inbound_jwt,
+    parse_upstream_tls,
+)
+from proxy.identity import TrustDomain
+
+BASE = Path("/etc/agent-proxy")
+ROUTE = "outbound[0].routes[1]"
+
+
+def toml(text: str) -> dict[str, Any]:
+    return tomllib.loads(text)
+
+
+def tls(text: str, host: str | None = "bank.example:443") -> UpstreamTlsConfig:
+    return parse_upstream_tls(toml(text), ROUTE, source="c.toml", base_dir=BASE, default_host=host)
+
+
+def credential(text: str) -> CredentialConfig:
+    table = toml(text)["credential"]
+    return parse_credential(table, f"{ROUTE}.credential", source="c.toml", base_dir=BASE)
+
+
+def error(fn: Any, *args: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn(*args)
+    return str(info.value)
+
+
+def test_upstream_tls_defaults_and_dns() -> None:
+    assert tls('expect = ["spiffe://a.org/x"]') == UpstreamTlsConfig()
+    got = tls('upstream_tls = "dns"\nca_file = "certs/bank-ca.pem"\nclient_cert = "svid"')
+    assert got == UpstreamTlsConfig("dns", BASE / "certs/bank-ca.pem", "bank.example", "svid")
+    assert tls('upstream_tls = "dns"').ca_file == "system"
+    assert tls('upstream_tls = "dns"\nserver_name = "API.Bank.Example"').server_name == (
+        "api.bank.example"
+    )
+    assert tls('upstream_tls = "dns"', host="[::1]:8443").server_name == "::1"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            'upstream_tls = "tls"',
+            'c.toml: outbound[0].routes[1].upstream_tls: expected one of "spiffe", "dns"',
+        ),
+        ('ca_file = "x.pem"', 'ca_file: only for upstream_tls = "dns"'),
+        ('upstream_tls = "dns"\nexpect = ["spiffe://a.org/x"]', "expect: not for upstream_tls"),
+        ('upstream_tls = "dns"\nserver_name = "bad name"', "server_name: server_name 'bad name'"),
+        (
+            'upstream_tls = "dns"\nclient_cert = "yes"',
+            'client_cert: expected one of "none", "svid"',
+        ),
+    ],
+)
+def test_upstream_tls_errors(text: str, problem: str) -> None:
+    assert problem in error(tls, text)
+
+
+def test_upstream_tls_needs_a_name() -> None:
+    assert "server_name: required" in error(tls, 'upstream_tls = "dns"', None)
+
+
+def test_credential_types() -> None:
+    assert credential('[credential]\ntype = "jwt-svid"\naudience = "https://bank"') == (
+        CredentialConfig(type="jwt-svid", audience="https://bank")
+    )
+    mtls = credential(
+        '[credential]\ntype = "oauth2-mtls"\ntoken_url = "https://idp/token"\n'
+        'client_id = "payroll"\nscope = "payments:read accounts:read"\n'
+        'resource = "https://bank"\ntoken_ca_file = "idp-ca.pem"\ntimeout = 5'
+    )
+    assert mtls.scope == ("payments:read", "accounts:read")
+    assert mtls.token_ca_file == BASE / "idp-ca.pem" and mtls.timeout == 5.0
+    bearer = credential(
+        '[credential]\ntype = "oauth2-jwt-bearer"\ntoken_url = "https://idp/token"\n'
+        'assertion = "svid-key"\nscope = ["a", "b"]'
+    )
+    assert bearer.assertion == "svid-key" and bearer.scope == ("a", "b")
+    assert bearer.token_ca_file == "system"
+    f = credential(
+        '[credential]\ntype = "file"\npath = "/run/secrets/key"\n'
+        'header = "X-API-Key"\nformat = "{secret}"'
+    )
+    assert (f.path, f.header, f.format) == (Path("/run/secrets/key"), "x-api-key", "{secret}")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('type = "basic"', "credential.type: expected one of"),
+        ('type = "jwt-svid"', "credential.audience: required"),
+        ('type = "file"\npath = "k"\naudience = "x"', 'credential.audience: not for type = "file"'),
+        (
+            'type = "file"\npath = "k"\npaht = "x"',
+            "unknown key 'outbound[0].routes[1].credential.paht' (did you mean 'path'?)",
+        ),
+        (
+            'type = "oauth2-mtls"\ntoken_url = "http://idp/t"\nclient_id = "c"',
+            "must be an https URL",
+        ),
+        (
+            'type = "oauth2-mtls"\ntoken_url = "https://idp/t"',
+            "client_id: required for oauth2-mtls",
+        ),
+        ('type = "file"\npath = "k"\nheader = "Host"', "header: 'host' cannot carry"),
+        ('type = "file"\npath = "k"\nformat = "Bearer"', 'format: must hold "{secret}" once'),
+        (
+            'type = "file"\npath = "k"\nformat = "{secret}\\r\\n"',
+            'format: must hold "{secret}" once',
+        ),
+        (
+            'type = "oauth2-mtls"\ntoken_url = "https://i/t"\nclient_id = "c"\nscope = "a\\"b"',
+            "invalid scope token",
+        ),
+        (
+            'type = "oauth2-mtls"\ntoken_url = "https://i/t"\nclient_id = "c"\ntimeout = 0',
+            "timeout: expected seconds",
+        ),
+        (
+            'type = "oauth2-jwt-bearer"\ntoken_url = "https://i/t"\nassertion = "svid-key"\naudience = "a"',
+            'audience: only for assertion = "jwt-svid"',
+        ),
+    ],
+)
+def test_credential_errors(text: str, problem: str) -> None:
+    message = error(credential, f"[credential]\n{text}")
+    assert message.startswith("c.toml: ")
+    assert problem in message
+    assert "\n" not in message
+
+
+def test_inbound_jwt_svid() -> None:
+    parse = lambda text: parse_inbound_jwt(  # noqa: E731
+        toml(text), "inbound[0]", source="c.toml", base_dir=BASE
+    )
+    assert parse('name = "x"') is None
+    got = parse('jwt_svid = { audience = "spiffe://a.org/svc/hr" }')
+    assert got == InboundJwtConfig("spiffe://a.org/svc/hr", {})
+    fed = parse('jwt_svid = { audience = "a", bundles = { "b.org" = "b.jwks" } }')
+    assert fed is not None and fed.bundles == {TrustDomain.parse("b.org"): BASE / "b.jwks"}
+    assert "jwt_svid.audience: required" in error(parse, "jwt_svid = {}")
+    assert "jwt_svid: expected a table" in error(parse, 'jwt_svid = "a"')
+    assert "jwt_svid.bundles.B_ORG" in error(
+        parse, 'jwt_svid = { audience = "a", bundles = { "B_ORG" = "x" } }'
+    )
+    assert "unknown key 'inbound[0].jwt_svid.audiance'" in error(
+        parse, 'jwt_svid = { audience = "a", audiance = "b" }'
+    )
