@@ -43,6 +43,7 @@ __all__ = [
     "JwtSvid",
     "JwtSvidError",
     "authenticate_bearer",
+    "jws_alg_for",
     "mint_jwt_svid",
     "validate_jwt_svid",
 ]
@@ -111,7 +112,7 @@ class JwtSigningKey:
 
     @property
     def alg(self) -> str:
-        return _alg_for(self.private_key.public_key())
+        return jws_alg_for(self.private_key.public_key())
 
     def public_jwk(self) -> dict[str, Any]:
         """The bundle entry for this key (Trust Domain and Bundle 4.2.2)."""
@@ -123,13 +124,16 @@ class JwtSigningKey:
         return {**jwk, "use": JWT_SVID_USE, "kid": self.kid}
 
 
-def _alg_for(public: JwtPublicKey) -> str:
+def jws_alg_for(public: object) -> str:
+    """The JWS alg a key signs with: ES256/384/512 by curve, RS256 for RSA."""
     if isinstance(public, ec.EllipticCurvePublicKey):
         alg = _EC_ALGS.get(public.curve.name)
         if alg is None:
             raise ValueError(f"unsupported EC curve {public.curve.name} for a JWT-SVID")
         return alg
-    return "RS256"
+    if isinstance(public, rsa.RSAPublicKey):
+        return "RS256"
+    raise ValueError(f"{type(public).__name__} cannot sign a JWT-SVID (SPIFFE allows RS/ES/PS)")
 
 
 @dataclass(frozen=True)

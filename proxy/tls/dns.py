@@ -30,7 +30,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import Final, Literal, cast
 
 import trio
 from cryptography import x509
@@ -52,13 +52,17 @@ __all__ = [
     "DnsSide",
     "DnsTlsError",
     "DnsVerification",
+    "TrustChoice",
     "build_dns_side",
+    "check_server_name",
     "load_ca_file",
     "open_dns_stream",
 ]
 
-SYSTEM_TRUST = "system"
+SYSTEM_TRUST: Final = "system"
 Clock = Callable[[], _dt.datetime]
+# What a DNS route trusts: the system store, or the CA certificates of its ca_file.
+TrustChoice = Literal["system"] | Sequence[x509.Certificate]
 
 # Reasons an upstream is refused; each names one thing an operator can fix.
 NAME_MISMATCH = "upstream_name_mismatch"
@@ -139,6 +143,11 @@ def _subject(name: str) -> x509.DNSName | x509.IPAddress:
             "(lowercase letters, digits, '-' and '.'; IDNs in their xn-- form)"
         )
     return x509.DNSName(name)
+
+
+def check_server_name(name: str) -> None:
+    """DnsTlsError unless ``name`` can be verified (config checks it early)."""
+    _subject(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +269,7 @@ class DnsSide:
 
 def build_dns_side(
     server_name: str,
-    ca: Literal["system"] | Sequence[x509.Certificate],
+    ca: TrustChoice,
     *,
     client_svid: X509Svid | None = None,
     clock: Clock = _utcnow,

@@ -134,7 +134,8 @@ def test_credential_types() -> None:
             "timeout: expected seconds",
         ),
         (
-            'type = "oauth2-jwt-bearer"\ntoken_url = "https://i/t"\nassertion = "svid-key"\naudience = "a"',
+            'type = "oauth2-jwt-bearer"\ntoken_url = "https://i/t"\n'
+            'assertion = "svid-key"\naudience = "a"',
             'audience: only for assertion = "jwt-svid"',
         ),
     ],
