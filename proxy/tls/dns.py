@@ -57,6 +57,7 @@ __all__ = [
     "check_server_name",
     "load_ca_file",
     "open_dns_stream",
+    "verified_upstream",
 ]
 
 SYSTEM_TRUST: Final = "system"
@@ -308,6 +309,12 @@ def build_dns_side(
     ctx.set_verify(SSL.VERIFY_PEER, _verify_callback)
     ctx.set_verify_depth(8)
     return DnsSide(context=ctx, server_name=server_name, trust=trust, clock=clock)
+
+
+def verified_upstream(stream: TLSStream) -> VerifiedUpstream | None:
+    """What admitted the upstream of a stream from :func:`open_dns_stream`."""
+    state: object = stream.peer
+    return state.verified if isinstance(state, DnsVerification) else None
 
 
 async def open_dns_stream(host: str, port: int, side: DnsSide, *, timeout: float) -> TLSStream:

@@ -26,6 +26,7 @@ from proxy.tls.dns import (
     build_dns_side,
     load_ca_file,
     open_dns_stream,
+    verified_upstream,
 )
 from proxy.tls.stream import TLSHandshakeError
 from tests.pki import TestCA
@@ -87,8 +88,9 @@ async def dial(port: int, name: str, ca: trustme.CA, **kw: object) -> bytes:
     side = build_dns_side(name, ca_certs(ca), **kw)  # type: ignore[arg-type]
     stream = await open_dns_stream("127.0.0.1", port, side, timeout=DEADLINE)
     async with stream:
-        assert stream.peer.verified is not None
-        fields = stream.peer.verified.audit_fields()
+        verified = verified_upstream(stream)
+        assert verified is not None
+        fields = verified.audit_fields()
         assert fields["upstream_verification"] == "dns"
         assert fields["upstream_dns_name"] == name
         return await stream.receive_some()
