@@ -164,3 +164,28 @@ def test_inbound_jwt_svid() -> None:
     assert "unknown key 'inbound[0].jwt_svid.audiance'" in error(
         parse, 'jwt_svid = { audience = "a", audiance = "b" }'
     )
+
+
+def test_readme_brownfield_examples_parse() -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Brownfield and credentials", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```toml\n(.*?)```", section, re.S)
+    kinds: set[str] = set()
+    for i, block in enumerate(blocks):
+        doc = tomllib.loads(block)
+        for j, route in enumerate(doc.get("outbound", {}).get("routes", [])):
+            path = f"outbound.routes[{j}]"
+            got = parse_upstream_tls(
+                route, path, source=f"README[{i}]", base_dir=BASE, default_host=route["host"]
+            )
+            assert got.mode == "dns"
+            cred = parse_credential(
+                route["credential"], f"{path}.credential", source=f"README[{i}]", base_dir=BASE
+            )
+            kinds.add(cred.type)
+        for j, inbound in enumerate(doc.get("inbound", [])):
+            assert parse_inbound_jwt(inbound, f"inbound[{j}]", source="README", base_dir=BASE)
+            kinds.add("inbound")
+    assert kinds == {"jwt-svid", "oauth2-mtls", "oauth2-jwt-bearer", "file", "inbound"}
