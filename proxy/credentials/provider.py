@@ -202,19 +202,26 @@ class CredentialProvider:
             return None
         return cred
 
-    async def credential(self) -> Credential:
-        """The credential to send now, or CredentialUnavailable."""
+    def current(self) -> Credential:
+        """The credential to send now, without waiting; CredentialUnavailable
+        if none is usable (for synchronous routers)."""
         cred = self._usable()
-        if cred is None and not self._first.is_set():
-            with trio.move_on_after(self._first_fetch_timeout):
-                await self._first.wait()
-            cred = self._usable()
         if cred is None:
             self.unavailable += 1
+            state = "not fetched yet" if not self._first.is_set() else "its source is failing"
             raise CredentialUnavailable(
-                f"route {self.route}: no valid {self.kind} credential (token endpoint failing)"
+                f"route {self.route}: no valid {self.kind} credential ({state})"
             )
         return cred
+
+    async def credential(self) -> Credential:
+        """The credential to send now; while the very first fetch is still in
+        flight, wait for it (up to first_fetch_timeout). CredentialUnavailable
+        otherwise."""
+        if self._usable() is None and not self._first.is_set():
+            with trio.move_on_after(self._first_fetch_timeout):
+                await self._first.wait()
+        return self.current()
 
     # -- the background task -------------------------------------------------
 

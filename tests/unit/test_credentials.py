@@ -251,3 +251,15 @@ def test_token_url() -> None:
     ):
         with pytest.raises(ValueError):
             parse_token_url(bad)
+
+
+async def test_current_never_waits(autojump_clock: trio.testing.MockClock) -> None:
+    provider = dev_provider(timedelta(minutes=10))
+    with pytest.raises(CredentialUnavailable, match="not fetched yet"):
+        provider.current()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(provider.run)
+        first = await provider.credential()
+        assert provider.current() == first
+        nursery.cancel_scope.cancel()
+    assert provider.unavailable == 1
