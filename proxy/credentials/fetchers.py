@@ -17,12 +17,14 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import stat
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import grpc
 import jwt
+import structlog
 import trio
 from cryptography.hazmat.primitives import serialization
 
@@ -222,6 +224,7 @@ class FileFetcher:
         self._path = path
         self._now = now
         self._seen: tuple[int, int, int, int] | None = None
+        self._warned = False
 
     def _signature(self) -> tuple[int, int, int, int] | None:
         try:
@@ -246,6 +249,7 @@ class FileFetcher:
                 f"secret file {self._path}: {exc.strerror or type(exc).__name__}"
             ) from None
         self._seen = signature
+        self._check_mode()
         if len(data) > _SECRET_MAX:
             raise CredentialFetchError(f"secret file {self._path}: larger than {_SECRET_MAX} bytes")
         try:
@@ -258,6 +262,21 @@ class FileFetcher:
 
     def changed(self) -> bool:
         return self._signature() != self._seen
+
+    def _check_mode(self) -> None:
+        # The point of a file credential is that the agent cannot read it; a
+        # world-readable file defeats that on a shared host. Said once.
+        try:
+            mode = stat.S_IMODE(os.stat(self._path).st_mode)
+        except OSError:
+            return
+        if mode & 0o004 and not self._warned:
+            self._warned = True
+            structlog.get_logger("agent_proxy").warning(
+                "secret file is world-readable; the agent may be able to read it",
+                path=str(self._path),
+                mode=oct(mode),
+            )
 
 
 def form_fields(

@@ -223,6 +223,13 @@ class CredentialProvider:
                 await self._first.wait()
         return self.current()
 
+    def seconds_left(self) -> float | None:
+        """Seconds until the held credential expires; None if static or none."""
+        cred = self._credential
+        if cred is None or cred.expiry is None:
+            return None
+        return (cred.expiry - self._now()).total_seconds()
+
     # -- the background task -------------------------------------------------
 
     def _take(self, token: Token) -> None:

@@ -142,6 +142,7 @@ async def test_a_token_near_expiry_is_not_sent(autojump_clock: trio.testing.Mock
 def write(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
+    tmp.chmod(0o600)
     os.replace(tmp, path)  # a new inode, as secret managers write
 
 
@@ -180,7 +181,7 @@ async def test_a_secret_that_would_split_the_header_is_refused(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     path = tmp_path / "api-key"
-    path.write_text("abc\r\nx-evil: 1\n")
+    write(path, "abc\r\nx-evil: 1\n")
     provider = CredentialProvider("legacy", FileFetcher(path, now=trio_now), now=trio_now)
     with structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as nursery:
@@ -263,3 +264,54 @@ async def test_current_never_waits(autojump_clock: trio.testing.MockClock) -> No
         assert provider.current() == first
         nursery.cancel_scope.cancel()
     assert provider.unavailable == 1
+
+
+async def test_metrics_count_and_hold_no_secret(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from proxy.credentials.metrics import CredentialCollector
+
+    good = dev_provider(timedelta(minutes=10))
+    path = tmp_path / "key"
+    broken = CredentialProvider("legacy", FileFetcher(path, now=trio_now), now=trio_now)
+    registry = CollectorRegistry()
+    registry.register(CredentialCollector(lambda: [good, broken]))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(good.run)
+        nursery.start_soon(broken.run)
+        held = await good.credential()
+        with pytest.raises(CredentialUnavailable):
+            await broken.credential()
+        await trio.sleep(60)
+        text = generate_latest(registry).decode()
+        nursery.cancel_scope.cancel()
+    assert 'agent_proxy_credential_fetches_total{route="bank",type="jwt-svid"} 1.0' in text
+    assert 'agent_proxy_credential_unavailable_total{route="legacy",type="file"} 1.0' in text
+    failures = [
+        line
+        for line in text.splitlines()
+        if line.startswith('agent_proxy_credential_fetch_failures_total{route="legacy"')
+    ]
+    assert failures and float(failures[0].split()[-1]) >= 3
+    assert 'agent_proxy_credential_expiry_seconds{route="bank",type="jwt-svid"} 540.0' in text
+    token = held.value.decode().removeprefix("Bearer ")
+    assert token not in text and held.digest not in text
+
+
+async def test_world_readable_secret_file_is_warned_once(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.write_text("k-1")
+    path.chmod(0o644)
+    fetcher = FileFetcher(path)
+    with structlog.testing.capture_logs() as logs:
+        await fetcher.fetch()
+        await fetcher.fetch()
+    assert [e["event"] for e in logs] == [
+        "secret file is world-readable; the agent may be able to read it"
+    ]
+    path.chmod(0o600)
+    with structlog.testing.capture_logs() as logs:
+        assert (await FileFetcher(path).fetch()).secret == "k-1"
+    assert logs == []
