@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
 
-from proxy.credentials.config import CredentialConfig
+from proxy.credentials.config import CredentialConfig, UpstreamTlsConfig
 from proxy.credentials.devjwt import DevJwtAuthority
 from proxy.credentials.fetchers import (
     DevJwtSvidFetcher,
@@ -18,9 +20,23 @@ from proxy.credentials.provider import Clock, CredentialProvider, Fetcher, utc_n
 from proxy.credentials.token_endpoint import parse_token_url
 from proxy.errors import UsageError
 from proxy.identity import X509Svid
-from proxy.tls.dns import SYSTEM_TRUST, DnsTlsError, TrustChoice, load_ca_file
+from proxy.tls.dns import (
+    SYSTEM_TRUST,
+    DnsSide,
+    DnsTlsError,
+    TrustChoice,
+    build_dns_side,
+    load_ca_file,
+)
 
-__all__ = ["CredentialSetupError", "JwtSvidSource", "build_provider", "jwt_svid_fetcher"]
+__all__ = [
+    "CredentialSetupError",
+    "JwtSvidSource",
+    "build_provider",
+    "dns_side_builder",
+    "jwt_svid_fetcher",
+    "load_trust",
+]
 
 
 class CredentialSetupError(UsageError):
@@ -57,13 +73,34 @@ def jwt_svid_fetcher(
     return DevJwtSvidFetcher(source.dev.signing, lambda: identity().spiffe_id, audience, now=now)
 
 
-def _trust(cfg: CredentialConfig, route: str) -> TrustChoice:
-    if isinstance(cfg.token_ca_file, str):
+def load_trust(ca_file: Path | Literal["system"], route: str, key: str) -> TrustChoice:
+    """What a DNS route (``ca_file``) or token endpoint (``token_ca_file``)
+    trusts, read once when the plan is built; CredentialSetupError (exit 2)
+    names the route and key."""
+    if isinstance(ca_file, str):
         return SYSTEM_TRUST
     try:
-        return load_ca_file(cfg.token_ca_file)
+        return load_ca_file(ca_file)
     except DnsTlsError as exc:
-        raise CredentialSetupError(f"route {route}: credential.token_ca_file: {exc}") from None
+        raise CredentialSetupError(f"route {route}: {key}: {exc}") from None
+
+
+def dns_side_builder(
+    route: str, upstream: UpstreamTlsConfig, *, now: Clock = utc_now
+) -> Callable[[X509Svid], DnsSide]:
+    """For a ``upstream_tls = "dns"`` route: reads the trust now, and returns
+    the function that builds the route's client side from each identity
+    snapshot's SVID (presented only with ``client_cert = "svid"``)."""
+    if upstream.mode != "dns" or upstream.server_name is None:
+        raise ValueError(f"route {route} is not a DNS route")
+    trust = load_trust(upstream.ca_file, route, "ca_file")
+    name = upstream.server_name
+    present = upstream.client_cert == "svid"
+
+    def build(svid: X509Svid) -> DnsSide:
+        return build_dns_side(name, trust, client_svid=svid if present else None, clock=now)
+
+    return build
 
 
 def build_provider(
@@ -86,7 +123,7 @@ def build_provider(
         assert cfg.token_url is not None
         url = parse_token_url(cfg.token_url)
         form = form_fields(cfg.client_id, cfg.scope, cfg.resource)
-        trust = _trust(cfg, route)
+        trust = load_trust(cfg.token_ca_file, route, "credential.token_ca_file")
         if cfg.type == "oauth2-mtls":
             fetcher = OAuth2Fetcher(
                 cfg.type, url, form, trust, client_svid=identity, timeout=cfg.timeout, now=now

@@ -160,6 +160,9 @@ class VerifiedUpstream:
     subject: str
     serial_hex: str
     not_after: _dt.datetime
+    # The earliest not_after in the verified chain: a pooled connection to
+    # this upstream must not be reused past it (continuous authentication).
+    chain_not_after: _dt.datetime
 
     def audit_fields(self) -> dict[str, str]:
         return {
@@ -220,6 +223,7 @@ class DnsVerification:
             subject=leaf.subject.rfc4514_string(),
             serial_hex=format(leaf.serial_number, "x"),
             not_after=leaf.not_valid_after_utc,
+            chain_not_after=min(c.not_valid_after_utc for c in chain),
         )
         return True
 

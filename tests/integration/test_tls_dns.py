@@ -178,3 +178,30 @@ def test_ca_file_errors(tmp_path: Path, bank_ca: trustme.CA) -> None:
         load_ca_file(junk)
     with pytest.raises(DnsTlsError, match="server_name"):
         build_dns_side("bad name!", ca_certs(bank_ca))
+
+
+async def test_dns_side_builder_from_config(
+    tmp_path: Path, bank_ca: trustme.CA, ca_a: TestCA
+) -> None:
+    from proxy.credentials.build import CredentialSetupError, dns_side_builder
+    from proxy.credentials.config import UpstreamTlsConfig
+
+    ca_file = tmp_path / "bank-ca.pem"
+    bank_ca.cert_pem.write_to_path(str(ca_file))
+    issued = ca_a.issue("spiffe://a.org/agent/payroll")
+    svid = load_x509_svid(issued.cert_pem(), issued.key_pem())
+    cert = bank_ca.issue_cert(BANK)
+    async with tls_server(cert, client_ca=ca_a) as (port, seen):
+        for client_cert, presented in (("none", False), ("svid", True)):
+            cfg = UpstreamTlsConfig("dns", ca_file, BANK, client_cert)  # type: ignore[arg-type]
+            side = dns_side_builder("bank", cfg)(svid)
+            stream = await open_dns_stream("127.0.0.1", port, side, timeout=DEADLINE)
+            async with stream:
+                verified = verified_upstream(stream)
+                assert verified is not None
+                leaf = x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes())
+                assert verified.chain_not_after == leaf.not_valid_after_utc
+                await stream.receive_some()
+            assert (seen.client_certs[-1] is not None) == presented
+    with pytest.raises(CredentialSetupError, match="route bank: ca_file: cannot read"):
+        dns_side_builder("bank", UpstreamTlsConfig("dns", tmp_path / "nope.pem", BANK))
