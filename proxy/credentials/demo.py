@@ -31,7 +31,7 @@ import trio
 from cryptography import x509
 
 from proxy.credentials.build import build_provider
-from proxy.credentials.certs import BANK_NAME, TRUST_DOMAIN
+from proxy.credentials.certs import BANK_NAME, TRUST_DOMAIN, write_certs
 from proxy.credentials.config import CredentialConfig
 from proxy.credentials.headers import with_credential
 from proxy.credentials.provider import Credential
@@ -156,13 +156,26 @@ async def _get(port: int, server_name: str, ca: Path, cred: Credential | None) -
     return f"{status} {body.decode()}  [verified {fields.get('upstream_dns_name')}]"
 
 
-def run_brownfield_leg(certs: Path, out: Callable[[str], None] = print) -> bool:
-    """Run the leg with ``certs/`` from ``make certs``; True if it went as it should."""
+def _complete(certs: Path) -> bool:
+    needed = ("bank/ca.pem", "bank/idp.pem", "bank/bank.pem", "svid/payroll/svid.pem")
+    return all((certs / name).exists() for name in needed) and (certs / "dev-ca").is_dir()
+
+
+def run_brownfield_leg(
+    certs: Path, out: Callable[[str], None] = print, *, scratch: Path | None = None
+) -> bool:
+    """Run the leg with ``certs/`` from ``make certs`` (or, when that is not
+    there and ``scratch`` is given, a fresh set written into ``scratch``).
+    True if it went as it should."""
+    if not _complete(certs):
+        if scratch is None:
+            out(f"   (skipped: no complete {certs}/; run 'make certs')")
+            return False
+        write_certs(scratch)
+        certs = scratch
+    out(f"   certificates from {certs}/ (see certs/README.md)")
     bank_dir = certs / "bank"
     svid_dir = certs / "svid" / "payroll"
-    if not (bank_dir / "ca.pem").exists() or not (svid_dir / "svid.pem").exists():
-        out(f"   (skipped: no {certs}/bank or {certs}/svid; run 'make certs')")
-        return False
     svid = load_x509_svid(
         (svid_dir / "svid.pem").read_bytes(), (svid_dir / "svid_key.pem").read_bytes()
     )

@@ -38,5 +38,8 @@ def test_brownfield_leg(tmp_path: Path) -> None:
 
 def test_brownfield_leg_without_certs(tmp_path: Path) -> None:
     lines: list[str] = []
-    assert not run_brownfield_leg(tmp_path, out=lines.append)
+    assert not run_brownfield_leg(tmp_path / "certs", out=lines.append)
     assert "make certs" in lines[0]
+    lines.clear()
+    assert run_brownfield_leg(tmp_path / "certs", out=lines.append, scratch=tmp_path / "s")
+    assert lines[0] == f"   certificates from {tmp_path / 's'}/ (see certs/README.md)"
