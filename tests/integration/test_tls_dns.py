@@ -205,3 +205,58 @@ async def test_dns_side_builder_from_config(
             assert (seen.client_certs[-1] is not None) == presented
     with pytest.raises(CredentialSetupError, match="route bank: ca_file: cannot read"):
         dns_side_builder("bank", UpstreamTlsConfig("dns", tmp_path / "nope.pem", BANK))
+
+
+async def test_a_pinned_self_signed_server_certificate(tmp_path: Path) -> None:
+    # Legacy servers often have a self-signed certificate; ca_file pins it.
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "legacy.example")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(7)
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("legacy.example")]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert_path, key_path)
+
+    async def handle(tcp: trio.SocketStream) -> None:
+        stream = trio.SSLStream(tcp, ctx, server_side=True)
+        try:
+            await stream.do_handshake()
+            await stream.send_all(b"legacy")
+            await stream.aclose()
+        except (trio.BrokenResourceError, ssl.SSLError):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        side = build_dns_side("legacy.example", [cert])
+        stream = await open_dns_stream("127.0.0.1", port, side, timeout=DEADLINE)
+        async with stream:
+            assert await stream.receive_some() == b"legacy"
+        wrong = build_dns_side("other.example", [cert])
+        with pytest.raises(TLSHandshakeError) as info:
+            await open_dns_stream("127.0.0.1", port, wrong, timeout=DEADLINE)
+        assert info.value.reason == "upstream_name_mismatch"
+        nursery.cancel_scope.cancel()
