@@ -12,6 +12,7 @@ resolved against the config file's directory.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = [
     "CredentialConfig",
     "InboundJwtConfig",
     "UpstreamTlsConfig",
+    "default_server_name",
     "parse_credential",
     "parse_inbound_jwt",
     "parse_upstream_tls",
@@ -159,17 +161,32 @@ def _host_only(host: str | None) -> str | None:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def default_server_name(target_host: str | None, route_host: str | None) -> str | None:
+    """The name a DNS route verifies when ``server_name`` is unset: the
+    target's host name (what we connect to, as curl would check), or, when
+    the target is an IP address, the route's host (what the agent asked
+    for). None when neither names a host."""
+    if target_host:
+        try:
+            ipaddress.ip_address(target_host)
+        except ValueError:
+            return target_host.lower()
+    return _host_only(route_host)
+
+
 def parse_upstream_tls(
     route: Mapping[str, Any],
     path: str,
     *,
     source: str,
     base_dir: Path,
-    default_host: str | None,
+    target_host: str | None,
+    route_host: str | None = None,
 ) -> UpstreamTlsConfig:
     """``upstream_tls``, ``ca_file``, ``server_name``, ``client_cert`` of one
-    ``[[outbound.routes]]`` table. ``default_host`` is the route's host (or
-    its target's host): the name verified when ``server_name`` is unset."""
+    ``[[outbound.routes]]`` table. ``target_host`` is the host of its
+    ``target``, ``route_host`` its ``host`` (http-proxy listeners); see
+    :func:`default_server_name`."""
     r = _Reader(route, path, source, base_dir)
     mode = r.choice("upstream_tls", ("spiffe", "dns"), "spiffe")
     if mode == "spiffe":
@@ -181,10 +198,8 @@ def parse_upstream_tls(
         return UpstreamTlsConfig()
     if "expect" in route:
         r.fail("expect", 'not for upstream_tls = "dns": the server has a DNS name, not an SVID')
-    name = r.string("server_name", _MISSING if default_host is None else "")
-    if not name:
-        name = _host_only(default_host) or ""
-    name = name.lower()
+    default = default_server_name(target_host, route_host)
+    name = r.string("server_name", _MISSING if default is None else default).lower()
     try:
         check_server_name(name)
     except DnsTlsError as exc:

@@ -27,8 +27,12 @@ def toml(text: str) -> dict[str, Any]:
     return tomllib.loads(text)
 
 
-def tls(text: str, host: str | None = "bank.example:443") -> UpstreamTlsConfig:
-    return parse_upstream_tls(toml(text), ROUTE, source="c.toml", base_dir=BASE, default_host=host)
+def tls(
+    text: str, target: str | None = "api.bank.example", host: str | None = "bank-api"
+) -> UpstreamTlsConfig:
+    return parse_upstream_tls(
+        toml(text), ROUTE, source="c.toml", base_dir=BASE, target_host=target, route_host=host
+    )
 
 
 def credential(text: str) -> CredentialConfig:
@@ -45,12 +49,17 @@ def error(fn: Any, *args: Any) -> str:
 def test_upstream_tls_defaults_and_dns() -> None:
     assert tls('expect = ["spiffe://a.org/x"]') == UpstreamTlsConfig()
     got = tls('upstream_tls = "dns"\nca_file = "certs/bank-ca.pem"\nclient_cert = "svid"')
-    assert got == UpstreamTlsConfig("dns", BASE / "certs/bank-ca.pem", "bank.example", "svid")
+    assert got == UpstreamTlsConfig("dns", BASE / "certs/bank-ca.pem", "api.bank.example", "svid")
     assert tls('upstream_tls = "dns"').ca_file == "system"
     assert tls('upstream_tls = "dns"\nserver_name = "API.Bank.Example"').server_name == (
         "api.bank.example"
     )
-    assert tls('upstream_tls = "dns"', host="[::1]:8443").server_name == "::1"
+    # A target IP: the name the agent asked for; neither: the IP itself is not
+    # guessed, server_name is required.
+    assert tls('upstream_tls = "dns"', "10.0.0.5", "bank.example:443").server_name == (
+        "bank.example"
+    )
+    assert tls('upstream_tls = "dns"', "10.0.0.5", "[::1]:8443").server_name == "::1"
 
 
 @pytest.mark.parametrize(
@@ -74,7 +83,7 @@ def test_upstream_tls_errors(text: str, problem: str) -> None:
 
 
 def test_upstream_tls_needs_a_name() -> None:
-    assert "server_name: required" in error(tls, 'upstream_tls = "dns"', None)
+    assert "server_name: required" in error(tls, 'upstream_tls = "dns"', "10.0.0.5", None)
 
 
 def test_credential_types() -> None:
@@ -178,7 +187,12 @@ def test_readme_brownfield_examples_parse() -> None:
         for j, route in enumerate(doc.get("outbound", {}).get("routes", [])):
             path = f"outbound.routes[{j}]"
             got = parse_upstream_tls(
-                route, path, source=f"README[{i}]", base_dir=BASE, default_host=route["host"]
+                route,
+                path,
+                source=f"README[{i}]",
+                base_dir=BASE,
+                target_host=route["target"].rsplit(":", 1)[0],
+                route_host=route["host"],
             )
             assert got.mode == "dns"
             cred = parse_credential(
