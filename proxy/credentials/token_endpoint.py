@@ -130,7 +130,7 @@ async def post_form(
 def _error_code(body: bytes) -> str:
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return ""
     code = document.get("error") if isinstance(document, dict) else None
     if isinstance(code, str) and _ERROR_CODE.match(code):
@@ -144,7 +144,7 @@ def parse_token_response(url: str, status: int, body: bytes, now: datetime) -> T
         raise CredentialFetchError(f"token endpoint {url}: HTTP {status}{_error_code(body)}")
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CredentialFetchError(f"token endpoint {url}: response is not JSON") from None
     if not isinstance(document, dict):
         raise CredentialFetchError(f"token endpoint {url}: response is not a JSON object")

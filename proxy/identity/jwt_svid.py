@@ -149,8 +149,8 @@ class JwtBundle:
         where = f"JWT bundle for {trust_domain}"
         try:
             document = json.loads(data)
-        except ValueError as exc:
-            raise BundleError(f"{where} is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            raise BundleError(f"{where} is not valid JSON: {type(exc).__name__}") from None
         keys = document.get("keys") if isinstance(document, dict) else None
         if not isinstance(keys, list):
             raise BundleError(f'{where} must be a JSON object with a "keys" array')
@@ -255,12 +255,12 @@ def validate_jwt_svid(token: str, bundles: JwtBundleSet, audience: str, now: dat
     try:
         header = jwt.get_unverified_header(token)
         claims = jwt.decode(token, options={"verify_signature": False})
-    except (jwt.PyJWTError, ValueError, TypeError) as exc:
+    except (jwt.PyJWTError, ValueError, TypeError, RecursionError) as exc:
         raise JwtSvidError(
             f"not a JWS compact token ({type(exc).__name__})", reason=MALFORMED
         ) from None
     alg = header.get("alg")
-    if alg not in ALLOWED_ALGS:
+    if not isinstance(alg, str) or alg not in ALLOWED_ALGS:
         shown = alg[:20] if isinstance(alg, str) else type(alg).__name__
         raise JwtSvidError(f"JWT-SVID alg {shown!r} is not allowed", reason=BAD_ALG)
     typ = header.get("typ")
