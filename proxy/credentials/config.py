@@ -1,25 +1,25 @@
 """Config for brownfield routes: upstream TLS kind, credentials, inbound JWT-SVIDs.
 
-Theory of operation: the config walker (proxy/config) hands each function
-the raw TOML table and its key path (``outbound[0].routes[1]``); each
-function reads only the keys it owns (listed in ``ROUTE_KEYS`` and
-``INBOUND_KEYS`` so the walker can mark them read), refuses unknown keys in
-the tables it owns outright, and raises :class:`~proxy.config.ConfigError`
-with one line ``FILE: KEY.PATH: problem``, the house style. Paths are
-resolved against the config file's directory.
+Theory of operation: each function takes the config walker's
+:class:`~proxy.config.walker.Table` of one ``[[outbound.routes]]`` or
+``[[inbound]]`` table and reads only the keys it owns (``ROUTE_KEYS``,
+``INBOUND_KEYS``), so the caller's ``done()`` still refuses every key
+nobody read; the sub-tables it owns (``credential``, ``jwt_svid``) it
+checks whole. Every problem is the walker's :class:`ConfigError`, one line
+``FILE: KEY.PATH: problem``; paths resolve against the config file's
+directory.
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
-from proxy.config import ConfigError
+from proxy.config.walker import MISSING, Table
 from proxy.credentials.token_endpoint import parse_token_url
 from proxy.identity import SpiffeIdError, TrustDomain
 from proxy.tls.dns import SYSTEM_TRUST, DnsTlsError, check_server_name
@@ -66,7 +66,6 @@ _RESERVED = frozenset(
 )
 _FORMAT_TEXT = re.compile(r"^[\x20-\x7e]*$")
 _SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 3.3 scope-token
-_MISSING: Any = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,53 +102,11 @@ class InboundJwtConfig:
     bundles: Mapping[TrustDomain, Path]
 
 
-class _Reader:
-    """One table: typed reads with the key path in every error."""
-
-    def __init__(self, data: Mapping[str, Any], path: str, source: str, base_dir: Path) -> None:
-        self.data, self.path, self.source, self.base_dir = data, path, source, base_dir
-        self.seen: set[str] = set()
-
-    def fail(self, key: str, problem: str) -> NoReturn:
-        where = f"{self.path}.{key}" if key else self.path
-        raise ConfigError(f"{self.source}: {where}: {problem}")
-
-    def get(self, key: str) -> Any:
-        self.seen.add(key)
-        return self.data.get(key, _MISSING)
-
-    def string(self, key: str, default: Any = _MISSING) -> Any:
-        value = self.get(key)
-        if value is _MISSING:
-            if default is _MISSING:
-                self.fail(key, "required")
-            return default
-        if not isinstance(value, str) or not value:
-            self.fail(key, "expected a non-empty string")
-        return value
-
-    def choice(self, key: str, options: tuple[str, ...], default: Any = _MISSING) -> Any:
-        value = self.string(key, default)
-        if value not in options:
-            quoted = ", ".join(f'"{o}"' for o in options)
-            self.fail(key, f"expected one of {quoted}, got {value!r}")
-        return value
-
-    def trust(self, key: str) -> Path | Literal["system"]:
-        text = self.string(key, SYSTEM_TRUST)
-        if text == SYSTEM_TRUST:
-            return SYSTEM_TRUST
-        return self.base_dir / Path(text).expanduser()
-
-    def done(self, allowed_elsewhere: Mapping[str, str]) -> None:
-        for key in self.data:
-            if key in self.seen:
-                continue
-            if key in allowed_elsewhere:
-                self.fail(key, allowed_elsewhere[key])
-            hint = difflib.get_close_matches(key, sorted(self.seen), n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"{self.source}: unknown key '{self.path}.{key}'{suggestion}")
+def _trust(t: Table, key: str) -> Path | Literal["system"]:
+    text = t.string(key, default=SYSTEM_TRUST, nonempty=True)
+    if text == SYSTEM_TRUST:
+        return SYSTEM_TRUST
+    return t.ctx.base_dir / t.expand(key, text)
 
 
 def _host_only(host: str | None) -> str | None:
@@ -175,40 +132,35 @@ def default_server_name(target_host: str | None, route_host: str | None) -> str 
 
 
 def parse_upstream_tls(
-    route: Mapping[str, Any],
-    path: str,
-    *,
-    source: str,
-    base_dir: Path,
-    target_host: str | None,
-    route_host: str | None = None,
+    rt: Table, *, target_host: str | None, route_host: str | None = None
 ) -> UpstreamTlsConfig:
     """``upstream_tls``, ``ca_file``, ``server_name``, ``client_cert`` of one
     ``[[outbound.routes]]`` table. ``target_host`` is the host of its
     ``target``, ``route_host`` its ``host`` (http-proxy listeners); see
     :func:`default_server_name`."""
-    r = _Reader(route, path, source, base_dir)
-    mode = r.choice("upstream_tls", ("spiffe", "dns"), "spiffe")
+    mode = rt.choice("upstream_tls", ("spiffe", "dns"), default="spiffe")
     if mode == "spiffe":
         for key in _DNS_ONLY:
-            if key in route:
-                r.fail(
+            if rt.has(key):
+                rt.fail(
                     key, 'only for upstream_tls = "dns" (a SPIFFE upstream is checked by expect)'
                 )
         return UpstreamTlsConfig()
-    if "expect" in route:
-        r.fail("expect", 'not for upstream_tls = "dns": the server has a DNS name, not an SVID')
+    if rt.has("expect"):
+        rt.fail("expect", 'not for upstream_tls = "dns": the server has a DNS name, not an SVID')
     default = default_server_name(target_host, route_host)
-    name = r.string("server_name", _MISSING if default is None else default).lower()
+    name: str = rt.string(
+        "server_name", default=MISSING if default is None else default, nonempty=True
+    ).lower()
     try:
         check_server_name(name)
     except DnsTlsError as exc:
-        r.fail("server_name", str(exc))
+        rt.fail("server_name", str(exc))
     return UpstreamTlsConfig(
         mode="dns",
-        ca_file=r.trust("ca_file"),
+        ca_file=_trust(rt, "ca_file"),
         server_name=name,
-        client_cert=r.choice("client_cert", ("none", "svid"), "none"),
+        client_cert=rt.choice("client_cert", ("none", "svid"), default="none"),
     )
 
 
@@ -229,101 +181,92 @@ _TYPE_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _timeout(r: _Reader) -> float:
-    value = r.get("timeout")
-    if value is _MISSING:
+def _timeout(t: Table) -> float:
+    value = t.get("timeout")
+    if value is MISSING:
         return 10.0
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 300:
-        r.fail("timeout", "expected seconds, more than 0 and at most 300")
+        t.fail("timeout", "expected seconds, more than 0 and at most 300")
     return float(value)
 
 
-def _scope(r: _Reader) -> tuple[str, ...]:
-    value = r.get("scope")
-    if value is _MISSING:
+def _scope(t: Table) -> tuple[str, ...]:
+    value = t.get("scope")
+    if value is MISSING:
         return ()
     items = value.split() if isinstance(value, str) else value
     if not isinstance(items, list) or not items or not all(isinstance(s, str) for s in items):
-        r.fail("scope", "expected a string or a list of strings")
+        t.fail("scope", "expected a string or a list of strings")
     for item in items:
         if not _SCOPE.match(item):
-            r.fail("scope", f"invalid scope token {item[:60]!r} (RFC 6749 3.3)")
+            t.fail("scope", f"invalid scope token {item[:60]!r} (RFC 6749 3.3)")
     return tuple(items)
 
 
-def parse_credential(
-    table: Mapping[str, Any], path: str, *, source: str, base_dir: Path
-) -> CredentialConfig:
-    """One ``[outbound.routes.credential]`` table (``path`` is its own key path)."""
-    if not isinstance(table, Mapping):
-        raise ConfigError(f"{source}: {path}: expected a table ([outbound.routes.credential])")
-    r = _Reader(table, path, source, base_dir)
-    kind: CredentialType = r.choice("type", CREDENTIAL_TYPES)
-    header = r.string("header", "authorization").lower()
+def parse_credential(rt: Table) -> CredentialConfig | None:
+    """The ``[outbound.routes.credential]`` table of one route; None if absent."""
+    ct = rt.table("credential")
+    if ct is None:
+        return None
+    kind: CredentialType = ct.choice("type", CREDENTIAL_TYPES)
+    header = ct.string("header", default="authorization", nonempty=True).lower()
     if not _TOKEN.match(header) or header in _RESERVED:
-        r.fail("header", f"{header[:60]!r} cannot carry a credential")
-    fmt = r.string("format", "Bearer {secret}")
+        ct.fail("header", f"{header[:60]!r} cannot carry a credential")
+    fmt = ct.string("format", default="Bearer {secret}")
     if fmt.count("{secret}") != 1 or not _FORMAT_TEXT.match(fmt):
-        r.fail("format", 'must hold "{secret}" once, in printable ASCII (e.g. "Bearer {secret}")')
+        ct.fail("format", 'must hold "{secret}" once, in printable ASCII (e.g. "Bearer {secret}")')
     out: dict[str, Any] = {"type": kind, "header": header, "format": fmt}
     if kind == "jwt-svid":
-        out["audience"] = r.string("audience")
+        out["audience"] = ct.string("audience", nonempty=True)
     elif kind == "file":
-        out["path"] = base_dir / Path(r.string("path")).expanduser()
+        out["path"] = ct.path_value("path")
     else:
-        url = r.string("token_url")
+        url = ct.string("token_url", nonempty=True)
         try:
             parse_token_url(url)
         except ValueError as exc:
-            r.fail("token_url", str(exc))
+            ct.fail("token_url", str(exc))
         out.update(
             token_url=url,
-            token_ca_file=r.trust("token_ca_file"),
-            client_id=r.string("client_id", None),
-            scope=_scope(r),
-            resource=r.string("resource", None),
-            timeout=_timeout(r),
+            token_ca_file=_trust(ct, "token_ca_file"),
+            client_id=ct.string("client_id", default=None, nonempty=True),
+            scope=_scope(ct),
+            resource=ct.string("resource", default=None, nonempty=True),
+            timeout=_timeout(ct),
         )
         if kind == "oauth2-jwt-bearer":
-            out["assertion"] = r.choice("assertion", ("jwt-svid", "svid-key"), "jwt-svid")
-            out["audience"] = r.string("audience", None)
-            if out["assertion"] == "svid-key" and "audience" in table:
-                r.fail("audience", 'only for assertion = "jwt-svid" (svid-key uses token_url)')
+            out["assertion"] = ct.choice("assertion", ("jwt-svid", "svid-key"), default="jwt-svid")
+            out["audience"] = ct.string("audience", default=None, nonempty=True)
+            if out["assertion"] == "svid-key" and ct.has("audience"):
+                ct.fail("audience", 'only for assertion = "jwt-svid" (svid-key uses token_url)')
         elif not out["client_id"]:
-            r.fail("client_id", "required for oauth2-mtls (RFC 8705 2.1: the IdP needs it)")
+            ct.fail("client_id", "required for oauth2-mtls (RFC 8705 2.1: the IdP needs it)")
     elsewhere = {
         key: f'not for type = "{kind}"'
         for keys in _TYPE_KEYS.values()
         for key in keys
         if key not in _TYPE_KEYS[kind]
     }
-    r.done(elsewhere)
+    ct.done(allowed_elsewhere=elsewhere)
     return CredentialConfig(**out)
 
 
-def parse_inbound_jwt(
-    inbound: Mapping[str, Any], path: str, *, source: str, base_dir: Path
-) -> InboundJwtConfig | None:
+def parse_inbound_jwt(t: Table) -> InboundJwtConfig | None:
     """``jwt_svid = { audience = "...", bundles = { "a.org" = "path" } }`` of
     one ``[[inbound]]`` table; None when absent."""
-    value = inbound.get("jwt_svid", _MISSING)
-    if value is _MISSING:
+    jt = t.table("jwt_svid")
+    if jt is None:
         return None
-    where = f"{path}.jwt_svid"
-    if not isinstance(value, Mapping):
-        raise ConfigError(f'{source}: {where}: expected a table, e.g. {{ audience = "..." }}')
-    r = _Reader(value, where, source, base_dir)
-    audience = r.string("audience")
+    audience: str = jt.string("audience", nonempty=True)
     bundles: dict[TrustDomain, Path] = {}
-    raw = r.get("bundles")
-    if raw is not _MISSING:
-        if not isinstance(raw, Mapping) or not all(isinstance(v, str) for v in raw.values()):
-            r.fail("bundles", 'expected a table of trust domain = "path"')
-        for name, text in raw.items():
+    bt = jt.table("bundles")
+    if bt is not None:
+        for name in list(bt.data):
             try:
                 td = TrustDomain.parse(name)
             except SpiffeIdError as exc:
-                r.fail(f"bundles.{name}", str(exc))
-            bundles[td] = base_dir / Path(text).expanduser()
-    r.done({})
+                bt.fail(name, str(exc))
+            bundles[td] = bt.path_value(name)
+        bt.done()
+    jt.done()
     return InboundJwtConfig(audience, bundles)

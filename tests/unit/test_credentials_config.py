@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from proxy.config import ConfigError
+from proxy.config.walker import Ctx, Table
 from proxy.credentials.config import (
     CredentialConfig,
     InboundJwtConfig,
@@ -27,17 +28,23 @@ def toml(text: str) -> dict[str, Any]:
     return tomllib.loads(text)
 
 
+CTX = Ctx("c.toml", BASE)
+
+
+def table(text: str, path: str = ROUTE) -> Table:
+    return Table(CTX, path, toml(text))
+
+
 def tls(
     text: str, target: str | None = "api.bank.example", host: str | None = "bank-api"
 ) -> UpstreamTlsConfig:
-    return parse_upstream_tls(
-        toml(text), ROUTE, source="c.toml", base_dir=BASE, target_host=target, route_host=host
-    )
+    return parse_upstream_tls(table(text), target_host=target, route_host=host)
 
 
 def credential(text: str) -> CredentialConfig:
-    table = toml(text)["credential"]
-    return parse_credential(table, f"{ROUTE}.credential", source="c.toml", base_dir=BASE)
+    got = parse_credential(table(text))
+    assert got is not None
+    return got
 
 
 def error(fn: Any, *args: Any) -> str:
@@ -157,9 +164,7 @@ def test_credential_errors(text: str, problem: str) -> None:
 
 
 def test_inbound_jwt_svid() -> None:
-    parse = lambda text: parse_inbound_jwt(  # noqa: E731
-        toml(text), "inbound[0]", source="c.toml", base_dir=BASE
-    )
+    parse = lambda text: parse_inbound_jwt(table(text, "inbound[0]"))  # noqa: E731
     assert parse('name = "x"') is None
     got = parse('jwt_svid = { audience = "spiffe://a.org/svc/hr" }')
     assert got == InboundJwtConfig("spiffe://a.org/svc/hr", {})
@@ -185,21 +190,15 @@ def test_readme_brownfield_examples_parse() -> None:
     for i, block in enumerate(blocks):
         doc = tomllib.loads(block)
         for j, route in enumerate(doc.get("outbound", {}).get("routes", [])):
-            path = f"outbound.routes[{j}]"
+            rt = Table(Ctx(f"README[{i}]", BASE), f"outbound.routes[{j}]", route)
             got = parse_upstream_tls(
-                route,
-                path,
-                source=f"README[{i}]",
-                base_dir=BASE,
-                target_host=route["target"].rsplit(":", 1)[0],
-                route_host=route["host"],
+                rt, target_host=route["target"].rsplit(":", 1)[0], route_host=route["host"]
             )
             assert got.mode == "dns"
-            cred = parse_credential(
-                route["credential"], f"{path}.credential", source=f"README[{i}]", base_dir=BASE
-            )
+            cred = parse_credential(rt)
+            assert cred is not None
             kinds.add(cred.type)
         for j, inbound in enumerate(doc.get("inbound", [])):
-            assert parse_inbound_jwt(inbound, f"inbound[{j}]", source="README", base_dir=BASE)
+            assert parse_inbound_jwt(Table(CTX, f"inbound[{j}]", inbound))
             kinds.add("inbound")
     assert kinds == {"jwt-svid", "oauth2-mtls", "oauth2-jwt-bearer", "file", "inbound"}
