@@ -17,12 +17,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from proxy.config.walker import MISSING, Table
 from proxy.credentials.token_endpoint import parse_token_url
 from proxy.identity import SpiffeIdError, TrustDomain
 from proxy.tls.dns import SYSTEM_TRUST, DnsTlsError, check_server_name
+
+if TYPE_CHECKING:
+    # Types only: proxy.config will import this module to parse routes, so a
+    # runtime import back would be a cycle.
+    from proxy.config.walker import Table
 
 __all__ = [
     "INBOUND_KEYS",
@@ -149,9 +153,10 @@ def parse_upstream_tls(
     if rt.has("expect"):
         rt.fail("expect", 'not for upstream_tls = "dns": the server has a DNS name, not an SVID')
     default = default_server_name(target_host, route_host)
-    name: str = rt.string(
-        "server_name", default=MISSING if default is None else default, nonempty=True
-    ).lower()
+    if default is None:
+        name: str = rt.string("server_name", nonempty=True).lower()
+    else:
+        name = rt.string("server_name", default=default, nonempty=True).lower()
     try:
         check_server_name(name)
     except DnsTlsError as exc:
@@ -182,18 +187,18 @@ _TYPE_KEYS: dict[str, tuple[str, ...]] = {
 
 
 def _timeout(t: Table) -> float:
-    value = t.get("timeout")
-    if value is MISSING:
+    if not t.has("timeout"):
         return 10.0
+    value = t.get("timeout")
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 300:
         t.fail("timeout", "expected seconds, more than 0 and at most 300")
     return float(value)
 
 
 def _scope(t: Table) -> tuple[str, ...]:
-    value = t.get("scope")
-    if value is MISSING:
+    if not t.has("scope"):
         return ()
+    value = t.get("scope")
     items = value.split() if isinstance(value, str) else value
     if not isinstance(items, list) or not items or not all(isinstance(s, str) for s in items):
         t.fail("scope", "expected a string or a list of strings")
