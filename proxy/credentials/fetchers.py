@@ -19,7 +19,7 @@ import os
 import secrets
 import stat
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -58,7 +58,7 @@ def _expiry_of(token: str, origin: str) -> datetime:
     vouches for it, and the upstream validates it)."""
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
-        return datetime.fromtimestamp(float(claims["exp"]), tz=utc_now().tzinfo)
+        return datetime.fromtimestamp(float(claims["exp"]), tz=UTC)
     except (jwt.PyJWTError, KeyError, TypeError, ValueError, OverflowError):
         raise CredentialFetchError(f"{origin}: the JWT-SVID has no usable exp") from None
 
@@ -147,6 +147,10 @@ class WorkloadApiJwtSvidFetcher:
 def svid_key_assertion(svid: X509Svid, client_id: str, audience: str, *, now: datetime) -> str:
     """An RFC 7523 client assertion signed with the SVID key, the chain in
     ``x5c`` (RFC 7515 4.1.6) so the IdP can tie it to the SVID's CA."""
+    try:
+        alg = jws_alg_for(svid.private_key.public_key())
+    except ValueError as exc:
+        raise CredentialFetchError(f"svid-key assertion: {exc}") from None
     x5c = [
         base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii")
         for c in svid.chain
@@ -163,7 +167,7 @@ def svid_key_assertion(svid: X509Svid, client_id: str, audience: str, *, now: da
     return jwt.encode(
         claims,
         svid.private_key,
-        algorithm=jws_alg_for(svid.private_key.public_key()),
+        algorithm=alg,
         headers={"x5c": x5c, "typ": "JWT"},
     )
 
