@@ -303,6 +303,10 @@ def build_dns_side(
         assert store is not None
         for cert in ca:
             store.add_cert(crypto.X509.from_cryptography(cert))
+        # An operator who pins an intermediate (or the server's own
+        # certificate) means that certificate, not the root above it: as
+        # curl does, a trusted certificate anywhere in the chain anchors it.
+        store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
         trust = "ca_file"
     if client_svid is not None:
         ctx.use_certificate(client_svid.leaf)

@@ -260,3 +260,13 @@ async def test_a_pinned_self_signed_server_certificate(tmp_path: Path) -> None:
             await open_dns_stream("127.0.0.1", port, wrong, timeout=DEADLINE)
         assert info.value.reason == "upstream_name_mismatch"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_pinned_intermediate_anchors_the_chain() -> None:
+    root = trustme.CA()
+    intermediate = root.create_child_ca()
+    async with tls_server(intermediate.issue_cert(BANK)) as (port, _):
+        # ca_file holds only the intermediate, as enterprise PKIs often hand out.
+        assert await dial(port, BANK, intermediate)
+        assert await dial(port, BANK, root)
+        assert await refused(port, BANK, trustme.CA()) == "upstream_unknown_ca"
