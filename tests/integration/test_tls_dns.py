@@ -270,3 +270,19 @@ async def test_a_pinned_intermediate_anchors_the_chain() -> None:
         assert await dial(port, BANK, intermediate)
         assert await dial(port, BANK, root)
         assert await refused(port, BANK, trustme.CA()) == "upstream_unknown_ca"
+
+
+async def test_system_trust_reads_the_openssl_environment(
+    tmp_path: Path, bank_ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ca_file = "system" is OpenSSL's default store, which SSL_CERT_FILE moves:
+    # proof that the system store is really loaded, not an empty one.
+    ca_file = tmp_path / "system-bundle.pem"
+    bank_ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    async with tls_server(bank_ca.issue_cert(BANK)) as (port, _):
+        side = build_dns_side(BANK, "system")
+        stream = await open_dns_stream("127.0.0.1", port, side, timeout=DEADLINE)
+        async with stream:
+            verified = verified_upstream(stream)
+            assert verified is not None and verified.trust == "system"
