@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest demo venv clean
+.PHONY: test lint typecheck pytest demo venv clean certs
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ test: lint typecheck pytest
 
 demo: $(STAMP)
 	$(BIN)/python -m proxy.demo
+
+# make certs : the dev PKI into certs/ (dev CA, the cast's SVIDs, the
+#              brownfield bank's CA and certificates); see certs/README.md.
+certs: $(STAMP)
+	$(BIN)/python -m proxy.credentials.certs certs
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -22,6 +22,8 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
+from proxy.credentials.demo import run_brownfield_leg
+
 TD = "payroll.example"
 CAST = {
     "hr": "/svc/hr",
@@ -284,6 +286,8 @@ paths = ["/timesheets/**"]
         print("\n== what the HR API was told about its caller (set by HR's sidecar)")
         for xfcc in hr_api.seen:  # type: ignore[attr-defined]
             print(f"   X-Forwarded-Client-Cert: {xfcc}")
+        print("\n== brownfield: a bank API on plain HTTPS + OAuth 2.0; the agent holds no token")
+        run_brownfield_leg(Path("certs"), scratch=root / "certs")
     finally:
         for sidecar in reversed(sidecars):
             sidecar.stop()
