@@ -7,6 +7,7 @@ from check-config."""
 
 from __future__ import annotations
 
+import datetime as dt
 import http.server
 import signal
 import socket
@@ -251,3 +252,37 @@ def test_one_policy_version_everywhere(tmp_path: Path, ca_a: TestCA) -> None:
         server.server_close()
     assert record["policy_version"] == version
     assert f'agent_proxy_policy_info{{version="{version}"}} 1.0' in metrics
+
+
+def test_l4_warns_fails_closed_at_expiry_and_recovers(
+    tmp_path: Path, ca_a: TestCA, echo: tuple[str, int]
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    ca_a.issue(
+        HR, not_before=now - dt.timedelta(minutes=1), not_after=now + dt.timedelta(seconds=8)
+    ).write(tmp_path / "hr", ca_a.bundle_pem())
+    client = tmp_path / "client"
+    ca_a.issue(PAYROLL).write(client, ca_a.bundle_pem())
+    proc = ProxyProcess(
+        ["inbound", "--listen", "127.0.0.1:0", "--target", f"{echo[0]}:{echo[1]}",
+         *_files(tmp_path / "hr"), "--allow", PAYROLL, "--admin", "127.0.0.1:0"]
+    )  # fmt: skip
+    try:
+        _, port = proc.wait_listener("inbound")
+        admin = proc.wait_listener("admin")
+        # Under 20% of its lifetime left: a warning on stderr.
+        proc.logs.wait_json(
+            event="our SVID expires soon and has not been rotated", search_seen=True
+        )
+        proc.logs.wait_json(event="our SVID has expired", deadline=30, search_seen=True)
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            if _roundtrip(port, client) == b"":
+                raise ConnectionError("closed")
+        proc.audit.wait_json(event="connection.refused", reason="own_svid_expired")
+        assert _http_get(admin, "/readyz")[0] == 503
+        fresh = _reissue(ca_a, HR, tmp_path / "hr")
+        proc.logs.wait_json(event="identity rotated", serial=serial(fresh))
+        assert _roundtrip(port, client) == b"ping"
+        assert _http_get(admin, "/readyz")[0] == 200
+    finally:
+        proc.stop()
