@@ -189,3 +189,30 @@ async def test_tls12_upstream_refusing_us_in_the_handshake(ca_a: TestCA, ca_b: T
     )
     assert refused["decision"] == "allow" and refused["peer_id"] == HR
     assert "upstream refused us" in refused["error"]
+
+
+async def test_listen_without_a_host_binds_every_address(ca_a: TestCA) -> None:
+    audit = MemoryAudit()
+    async with trio.open_nursery() as nursery:
+        echo = await start_echo(nursery)
+        config = parse_config(
+            {
+                "identity": IDENTITY,
+                "inbound": [
+                    {
+                        "name": "hr",
+                        "listen": ":0",
+                        "target": f"127.0.0.1:{echo}",
+                        "protocol": "tcp",
+                        "rules": [{"peers": [PAYROLL]}],
+                    }
+                ],
+            },
+            "hr.toml",
+        )
+        listener, port = await _start(nursery, config, ca_a.issue(HR), ca_a, audit)
+        assert any(addr.startswith("0.0.0.0:") for addr in listener.bound), listener.bound
+        stream = await tls_connect(port, client_context(ca_a.issue(PAYROLL)))
+        await stream.send_all(b"hi")
+        assert await stream.receive_some(10) == b"hi"
+        nursery.cancel_scope.cancel()
