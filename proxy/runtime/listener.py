@@ -259,7 +259,7 @@ class BaseListener:
             # Fail closed: with our SVID expired we present nothing.
             refusal = "own_svid_expired"
         if refusal is not None:
-            self.record(conn, "connection.refused", "deny", refusal)
+            self.record(conn, "connection.refused", "deny", refusal, outcome="denied")
             await stream.aclose()
             return
         if self.max_lifetime is not None:
@@ -303,7 +303,21 @@ class BaseListener:
         if failure is None:
             self.arm_peer_expiry(conn)
             return True
-        self.record(conn, "connection.refused", "deny", failure[0], error=failure[1])
+        reason, detail = failure
+        decision = conn.tls.peer.decision
+        if (
+            self.direction == "outbound"
+            and decision is not None
+            and decision.allowed
+            and reason in ("tls_error", "no_peer_certificate")
+        ):
+            # We had accepted the upstream's SVID; what ended the handshake
+            # after that is the upstream judging ours (an alert, or a close).
+            reason, detail = "refused_by_upstream", f"upstream refused us: {detail}"
+        if reason == "refused_by_upstream":  # our policy allowed; the far side did not
+            self.record(conn, "connection.refused", "allow", reason, outcome=reason, error=detail)
+        else:
+            self.record(conn, "connection.refused", "deny", reason, outcome="denied", error=detail)
         return False
 
     def arm_peer_expiry(self, conn: Conn) -> None:

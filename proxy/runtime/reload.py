@@ -49,11 +49,7 @@ def _diff(old: object, new: object, path: str, out: list[str]) -> None:
             prefix = path if f.name in _FLAT else (f"{path}.{f.name}" if path else f.name)
             _diff(getattr(old, f.name), getattr(new, f.name), prefix, out)
         return
-    if (
-        isinstance(old, tuple)
-        and isinstance(new, tuple)
-        and any(_section(x) for x in (*old, *new))
-    ):
+    if isinstance(old, tuple) and isinstance(new, tuple) and any(_section(x) for x in (*old, *new)):
         for i in range(max(len(old), len(new))):
             if i >= len(old) or i >= len(new):
                 out.append(f"{path}[{i}]")  # a listener or route added or removed
