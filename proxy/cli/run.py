@@ -168,7 +168,10 @@ async def _serve(
         metrics.watch_identity(state, source.stats)
         gate = Gate(config.guard)
         install_guard_routes(admin, gate) if admin is not None else None
-        listeners = build_listeners(config, state, audit, gate)
+        try:
+            listeners = build_listeners(config, state, audit, gate)
+        except IdentityLoadError as exc:  # a TLS context OpenSSL refuses to build
+            raise UsageError(f"{config.source}: identity: {exc}") from None
         for listener in listeners:
             listener.metrics = metrics
 

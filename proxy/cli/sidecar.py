@@ -309,7 +309,10 @@ def _run(args: argparse.Namespace, direction: str) -> int:
     snapshot = load_identity(args.cert, args.key, args.bundle, args.federate or [])
     audit = AuditSink.open(args.audit_log or "-")
     raise_fd_limit()
-    listener = L4Listener(config, IdentityState(snapshot), audit)
+    try:
+        listener = L4Listener(config, IdentityState(snapshot), audit)
+    except IdentityLoadError as exc:  # a TLS context OpenSSL refuses to build
+        raise UsageError(str(exc)) from None
     log.info(
         "identity loaded",
         spiffe_id=snapshot.local_id,
