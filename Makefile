@@ -50,3 +50,10 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m benchmarks.run --quick
+
+# make fuzz : the fuzz harnesses of tests/fuzz (every parser of outside input)
+#             with many random examples; FUZZ_EXAMPLES=N per harness (default
+#             5000). make test runs the same harnesses briefly (smoke profile).
+.PHONY: fuzz
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(BIN)/pytest -q tests/fuzz

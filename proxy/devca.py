@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -290,7 +291,7 @@ class DevCA:
             raise DevCAError(f"{cert_path} is not a PEM certificate") from None
         try:
             key = serialization.load_pem_private_key(key_data, password=None)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             # Say nothing about the content: it may be a key.
             raise DevCAError(f"{key_path} is not an unencrypted PEM private key") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -301,6 +302,8 @@ class DevCA:
             bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         except x509.ExtensionNotFound:
             bc = None
+        except _MALFORMED as exc:
+            raise DevCAError(f"{cert_path} has a malformed extension: {exc}") from None
         if bc is None or not bc.ca:
             raise DevCAError(f"{cert_path} is not a CA certificate")
         return cls(directory, _trust_domain_of(cert, cert_path), cert, key)
@@ -449,8 +452,21 @@ def _rfc3339(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# What cryptography raises for a certificate it parsed but cannot fully read
+# (extensions and public keys are decoded lazily).
+_MALFORMED = (
+    ValueError,
+    UnsupportedAlgorithm,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
+
+
 def _ec_public(cert: x509.Certificate, path: Path) -> ec.EllipticCurvePublicKey:
-    public = cert.public_key()
+    try:
+        public = cert.public_key()
+    except _MALFORMED as exc:
+        raise DevCAError(f"{path} has an unreadable public key: {exc}") from None
     if not isinstance(public, ec.EllipticCurvePublicKey):
         raise DevCAError(f"{path} does not hold an ECDSA certificate")
     return public
@@ -461,6 +477,8 @@ def _trust_domain_of(cert: x509.Certificate, path: Path) -> TrustDomain:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise DevCAError(f"{path} has no spiffe://<trust domain> URI SAN") from None
+    except _MALFORMED as exc:
+        raise DevCAError(f"{path} has a malformed extension: {exc}") from None
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
         raise DevCAError(f"{path} must carry exactly one spiffe://<trust domain> URI SAN")

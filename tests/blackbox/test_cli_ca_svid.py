@@ -164,6 +164,17 @@ def test_flag_wins_over_env(tmp_path: Path) -> None:
     assert "spiffe://flag.example" in result.stdout
 
 
+def test_ca_init_takes_the_spiffe_id_form(tmp_path: Path) -> None:
+    """--trust-domain reads a SPIFFE ID as its trust domain, as go-spiffe does."""
+    ca_dir = tmp_path / "ca"
+    result = run(
+        ["ca", "init", "--trust-domain", "spiffe://payroll.example/ns/prod", "--dir", ca_dir],
+        tmp_path,
+    )
+    assert result.returncode == 0, result
+    assert DevCA.load(ca_dir).trust_domain == TrustDomain.parse(TD)
+
+
 def test_ca_init_missing_trust_domain(tmp_path: Path) -> None:
     result = run(["ca", "init", "--dir", tmp_path / "ca"], tmp_path)
     assert_usage_error(result, "--trust-domain", "AGENT_PROXY_TRUST_DOMAIN")
