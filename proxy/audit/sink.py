@@ -241,8 +241,11 @@ class AuditSink:
     def _write_buf(self) -> None:
         view_start = self._written_in_buf
         while view_start < len(self._buf):
-            with memoryview(self._buf) as view:
-                n = self._out.write(view[view_start:])
+            view = memoryview(self._buf)[view_start:]
+            try:
+                n = self._out.write(view)
+            finally:
+                view.release()  # a live export would stop _buf from being resized
             view_start += n
             self._written_in_buf = view_start
             self._removed += n
