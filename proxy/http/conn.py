@@ -51,6 +51,9 @@ class PeerError(Exception):
         self.message = message
 
 
+_RESPONSE_DONE = (h11.DONE, h11.MUST_CLOSE)
+
+
 class Downstream:
     """The connection from the client (agent or peer); h11 SERVER role."""
 
@@ -64,6 +67,9 @@ class Downstream:
         self.bytes_out = 0
         self.closed_by_peer = False
         self._pending: list[bytes] = []
+        # Called by the flush that completes a response, before its bytes
+        # leave: the request's audit records reach the kernel first.
+        self.before_release: Callable[[], None] | None = None
 
     async def _receive(self, timeout: float, on_timeout: PeerError) -> bytes:
         with trio.move_on_after(timeout):
@@ -158,6 +164,8 @@ class Downstream:
 
     async def flush(self) -> None:
         if self._pending:
+            if self.before_release is not None and self.h11.our_state in _RESPONSE_DONE:
+                self.before_release()
             data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
             self._pending.clear()
             await self.stream.send_all(data)

@@ -169,6 +169,7 @@ class HttpSession:
         # max_connection_lifetime, in trio time: no new exchange starts after it.
         self.lifetime_deadline = math.inf
         self.end_reason: str | None = None
+        self.accepting: Callable[[], bool] = lambda: True  # the audit sink can write
 
     async def run(self) -> None:
         clean = await self._run()
@@ -189,8 +190,10 @@ class HttpSession:
                     outcome = RequestOutcome(request_id=request_id_from(())[0], method="", path="")
                     outcome.reason = exc.reason
                     outcome.error = exc.message
+                    self.down.before_release = partial(self._emit_once, outcome)
                     await self._answer(outcome, exc.status, exc.message, close=True)
-                    self.emit(outcome)
+                    if self.down.before_release is not None:  # nothing was released
+                        self._emit_once(outcome)
                     return False
                 self.end_reason = (
                     "max_lifetime" if trio.current_time() >= self.lifetime_deadline else exc.reason
@@ -247,14 +250,26 @@ class HttpSession:
             method=request.method.decode("ascii", "replace"),
             path=_path_only(request.target),
         )
+        self.down.before_release = partial(self._emit_once, outcome)
         try:
             return await self._exchange_inner(request, outcome, generated)
         finally:
-            self.emit(outcome)
+            if self.down.before_release is not None:  # no response was released
+                self._emit_once(outcome)
+
+    def _emit_once(self, outcome: RequestOutcome) -> None:
+        """Emit the request's records (the listener commits them): from the
+        flush that completes the response, before its last bytes leave."""
+        self.down.before_release = None
+        self.emit(outcome)
 
     async def _exchange_inner(
         self, request: h11.Request, outcome: RequestOutcome, generated_id: bool
     ) -> bool:
+        if not self.accepting():  # fail closed: the audit trail cannot be written
+            outcome.reason, outcome.error = "audit_unavailable", "audit trail unavailable"
+            await self._answer(outcome, 503, "audit trail unavailable", close=True)
+            return False
         upgrade = header_value(request.headers, b"upgrade") is not None or (
             b"upgrade" in connection_tokens(request.headers)
         )

@@ -245,6 +245,8 @@ class _InboundRouter:
 
 
 class HttpInboundListener(BaseListener):
+    refuses_when_audit_fails = False  # answers 503 audit_unavailable instead
+
     def __init__(
         self,
         config: InboundConfig,
@@ -325,6 +327,7 @@ class HttpInboundListener(BaseListener):
             self.limits,
             partial(self._emit, conn),
         )
+        session.accepting = self.audit.accepting
         session.lifetime_deadline = conn.lifetime_deadline
         finished = False
         try:
@@ -422,6 +425,8 @@ class _OutboundRouter:
 
 
 class HttpOutboundListener(BaseListener):
+    refuses_when_audit_fails = False  # answers 503 audit_unavailable instead
+
     def __init__(
         self,
         config: OutboundConfig,
@@ -517,6 +522,7 @@ class HttpOutboundListener(BaseListener):
             self.limits,
             partial(self._emit, conn),
         )
+        session.accepting = self.audit.accepting
         await session.run()
 
     def _emit(self, conn: Conn, outcome: RequestOutcome) -> None:
