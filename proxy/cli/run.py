@@ -19,6 +19,7 @@ import trio
 
 from proxy import logs
 from proxy.audit import AuditSink, rfc3339
+from proxy.audit.exposition import register as register_audit_metrics
 from proxy.cli.envflags import EnvFlag, env_help, fill_from_env
 from proxy.cli.sidecar import raise_fd_limit
 from proxy.config import Config, InboundConfig, OutboundConfig, load_config, summarize
@@ -139,12 +140,15 @@ class Readiness:
     def __init__(self) -> None:
         self.state: IdentityState | None = None
         self.listening = False
+        self.audit: AuditSink | None = None
 
     def __call__(self) -> tuple[bool, str]:
         if self.state is None:
             return False, "identity not loaded"
         if not self.listening:
             return False, "listeners not bound"
+        if self.audit is not None and not self.audit.accepting():
+            return False, f"audit trail unavailable: {self.audit.last_error}"
         svid = self.state.current.svid
         if _dt.datetime.now(_dt.UTC) >= svid.not_after:
             return False, f"our SVID expired at {rfc3339(svid.not_after)}"
@@ -155,6 +159,8 @@ async def _serve(
     config: Config, source: IdentitySource, audit: AuditSink, metrics: Metrics
 ) -> None:
     readiness = Readiness()
+    readiness.audit = audit
+    register_audit_metrics(metrics.registry, audit)
     admin = AdminServer(config.admin.listen, metrics, readiness) if config.admin.listen else None
     async with trio.open_nursery() as nursery:
         if admin is not None:
@@ -165,6 +171,7 @@ async def _serve(
             raise UsageError(f"{config.source}: identity: {exc}") from None
         state = IdentityState(snapshot)
         readiness.state = state
+        audit.signer = lambda: (state.current.svid.private_key, state.current.svid.chain)
         state.subscribe(lambda snap: metrics.set_svid_not_after(snap.svid.not_after))
         gate = Gate(config.guard)
         install_guard_routes(admin, gate) if admin is not None else None

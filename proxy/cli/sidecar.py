@@ -307,6 +307,7 @@ def _run(args: argparse.Namespace, direction: str) -> int:
     config, drain = _config(args, direction)
     snapshot = load_identity(args.cert, args.key, args.bundle, args.federate or [])
     audit = AuditSink.open(args.audit_log or "-")
+    audit.signer = lambda: (snapshot.svid.private_key, snapshot.svid.chain)
     raise_fd_limit()
     listener = L4Listener(config, IdentityState(snapshot), audit)
     log.info(
