@@ -164,11 +164,23 @@ def _read_all(path: str) -> Iterator[str]:
 
 
 def _follow(path: str, poll: float = 0.2) -> Iterator[str]:
-    """Like ``tail -F``: read to the end, then wait for more; when the path
-    names a new file (rotation) finish the old one and start on the new."""
+    """Like ``tail -F``, without gaps: read to the end, then wait for more;
+    when the path names a new file, finish the old one, then read every file
+    rotated since (by seq) before following the new one."""
     if path == "-":
         yield from sys.stdin
         return
+    last = [0]
+
+    def fresh(line: bytes) -> bool:
+        seq = _seq_of(line)
+        if seq is None:
+            return True
+        if seq <= last[0]:
+            return False
+        last[0] = seq
+        return True
+
     stream = open(path, "rb")  # noqa: SIM115
     partial = b""
     try:
@@ -177,17 +189,17 @@ def _follow(path: str, poll: float = 0.2) -> Iterator[str]:
             if chunk:
                 partial += chunk
                 if partial.endswith(b"\n"):
-                    yield partial.decode("utf-8", "replace")
+                    if fresh(partial):
+                        yield partial.decode("utf-8", "replace")
                     partial = b""
                 continue
             if _rotated(stream, path):
-                # The writer finished the old file before renaming it: drain it.
-                for rest in stream:
-                    partial += rest
-                    if partial.endswith(b"\n"):
-                        yield partial.decode("utf-8", "replace")
-                        partial = b""
                 stream.close()
+                for rotated in _rotated_since(path, last[0]):
+                    with rotated.open("rb") as old:
+                        for line in old:
+                            if line.endswith(b"\n") and fresh(line):
+                                yield line.decode("utf-8", "replace")
                 stream = open(path, "rb")  # noqa: SIM115
                 partial = b""
                 continue
@@ -196,6 +208,27 @@ def _follow(path: str, poll: float = 0.2) -> Iterator[str]:
         return
     finally:
         stream.close()
+
+
+def _seq_of(line: bytes) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    seq = record.get("seq") if isinstance(record, dict) else None
+    return seq if isinstance(seq, int) else None
+
+
+def _rotated_since(path: str, seq: int) -> list[Path]:
+    from proxy.audit.files import first_seq
+
+    base = Path(path)
+    rotated = [p for p in base.parent.glob(base.name + ".*") if p.is_file()]
+    keyed = [(first_seq(p), p) for p in rotated]
+    ordered = sorted((s, p) for s, p in keyed if s is not None)
+    # The file holding seq+1 may start before it: keep the last one at or below.
+    start = max([i for i, (s, _) in enumerate(ordered) if s <= seq] or [0])
+    return [p for _, p in ordered[start:]]
 
 
 def _rotated(stream: IO[bytes], path: str) -> bool:
