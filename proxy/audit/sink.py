@@ -60,6 +60,8 @@ from proxy.audit.settings import AuditSettings
 log = structlog.get_logger("agent_proxy.audit")
 
 _CHECKPOINT_MARK = object()
+# One encoder, built once: json.dumps with options builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 class AuditSink:
@@ -83,6 +85,9 @@ class AuditSink:
             self._out = StreamOutput(stream if stream is not None else sys.stdout)
         else:
             self._out = FileOutput(self.settings.path)
+        self._rotates = isinstance(self._out, FileOutput) and bool(
+            self.settings.max_bytes or self.settings.max_age
+        )
         self._bodies: list[str | object] = []
         self._bodies_size = 0
         self._buf = bytearray()  # chained bytes not yet written
@@ -158,11 +163,11 @@ class AuditSink:
     # -- the hot path -------------------------------------------------------
 
     def emit(self, record: Renderable) -> None:
-        body = json.dumps(record.as_dict(), separators=(",", ":"), default=str)
-        if not self.healthy and self.settings.on_failure == "open":
-            self._drop(1)
-            return
-        if self._bodies_size + len(self._buf) - self._removed > self.max_pending_bytes:
+        body = _encode(record.as_dict())
+        if not self.healthy and (
+            self.settings.on_failure == "open"
+            or self._bodies_size + len(self._buf) > self.max_pending_bytes
+        ):
             self._drop(1)
             return
         self._bodies.append(body)
@@ -203,8 +208,8 @@ class AuditSink:
                 raise FileNotFoundError(2, f"{self._out_path()} was removed or replaced")
             self._chain_queued()
             self._write_buf()
-            if isinstance(self._out, FileOutput) and self._rotation_due(self._out):
-                self._rotate(self._out)
+            if self._rotates and self._rotation_due(self._out):  # type: ignore[arg-type]
+                self._rotate(self._out)  # type: ignore[arg-type]
         except OSError as exc:
             self._failed(exc)
             return
@@ -219,33 +224,37 @@ class AuditSink:
             gap = {"ts": rfc3339(self._clock()), "event": GAP, "dropped": self._gap}
             self._bodies.insert(0, json.dumps(gap, separators=(",", ":")))
             self._gap = 0
+        buf, ends = self._buf, self._ends
+        base = self._removed - self._written_in_buf  # absolute offset of buf[0]
+        seq, head = self._seq, self._head
         for body in self._bodies:
-            seq = self._seq + 1
             if body is _CHECKPOINT_MARK:
-                body = self._checkpoint_body(seq)
+                self._seq, self._head = seq, head
+                body = self._checkpoint_body(seq + 1)
                 if body is None:
                     continue
             assert isinstance(body, str)
-            line = chained(body, seq, self._head)
-            self._buf += line
-            self._buf += b"\n"
-            self._seq, self._head = seq, link(line)
-            self._ends.append((self._removed_base() + len(self._buf), seq, self._head))
+            seq += 1
+            line = chained(body, seq, head)
+            head = link(line)
+            buf += line
+            buf.append(10)
+            ends.append((base + len(buf), seq, head))
+        self._seq, self._head = seq, head
         self._bodies.clear()
         self._bodies_size = 0
-
-    def _removed_base(self) -> int:
-        """The absolute offset of ``_buf[0]`` (offsets count bytes ever written)."""
-        return self._removed - self._written_in_buf
 
     def _write_buf(self) -> None:
         view_start = self._written_in_buf
         while view_start < len(self._buf):
-            view = memoryview(self._buf)[view_start:]
-            try:
-                n = self._out.write(view)
-            finally:
-                view.release()  # a live export would stop _buf from being resized
+            if view_start == 0:
+                n = self._out.write(self._buf)
+            else:
+                view = memoryview(self._buf)[view_start:]
+                try:
+                    n = self._out.write(view)
+                finally:
+                    view.release()  # a live export would stop _buf from being resized
             view_start += n
             self._written_in_buf = view_start
             self._removed += n

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from proxy.audit.files import first_seq
 from proxy.errors import UsageError
 
 
@@ -181,7 +182,7 @@ def _follow(path: str, poll: float = 0.2) -> Iterator[str]:
         last[0] = seq
         return True
 
-    stream = open(path, "rb")  # noqa: SIM115
+    stream: IO[bytes] = open(path, "rb")  # noqa: SIM115
     partial = b""
     try:
         while True:
@@ -195,19 +196,34 @@ def _follow(path: str, poll: float = 0.2) -> Iterator[str]:
                 continue
             if _rotated(stream, path):
                 stream.close()
-                for rotated in _rotated_since(path, last[0]):
-                    with rotated.open("rb") as old:
-                        for line in old:
-                            if line.endswith(b"\n") and fresh(line):
-                                yield line.decode("utf-8", "replace")
-                stream = open(path, "rb")  # noqa: SIM115
+                while True:
+                    before = last[0]
+                    for rotated in _rotated_since(path, last[0]):
+                        with rotated.open("rb") as old:
+                            for line in old:
+                                if line.endswith(b"\n") and fresh(line):
+                                    yield line.decode("utf-8", "replace")
+                    stream = _reopen(path, poll)
+                    # Rotated again while we caught up? Catch up once more.
+                    first = first_seq(Path(path))
+                    if first is None or first <= last[0] + 1 or last[0] == before:
+                        break
+                    stream.close()
                 partial = b""
                 continue
             time.sleep(poll)  # an interactive reader polls; nothing here is a test wait
-    except FileNotFoundError:
-        return
     finally:
         stream.close()
+
+
+def _reopen(path: str, poll: float) -> IO[bytes]:
+    """The file now at ``path``; between a rotation's rename and the new
+    file there is none for a moment."""
+    while True:
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            time.sleep(poll)
 
 
 def _seq_of(line: bytes) -> int | None:
@@ -220,8 +236,6 @@ def _seq_of(line: bytes) -> int | None:
 
 
 def _rotated_since(path: str, seq: int) -> list[Path]:
-    from proxy.audit.files import first_seq
-
     base = Path(path)
     rotated = [p for p in base.parent.glob(base.name + ".*") if p.is_file()]
     keyed = [(first_seq(p), p) for p in rotated]

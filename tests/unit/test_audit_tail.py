@@ -111,8 +111,10 @@ def test_follow_across_rotation(tmp_path: Path) -> None:
             sink.commit()
         sink.close()
         assert len(list(tmp_path.glob("audit.jsonl.*"))) >= 2
-        seen = [json.loads(out.wait_for(lambda line: True))["path"] for _ in range(11)]
-        assert seen == [f"/timesheets/{i}" for i in range(1, 12)]
+        for _ in range(11):
+            out.wait_for(lambda line: True)
+        seen = [json.loads(line)["path"] for line in out.all_lines()]
+        assert seen == [f"/timesheets/{i}" for i in range(12)]
     finally:
         proc.kill()
         proc.wait()
