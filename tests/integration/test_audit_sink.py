@@ -278,3 +278,31 @@ async def test_checkpoints_every_interval(
         await trio.sleep(30)  # nothing new: no empty checkpoints
         assert len(records(path)) == 2
         nursery.cancel_scope.cancel()
+
+
+def test_rotation_by_age_and_pruning_keeps_the_chain(tmp_path: Path, ca_a: TestCA) -> None:
+    import datetime as dt
+
+    svid = ca_a.issue("spiffe://a.org/sidecar")
+    now = [dt.datetime.now(dt.UTC)]
+    path = tmp_path / "audit.jsonl"
+    settings = AuditSettings(path=str(path), max_age=60.0, keep=2)
+    sink = AuditSink.open(settings, signer=signer_of([svid]), clock=lambda: now[0])
+    for i in range(5):
+        sink.emit(request(i))
+        sink.commit()
+        now[0] += dt.timedelta(seconds=61)  # every file is older than max_age by the next write
+    sink.close()
+    rotated = sorted(p for p in tmp_path.iterdir() if p.name != "audit.jsonl")
+    assert len(rotated) == 2  # keep = 2: the oldest were pruned
+    for file in rotated:
+        assert records(file)[-1]["event"] == "audit.checkpoint"  # each sealed at rotation
+    report = verify(read_lines(list(trail_files([str(tmp_path)]))), bundles(ca_a))
+    assert report.ok, report.message
+    assert any("earlier files rotated away" in note for note in report.notes)
+
+
+async def test_durable_is_false_while_failing() -> None:
+    sink = AuditSink.open(AuditSettings(path="/dev/full", durability="fsync"))
+    sink.emit(request(1))
+    assert await sink.durable() is False
