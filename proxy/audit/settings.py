@@ -28,10 +28,11 @@ class SectionReader:
         self.table, self.at, self.source = table, at, source
         self.seen: set[str] = set()
 
-    def fail(self, key: str, problem: str) -> NoReturn:
+    def fail(self, key: str | None, problem: str) -> NoReturn:
+        """``key`` None: a problem of the whole file (no key path prefix)."""
         from proxy.config import ConfigError
 
-        where = f"{self.at}.{key}: " if key else f"{self.at}: "
+        where = "" if key is None else f"{self.at}.{key}: " if key else f"{self.at}: "
         raise ConfigError(f"{self.source + ': ' if self.source else ''}{where}{problem}")
 
     def get(self, key: str) -> Any:
@@ -104,7 +105,7 @@ class SectionReader:
                 continue
             hint = difflib.get_close_matches(key, sorted(self.seen), n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            self.fail("", f"unknown key {self.at + '.' + key!r}{suggestion}")
+            self.fail(None, f"unknown key {self.at + '.' + key!r}{suggestion}")
 
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1 << 20, "mb": 10**6}

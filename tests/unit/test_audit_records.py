@@ -235,7 +235,7 @@ def test_audit_section_defaults_and_values(tmp_path: Path) -> None:
     [
         ({"durability": "x"}, 'audit.durability: expected "os" or "fsync", got "x"'),
         ({"on_failure": "maybe"}, 'audit.on_failure: expected "closed" or "open", got "maybe"'),
-        ({"durabilty": "os"}, "audit: unknown key 'audit.durabilty' (did you mean 'durability'?)"),
+        ({"durabilty": "os"}, "unknown key 'audit.durabilty' (did you mean 'durability'?)"),
         (
             {"max_bytes": "lots", "path": "a"},
             "audit.max_bytes: expected bytes such as 104857600 or \"100MiB\", got 'lots'",
@@ -263,3 +263,21 @@ def test_tracing_section() -> None:
         parse_tracing({"otlp_endpoint": "collector:4318"})
     with pytest.raises(ConfigError, match=re.escape("unknown key 'tracing.endpoint'")):
         parse_tracing({"endpoint": "http://x"})
+
+
+def test_config_file_carries_the_audit_and_tracing_sections(tmp_path: Path) -> None:
+    from proxy.config import parse_config
+    from tests.unit.test_config import BASE
+
+    data = {
+        **BASE,
+        "audit": {"path": "trail/audit.jsonl", "durability": "fsync", "on_failure": "open"},
+        "tracing": {"otlp_endpoint": "http://127.0.0.1:4318"},
+    }
+    config = parse_config(data, "sidecar.toml", base_dir=tmp_path)
+    assert config.audit.path == str(tmp_path / "trail/audit.jsonl")
+    assert (config.audit.durability, config.audit.on_failure) == ("fsync", "open")
+    assert config.tracing.traces_url == "http://127.0.0.1:4318/v1/traces"
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**BASE, "audit": {"durability": "x"}}, "sidecar.toml", base_dir=tmp_path)
+    assert str(caught.value) == 'sidecar.toml: audit.durability: expected "os" or "fsync", got "x"'
