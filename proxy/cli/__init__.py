@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from proxy.cli import approve, ca, launch, run, sidecar, svid
+    from proxy.cli import approve, audit, ca, launch, run, sidecar, svid
 
     parser = _Parser(
         prog="agent-proxy",
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.register(sub)
     approve.register(sub)
     launch.register(sub)
+    audit.register(sub)
     return parser
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
+from proxy.audit.settings import AuditSettings
 from proxy.errors import UsageError
 from proxy.identity import SpiffeId, TrustDomain
 from proxy.netaddr import HostPort
@@ -21,6 +22,7 @@ from proxy.policy import SpiffePattern
 from proxy.policy.evaluate import PolicySet
 from proxy.policy.quarantine import GuardConfig
 from proxy.policy.rules import GuardRule
+from proxy.tracing.settings import TracingSettings
 
 IdentitySource = Literal["files", "workload-api", "dev"]
 MinTls = Literal["1.2", "1.3"]
@@ -72,9 +74,7 @@ class AdminConfig:
     listen: HostPort | None = DEFAULT_ADMIN  # None: no admin endpoint
 
 
-@dataclass(frozen=True, slots=True)
-class AuditConfig:
-    path: str = "-"
+AuditConfig = AuditSettings  # [audit]: parsed by proxy.audit.settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,5 +152,6 @@ class Config:
     drain_timeout: float = 15.0
     log_level: str = "info"
     guard: GuardConfig = field(default_factory=GuardConfig)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     # SHA-256 over every listener's and route's policy version.
     policy_version: str = field(default="", compare=False)

@@ -57,6 +57,8 @@ async def raw_relay(
 
 
 class HttpInboundListener(BaseListener):
+    refuses_when_audit_fails = False  # answers 503 audit_unavailable instead
+
     def __init__(
         self,
         config: InboundConfig,
@@ -136,6 +138,7 @@ class HttpInboundListener(BaseListener):
             partial(self._emit, conn),
             raw_relay=partial(raw_relay, write_timeout=self.config.write_timeout),
         )
+        session.accepting = self.audit.accepting
         session.lifetime_deadline = conn.lifetime_deadline
         finished = False
         try:
@@ -156,6 +159,8 @@ class HttpInboundListener(BaseListener):
 
 
 class HttpOutboundListener(BaseListener):
+    refuses_when_audit_fails = False  # answers 503 audit_unavailable instead
+
     def __init__(
         self,
         config: OutboundConfig,
@@ -260,6 +265,7 @@ class HttpOutboundListener(BaseListener):
             partial(self._emit, conn),
             raw_relay=partial(raw_relay, write_timeout=self.config.write_timeout),
         )
+        session.accepting = self.audit.accepting
         await session.run()
 
     def _emit(self, conn: Conn, outcome: RequestOutcome) -> None:

@@ -63,7 +63,7 @@ def _diff(old: object, new: object, path: str, out: list[str]) -> None:
 def restart_needed(old: Config, new: Config) -> list[str]:
     """The key paths that differ beyond rules, i.e. what a reload cannot apply."""
     out: list[str] = []
-    for name in ("identity", "admin", "audit", "guard", "drain_timeout", "log_level"):
+    for name in ("identity", "admin", "audit", "tracing", "guard", "drain_timeout", "log_level"):
         _diff(getattr(old, name), getattr(new, name), name, out)
     _diff(old.inbound, new.inbound, "inbound", out)
     _diff(old.outbound, new.outbound, "outbound", out)

@@ -30,7 +30,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, cast
+from typing import Any, Final, Literal, cast
 
 import trio
 from cryptography import x509
@@ -262,8 +262,9 @@ class DnsSide:
         verifier = builder.build_server_verifier(_subject(self.server_name))
         verifier.verify(chain[0], list(chain[1:-1]))
 
-    def new_connection(self) -> tuple[SSL.Connection, DnsVerification]:
-        conn = SSL.Connection(self.context, None)
+    def new_connection(self, sock: Any) -> tuple[SSL.Connection, DnsVerification]:
+        """An SSL.Connection on ``sock``, as :meth:`TlsSide.new_connection`."""
+        conn = SSL.Connection(self.context, sock)
         state = DnsVerification(self)
         conn.set_app_data(state)
         if not isinstance(_subject(self.server_name), x509.IPAddress):

@@ -66,8 +66,22 @@ def check(token: str, bundles: TrustBundleSet, method: str, target: str, digest:
 def test_mcp_tool_token(world: tuple[Path, Path, TrustBundleSet]) -> None:
     cert, key, bundles = world
     args = '{"payee": "ACME", "amount": 1200}'
-    proc = run(["--cert", cert, "--key", key, "--requester", REQUESTER,
-                "--tool", "bank.transfer", "--args-json", args, "--ttl", "2m"])
+    proc = run(
+        [
+            "--cert",
+            cert,
+            "--key",
+            key,
+            "--requester",
+            REQUESTER,
+            "--tool",
+            "bank.transfer",
+            "--args-json",
+            args,
+            "--ttl",
+            "2m",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 1 and lines[0].count(".") == 2  # the token, nothing else
@@ -84,8 +98,11 @@ def test_http_token_from_the_environment(
     cert, key, bundles = world
     body = tmp_path / "body.json"
     body.write_bytes(b'{"amount": 1200}')
-    env = {"AGENT_PROXY_CERT": str(cert), "AGENT_PROXY_KEY": str(key),
-           "AGENT_PROXY_REQUESTER": REQUESTER}
+    env = {
+        "AGENT_PROXY_CERT": str(cert),
+        "AGENT_PROXY_KEY": str(key),
+        "AGENT_PROXY_REQUESTER": REQUESTER,
+    }
     proc = run(["--method", "POST", "--path", "/payments", "--body-file", body], env=env)
     assert proc.returncode == 0, proc.stderr
     token = proc.stdout.strip()

@@ -54,7 +54,7 @@ bundle = "{bundle}"
 [admin]
 listen = "127.0.0.1:0"
 [audit]
-path = "{directory / 'audit.jsonl'}"
+path = "{directory / "audit.jsonl"}"
 [[outbound]]
 name = "egress"
 listen = "{egress}"

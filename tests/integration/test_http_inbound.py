@@ -342,8 +342,9 @@ async def test_allowed_upgrade_becomes_a_tunnel(ca_a: TestCA, hr: Issued, payrol
         while b"\r\n\r\n" not in head:
             head += await stream.receive_some(65536)
         assert b"upgrade: websocket" in head.lower()
-        await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                              b"Connection: Upgrade\r\n\r\n")
+        await stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        )
         while data := await stream.receive_some(65536):
             await stream.send_all(data.upper())
         await stream.aclose()
@@ -352,11 +353,13 @@ async def test_allowed_upgrade_becomes_a_tunnel(ca_a: TestCA, hr: Issued, payrol
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(trio.serve_tcp, upgrading_backend, 0)
         backend_port = listeners[0].socket.getsockname()[1]
-        _, port = await start_inbound(nursery, issued=hr, cas=(ca_a,), target_port=backend_port,
-                                      rules=RULES, audit=audit)
+        _, port = await start_inbound(
+            nursery, issued=hr, cas=(ca_a,), target_port=backend_port, rules=RULES, audit=audit
+        )
         stream = await tls_connect(port, client_context(payroll))
-        await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: hr\r\nConnection: Upgrade\r\n"
-                              b"Upgrade: websocket\r\n\r\n")
+        await stream.send_all(
+            b"GET /ws HTTP/1.1\r\nHost: hr\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
         head = b""
         with trio.fail_after(10):
             while b"\r\n\r\n" not in head:
