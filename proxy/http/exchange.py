@@ -195,6 +195,8 @@ CLIENT_ERRORS = frozenset(
         "write_timeout",
         "bad_jsonrpc",
         "mcp_header_mismatch",
+        "unknown_method",
+        "invalid_params",
     }
 )
 UPSTREAM_ERRORS = frozenset(

@@ -94,6 +94,8 @@ def test_every_state_but_closed_can_close_and_closed_is_final() -> None:
         ("allow", "upstream_refused", "refused_by_upstream"),
         ("allow", "upstream_timeout", "upstream_error"),
         ("deny", "target_unreachable", "upstream_error"),
+        ("deny", "bad_jsonrpc", "client_error"),
+        ("deny", "rate_limited", "denied"),
     ],
 )
 def test_classify(decision: str, reason: str, expected: str) -> None:
