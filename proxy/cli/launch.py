@@ -4,19 +4,24 @@ Theory of operation: the launcher is a small supervisor, not a trio program.
 It starts the sidecar (``python -m proxy run --config FILE``) in its own
 process group, so a Ctrl-C from the terminal reaches the agent and the
 launcher but not the sidecar: the launcher decides when the sidecar stops.
-It waits, with a deadline, until the sidecar is ready (``/readyz`` answers
-200 on the admin endpoint, or the sidecar logs ``ready`` when there is no
-admin endpoint to ask), then starts the agent command with ``HTTP_PROXY``
-pointing at the sidecar's egress listener and with every variable that names
-the sidecar's identity files removed.
+It waits, with a deadline, until the sidecar says it is ready: the launcher
+hands it the write end of a pipe (``run --ready-fd N``) and the sidecar
+writes ``ready`` there once every listener is bound. Only our own child holds
+that descriptor, so another process answering on the configured ports (a
+second sidecar with another identity, say) can never make the launcher start
+the agent: our child fails to bind, exits, and the launcher reports its error.
+Then it starts the agent command with ``HTTP_PROXY`` pointing at the
+sidecar's egress listener and with every variable that names the sidecar's
+identity files removed.
 
-One thread, one ``selectors`` loop, no polling sleeps. The loop waits on:
-the sidecar's stderr (read, forwarded line by line to ours, and watched for
-the ``listening``/``ready`` events), a wake-up pipe that ``signal`` writes
-each signal number to, and one descriptor per child that becomes readable
-when the child exits (a pidfd on Linux; elsewhere a pipe a waiter thread
-writes to). Only the readiness probe of ``/readyz`` wakes the loop on a
-timer, every 50 ms, until the sidecar is ready.
+One thread, one ``selectors`` loop, no polling. The loop waits on: the
+sidecar's stderr (read, forwarded line by line to ours, and watched for the
+``listening`` events that give the egress listener's bound address), the
+readiness pipe, a wake-up pipe that ``signal`` writes each signal number to,
+and one descriptor per child that becomes readable when the child exits (a
+pidfd on Linux; elsewhere a pipe a waiter thread writes to). The sidecar
+always logs JSON to the launcher (``--log-format json``); on a console the
+launcher renders those lines for people.
 
 What happens when:
 
@@ -31,8 +36,9 @@ What happens when:
 * The sidecar exits first: the agent has lost its only way to its peers, so
   it gets SIGTERM, then SIGKILL after ``_AGENT_GRACE`` seconds. The
   launcher prints one line and exits 70 (EX_SOFTWARE).
-* The sidecar is not ready in time, or dies before it is: one line, the
-  agent is never started, exit 70.
+* The sidecar is not ready in time, or dies before it is (a port already
+  taken, a bad identity): one line with the sidecar's own error, the agent is
+  never started, exit 70.
 
 Least privilege: run as root, ``--user`` starts the agent under another user
 (its primary group, no supplementary groups unless ``--group``), so key
@@ -45,7 +51,6 @@ import argparse
 import contextlib
 import ctypes
 import grp
-import http.client
 import json
 import os
 import pwd
@@ -62,11 +67,12 @@ from typing import Any
 import structlog
 
 from proxy import logs
+from proxy.cli import notify
 from proxy.cli.envflags import ENV_PREFIX, EnvFlag, env_help, fill_from_env
 from proxy.config import Config, OutboundConfig, load_config
 from proxy.durations import parse_duration
 from proxy.errors import UsageError
-from proxy.netaddr import AddressError, HostPort
+from proxy.netaddr import HostPort
 
 __all__ = [
     "EX_SIDECAR",
@@ -84,7 +90,6 @@ log = structlog.get_logger("agent_proxy")
 EX_SIDECAR = 70  # EX_SOFTWARE: the sidecar failed, not the agent
 _AGENT_GRACE = 10.0  # seconds between SIGTERM and SIGKILL for the agent
 _STOP_MARGIN = 5.0  # seconds past the sidecar's drain_timeout before SIGKILL
-_POLL_INTERVAL = 0.05  # seconds between /readyz probes while starting
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _LOOPBACK_FOR = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
 
@@ -302,36 +307,53 @@ def _die_with_parent() -> Callable[[], None] | None:
     return hook
 
 
-def _readyz(hp: HostPort) -> bool:
-    conn = http.client.HTTPConnection(hp.host, hp.port, timeout=1.0)
-    try:
-        conn.request("GET", "/readyz")
-        return conn.getresponse().status == 200
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        conn.close()
-
-
 class _Sidecar:
-    """The sidecar process and what its log lines told us."""
+    """The sidecar process, its readiness pipe and what its log lines told us."""
 
     def __init__(self, config_path: str) -> None:
-        self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "--config", config_path],
-            stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            process_group=0,
-            # preexec_fn is unsafe with threads; the launcher has none yet.
-            preexec_fn=_die_with_parent(),
-        )
+        ready_r, ready_w = os.pipe()
+        try:
+            self.proc: subprocess.Popen[bytes] = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "proxy", "run", "--config", config_path),
+                    *("--ready-fd", str(ready_w), "--log-format", "json"),
+                ],
+                stdin=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                pass_fds=(ready_w,),
+                process_group=0,
+                # preexec_fn is unsafe with threads; the launcher has none yet.
+                preexec_fn=_die_with_parent(),
+            )
+        except BaseException:
+            os.close(ready_r)
+            raise
+        finally:
+            # Only the child may hold the write end: then end of file on
+            # ready_r means the child is gone.
+            os.close(ready_w)
+        self.ready_fd = ready_r
+        os.set_blocking(ready_r, False)
+        self._ready_buffer = b""
+        self.ready = False
         assert self.proc.stderr is not None
         self.stderr_fd = self.proc.stderr.fileno()
         os.set_blocking(self.stderr_fd, False)
         self._partial = b""
-        self.ready_logged = False
-        self.admin_address: str | None = None
+        self.last_error: str | None = None
         self.listening: dict[str, str] = {}
+        self._console = logs.current_format() == "console"
+
+    def read_ready(self) -> bool:
+        """Read the readiness pipe; False at end of file."""
+        try:
+            data = os.read(self.ready_fd, 64)
+        except BlockingIOError:
+            return True
+        self._ready_buffer = (self._ready_buffer + data)[-64:]
+        if notify.READY_LINE in self._ready_buffer:
+            self.ready = True
+        return bool(data)
 
     def read_stderr(self) -> bool:
         """Forward what the sidecar wrote; False at end of file."""
@@ -350,24 +372,27 @@ class _Sidecar:
         return True
 
     def _line(self, raw: bytes) -> None:
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            obj = None
+            if raw.strip():
+                self.last_error = raw.decode("utf-8", "replace").strip()
+        out = raw
+        if obj is not None and self._console:
+            out = logs.render_event(obj).encode("utf-8", "replace")
         # A closed stderr (``... 2>&1 | head``) must not end supervision:
         # keep reading, so the sidecar never blocks on a full pipe.
         with contextlib.suppress(OSError, ValueError):
             sys.stderr.flush()
-            sys.stderr.buffer.write(raw + b"\n")
+            sys.stderr.buffer.write(out + b"\n")
             sys.stderr.buffer.flush()
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            return
-        if not isinstance(obj, dict):
+        if obj is None:
             return
         event, address = obj.get("event"), obj.get("address")
-        if event == "ready":
-            self.ready_logged = True
-        elif event == "admin listening" and isinstance(address, str):
-            self.admin_address = address
-        elif event == "listening" and isinstance(address, str):
+        if event == "listening" and isinstance(address, str):
             self.listening[str(obj.get("listener"))] = address
 
 
@@ -405,6 +430,10 @@ class _Launch:
             elif what == "stderr":
                 assert self.sidecar is not None
                 if not self.sidecar.read_stderr():
+                    self.sel.unregister(key.fd)
+            elif what == "ready":
+                assert self.sidecar is not None
+                if not self.sidecar.read_ready() or self.sidecar.ready:
                     self.sel.unregister(key.fd)
             elif what == "sidecar-exit":
                 self.sel.unregister(key.fd)
@@ -458,6 +487,8 @@ class _Launch:
 
     def _run(self) -> int:
         self.sidecar = _Sidecar(self.config_path)
+        self._fds.append(self.sidecar.ready_fd)
+        self.sel.register(self.sidecar.ready_fd, selectors.EVENT_READ, "ready")
         self._watch(_exit_fd(self.sidecar.proc), "sidecar-exit")
         self.sel.register(self.sidecar.stderr_fd, selectors.EVENT_READ, "stderr")
         status = self._wait_ready()
@@ -509,19 +540,6 @@ class _Launch:
             self._wait_until(lambda: self.agent_rc is not None, _AGENT_GRACE)
         return EX_SIDECAR
 
-    def _admin_address(self) -> HostPort | None:
-        assert self.sidecar is not None
-        listen = self.config.admin.listen
-        if listen is None:
-            return None
-        if listen.port:
-            return _client_address(listen)
-        if self.sidecar.admin_address is None:
-            return None
-        with contextlib.suppress(AddressError):
-            return _client_address(HostPort.parse(self.sidecar.admin_address))
-        return None
-
     def _proxy_url(self) -> str | None:
         assert self.sidecar is not None
         if self.egress is None:
@@ -538,7 +556,6 @@ class _Launch:
         """None once the sidecar is ready; otherwise the launcher's exit status."""
         assert self.sidecar is not None
         end = time.monotonic() + self.ready_timeout
-        next_probe = 0.0
         while True:
             for signum in self._take_signals():
                 if signum == signal.SIGHUP:
@@ -547,31 +564,28 @@ class _Launch:
                 _say(f"{signal.Signals(signum).name} before the agent started; stopping")
                 return exit_status(-signum)
             if self.sidecar_rc is not None:
+                # Read what it said on its way out, so its error is ours too.
+                self._wait_until(lambda: not self._reading(), 2.0)
+                why = f": {self.sidecar.last_error}" if self.sidecar.last_error else ""
                 _say(
                     f"the sidecar exited with status {exit_status(self.sidecar_rc)} "
-                    "before it was ready"
+                    f"before it was ready{why}"
                 )
                 return EX_SIDECAR
             egress_known = self.egress is None or self._proxy_url() is not None
-            admin = self._admin_address()
-            now = time.monotonic()
-            if egress_known and self.sidecar.ready_logged:
+            if self.sidecar.ready and egress_known:
                 return None
-            if egress_known and admin is not None and now >= next_probe:
-                if _readyz(admin):
-                    return None
-                next_probe = time.monotonic() + _POLL_INTERVAL
-            now = time.monotonic()
-            if now >= end:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
                 hint = ""
-                if admin is None:
-                    hint = " (with no admin endpoint, launch waits for its 'ready' log line)"
+                if self.sidecar.ready:
+                    hint = (
+                        f" (it never logged the address of {self.egress.name!r}; "  # type: ignore[union-attr]
+                        "is log_level above info?)"
+                    )
                 _say(f"the sidecar was not ready within {self.ready_timeout:g}s{hint}")
                 return EX_SIDECAR
-            timeout = end - now
-            if admin is not None:
-                timeout = min(timeout, max(next_probe - now, 0.0))
-            self._pump(timeout)
+            self._pump(remaining)
 
     def _stop_sidecar(self) -> None:
         assert self.sidecar is not None
