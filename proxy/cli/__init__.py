@@ -19,8 +19,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from proxy import __version__, logs
-from proxy.cli import notify
+from proxy import __version__, logs, notify
 from proxy.errors import UsageError
 
 # command: (module that registers it, its line in ``agent-proxy --help``)
@@ -40,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # Commands that run until stopped: they take --log-format.
 LONG_RUNNING = ("run", "inbound", "outbound", "launch")
+# Sidecars a supervisor may start: they take --ready-fd.
+SIDECARS = ("run", "inbound", "outbound")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,7 +77,8 @@ def build_parser(only: str | None = "*") -> argparse.ArgumentParser:
             sub.add_parser(name, help=help_text)
     for name in LONG_RUNNING:
         logs.add_format_flag(sub.choices[name])
-    notify.add_flag(sub.choices["run"])
+    for name in SIDECARS:
+        notify.add_flag(sub.choices[name])
     return parser
 
 

@@ -66,8 +66,7 @@ from typing import Any
 
 import structlog
 
-from proxy import logs
-from proxy.cli import notify
+from proxy import logs, notify
 from proxy.cli.envflags import ENV_PREFIX, EnvFlag, env_help, fill_from_env
 from proxy.config import Config, OutboundConfig, load_config
 from proxy.durations import parse_duration

@@ -19,7 +19,6 @@ import trio
 
 from proxy import logs
 from proxy.audit import AuditSink, rfc3339
-from proxy.cli import notify
 from proxy.cli.envflags import EnvFlag, env_help, fill_from_env
 from proxy.cli.sidecar import raise_fd_limit
 from proxy.config import Config, InboundConfig, OutboundConfig, load_config, summarize
@@ -177,7 +176,6 @@ async def _serve(
 
         def ready() -> None:
             readiness.listening = True
-            notify.ready()
 
         def hup() -> None:
             source.request_reload()

@@ -1,4 +1,4 @@
-"""Readiness notification to a supervisor: ``run --ready-fd N``.
+"""Readiness notification to a supervisor: ``--ready-fd N`` on run, inbound, outbound.
 
 The supervisor (``agent-proxy launch``, s6's ``notification-fd``, a test)
 creates a pipe, hands the write end to the sidecar as descriptor N and reads
