@@ -35,7 +35,6 @@ from proxy.runtime.serve import run_until_signalled
 from proxy.sources.base import IdentityLoadError, IdentitySource
 from proxy.sources.dev import DevSource
 from proxy.sources.files import FilesSource, load_snapshot_from_files
-from proxy.sources.workload_api import WorkloadApiSource
 
 log = structlog.get_logger("agent_proxy")
 
@@ -71,6 +70,8 @@ def make_source(config: Config) -> IdentitySource:
             assert identity.cert and identity.key and identity.bundle
             return FilesSource(identity.cert, identity.key, identity.bundle, identity.federation)
         if identity.source == "workload-api":
+            from proxy.sources.workload_api import WorkloadApiSource  # grpc: only for SPIRE
+
             return WorkloadApiSource(identity.endpoint)
         assert identity.spiffe_id is not None and identity.state_dir is not None
         return DevSource(identity.state_dir, identity.spiffe_id, ttl=identity.ttl)

@@ -136,3 +136,15 @@ def test_ready_fd_gets_one_ready_line_then_end_of_file() -> None:
 def test_bad_ready_fd_is_a_usage_error(value: str) -> None:
     with pytest.raises(UsageError, match="--ready-fd"):
         notify.select(value)
+
+
+def test_the_run_command_leaves_grpc_protobuf_jwt_and_cel_for_who_needs_them() -> None:
+    # grpc/protobuf: only the Workload API source; PyJWT: only approvals;
+    # CEL: only rules with conditions. A small config needs none of them.
+    probe = "import json, sys, proxy.cli.run; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    modules = json.loads(out)
+    lazy = ("grpc", "google.protobuf", "jwt", "cel")
+    assert [m for m in modules if any(m == h or m.startswith(h + ".") for h in lazy)] == []
