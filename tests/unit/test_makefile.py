@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from tests import support
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,9 +25,7 @@ if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; f
 
 
 def _clone(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    make = shutil.which("make")
-    if make is None:
-        pytest.skip("make not installed")
+    support.require_binary("make")
     clone = tmp_path / "clone"
     clone.mkdir()
     shutil.copy(ROOT / "Makefile", clone)
