@@ -10,11 +10,14 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# pip shows its own progress on a terminal and stays quiet in logs (CI, pipes).
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	@echo "installing dependencies into $(VENV) (first run takes about a minute)..."
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if test -t 1; then quiet=; else quiet=--quiet; fi; \
+	$(BIN)/python -m pip install $$quiet --upgrade pip && \
+	$(BIN)/python -m pip install $$quiet -e '.[test]'
+	@touch $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests $(wildcard benchmarks)

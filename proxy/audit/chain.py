@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -65,6 +64,8 @@ def _algorithm(key: SvidPrivateKey | Any) -> str:
 
 def sign_checkpoint(signer: Signer, *, seq: int, head: str, now: _dt.datetime) -> tuple[str, str]:
     """(the signer's SPIFFE ID, a compact JWS) sealing ``seq - 1`` records."""
+    import jwt  # here: PyJWT costs start-up time; only signing and verifying need it
+
     key, chain = signer()
     from proxy.identity import validate_leaf
 
@@ -99,6 +100,8 @@ def verify_checkpoint(
     """Check one checkpoint record; return its signer's SPIFFE ID or raise
     :class:`CheckpointProblem`. ``signer_id`` pins the trail's signer once the
     first checkpoint has named it."""
+    import jwt  # here: PyJWT costs start-up time; only signing and verifying need it
+
     token = record.get("jws")
     if not isinstance(token, str) or not token:
         raise CheckpointProblem("missing signature")

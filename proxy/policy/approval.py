@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -150,6 +149,8 @@ def mint_approval(
         "exp": iat + math.floor(ttl),
         "jti": uuid.uuid4().hex,
     }
+    import jwt  # here: PyJWT costs start-up time and most sidecars never mint
+
     alg = _alg_for_key(svid.private_key)
     payload = json.dumps(claims, sort_keys=True, separators=(",", ":")).encode()
     return jwt.PyJWS().encode(
@@ -236,6 +237,8 @@ def verify_approval(
     replay: ReplayCache,
 ) -> ApprovalResult:
     """Check an approval token for this exact request; consume it when it is good."""
+    import jwt  # here: PyJWT costs start-up time and only guarded requests need it
+
     need = f"an approval token from {', '.join(p.text for p in approvers) or 'an approver'}"
     if not token:
         return _refuse(MISSING, f"this action needs {need} in the {APPROVAL_HEADER} header")
