@@ -99,8 +99,6 @@ TASK_CREATING: Final = frozenset({SEND_MESSAGE, SEND_STREAMING_MESSAGE})
 
 # A2A error codes: identical in v0.3 (a2a-python types.py) and v1.0 (§5.4).
 TASK_NOT_FOUND: Final = -32001
-PUSH_NOTIFICATION_NOT_SUPPORTED: Final = -32003
-UNSUPPORTED_OPERATION: Final = -32004
 
 AGENT_CARD_PATHS: Final = frozenset(
     {

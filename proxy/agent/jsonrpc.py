@@ -43,7 +43,6 @@ PARSE_ERROR: Final = -32700
 INVALID_REQUEST: Final = -32600
 METHOD_NOT_FOUND: Final = -32601
 INVALID_PARAMS: Final = -32602
-INTERNAL_ERROR: Final = -32603
 
 JSONRPC_VERSION: Final = "2.0"
 # Deep enough for real tool schemas; shallow enough that re-serialising a
@@ -106,10 +105,6 @@ class JsonRpcMessage:
     id: JsonRpcId | None  # None: a notification, or an error answering no readable id
     method: str | None = None
     params: dict[str, Any] | list[Any] | None = None
-
-    @property
-    def is_request(self) -> bool:
-        return self.kind is MessageKind.REQUEST
 
     @property
     def is_notification(self) -> bool:

@@ -30,7 +30,6 @@ from proxy.agent.mcp import (
     RATE_LIMITED,
     ListPolicy,
     UnfilterableResponse,
-    UnsupportedVersion,
     is_2026,
     supports_cache_scope,
 )
@@ -71,10 +70,6 @@ def rate_limited(id: JsonRpcId | None, retry_after_s: float) -> bytes:
     """Rate limited; ``data.retry_after`` in whole seconds, at least 1."""
     seconds = max(1, math.ceil(retry_after_s)) if math.isfinite(retry_after_s) else 1
     return error_response(id, RATE_LIMITED, "Rate limit exceeded", {"retry_after": seconds})
-
-
-def unsupported_version(id: JsonRpcId | None, requested: str) -> bytes:
-    return UnsupportedVersion(requested, id).to_bytes()
 
 
 # -- list filtering ---------------------------------------------------------------------
