@@ -214,6 +214,11 @@ class Metrics:
             ("reason",),
         )
         self._identity = _Identity()
+        self._policy = _Gauge(
+            "agent_proxy_policy_info",
+            "The policy version in force (the value audit records carry), as a label.",
+            ("version",),
+        )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(
             _Families(
@@ -227,6 +232,7 @@ class Metrics:
                     self._config_reloads,
                     self._dry_run,
                     self._quarantines,
+                    self._policy,
                 ),
                 self._identity,
             )
@@ -280,6 +286,11 @@ class Metrics:
 
     def _identity_swapped(self, snapshot: IdentitySnapshot) -> None:
         self._identity.not_after = snapshot.svid.not_after
+
+    def set_policy_version(self, version: str) -> None:
+        """An info metric: one series, value 1, for the version in force."""
+        self._policy.values.clear()
+        self._policy.inc((version,))
 
     def config_reload(self, result: str) -> None:
         self._config_reloads.inc((result,))
