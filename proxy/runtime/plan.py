@@ -236,7 +236,10 @@ async def serve(
         gate = Gate(config.guard)
         if admin is not None:
             install_guard_routes(admin, gate)
-        listeners = build_listeners(config, state, audit, gate)
+        try:
+            listeners = build_listeners(config, state, audit, gate)
+        except IdentityLoadError as exc:  # a TLS context OpenSSL refuses to build
+            raise UsageError(f"{plan.identity_label}: {exc}") from None
         for listener in listeners:
             listener.metrics = metrics
             listener.origin = plan.origins.get(listener.name)
