@@ -287,7 +287,7 @@ class DevCA:
         key_data = _read(key_path, "CA key")
         try:
             cert = x509.load_pem_x509_certificate(cert_data)
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
             raise DevCAError(f"{cert_path} is not a PEM certificate") from None
         try:
             key = serialization.load_pem_private_key(key_data, password=None)
