@@ -192,7 +192,9 @@ def summary_rows(sidecar: str, records: list[dict[str, Any]]) -> list[tuple[str,
     connection row the target it was for (never its event a second time)."""
     rows: list[tuple[str, ...]] = []
     for r in records:
-        if r["event"] == "connection.close":
+        # Close records repeat their open; chain records (checkpoints,
+        # genesis, gaps) seal the trail and decide nothing.
+        if r["event"] == "connection.close" or "decision" not in r:
             continue
         request = f"{r.get('method', '')} {r.get('path', '')}".strip()
         rows.append(

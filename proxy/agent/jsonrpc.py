@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
@@ -162,6 +163,15 @@ def _no_constant(name: str) -> Any:
     raise _Refused(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    # 1e400 is valid JSON grammar but overflows to inf, which no later step
+    # (canonical hashing, re-encoding) can represent: refuse it here.
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise _Refused(f"number {text[:40]} is out of range")
+    return value
+
+
 # Only \uXXXX escapes can produce these; they cannot be encoded as UTF-8 and
 # other parsers replace or reject them, so the meaning is ambiguous.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -205,7 +215,12 @@ def decode_json(body: bytes | str, *, max_bytes: int) -> Any:
     except UnicodeDecodeError as exc:
         raise JsonRpcError(PARSE_ERROR, f"Parse error: invalid UTF-8 at byte {exc.start}") from None
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        value = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+        )
         _check_tree(value)
     except _Refused as exc:
         raise JsonRpcError(PARSE_ERROR, f"Parse error: {exc}") from None

@@ -253,7 +253,9 @@ def verify_approval(
         if not isinstance(x5c, list) or not x5c or not all(isinstance(c, str) for c in x5c):
             raise ValueError("x5c must be a non-empty list of base64 certificates")
         certs = [x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in x5c]
-    except (jwt.PyJWTError, ValueError, binascii.Error) as exc:
+    # InvalidVersion is not a ValueError: a certificate whose version field is
+    # past v3 must be a refusal, not an exception out of the gate.
+    except (jwt.PyJWTError, ValueError, binascii.Error, x509.InvalidVersion) as exc:
         return _refuse(INVALID, f"malformed approval token: {exc}")
     # 2. The chain, scoped to the approver's own trust domain.
     try:

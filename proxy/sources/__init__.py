@@ -3,7 +3,7 @@
 * ``files``: watched certificate, key and bundle files (spiffe-helper,
   cert-manager, Kubernetes secrets), see files.py;
 * ``workload-api``: the SPIFFE Workload API as SPIRE's agent serves it, see
-  workload_api.py;
+  workload_api.py (the pure parts: workload_messages.py);
 * ``dev``: an embedded development CA, see dev.py.
 
 All of them implement :class:`IdentitySource` (base.py): ``initial()`` for

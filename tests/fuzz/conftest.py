@@ -2,7 +2,7 @@
 
 ``HYPOTHESIS_PROFILE`` picks one:
 
-* ``smoke`` (the default, what ``make test`` runs): a few dozen examples per
+* ``smoke`` (the default, what ``make test`` runs): ten examples per
   harness, derandomised so the suite is the same on every run; the whole
   directory takes a few seconds.
 * ``long`` (``make fuzz``): many examples, random each run, failures kept in
@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, settings
 
 settings.register_profile(
     "smoke",
-    max_examples=15,
+    max_examples=10,
     deadline=None,
     derandomize=True,
     database=None,

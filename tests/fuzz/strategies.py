@@ -21,17 +21,22 @@ any_char = st.characters(codec=None, exclude_categories=())
 any_text = st.text(any_char, max_size=300)
 
 
+_OPS = ("flip", "set", "step", "insert", "delete", "truncate", "dup", "splice")
+
+
 @st.composite
 def mutated(draw: st.DrawFn, seeds: Sequence[bytes], max_ops: int = 6) -> bytes:
     data = bytearray(draw(st.sampled_from(list(seeds))))
     for _ in range(draw(st.integers(1, max_ops))):
-        op = draw(st.sampled_from(("flip", "set", "insert", "delete", "truncate", "dup", "splice")))
+        op = draw(st.sampled_from(_OPS))
         size = len(data)
         at = draw(st.integers(0, max(size - 1, 0)))
         if op == "flip" and size:
             data[at] ^= 1 << draw(st.integers(0, 7))
         elif op == "set" and size:
             data[at] = draw(st.sampled_from((0x00, 0x30, 0x7F, 0x80, 0x81, 0x82, 0xFF)))
+        elif op == "step" and size:  # a version, a length, a tag one off
+            data[at] = (data[at] + draw(st.sampled_from((-1, 1, 2)))) & 0xFF
         elif op == "insert":
             data[at:at] = draw(st.binary(min_size=1, max_size=8))
         elif op == "delete" and size:

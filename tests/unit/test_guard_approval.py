@@ -258,3 +258,21 @@ def test_high_impact_fresh_attestation(alice: X509Svid, bundles: TrustBundleSet)
     assert check_high_impact(
         max_svid_age=300, approvers=APPROVERS, svid_age_seconds=10, token=token, **common
     ).ok
+
+
+def test_a_certificate_past_v3_in_x5c_is_a_refusal(
+    alice: X509Svid, bundles: TrustBundleSet
+) -> None:
+    # Found by the fuzz harness: cryptography raises InvalidVersion (not a
+    # ValueError) for a version field past v3; it must not escape the gate.
+    x5c = jwt.get_unverified_header(mint(alice))["x5c"]
+    der = base64.b64decode(x5c[0])
+    v3 = b"\xa0\x03\x02\x01\x02"  # [0] EXPLICIT INTEGER 2 (v3) in the TBSCertificate
+    assert der.count(v3) == 1
+    bad = base64.b64encode(der.replace(v3, b"\xa0\x03\x02\x01\x03")).decode()
+    token = jwt.PyJWS().encode(
+        b"{}", alice.private_key, algorithm="ES256",
+        headers={"typ": "agent-approval+jws", "x5c": [bad, *x5c[1:]]},
+    )
+    result = verify(token, bundles)
+    assert result.reason == "approval_invalid" and "malformed" in result.detail
