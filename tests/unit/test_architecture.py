@@ -55,7 +55,8 @@ TABLE: dict[str, Row] = {
     "logs": row("", "structlog"),
     "notify": row(),
     "identity": row("", "cryptography jwt"),
-    "devca": row("identity", "cryptography"),
+    "devca": row("identity devca_files", "cryptography"),
+    "devca_files": row("identity", "cryptography"),
     "metrics": row("identity", "prometheus_client"),
     "sources": row("identity devca", "trio grpc structlog"),
     "tls": row("identity", "OpenSSL cryptography trio"),
@@ -67,31 +68,35 @@ TABLE: dict[str, Row] = {
     "http.framing": row(),
     "http.mcp_flow": row("policy identity agent"),
     "http.a2a_flow": row("policy identity agent"),
+    "audit.settings": row("config.walker"),
     "audit": row("identity metrics", "structlog trio cryptography jwt prometheus_client"),
+    "tracing.settings": row("config.walker"),
     "tracing": row("", "opentelemetry structlog prometheus_client"),
     "credentials": row(
         "identity sources tls policy http devca",
         "cryptography jwt grpc h11 trio structlog prometheus_client",
     ),
+    "credentials.config": row("identity tls config.walker"),
     "credentials.certs": row("identity devca", "trustme"),
     "config": row("identity policy agent audit tracing credentials"),
     "runtime": row(EVERYTHING_BELOW_RUNTIME, "trio h11 cryptography structlog"),
     "cli": row(EVERYTHING_BELOW_RUNTIME + " runtime logs", "structlog cryptography"),
-    "demo": row(EVERYTHING_BELOW_RUNTIME + " runtime cli"),
+    "demo": row(EVERYTHING_BELOW_RUNTIME + " runtime cli demo_table"),
+    "demo_table": row(),
     "__main__": row("cli"),
 }
 
 # Known violations, to be removed (ARCHITECTURE.md, "Known violations"):
 # (importing module, imported module prefix) -> why it is wrong and the fix.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    # config imports audit.settings to parse [audit]; this lazy import back
-    # is a cycle. Fix: ConfigError moves to a leaf (proxy/errors.py).
+    # config imports audit.settings to parse [audit]; this lazy import of
+    # ConfigError back is a runtime cycle. Fix: read through config.walker's
+    # Table (type-only), which reports errors itself (in flight: wiretrace).
     ("proxy.audit.settings", "proxy.config"): "raises ConfigError: a cycle with config",
-    # The same section-parser cycle, type-only: Table should live in a leaf.
-    ("proxy.credentials.config", "proxy.config.walker"): "types its input as config's Table",
+    # Type-only, but a config type in credentials: pass the values instead.
     ("proxy.credentials.sources", "proxy.config.schema"): "reads IdentityConfig: pass values",
-    # SectionReader is a second table walker living in audit; it belongs
-    # with the config walker in the same leaf module.
+    # A second table walker (SectionReader) or its helpers living in audit;
+    # they belong in config.walker.
     ("proxy.tracing.settings", "proxy.audit.settings"): "reuses audit's SectionReader",
     # runtime names pyOpenSSL to spot a TLS alert; tls.stream should classify
     # it (as it does for handshakes) so that OpenSSL stays inside tls.
@@ -191,7 +196,12 @@ def violations(
     anywhere = table["(any)"]
     out: list[Violation] = []
     for module, (source, is_package) in sorted(modules.items()):
-        key, allowed = row_for(module, table)
+        try:
+            key, allowed = row_for(module, table)
+        except KeyError:
+            rule = "its area has no row: add one to TABLE and ARCHITECTURE.md"
+            out.append(Violation(module, "anything", 0, rule))
+            continue
         for imported, line in imports_of(module, source, is_package, names):
             top = imported.split(".")[0]
             if top == "proxy":
@@ -339,3 +349,19 @@ def test_a_known_violation_is_allowed_only_for_its_module() -> None:
     assert violations({"proxy.audit.settings": (source, False)}, known=known) == []
     found = violations({"proxy.audit.sink": (source, False)}, known=known)
     assert [v.imported for v in found] == ["proxy.config"]
+
+
+# -- module size -----------------------------------------------------------------
+
+MAX_LINES = 450  # the house says ~400; this is the hard stop
+
+
+def test_no_module_is_over_the_size_limit() -> None:
+    over = {}
+    for path in sorted(PROXY.rglob("*.py")):
+        if module_name(path).startswith(EXEMPT):
+            continue
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        if lines > MAX_LINES:
+            over[str(path.relative_to(ROOT))] = lines
+    assert not over, f"modules over {MAX_LINES} lines (split them): {over}"
