@@ -204,6 +204,25 @@ ERRORS: list[tuple[str, str, Any, str]] = [
         ["ftp://x/"],
         "inbound[2].rules[0].push_url_allowlist[0]: invalid URL pattern",
     ),
+    # Entries the A2A matcher could never match: refused at load, not ignored.
+    (
+        "push_url_allowlist",
+        "2.0",
+        ["https://hooks.example/ok", "https://user@hooks.example/x"],
+        "inbound[2].rules[0].push_url_allowlist[1]: invalid URL pattern",
+    ),
+    (
+        "push_url_allowlist",
+        "2.0",
+        ["https://hooks.example/x?token=1"],
+        "inbound[2].rules[0].push_url_allowlist[0]: invalid URL pattern",
+    ),
+    (
+        "push_url_allowlist",
+        "2.0",
+        ["https://hooks.*.example/x"],
+        "inbound[2].rules[0].push_url_allowlist[0]: invalid URL pattern",
+    ),
     ("high_impact", "1.1", {}, "inbound[1].rules[1].high_impact: needs max_svid_age"),
     (
         "high_impact",
