@@ -172,12 +172,6 @@ def task_ids_in_request(method: str, params: Any) -> list[str]:
     return [task_id]
 
 
-def task_id_in_request(method: str, params: Any) -> str | None:
-    """The task a request acts on (the first of :func:`task_ids_in_request`)."""
-    ids = task_ids_in_request(method, params)
-    return ids[0] if ids else None
-
-
 def task_ids_in_response(obj: Any) -> list[str]:
     """Task ids in a response (or a streamed event), both versions, in order.
 

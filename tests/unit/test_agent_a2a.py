@@ -88,7 +88,6 @@ REQUEST_IDS = [
 @pytest.mark.parametrize(("method", "params", "ids"), REQUEST_IDS)
 def test_task_ids_in_request(method: str, params: dict[str, Any], ids: list[str]) -> None:
     assert a2a.task_ids_in_request(method, params) == ids
-    assert a2a.task_id_in_request(method, params) == (ids[0] if ids else None)
 
 
 @pytest.mark.parametrize(
