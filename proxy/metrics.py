@@ -31,6 +31,8 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, gener
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from proxy.credentials.metrics import CredentialCollector
+from proxy.credentials.provider import CredentialProvider
 from proxy.identity import IdentitySnapshot, IdentityState
 
 __all__ = ["DURATION_BUCKETS", "Metrics"]
@@ -286,6 +288,11 @@ class Metrics:
 
     def _identity_swapped(self, snapshot: IdentitySnapshot) -> None:
         self._identity.not_after = snapshot.svid.not_after
+
+    def watch_credentials(self, providers: Sequence[CredentialProvider]) -> None:
+        """Export the routes' credential counters (read at scrape time)."""
+        if providers:
+            self.registry.register(CredentialCollector(lambda: providers))
 
     def set_policy_version(self, version: str) -> None:
         """An info metric: one series, value 1, for the version in force."""

@@ -180,12 +180,12 @@ def build_listeners(
         if inbound.protocol == "tcp":
             listeners.append(L4Listener(l4_inbound(inbound), state, audit))
         else:  # http, mcp, a2a: all through the HTTP relay
-            listeners.append(HttpInboundListener(inbound, state, audit, gate))
+            listeners.append(HttpInboundListener(inbound, state, audit, gate, config.identity))
     for outbound in config.outbound:
         if outbound.protocol == "tcp":
             listeners.append(L4Listener(l4_outbound(outbound), state, audit))
         else:
-            listeners.append(HttpOutboundListener(outbound, state, audit, gate))
+            listeners.append(HttpOutboundListener(outbound, state, audit, gate, config.identity))
     return listeners
 
 
@@ -251,6 +251,9 @@ async def serve(
         for listener in listeners:
             listener.metrics = metrics
             listener.origin = plan.origins.get(listener.name)
+        metrics.watch_credentials(
+            [p for lst in listeners for p in getattr(lst, "providers", {}).values()]
+        )
         _publish_policy(gate, metrics, config)
         reloader = ConfigReloader(plan.reload, config, listeners, metrics, watch=plan.watch)
         reloader.on_reload.append(partial(_publish_policy, gate, metrics))
