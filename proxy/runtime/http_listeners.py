@@ -25,7 +25,7 @@ import datetime as _dt
 import hashlib
 from collections.abc import Callable, Hashable
 from functools import partial
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import structlog
 import trio
@@ -34,10 +34,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from proxy.agent.a2a import TaskOwnership
 from proxy.audit import AuditSink, rfc3339
 from proxy.config import IdentityConfig, InboundConfig, OutboundConfig, RouteConfig
-from proxy.credentials.build import JwtSvidSource, build_provider, dns_side_builder
 from proxy.credentials.config import CredentialConfig
-from proxy.credentials.provider import CredentialProvider
-from proxy.credentials.sources import InboundJwtBundles, inbound_jwt_bundles, jwt_svid_source
 from proxy.http.conn import Downstream, Upstream
 from proxy.http.exchange import RequestOutcome
 from proxy.http.headers import XFCC, fold, xfcc_value
@@ -56,6 +53,13 @@ from proxy.runtime.listener import BaseListener, Conn, handshake_within, ms_sinc
 from proxy.runtime.relay import RelayStats, relay
 from proxy.tls import TlsSide, TLSStream, build_side
 from proxy.tls.dns import DnsSide, verified_upstream
+
+if TYPE_CHECKING:
+    # Imported where a config uses them: the fetchers and JWT bundle
+    # sources pull in gRPC and PyJWT, which a plain sidecar never loads.
+    from proxy.credentials.build import JwtSvidSource
+    from proxy.credentials.provider import CredentialProvider
+    from proxy.credentials.sources import InboundJwtBundles
 
 log = structlog.get_logger("agent_proxy")
 
@@ -104,6 +108,8 @@ class HttpInboundListener(BaseListener):
         self.set_policy(config.guard)
         self._jwt: InboundJwtBundles | None = None
         if config.jwt_svid is not None:
+            from proxy.credentials.sources import inbound_jwt_bundles
+
             self._jwt = inbound_jwt_bundles(config.jwt_svid, identity_config or _NO_IDENTITY)
             # The caller's proof is never the backend's to replay.
             self.strip |= {b"authorization"}
@@ -358,6 +364,8 @@ class HttpOutboundListener(BaseListener):
 
 
 def _dns_builder(route: RouteConfig) -> Callable[[IdentitySnapshot], DnsSide]:
+    from proxy.credentials.build import dns_side_builder
+
     build = dns_side_builder(route.name, route.upstream_tls)
     return lambda snapshot: build(snapshot.svid)
 
@@ -373,6 +381,9 @@ def _providers(
         cfg = route.credential
         if cfg is None:
             continue
+        from proxy.credentials.build import build_provider
+        from proxy.credentials.sources import jwt_svid_source
+
         if source is None and _needs_jwt_svid(cfg):
             source = jwt_svid_source(identity_config)
         out[route.name] = build_provider(

@@ -288,3 +288,19 @@ def test_no_secret_in_audit_logs_or_metrics(world: World) -> None:
     for secret in world.secrets:
         bare = secret.removeprefix("Bearer ")
         assert bare not in written, "a token or secret was written out"
+
+
+def test_unreadable_ca_file_is_one_line_and_exit_2(tmp_path: Path, ca_a: TestCA) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        _identity(tmp_path, ca_a)
+        + '[[outbound]]\nname = "egress"\nlisten = "127.0.0.1:0"\nprotocol = "http-proxy"\n'
+        + '[[outbound.routes]]\nname = "bank"\nhost = "bank-api"\ntarget = "127.0.0.1:9"\n'
+        + 'upstream_tls = "dns"\nserver_name = "bank.example"\nca_file = "missing.pem"\n'
+        + 'methods = ["GET"]\npaths = ["/**"]\n'
+    )
+    proc = ProxyProcess(["run", "--config", str(path)])
+    assert proc.proc.wait(timeout=DEADLINE) == 2
+    line = proc.logs.wait_for(lambda text: "missing.pem" in text)
+    assert "route bank: ca_file" in line
+    assert not any("Traceback" in text for text in proc.logs.all_lines())
