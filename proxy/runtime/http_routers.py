@@ -265,6 +265,7 @@ class InboundRouter:
                     svid_age,
                     self.bundles,
                     max_body,
+                    peer_auth=auth,
                 )
             else:
                 base.hook = A2aGuard(
@@ -275,6 +276,7 @@ class InboundRouter:
                     self.bundles,
                     max_body,
                     listener.tasks,
+                    peer_auth=auth,
                 )
             if request.method == b"POST":
                 return base  # decided per JSON-RPC call
