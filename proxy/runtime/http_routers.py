@@ -9,6 +9,7 @@ protocol decides per call.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 from collections.abc import Hashable
@@ -29,7 +30,7 @@ from proxy.http.headers import XFCC, Header, header_map, header_value
 from proxy.http.mcp_flow import McpGuard
 from proxy.http.routing import Routed
 from proxy.identity import IdentityState, SpiffeId, TrustBundleSet
-from proxy.identity.jwt_svid import JwtBundleSet, JwtSvidError, authenticate_bearer
+from proxy.identity.jwt_svid import MISSING, JwtBundleSet, JwtSvidError, authenticate_bearer
 from proxy.policy.approval import APPROVAL_HEADER
 from proxy.policy.evaluate import PolicySet
 from proxy.policy.gate import Gate
@@ -202,6 +203,15 @@ def emit_outcome(
     )
 
 
+def _bearer_refused(error: JwtSvidError) -> RequestVerdict:
+    """401 with the challenge RFC 6750 3 asks for (no error code when
+    the request carried no token at all)."""
+    challenge = "Bearer" if error.reason == MISSING else 'Bearer error="invalid_token"'
+    return dataclasses.replace(
+        refused(error.reason, 401, str(error)), headers=(("www-authenticate", challenge),)
+    )
+
+
 class InboundRouter:
     def __init__(
         self,
@@ -236,7 +246,7 @@ class InboundRouter:
                 request.headers, listener.jwt_bundles(), jwt.audience, _dt.datetime.now(_dt.UTC)
             )
             if isinstance(proof, JwtSvidError):
-                return Routed(refused(proof.reason, 401, str(proof)), path=path)
+                return Routed(_bearer_refused(proof), path=path)
             peer, auth, svid_age = proof.spiffe_id, "jwt-svid", None
             # The record's peer is the L7 hop (the connection); these name
             # the caller it vouched for, and the token only by its hash.

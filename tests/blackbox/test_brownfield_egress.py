@@ -245,7 +245,7 @@ def test_token_endpoint_down_is_503_credential_unavailable(world: World) -> None
     )
 
 
-def _hr_get(world: World, token: str | None) -> tuple[int, dict[str, Any]]:
+def _hr_get(world: World, token: str | None) -> tuple[int, dict[str, Any], str | None]:
     raw = socket.create_connection(world.hr, timeout=DEADLINE)
     conn = http.client.HTTPConnection(*world.hr, timeout=DEADLINE)
     conn.sock = world.hop.wrap_socket(raw)
@@ -254,7 +254,7 @@ def _hr_get(world: World, token: str | None) -> tuple[int, dict[str, Any]]:
     response = conn.getresponse()
     body = response.read()
     conn.close()
-    return response.status, json.loads(body)
+    return response.status, json.loads(body), response.getheader("www-authenticate")
 
 
 def test_inbound_jwt_svid(world: World) -> None:
@@ -263,17 +263,18 @@ def test_inbound_jwt_svid(world: World) -> None:
     wrong = mint_jwt_svid(world.jwt.signing, SpiffeId.parse(PAYROLL), ["spiffe://x/y"], now=now)
     world.secrets.extend([good.token, wrong.token])
     _Backend.seen.clear()
-    status, body = _hr_get(world, good.token)
+    status, body, _ = _hr_get(world, good.token)
     assert (status, body) == (200, {"timesheets": []})
     assert "authorization" not in _Backend.seen[0]  # the caller's proof stays with us
     record = world.proc.audit.wait_json(event="http.request", rule="payroll-by-jwt")
     assert record["peer_auth"] == "jwt-svid"
     assert record["jwt_peer_id"] == PAYROLL
     assert record["jwt_digest"] == good.digest
-    status, body = _hr_get(world, wrong.token)
+    status, body, challenge = _hr_get(world, wrong.token)
     assert (status, body["reason"]) == (401, "jwt_wrong_audience")
-    status, body = _hr_get(world, None)
-    assert (status, body["reason"]) == (401, "jwt_missing")
+    assert challenge == 'Bearer error="invalid_token"'
+    status, body, challenge = _hr_get(world, None)
+    assert (status, body["reason"], challenge) == (401, "jwt_missing", "Bearer")
     assert len(_Backend.seen) == 1
 
 
