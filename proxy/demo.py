@@ -18,12 +18,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 from pathlib import Path
 from typing import Any
 
-from proxy.credentials.demo import run_brownfield_leg
+from proxy.credentials.demo import AGENT_GUESS, BrownfieldBank
+from proxy.demo_table import summary_rows, summary_table
 
 TD = "payroll.example"
 CAST = {
@@ -35,12 +35,14 @@ CAST = {
 
 # What an agent runs: a stock HTTP client that honours HTTP_PROXY.
 AGENT = r"""
-import json, sys, urllib.request, urllib.error
+import json, os, sys, urllib.request, urllib.error
 for line in sys.argv[1:]:
     method, url, *body = line.split(" ", 2)
     data = body[0].encode() if body else None
-    req = urllib.request.Request(url, method=method, data=data,
-                                 headers={"content-type": "application/json"} if data else {})
+    headers = {"content-type": "application/json"} if data else {}
+    if os.environ.get("AGENT_AUTHORIZATION"):  # what a careless agent might send
+        headers["authorization"] = os.environ["AGENT_AUTHORIZATION"]
+    req = urllib.request.Request(url, method=method, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=15) as resp:
             out = f"{resp.status} {resp.read().decode()}"
@@ -146,9 +148,12 @@ def _inbound(name: str, target: int, rules: str) -> str:
     )
 
 
-def _run_agent(proxy_port: int, calls: list[str]) -> list[dict[str, str]]:
+def _run_agent(
+    proxy_port: int, calls: list[str], authorization: str | None = None
+) -> list[dict[str, str]]:
     env = {
         **os.environ,
+        "AGENT_AUTHORIZATION": authorization or "",
         "HTTP_PROXY": f"http://127.0.0.1:{proxy_port}",
         "http_proxy": f"http://127.0.0.1:{proxy_port}",
         "NO_PROXY": "",
@@ -184,72 +189,6 @@ def _print_calls(who: str, results: list[dict[str, str]]) -> None:
         print(line if len(line) <= width else line[: max(width - 3, 70)] + "...")
 
 
-SUMMARY_HEADS = ("sidecar", "event", "decision", "reason", "peer", "request/target", "rule")
-
-
-def summary_rows(sidecar: str, records: list[dict[str, Any]]) -> list[tuple[str, ...]]:
-    """One row per decision record; a request row names the request, a
-    connection row the target it was for (never its event a second time)."""
-    rows: list[tuple[str, ...]] = []
-    for r in records:
-        # Close records repeat their open; chain records (checkpoints,
-        # genesis, gaps) seal the trail and decide nothing.
-        if r["event"] == "connection.close" or "decision" not in r:
-            continue
-        request = f"{r.get('method', '')} {r.get('path', '')}".strip()
-        rows.append(
-            (
-                sidecar,
-                str(r["event"]),
-                str(r["decision"]),
-                str(r["reason"]),
-                str(r.get("peer_id") or "-"),
-                str(request or r.get("target") or "-"),
-                str(r.get("rule") or "-"),
-            )
-        )
-    return rows
-
-
-def summary_table(rows: list[tuple[str, ...]], width: int) -> list[str]:
-    """The rows as aligned columns in ``width``: all seven on one line when
-    they fit; otherwise the decision (sidecar, event, decision, reason) on
-    one line and who and what (peer, request or target, rule) beneath it:
-    aligned, or on one line, or one field a line, wrapped, whichever fits."""
-    indent, under = "   ", "      "
-
-    def aligned(cells: list[tuple[str, ...]], prefix: str) -> list[str] | None:
-        widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
-        if len(prefix) + sum(widths) + 2 * (len(widths) - 1) > width:
-            return None
-        return [
-            (prefix + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))).rstrip()
-            for row in cells
-        ]
-
-    whole = aligned([SUMMARY_HEADS, *rows], indent)
-    if whole is not None:
-        return whole
-    firsts = aligned([r[:4] for r in rows], indent) or [indent + " ".join(r[:4]) for r in rows]
-    seconds = aligned([r[4:] for r in rows], under)
-    out: list[str] = []
-    for i, row in enumerate(rows):
-        out += textwrap.wrap(firsts[i], width, subsequent_indent=under) or [firsts[i]]
-        if seconds is not None:
-            out.append(seconds[i])
-            continue
-        labelled = list(zip(("peer", "request/target", "rule"), row[4:], strict=True))
-        one_line = under + "  ".join(f"{name}={value}" for name, value in labelled)
-        if len(one_line) <= width:
-            out.append(one_line)
-            continue
-        for name, value in labelled:
-            out += textwrap.wrap(
-                f"{name}: {value}", width, initial_indent=under, subsequent_indent=under + "  "
-            )
-    return out
-
-
 def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="agent-proxy-demo-"))
     print(f"== a dev CA for {TD}, one SVID per workload ({root})")
@@ -275,6 +214,7 @@ def main() -> int:
 
     hr_api, bank_api = _api("hr"), _api("bank")
     sidecars: list[_Sidecar] = []
+    brownfield: BrownfieldBank | None = None
     try:
         hr = _Sidecar(
             root,
@@ -309,6 +249,10 @@ paths = ["/payments"]
         )
         sidecars.append(bank)
         hr.ready(), bank.ready()
+        brownfield = BrownfieldBank.start(
+            Path("certs"), root / "payroll" / "bundle.pem", scratch=root / "certs"
+        )
+        assert brownfield is not None  # scratch: written when certs/ is incomplete
         payroll = _Sidecar(
             root,
             "payroll",
@@ -331,7 +275,8 @@ target = "127.0.0.1:{bank.port}"
 expect = ["spiffe://{TD}/svc/bank"]
 methods = ["POST"]
 paths = ["/payments"]
-""",
+"""
+            + brownfield.routes(),
         )
         sidecars.append(payroll)
         marketing = _Sidecar(
@@ -375,12 +320,29 @@ paths = ["/timesheets/**"]
         for xfcc in hr_api.seen:  # type: ignore[attr-defined]
             print(f"   X-Forwarded-Client-Cert: {xfcc}")
         print("\n== brownfield: a bank API on plain HTTPS + OAuth 2.0; the agent holds no token")
-        run_brownfield_leg(Path("certs"), scratch=root / "certs")
+        print(f"   certificates from {brownfield.certs}/ (see certs/README.md)")
+        if not brownfield.wait_token():
+            raise RuntimeError("the payroll sidecar fetched no token from the bank's IdP")
+        _print_calls(
+            "payroll",
+            _run_agent(
+                payroll.port,
+                [
+                    "GET http://bank.example/accounts/payroll",
+                    "GET http://bank.example/accounts/payroll",
+                    "GET http://evil.example/accounts/payroll",
+                ],
+                authorization=AGENT_GUESS.decode(),
+            ),
+        )
+        print(f"   {brownfield.summary()}")
     finally:
         for sidecar in reversed(sidecars):
             sidecar.stop()
         hr_api.shutdown()
         bank_api.shutdown()
+        if brownfield is not None:
+            brownfield.stop()
 
     print("\n== audit trail (one JSON record per decision; summarised)")
     rows = []

@@ -30,6 +30,7 @@ from typing import Protocol
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from proxy.identity import IdentitySnapshot, IdentityState
 
@@ -286,6 +287,11 @@ class Metrics:
 
     def _identity_swapped(self, snapshot: IdentitySnapshot) -> None:
         self._identity.not_after = snapshot.svid.not_after
+
+    def register(self, collector: Collector) -> None:
+        """Export another area's families (credentials, tracing), read at
+        scrape time; metrics itself depends on none of them."""
+        self.registry.register(collector)
 
     def set_policy_version(self, version: str) -> None:
         """An info metric: one series, value 1, for the version in force."""

@@ -30,6 +30,7 @@ from proxy.config.schema import (
     RouteProtocol,
 )
 from proxy.config.walker import MISSING, Ctx, Table
+from proxy.credentials.config import parse_credential, parse_inbound_jwt, parse_upstream_tls
 from proxy.policy.conditions import SCHEMA
 from proxy.policy.evaluate import PolicySet
 from proxy.policy.rules import GuardRule
@@ -121,7 +122,9 @@ def inbound_section(t: Table) -> InboundConfig:
     limits = HttpLimits(max_connection_lifetime=_lifetime(t))
     headers_t: tuple[str, ...] = (XFCC,)
     max_body = DEFAULT_MAX_BODY_BYTES
+    jwt_svid = None
     if http_family:
+        jwt_svid = parse_inbound_jwt(t)
         limits = _limits(t)
         extra = t.strings("identity_headers", required=False, nonempty=False)
         for i, header in enumerate(extra):
@@ -130,7 +133,9 @@ def inbound_section(t: Table) -> InboundConfig:
         headers_t = tuple(dict.fromkeys([XFCC, *(h.lower() for h in extra)]))
         max_body = _max_body(t)
     t.done(
-        allowed_elsewhere=http_only(protocol, (*_LIMIT_KEYS, "identity_headers", "max_body_bytes"))
+        allowed_elsewhere=http_only(
+            protocol, (*_LIMIT_KEYS, "identity_headers", "max_body_bytes", "jwt_svid")
+        )
     )
     return InboundConfig(
         name=name,
@@ -142,6 +147,7 @@ def inbound_section(t: Table) -> InboundConfig:
         limits=limits,
         guard=PolicySet(guard_rules),
         max_body_bytes=max_body,
+        jwt_svid=jwt_svid,
         **common,
     )
 
@@ -204,7 +210,14 @@ def outbound_section(t: Table) -> OutboundConfig:
                 rt.fail("host", f"host {host!r} has two routes in this listener")
             hosts.add(host)
         target = rt.address("target", zero_port=False)
-        expect = patterns(rt, "expect")
+        upstream = parse_upstream_tls(rt, target_host=target.host, route_host=host)
+        if protocol == "tcp" and upstream.mode == "dns":
+            rt.fail(
+                "upstream_tls",
+                '"dns" upstreams are for HTTP listeners (protocol = "http" or "http-proxy")',
+            )
+        # A DNS upstream has no SVID to check: parse_upstream_tls refused expect.
+        expect = patterns(rt, "expect") if upstream.mode == "spiffe" else ()
         if any(r.name == route_name for r in routes):
             rt.fail("name", f"route name {route_name!r} is used twice in this listener")
         if protocol != "tcp":
@@ -225,13 +238,18 @@ def outbound_section(t: Table) -> OutboundConfig:
                     guard_rule=grule,
                     policy=PolicySet((grule,)),
                     max_body_bytes=_max_body(rt),
+                    upstream_tls=upstream,
+                    credential=parse_credential(rt),
                 )
             )
             elsewhere = guard_elsewhere(route_protocol)
         else:
-            routes.append(RouteConfig(route_name, host, target, expect, protocol="tcp"))
+            routes.append(
+                RouteConfig(route_name, host, target, expect, protocol="tcp", upstream_tls=upstream)
+            )
             elsewhere = http_only(
-                protocol, ("methods", "paths", "allow_upgrade", "protocol", *GUARD_KEYS)
+                protocol,
+                ("methods", "paths", "allow_upgrade", "protocol", "credential", *GUARD_KEYS),
             )
         if protocol != "http-proxy":
             elsewhere["host"] = (

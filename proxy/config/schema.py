@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from proxy.audit.settings import AuditSettings
+from proxy.credentials.config import CredentialConfig, InboundJwtConfig, UpstreamTlsConfig
 from proxy.errors import UsageError
 from proxy.identity import SpiffeId, TrustDomain
 from proxy.netaddr import HostPort
@@ -104,6 +105,8 @@ class InboundConfig:
     # Every rule of the listener, for the guard (proxy.policy.evaluate).
     guard: PolicySet = field(default_factory=PolicySet, compare=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # mcp/a2a: JSON-RPC bodies we parse
+    # HTTP family: callers behind an L7 hop prove themselves with a JWT-SVID.
+    jwt_svid: InboundJwtConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,8 @@ class RouteConfig:
     guard_rule: GuardRule | None = field(default=None, compare=False)
     policy: PolicySet | None = field(default=None, compare=False)  # (guard_rule,)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    upstream_tls: UpstreamTlsConfig = field(default_factory=UpstreamTlsConfig)  # spiffe|dns
+    credential: CredentialConfig | None = None  # HTTP family: set by the egress
 
 
 @dataclass(frozen=True, slots=True)

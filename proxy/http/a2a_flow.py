@@ -46,6 +46,7 @@ class A2aGuard:
     bundles: TrustBundleSet
     max_body: int
     tasks: a2a.TaskOwnership
+    peer_auth: str | None = None  # how the peer proved itself (rules: peer.auth)
 
     @property
     def owner(self) -> str:
@@ -82,6 +83,7 @@ class A2aGuard:
             svid_age_seconds=self.svid_age,
             headers=headers,
             mcp_method=method,
+            peer_auth=self.peer_auth,
         )
         policy = self.policy()
         result = self.gate.check(policy, facts, bundles=self.bundles, target=method)

@@ -49,6 +49,7 @@ class McpGuard:
     svid_age: float | None
     bundles: TrustBundleSet
     max_body: int
+    peer_auth: str | None = None  # how the peer proved itself (rules: peer.auth)
 
     def _facts(self, headers: dict[str, str], path: str, call: mcp.McpCall | None) -> RequestFacts:
         return RequestFacts(
@@ -63,6 +64,7 @@ class McpGuard:
             mcp_args=call.arguments if call is not None and call.tool else None,
             resource_uri=call.resource_uri if call is not None else None,
             prompt_name=call.prompt_name if call is not None else None,
+            peer_auth=self.peer_auth,
         )
 
     def list_policy(self, headers: dict[str, str], path: str) -> mcp.ListPolicy:

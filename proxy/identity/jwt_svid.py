@@ -28,9 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from proxy.identity.bundle import BundleError
 from proxy.identity.spiffe_id import SpiffeId, SpiffeIdError, TrustDomain
@@ -116,6 +114,8 @@ class JwtSigningKey:
 
     def public_jwk(self) -> dict[str, Any]:
         """The bundle entry for this key (Trust Domain and Bundle 4.2.2)."""
+        from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
         public = self.private_key.public_key()
         if isinstance(public, ec.EllipticCurvePublicKey):
             jwk = ECAlgorithm.to_jwk(public, as_dict=True)
@@ -146,6 +146,8 @@ class JwtBundle:
     @classmethod
     def from_jwks(cls, trust_domain: TrustDomain, data: bytes | str) -> JwtBundle:
         """The ``jwt-svid`` entries of a SPIFFE bundle; BundleError otherwise."""
+        import jwt  # PyJWT only where JWTs are read or made (start-up time)
+
         where = f"JWT bundle for {trust_domain}"
         try:
             document = json.loads(data)
@@ -217,6 +219,8 @@ def mint_jwt_svid(
     ttl: timedelta = timedelta(minutes=5),
 ) -> JwtSvid:
     """Sign a JWT-SVID for ``spiffe_id`` (the dev CA's job; SPIRE's otherwise)."""
+    import jwt
+
     if not audience:
         raise ValueError("a JWT-SVID needs at least one audience")
     if ttl <= timedelta(0):
@@ -252,6 +256,8 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> datetime | None:
 
 def validate_jwt_svid(token: str, bundles: JwtBundleSet, audience: str, now: datetime) -> JwtSvid:
     """Validate ``token`` as a JWT-SVID for ``audience``; JwtSvidError otherwise."""
+    import jwt
+
     try:
         header = jwt.get_unverified_header(token)
         claims = jwt.decode(token, options={"verify_signature": False})

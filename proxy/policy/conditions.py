@@ -65,7 +65,12 @@ __all__ = [
 # The variables a condition may read. ``None`` marks an open map (any key),
 # a string the CEL type of a scalar field.
 SCHEMA: Mapping[str, Mapping[str, str | None]] = {
-    "peer": {"id": "string", "trust_domain": "string", "svid_age_seconds": "double"},
+    "peer": {
+        "id": "string",
+        "trust_domain": "string",
+        "svid_age_seconds": "double",
+        "auth": "string",  # "x509-svid" (mTLS) or "jwt-svid" (inbound jwt_svid)
+    },
     "request": {"method": "string", "path": "string", "headers": None},
     "mcp": {"method": "string", "tool": "string", "args": None},
     "time": {"hour": "int", "weekday": "int"},

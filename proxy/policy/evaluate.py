@@ -332,6 +332,7 @@ class PolicySet:
             mcp_args=None,
             resource_uri=name if kind == "resource" else None,
             prompt_name=name if kind == "prompt" else None,
+            peer_auth=facts.peer_auth,
         )
         cls = _class_of(call.mcp_method)
         candidates = self._candidates(call.peer, call.method, cls)

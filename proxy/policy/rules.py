@@ -151,6 +151,7 @@ class RequestFacts:
     resource_uri: str | None = None
     prompt_name: str | None = None
     upgrade: bool = False
+    peer_auth: str | None = None  # "x509-svid" or "jwt-svid": how the peer proved itself
 
 
 def _activation(facts: RequestFacts, needs: Needs) -> Activation:
@@ -162,6 +163,8 @@ def _activation(facts: RequestFacts, needs: Needs) -> Activation:
             out["trust_domain"] = facts.peer.trust_domain.name
         if facts.svid_age_seconds is not None:
             out["svid_age_seconds"] = float(facts.svid_age_seconds)
+        if facts.peer_auth is not None:
+            out["auth"] = facts.peer_auth
         return out
 
     def request() -> Mapping[str, Any]:

@@ -5,19 +5,27 @@ against the listener's rules; allowed requests go to the local target with
 ``X-Forwarded-Client-Cert`` set by us after any client copy was removed.
 Only peers that some rule names get through the TLS handshake at all.
 
+With ``jwt_svid``, callers reach us through an L7 hop that terminated
+their mTLS: the hop's SVID gets through the handshake (its chain checked
+against its trust domain's bundle), and every request must carry a valid
+JWT-SVID for our audience, whose subject is the peer the rules judge.
+
 Outbound: the agent speaks plain HTTP on loopback, either to a fixed route
 (``http``) or as to a forward proxy (``http-proxy``: absolute-form requests
 routed by host; CONNECT refused so nothing tunnels around us). Upstream
-connections are mTLS, verified against the route's expected SPIFFE IDs, and
-pooled per route.
+connections are mTLS, verified against the route's expected SPIFFE IDs, or
+(``upstream_tls = "dns"``) WebPKI TLS verified against the route's DNS name,
+and pooled per route. A route's credential is minted in the background by
+its provider and set on each allowed request (proxy.credentials.egress).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from functools import partial
+from typing import TYPE_CHECKING, cast
 
 import structlog
 import trio
@@ -25,15 +33,17 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy.agent.a2a import TaskOwnership
 from proxy.audit import AuditSink, rfc3339
-from proxy.config import InboundConfig, OutboundConfig, RouteConfig
+from proxy.config import IdentityConfig, InboundConfig, OutboundConfig, RouteConfig
+from proxy.credentials.config import CredentialConfig
 from proxy.http.conn import Downstream, Upstream
 from proxy.http.exchange import RequestOutcome
 from proxy.http.headers import XFCC, fold, xfcc_value
 from proxy.http.pool import UpstreamPool
 from proxy.http.routing import UpstreamFailure
 from proxy.http.session import HttpSession
-from proxy.identity import IdentitySnapshot, IdentityState, SideCache
-from proxy.policy import SpiffePattern, decide_peer
+from proxy.identity import IdentitySnapshot, IdentityState, SideCache, SpiffeId
+from proxy.identity.jwt_svid import JwtBundleSet
+from proxy.policy import PeerDecision, SpiffePattern, decide_peer
 from proxy.policy.evaluate import PolicySet
 from proxy.policy.gate import Gate, svid_age_seconds
 from proxy.policy.quarantine import GuardConfig
@@ -42,8 +52,19 @@ from proxy.runtime.l4 import connect_tcp
 from proxy.runtime.listener import BaseListener, Conn, handshake_within, ms_since
 from proxy.runtime.relay import RelayStats, relay
 from proxy.tls import TlsSide, TLSStream, build_side
+from proxy.tls.dns import DnsSide, verified_upstream
+
+if TYPE_CHECKING:
+    # Imported where a config uses them: the fetchers and JWT bundle
+    # sources pull in gRPC and PyJWT, which a plain sidecar never loads.
+    from proxy.credentials.build import JwtSvidSource
+    from proxy.credentials.provider import CredentialProvider
+    from proxy.credentials.sources import InboundJwtBundles
 
 log = structlog.get_logger("agent_proxy")
+
+# Listeners built without the identity config (tests) have no JWT source.
+_NO_IDENTITY = IdentityConfig(source="files")
 
 
 async def raw_relay(
@@ -65,6 +86,7 @@ class HttpInboundListener(BaseListener):
         identity: IdentityState,
         audit: AuditSink,
         gate: Gate | None = None,
+        identity_config: IdentityConfig | None = None,
     ) -> None:
         super().__init__(
             name=config.name,
@@ -84,6 +106,20 @@ class HttpInboundListener(BaseListener):
         self.gate = gate or Gate(GuardConfig())
         self.tasks = TaskOwnership()  # A2A: who created which task
         self.set_policy(config.guard)
+        self._jwt: InboundJwtBundles | None = None
+        if config.jwt_svid is not None:
+            from proxy.credentials.sources import inbound_jwt_bundles
+
+            self._jwt = inbound_jwt_bundles(config.jwt_svid, identity_config or _NO_IDENTITY)
+            # The caller's proof is never the backend's to replay.
+            self.strip |= {b"authorization"}
+
+        def admit(peer: SpiffeId) -> PeerDecision:
+            if self._jwt is not None:
+                # The L7 hop's SVID passed the chain check of its own trust
+                # domain; the rules judge the JWT-SVID of each request.
+                return PeerDecision(True, "peer_allowed", "jwt_svid")
+            return decide_peer(peer, self.admitted)
 
         def build(snapshot: IdentitySnapshot) -> TlsSide:
             # Peers no rule names are refused inside the handshake (TLS alert);
@@ -91,7 +127,7 @@ class HttpInboundListener(BaseListener):
             return build_side(
                 snapshot.svid,
                 snapshot.bundles,
-                lambda peer: decide_peer(peer, self.admitted),
+                admit,
                 server=True,
                 min_version=config.min_tls,
             )
@@ -109,8 +145,14 @@ class HttpInboundListener(BaseListener):
         self.policy = policy
         self.admitted: tuple[SpiffePattern, ...] = policy.admitted_peers()
 
+    def jwt_bundles(self) -> JwtBundleSet:
+        return self._jwt.current() if self._jwt is not None else JwtBundleSet()
+
     async def background(self) -> None:
-        await self.pool.sweep_forever()
+        async with trio.open_nursery() as nursery:
+            if self._jwt is not None and self._jwt.run is not None:
+                nursery.start_soon(self._jwt.run)
+            await self.pool.sweep_forever()
 
     async def _connect(self, key: Hashable) -> Upstream:
         stream = await connect_tcp(self.config.target, self.config.connect_timeout)
@@ -167,6 +209,7 @@ class HttpOutboundListener(BaseListener):
         identity: IdentityState,
         audit: AuditSink,
         gate: Gate | None = None,
+        identity_config: IdentityConfig | None = None,
     ) -> None:
         label = ", ".join(f"{r.host or r.name}={r.target}" for r in config.routes)
         super().__init__(
@@ -183,11 +226,18 @@ class HttpOutboundListener(BaseListener):
         self.limits = limits_of(config)
         self.routes = {r.name: r for r in config.routes}
         self.gate = gate or Gate(GuardConfig())
-        self.router = OutboundRouter(config, self.gate, identity)
-        self._sides = {
+        self.providers = _providers(config.routes, identity, identity_config or _NO_IDENTITY)
+        self.router = OutboundRouter(config, self.gate, identity, self.providers)
+        # DNS routes' sides are rebuilt with each identity snapshot too:
+        # client_cert = "svid" presents the current SVID.
+        self._sides: dict[str, SideCache[TlsSide] | SideCache[DnsSide]] = {
             r.name: SideCache(identity, self._side_builder(r), name=f"route {r.name}")
             for r in config.routes
+            if r.upstream_tls.mode == "spiffe"
         }
+        for r in config.routes:
+            if r.upstream_tls.mode == "dns":
+                self._sides[r.name] = SideCache(identity, _dns_builder(r), name=f"route {r.name}")
         pool = config.pool
         self.pool = UpstreamPool(
             self._connect,
@@ -218,7 +268,10 @@ class HttpOutboundListener(BaseListener):
         return build
 
     async def background(self) -> None:
-        await self.pool.sweep_forever()
+        async with trio.open_nursery() as nursery:
+            for provider in self.providers.values():
+                nursery.start_soon(provider.run)
+            await self.pool.sweep_forever()
 
     async def _connect(self, key: Hashable) -> Upstream:
         route = self.routes[str(key)]
@@ -226,6 +279,8 @@ class HttpOutboundListener(BaseListener):
         stream = await connect_tcp(route.target, self.config.connect_timeout)
         if isinstance(stream, tuple):
             raise UpstreamFailure(502, stream[0], stream[1])
+        if isinstance(side, DnsSide):
+            return await self._connect_dns(stream, side, key)
         tls = TLSStream(stream, side)
         failure = await handshake_within(tls, self.handshake_timeout)
         verified = tls.peer.verified
@@ -255,6 +310,33 @@ class HttpOutboundListener(BaseListener):
         up.peer_not_after = rfc3339(verified.not_after)
         return up
 
+    async def _connect_dns(
+        self, stream: trio.SocketStream, side: DnsSide, key: Hashable
+    ) -> Upstream:
+        # TLSStream reads only new_connection() and the verification's
+        # reason and message, which DnsSide and DnsVerification both have.
+        tls = TLSStream(stream, cast(TlsSide, side))
+        failure = await handshake_within(tls, self.handshake_timeout)
+        verified = verified_upstream(tls)
+        if failure is not None:
+            await tls.aclose()
+            reason, detail = failure
+            if reason == "tls_error" and "alert" in detail.lower() and verified is not None:
+                reason, detail = "upstream_refused", f"the upstream refused us: {detail}"
+            raise UpstreamFailure(502, reason, detail)
+        assert verified is not None
+        up = Upstream(tls, key, self.limits)
+        # As for SPIFFE upstreams: never reuse a pooled connection past the
+        # upstream's chain or max_connection_lifetime.
+        left = (verified.chain_not_after - _dt.datetime.now(_dt.UTC)).total_seconds()
+        up.expires_at = trio.current_time() + max(0.0, left)
+        lifetime = self.config.limits.max_connection_lifetime
+        if lifetime is not None:
+            up.expires_at = min(up.expires_at, trio.current_time() + lifetime)
+        up.peer_serial = verified.serial_hex
+        up.peer_not_after = rfc3339(verified.not_after)
+        return up
+
     async def handle(self, stream: trio.SocketStream, conn: Conn) -> None:
         conn.client_addr, conn.peer_addr = conn.peer_addr, None
         session = HttpSession(
@@ -279,3 +361,38 @@ class HttpOutboundListener(BaseListener):
             peer_cert_not_after=outcome.upstream_not_after,
             target=outcome.target or self.target_label,
         )
+
+
+def _dns_builder(route: RouteConfig) -> Callable[[IdentitySnapshot], DnsSide]:
+    from proxy.credentials.build import dns_side_builder
+
+    build = dns_side_builder(route.name, route.upstream_tls)
+    return lambda snapshot: build(snapshot.svid)
+
+
+def _providers(
+    routes: tuple[RouteConfig, ...], identity: IdentityState, identity_config: IdentityConfig
+) -> dict[str, CredentialProvider]:
+    """One provider per route with a credential; each reads the current SVID
+    per fetch, so rotation needs nothing more."""
+    out: dict[str, CredentialProvider] = {}
+    source: JwtSvidSource | None = None
+    for route in routes:
+        cfg = route.credential
+        if cfg is None:
+            continue
+        from proxy.credentials.build import build_provider
+        from proxy.credentials.sources import jwt_svid_source
+
+        if source is None and _needs_jwt_svid(cfg):
+            source = jwt_svid_source(identity_config)
+        out[route.name] = build_provider(
+            route.name, cfg, identity=lambda: identity.current.svid, jwt_source=source
+        )
+    return out
+
+
+def _needs_jwt_svid(cfg: CredentialConfig) -> bool:
+    return cfg.type == "jwt-svid" or (
+        cfg.type == "oauth2-jwt-bearer" and cfg.assertion == "jwt-svid"
+    )

@@ -9,6 +9,7 @@ protocol decides per call.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 from collections.abc import Hashable
@@ -20,6 +21,8 @@ import structlog
 
 from proxy.agent.a2a import TaskOwnership
 from proxy.config import InboundConfig, OutboundConfig, RouteConfig
+from proxy.credentials.egress import dns_audit_fields, with_route_credential
+from proxy.credentials.provider import CredentialProvider
 from proxy.http.a2a_flow import A2aGuard
 from proxy.http.conn import Limits
 from proxy.http.exchange import PeerError, RequestOutcome
@@ -27,6 +30,7 @@ from proxy.http.headers import XFCC, Header, header_map, header_value
 from proxy.http.mcp_flow import McpGuard
 from proxy.http.routing import Routed
 from proxy.identity import IdentityState, SpiffeId, TrustBundleSet
+from proxy.identity.jwt_svid import MISSING, JwtBundleSet, JwtSvidError, authenticate_bearer
 from proxy.policy.approval import APPROVAL_HEADER
 from proxy.policy.evaluate import PolicySet
 from proxy.policy.gate import Gate
@@ -47,6 +51,11 @@ class InboundView(Protocol):
 
     @property
     def config(self) -> InboundConfig: ...
+
+    def jwt_bundles(self) -> JwtBundleSet:
+        """The JWT bundles inbound ``jwt_svid`` validates with, now."""
+        ...
+
 
 log = structlog.get_logger("agent_proxy")
 
@@ -104,6 +113,7 @@ def _gated(
     bundles: TrustBundleSet,
     max_body: int,
     base: Routed,
+    peer_auth: str | None = None,
 ) -> Routed:
     """Decide with the guard; a high-impact rule makes the session hand us
     the body's hash first (``Routed.finish``)."""
@@ -116,6 +126,7 @@ def _gated(
         svid_age_seconds=svid_age,
         headers=header_map(request.headers) if policy.reads_headers else {},
         upgrade=upgrade,
+        peer_auth=peer_auth,
     )
     token_raw = header_value(request.headers, APPROVAL_HEADER.lower().encode())
     token = token_raw.decode("ascii", "replace") if token_raw else None
@@ -192,6 +203,15 @@ def emit_outcome(
     )
 
 
+def _bearer_refused(error: JwtSvidError) -> RequestVerdict:
+    """401 with the challenge RFC 6750 3 asks for (no error code when
+    the request carried no token at all)."""
+    challenge = "Bearer" if error.reason == MISSING else 'Bearer error="invalid_token"'
+    return dataclasses.replace(
+        refused(error.reason, 401, str(error)), headers=(("www-authenticate", challenge),)
+    )
+
+
 class InboundRouter:
     def __init__(
         self,
@@ -215,6 +235,27 @@ class InboundRouter:
         origin, _ = _origin_form(request)
         path, target = _normalized(origin)
         listener = self.listener
+        peer, auth = self.peer, "x509-svid"
+        svid_age: float | None = self.svid_age
+        jwt_fields: dict[str, object] = {}
+        jwt = listener.config.jwt_svid
+        if jwt is not None:
+            # The caller is who the JWT-SVID says, not the L7 hop that
+            # holds the mTLS connection; the header is stripped either way.
+            proof = authenticate_bearer(
+                request.headers, listener.jwt_bundles(), jwt.audience, _dt.datetime.now(_dt.UTC)
+            )
+            if isinstance(proof, JwtSvidError):
+                return Routed(_bearer_refused(proof), path=path)
+            peer, auth, svid_age = proof.spiffe_id, "jwt-svid", None
+            # The record's peer is the L7 hop (the connection); these name
+            # the caller it vouched for, and the token only by its hash.
+            jwt_fields = {
+                "peer_auth": auth,
+                "jwt_peer_id": str(peer),
+                "jwt_digest": proof.digest,
+                "jwt_exp": proof.expiry.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
         base = Routed(
             refused("no_matching_rule"),
             path=path,
@@ -230,41 +271,52 @@ class InboundRouter:
                 base.hook = McpGuard(
                     lambda: listener.policy,
                     listener.gate,
-                    self.peer,
-                    self.svid_age,
+                    peer,
+                    svid_age,
                     self.bundles,
                     max_body,
+                    peer_auth=auth,
                 )
             else:
                 base.hook = A2aGuard(
                     lambda: listener.policy,
                     listener.gate,
-                    self.peer,
-                    self.svid_age,
+                    peer,
+                    svid_age,
                     self.bundles,
                     max_body,
                     listener.tasks,
+                    peer_auth=auth,
                 )
             if request.method == b"POST":
                 return base  # decided per JSON-RPC call
         # The policy is read per request, so a hot reload applies at once.
-        return _gated(
+        routed = _gated(
             listener.gate,
             listener.policy,
             request,
             path,
             upgrade,
-            peer=self.peer,
-            svid_age=self.svid_age,
+            peer=peer,
+            svid_age=svid_age,
             bundles=self.bundles,
             max_body=listener.config.max_body_bytes,
             base=base,
+            peer_auth=auth,
         )
+        return with_route_credential(routed, None, jwt_fields) if jwt_fields else routed
 
 
 class OutboundRouter:
-    def __init__(self, config: OutboundConfig, gate: Gate, identity: IdentityState) -> None:
+    def __init__(
+        self,
+        config: OutboundConfig,
+        gate: Gate,
+        identity: IdentityState,
+        providers: dict[str, CredentialProvider] | None = None,
+    ) -> None:
         self.gate = gate
+        self.providers = providers or {}
         self.identity = identity
         self.tasks = TaskOwnership()
         self.proxy_mode = config.protocol == "http-proxy"
@@ -323,9 +375,9 @@ class OutboundRouter:
                     route.max_body_bytes,
                     self.tasks,
                 )
-            if request.method == b"POST":
-                return base  # decided per JSON-RPC call
-        return _gated(
+            if request.method == b"POST":  # decided per JSON-RPC call
+                return self._finish(route, base, hooked=True)
+        routed = _gated(
             self.gate,
             route.policy,
             request,
@@ -337,3 +389,12 @@ class OutboundRouter:
             max_body=route.max_body_bytes,
             base=base,
         )
+        return self._finish(route, routed)
+
+    def _finish(self, route: RouteConfig, routed: Routed, *, hooked: bool = False) -> Routed:
+        """The route's credential (after policy allowed) and upstream audit fields."""
+        provider = self.providers.get(route.name)
+        fields = dns_audit_fields(route.upstream_tls)
+        if provider is None and not fields:
+            return routed
+        return with_route_credential(routed, provider, fields, hooked=hooked)

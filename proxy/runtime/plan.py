@@ -32,6 +32,7 @@ import trio
 from proxy.audit import AuditSink, rfc3339
 from proxy.audit.exposition import register as register_audit_metrics
 from proxy.config import Config, InboundConfig, OutboundConfig
+from proxy.credentials.metrics import CredentialCollector
 from proxy.errors import UsageError, find_exception
 from proxy.identity import IdentityState
 from proxy.metrics import Metrics
@@ -180,12 +181,12 @@ def build_listeners(
         if inbound.protocol == "tcp":
             listeners.append(L4Listener(l4_inbound(inbound), state, audit))
         else:  # http, mcp, a2a: all through the HTTP relay
-            listeners.append(HttpInboundListener(inbound, state, audit, gate))
+            listeners.append(HttpInboundListener(inbound, state, audit, gate, config.identity))
     for outbound in config.outbound:
         if outbound.protocol == "tcp":
             listeners.append(L4Listener(l4_outbound(outbound), state, audit))
         else:
-            listeners.append(HttpOutboundListener(outbound, state, audit, gate))
+            listeners.append(HttpOutboundListener(outbound, state, audit, gate, config.identity))
     return listeners
 
 
@@ -251,6 +252,9 @@ async def serve(
         for listener in listeners:
             listener.metrics = metrics
             listener.origin = plan.origins.get(listener.name)
+        providers = [p for lst in listeners for p in getattr(lst, "providers", {}).values()]
+        if providers:
+            metrics.register(CredentialCollector(lambda: providers))
         _publish_policy(gate, metrics, config)
         reloader = ConfigReloader(plan.reload, config, listeners, metrics, watch=plan.watch)
         reloader.on_reload.append(partial(_publish_policy, gate, metrics))

@@ -32,6 +32,12 @@ def test_demo_runs_end_to_end() -> None:
     assert "upstream_refused" in call("marketing GET http://hr-api")
     assert "X-Forwarded-Client-Cert: By=spiffe://payroll.example/svc/hr;Hash=" in out
     assert "URI=spiffe://payroll.example/agent/payroll" in out
+    # Brownfield, through the payroll sidecar's egress: DNS-verified TLS and
+    # an OAuth 2.0 token the sidecar fetched; the agent's guess never arrived.
+    assert "-> 200" in call("payroll   GET http://bank.example/accounts/payroll")
+    assert "upstream_name_mismatch" in call("payroll   GET http://evil.example")
+    assert "tokens issued: 1; requests the bank admitted: 2;" in out
+    assert "the agent's own Authorization reached the bank: no" in out
     summary = out[out.index("== audit trail") :].splitlines()[1:]
     assert all(len(line) <= COLUMNS for line in summary), summary
     refused = next(i for i, line in enumerate(summary) if "connection.refused" in line)

@@ -20,8 +20,14 @@ import base64
 import json
 import secrets
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import (
+    AbstractAsyncContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    contextmanager,
+)
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -244,6 +250,7 @@ class Served:
     port: int
     server: TokenServer | None = None
     requests: list[list[tuple[bytes, bytes]]] = field(default_factory=list)
+    sni: list[str | None] = field(default_factory=list)  # the server name each client sent
 
     def url(self, path: str = "/token") -> str:
         return f"https://127.0.0.1:{self.port}{path}"
@@ -288,6 +295,11 @@ def server_context(cert: trustme.LeafCert, client_ca: TestCA | None) -> ssl.SSLC
 
 @asynccontextmanager
 async def serve_https(ctx: ssl.SSLContext, handle: Any, served: Served) -> AsyncIterator[Served]:
+    def record_sni(_sock: Any, name: str | None, _ctx: ssl.SSLContext) -> None:
+        served.sni.append(name)
+
+    ctx.sni_callback = record_sni
+
     async def on_connection(tcp: trio.SocketStream) -> None:
         stream = trio.SSLStream(tcp, ctx, server_side=True)
         try:
@@ -344,3 +356,40 @@ async def bank_api(cert: trustme.LeafCert) -> AsyncIterator[Served]:
 
     async with serve_https(server_context(cert, None), handle, served) as s:
         yield s
+
+
+@contextmanager
+def served_in_thread(
+    *servers: Callable[[], AbstractAsyncContextManager[Served]],
+) -> Iterator[list[Served]]:
+    """Run these servers on a trio loop of their own (a thread), for tests
+    that drive a subprocess with blocking clients."""
+    ready = threading.Event()
+    state: dict[str, Any] = {}
+    started: list[Served] = []
+
+    async def main() -> None:
+        state["token"] = trio.lowlevel.current_trio_token()
+        state["stop"] = stop = trio.Event()
+        async with AsyncExitStack() as stack:
+            for server in servers:
+                started.append(await stack.enter_async_context(server()))
+            ready.set()
+            await stop.wait()
+
+    def run() -> None:
+        try:
+            trio.run(main)
+        except BaseException as exc:  # reported to the test below
+            state["error"] = exc
+            ready.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    if not ready.wait(10) or "error" in state:
+        raise RuntimeError(f"test servers did not start: {state.get('error')!r}")
+    try:
+        yield started
+    finally:
+        trio.from_thread.run_sync(state["stop"].set, trio_token=state["token"])
+        thread.join(10)

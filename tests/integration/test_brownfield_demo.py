@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 from proxy.credentials.certs import write_certs
-from proxy.credentials.demo import run_brownfield_leg
+from proxy.credentials.demo import BrownfieldBank
 
 README = Path(__file__).resolve().parents[2] / "certs" / "README.md"
 
@@ -27,19 +27,18 @@ def test_certs_are_all_documented_and_keys_private(tmp_path: Path) -> None:
     assert (tmp_path / "dev-ca" / "ca.pem").read_bytes() == ca_before
 
 
-def test_brownfield_leg(tmp_path: Path) -> None:
-    write_certs(tmp_path)
-    lines: list[str] = []
-    assert run_brownfield_leg(tmp_path, out=lines.append), lines
-    text = "\n".join(lines)
-    assert "refused: upstream_name_mismatch" in text
-    assert "the agent's own Authorization reached the bank: no" in text
-
-
-def test_brownfield_leg_without_certs(tmp_path: Path) -> None:
-    lines: list[str] = []
-    assert not run_brownfield_leg(tmp_path / "certs", out=lines.append)
-    assert "make certs" in lines[0]
-    lines.clear()
-    assert run_brownfield_leg(tmp_path / "certs", out=lines.append, scratch=tmp_path / "s")
-    assert lines[0] == f"   certificates from {tmp_path / 's'}/ (see certs/README.md)"
+def test_brownfield_bank_starts_from_certs_or_scratch(tmp_path: Path) -> None:
+    """The leg itself runs through ``agent-proxy run`` in test_demo.py."""
+    assert BrownfieldBank.start(tmp_path / "certs", tmp_path / "ca.pem") is None
+    write_certs(tmp_path / "s")
+    client_ca = tmp_path / "s" / "dev-ca" / "ca.pem"
+    bank = BrownfieldBank.start(tmp_path / "certs", client_ca, scratch=tmp_path / "s")
+    assert bank is not None
+    try:
+        assert bank.certs == tmp_path / "s"
+        routes = bank.routes()
+        assert 'upstream_tls = "dns"' in routes and 'type = "oauth2-mtls"' in routes
+        assert f"127.0.0.1:{bank.bank.port}" in routes
+        assert "tokens issued: 0" in bank.summary()
+    finally:
+        bank.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.demo import SUMMARY_HEADS, summary_rows, summary_table
+from proxy.demo_table import SUMMARY_HEADS, summary_rows, summary_table
 
 PAYROLL = "spiffe://payroll.example/agent/payroll"
 RECORDS = [
