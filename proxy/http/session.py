@@ -20,6 +20,12 @@ ends, so the unread body is never taken as the next request.
 
 An agent-protocol hook (:mod:`proxy.http.agent_hook`) judges POST bodies
 whole and may filter answers; the session never names a protocol.
+
+Each request is a span of the listener's :class:`~proxy.tracing.hop.Hop`:
+the caller's W3C trace context is its parent (none: a new trace starts),
+the upstream gets our span's context instead of the client's, the request's
+records carry its ids and the span ends when they are emitted. Export, when
+on, happens on the tracer's own thread, never here.
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ from proxy.http.relay import BodyEvent, Relay
 from proxy.http.routing import Routed, Router, UpstreamFailure, upstream_request_for
 from proxy.http.upstream import RawRelay, start_upstream, tunnel
 from proxy.policy.verdict import RequestVerdict
+from proxy.tracing.context import outgoing
+from proxy.tracing.export import Span
+from proxy.tracing.hop import TRACE_FIELDS, Hop, record_ids
 
 Answered = bool  # keep the connection after our own answer
 
@@ -86,6 +95,7 @@ class HttpSession:
         self._method = b""  # of the exchange under way: a HEAD answer has no body
         self._strip: frozenset[bytes] = frozenset()  # identity headers, for trailers
         self.accepting: Callable[[], bool] = lambda: True  # the audit sink can write
+        self.hop = Hop()  # tracing: the listener's tracer and who we and the peer are
 
     async def run(self) -> None:
         clean = await self._run()
@@ -105,10 +115,12 @@ class HttpSession:
                 if exc.status:
                     x = Exchange(RequestOutcome(request_id_from(())[0], method="", path=""))
                     x.outcome.failed(exc)
-                    self.down.before_release = partial(self._emit, x)
+                    span = self.hop.start("")  # no context to read: a trace of its own
+                    x.outcome.extra.update(record_ids(span))
+                    self.down.before_release = partial(self._emit, x, span)
                     await self._refuse(x, exc.status, exc.message, close=True)
                     if self.down.before_release is not None:  # nothing was released
-                        self._emit(x)
+                        self._emit(x, span)
                     return False
                 self.end_reason = (
                     "max_lifetime" if trio.current_time() >= self.lifetime_deadline else exc.reason
@@ -127,13 +139,35 @@ class HttpSession:
                 return False
             self.down.h11.start_next_cycle()
 
-    def _emit(self, x: Exchange) -> None:
+    def _emit(self, x: Exchange, span: Span) -> None:
         """Emit the request's records (the listener commits them), once: from
         the flush that completes the answer, before its last bytes leave, or
-        at the end of the exchange when no answer was released."""
+        at the end of the exchange when no answer was released. The span
+        ends with them."""
         self.down.before_release = None
-        x.outcome.outcome = classify(x.outcome)
-        self.emit(x.outcome)
+        outcome = x.outcome
+        outcome.outcome = classify(outcome)
+        ids = record_ids(span)
+        for call in outcome.calls:
+            call.update(ids)
+        self.emit(outcome)
+        if span.otel is not None:  # export on: the span carries the record's facts
+            failed = outcome.outcome in ("upstream_error", "client_error") or outcome.status >= 500
+            self.hop.end(
+                span,
+                {
+                    "decision": outcome.decision,
+                    "reason": outcome.reason,
+                    "rule": outcome.rule,
+                    "method": outcome.method,
+                    "path": outcome.path,
+                    "status": outcome.status,
+                    # outbound: the upstream we verified is the peer
+                    **({"peer_id": outcome.upstream_peer} if outcome.upstream_peer else {}),
+                },
+                outcome.calls,
+                error=(outcome.error or outcome.reason) if failed else None,
+            )
 
     # -- answering ourselves ----------------------------------------------
 
@@ -193,21 +227,23 @@ class HttpSession:
             )
         )
         x.on(Ev.REQUEST_HEAD)
-        self.down.before_release = partial(self._emit, x)
+        span = self.hop.start(x.outcome.method, request.headers)
+        x.outcome.extra.update(record_ids(span))
+        self.down.before_release = partial(self._emit, x, span)
         try:
             if not self.accepting():  # fail closed: the audit trail cannot be written
                 x.outcome.reason = "audit_unavailable"
                 x.outcome.error = "audit trail unavailable"
                 await self._refuse(x, 503, "audit trail unavailable", close=True)
             else:
-                await self._judge_and_forward(request, x, generated)
+                await self._judge_and_forward(request, x, generated, span)
         finally:
             if self.down.before_release is not None:  # no answer was released
-                self._emit(x)
+                self._emit(x, span)
         return x
 
     async def _judge_and_forward(
-        self, request: h11.Request, x: Exchange, generated_id: bool
+        self, request: h11.Request, x: Exchange, generated_id: bool, span: Span
     ) -> None:
         outcome = x.outcome
         upgrade = header_value(request.headers, b"upgrade") is not None or (
@@ -273,6 +309,9 @@ class HttpSession:
         )
         if self.down.h11.their_state is not h11.SEND_BODY:
             body_complete = True
+        # The upstream continues our span, not the client's: same trace id.
+        routed.strip = routed.strip | TRACE_FIELDS
+        routed.add_headers = (*routed.add_headers, *outgoing(span.context))
         upstream_request = upstream_request_for(request, routed, upgrade, generated_id, outcome)
         self._strip = routed.strip
         expect_continue = self.down.h11.they_are_waiting_for_100_continue

@@ -42,6 +42,7 @@ from proxy.runtime.l4 import connect_tcp
 from proxy.runtime.listener import BaseListener, Conn, handshake_within, ms_since
 from proxy.runtime.relay import RelayStats, relay
 from proxy.tls import TlsSide, TLSStream, build_side
+from proxy.tracing.hop import Hop
 
 log = structlog.get_logger("agent_proxy")
 
@@ -139,6 +140,7 @@ class HttpInboundListener(BaseListener):
             raw_relay=partial(raw_relay, write_timeout=self.config.write_timeout),
         )
         session.accepting = self.audit.accepting
+        session.hop = Hop(self.tracer, True, conn.snapshot.local_id, str(verified.spiffe_id))
         session.lifetime_deadline = conn.lifetime_deadline
         finished = False
         try:
@@ -266,6 +268,7 @@ class HttpOutboundListener(BaseListener):
             raw_relay=partial(raw_relay, write_timeout=self.config.write_timeout),
         )
         session.accepting = self.audit.accepting
+        session.hop = Hop(self.tracer, False, conn.snapshot.local_id)
         await session.run()
 
     def _emit(self, conn: Conn, outcome: RequestOutcome) -> None:
