@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 import h11
@@ -96,6 +96,9 @@ class HttpSession:
         self._strip: frozenset[bytes] = frozenset()  # identity headers, for trailers
         self.accepting: Callable[[], bool] = lambda: True  # the audit sink can write
         self.hop = Hop()  # tracing: the listener's tracer and who we and the peer are
+        # A high-impact request's decision record, made durable (fsynced with
+        # durability = "fsync") before it is forwarded; False: 503.
+        self.decision_durable: Callable[[RequestOutcome], Awaitable[bool]] | None = None
 
     async def run(self) -> None:
         clean = await self._run()
@@ -304,6 +307,12 @@ class HttpSession:
             await self._refuse(x, exc.status, exc.message, close=True)
             return
         outcome.decision = "allow"
+        durable = self.decision_durable
+        if routed.high_impact and durable is not None and not await durable(outcome):
+            outcome.decision, outcome.reason = "deny", "audit_unavailable"
+            outcome.error = "the high-impact decision could not be made durable"
+            await self._refuse(x, 503, "audit trail unavailable", close=True)
+            return
         body_complete = not body_pending or bool(
             prefetched and isinstance(prefetched[-1], h11.EndOfMessage)
         )
