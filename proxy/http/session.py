@@ -39,7 +39,7 @@ import h11
 import trio
 
 from proxy.http.agent_hook import FilterFactory
-from proxy.http.answers import CONTINUE, error_answer, json_answer, path_only
+from proxy.http.answers import CONTINUE, error_answer, path_only
 from proxy.http.conn import Downstream, Limits, Upstream, linger_close
 from proxy.http.exchange import (
     CONNECTION_ENDERS,
@@ -54,16 +54,15 @@ from proxy.http.exchange import (
 from proxy.http.headers import (
     Header,
     connection_tokens,
-    header_map,
     header_value,
     request_id_from,
     trailer_fields,
 )
+from proxy.http.hooked import hooked_request
 from proxy.http.pool import UpstreamPool
 from proxy.http.relay import BodyEvent, Relay
 from proxy.http.routing import Routed, Router, UpstreamFailure, upstream_request_for
 from proxy.http.upstream import RawRelay, start_upstream, tunnel
-from proxy.policy.verdict import RequestVerdict
 from proxy.tracing.context import outgoing
 from proxy.tracing.export import Span
 from proxy.tracing.hop import TRACE_FIELDS, Hop, record_ids
@@ -121,7 +120,7 @@ class HttpSession:
                     span = self.hop.start("")  # no context to read: a trace of its own
                     x.outcome.extra.update(record_ids(span))
                     self.down.before_release = partial(self._emit, x, span)
-                    await self._refuse(x, exc.status, exc.message, close=True)
+                    await self.refuse(x, exc.status, exc.message, close=True)
                     if self.down.before_release is not None:  # nothing was released
                         self._emit(x, span)
                     return False
@@ -174,7 +173,7 @@ class HttpSession:
 
     # -- answering ourselves ----------------------------------------------
 
-    async def _refuse(
+    async def refuse(
         self,
         x: Exchange,
         status: int,
@@ -237,7 +236,7 @@ class HttpSession:
             if not self.accepting():  # fail closed: the audit trail cannot be written
                 x.outcome.reason = "audit_unavailable"
                 x.outcome.error = "audit trail unavailable"
-                await self._refuse(x, 503, "audit trail unavailable", close=True)
+                await self.refuse(x, 503, "audit trail unavailable", close=True)
             else:
                 await self._judge_and_forward(request, x, generated, span)
         finally:
@@ -256,13 +255,13 @@ class HttpSession:
             routed = self.router.route(request, upgrade)
         except PeerError as exc:
             outcome.failed(exc)
-            await self._refuse(x, exc.status, exc.message, close=True)
+            await self.refuse(x, exc.status, exc.message, close=True)
             return
         body_pending = self.down.h11.their_state is h11.SEND_BODY
         prefetched: list[BodyEvent] = []
         filter_factory: FilterFactory | None = None
         if routed.hook is not None and routed.decision.reason != "connect_not_allowed":
-            handled = await self._hooked_request(request, routed, x, body_pending)
+            handled = await hooked_request(self, request, routed, x, body_pending)
             if handled is None:
                 return
             prefetched, filter_factory = handled
@@ -274,7 +273,7 @@ class HttpSession:
                 body = await self.down.read_whole_body(routed.max_body) if body_pending else b""
             except PeerError as exc:
                 outcome.failed(exc)
-                await self._refuse(x, exc.status, exc.message, close=True)
+                await self.refuse(x, exc.status, exc.message, close=True)
                 return
             x.on(Ev.BODY_READ)
             routed = routed.finish(hashlib.sha256(body).hexdigest())
@@ -287,7 +286,7 @@ class HttpSession:
         outcome.extra.update(routed.decision.audit_fields())
         outcome.reply_headers = routed.decision.reply_headers()
         if not routed.decision.allowed:
-            await self._deny(x, routed, body_pending)
+            await self.deny(x, routed, body_pending)
             return
 
         # Look at what is already buffered of the body before anything goes
@@ -304,14 +303,14 @@ class HttpSession:
         except PeerError as exc:
             outcome.decision = "deny"
             outcome.failed(exc)
-            await self._refuse(x, exc.status, exc.message, close=True)
+            await self.refuse(x, exc.status, exc.message, close=True)
             return
         outcome.decision = "allow"
         durable = self.decision_durable
         if routed.high_impact and durable is not None and not await durable(outcome):
             outcome.decision, outcome.reason = "deny", "audit_unavailable"
             outcome.error = "the high-impact decision could not be made durable"
-            await self._refuse(x, 503, "audit trail unavailable", close=True)
+            await self.refuse(x, 503, "audit trail unavailable", close=True)
             return
         body_complete = not body_pending or bool(
             prefetched and isinstance(prefetched[-1], h11.EndOfMessage)
@@ -342,12 +341,12 @@ class HttpSession:
                 # certificate, and we refused it.
                 outcome.outcome = "upstream_untrusted"
             x.on(Ev.UPSTREAM_FAILED)
-            await self._refuse(x, exc.status, exc.message, close=body_pending)
+            await self.refuse(x, exc.status, exc.message, close=body_pending)
             return
         except PeerError as exc:
             outcome.failed(exc)
             x.on(Ev.UPSTREAM_FAILED)
-            await self._refuse(x, exc.status, exc.message, close=True)
+            await self.refuse(x, exc.status, exc.message, close=True)
             return
         x.on(Ev.UPSTREAM_READY)
         outcome.upstream_peer, outcome.upstream_serial = up.peer_id, up.peer_serial
@@ -383,7 +382,7 @@ class HttpSession:
             await self.pool.discard(up)
             x.on(Ev.FAILED)
             if x.state is State.ANSWERING:  # nothing of an answer was sent yet
-                await self._refuse(x, error.status, error.message, close=True)
+                await self.refuse(x, error.status, error.message, close=True)
             return
         if run.transport_error:  # the client went away while we answered
             outcome.reason = "client_reset"
@@ -393,67 +392,15 @@ class HttpSession:
         x.on(Ev.RESPONSE_END)
         await self.pool.checkin(up)
 
-    async def _deny(self, x: Exchange, routed: Routed, body_pending: bool) -> None:
+    async def deny(self, x: Exchange, routed: Routed, body_pending: bool) -> None:
         body_pending = body_pending and not self.down.body_ended()
-        await self._refuse(
+        await self.refuse(
             x,
             routed.decision.status,
             "forbidden",
             close=body_pending,
             extra=routed.decision.reply_headers(),
         )
-
-    async def _hooked_request(
-        self, request: h11.Request, routed: Routed, x: Exchange, body_pending: bool
-    ) -> tuple[list[BodyEvent], FilterFactory | None] | None:
-        """Judge a request through the agent-protocol hook. None when we
-        answered it ourselves, else the body to forward and the filter for
-        the answer."""
-        hook = routed.hook
-        assert hook is not None
-        outcome = x.outcome
-        headers = header_map(request.headers)
-        path = routed.path
-        if request.method != b"POST":
-            if not routed.decision.allowed:
-                outcome.reason, outcome.rule = routed.decision.reason, routed.decision.rule
-                outcome.extra.update(routed.decision.audit_fields())
-                await self._deny(x, routed, body_pending)
-                return None
-            if request.method == b"GET":
-                return [], hook.stream_filter(headers, path)
-            return [], None
-        x.on(Ev.NEED_BODY)
-        try:
-            body = await self.down.read_whole_body(hook.max_body) if body_pending else b""
-        except PeerError as exc:
-            outcome.failed(exc)
-            await self._refuse(x, exc.status, exc.message, close=True)
-            return None
-        verdict = hook.judge(body, headers, path)
-        outcome.calls = verdict.calls
-        outcome.reason, outcome.rule = verdict.reason, verdict.rule
-        outcome.reply_headers = [(n.encode(), v.encode()) for n, v in verdict.headers]
-        if not verdict.forward:
-            outcome.decision = "deny"
-            outcome.status = verdict.status
-            outcome.bytes_up, outcome.bytes_down = len(body), len(verdict.body)
-            self.down.queue(json_answer(outcome, verdict.status, verdict.body))
-            if verdict.body:
-                self.down.queue(h11.Data(data=verdict.body))
-            try:
-                await self.down.send(h11.EndOfMessage())
-            except PeerError as exc:  # the client left or stopped reading
-                outcome.error = exc.message
-                x.on(Ev.CLOSE)
-                return None
-            x.on(Ev.ANSWERED)
-            return None
-        x.on(Ev.BODY_READ)
-        routed.decision = RequestVerdict(True, verdict.reason, verdict.rule, status=200)
-        events: list[BodyEvent] = [h11.Data(data=body)] if body else []
-        events.append(h11.EndOfMessage())
-        return events, hook.answer_filter(verdict, headers, path)
 
     # -- request body -----------------------------------------------------
 
