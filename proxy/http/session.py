@@ -64,7 +64,7 @@ from proxy.http.relay import BodyEvent, Relay
 from proxy.http.routing import Routed, Router, UpstreamFailure, upstream_request_for
 from proxy.http.upstream import RawRelay, start_upstream, tunnel
 from proxy.tracing.context import outgoing
-from proxy.tracing.export import Span
+from proxy.tracing.export import Span, Tracer
 from proxy.tracing.hop import TRACE_FIELDS, Hop, record_ids
 
 Answered = bool  # keep the connection after our own answer
@@ -98,6 +98,13 @@ class HttpSession:
         # A high-impact request's decision record, made durable (fsynced with
         # durability = "fsync") before it is forwarded; False: 503.
         self.decision_durable: Callable[[RequestOutcome], Awaitable[bool]] | None = None
+
+    def trace(
+        self, tracer: Tracer, server: bool, local_id: str, peer_id: str | None = None
+    ) -> None:
+        """Make this connection's requests spans of ``tracer``: server spans
+        inbound (``peer_id``: the verified caller), client spans at the egress."""
+        self.hop = Hop(tracer, server, local_id, peer_id)
 
     async def run(self) -> None:
         clean = await self._run()

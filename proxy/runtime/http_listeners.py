@@ -48,7 +48,6 @@ from proxy.runtime.l4 import connect_tcp
 from proxy.runtime.listener import BaseListener, Conn, handshake_within, ms_since
 from proxy.runtime.relay import RelayStats, relay
 from proxy.tls import TlsSide, TLSStream, build_side
-from proxy.tracing.hop import Hop
 
 log = structlog.get_logger("agent_proxy")
 
@@ -146,7 +145,7 @@ class HttpInboundListener(BaseListener):
             raw_relay=partial(raw_relay, write_timeout=self.config.write_timeout),
         )
         session.accepting = self.audit.accepting
-        session.hop = Hop(self.tracer, True, conn.snapshot.local_id, str(verified.spiffe_id))
+        session.trace(self.tracer, True, conn.snapshot.local_id, str(verified.spiffe_id))
         session.decision_durable = partial(decision_durable, self, conn)
         session.lifetime_deadline = conn.lifetime_deadline
         finished = False
@@ -275,7 +274,7 @@ class HttpOutboundListener(BaseListener):
             raw_relay=partial(raw_relay, write_timeout=self.config.write_timeout),
         )
         session.accepting = self.audit.accepting
-        session.hop = Hop(self.tracer, False, conn.snapshot.local_id)
+        session.trace(self.tracer, False, conn.snapshot.local_id)
         session.decision_durable = partial(decision_durable, self, conn)
         await session.run()
 
