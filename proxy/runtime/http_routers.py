@@ -63,6 +63,25 @@ def limits_of(config: InboundConfig | OutboundConfig) -> Limits:
     )
 
 
+async def decision_durable(listener: BaseListener, conn: Conn, outcome: RequestOutcome) -> bool:
+    """A high-impact request's ``http.decision`` record, made durable before
+    the request is forwarded (fsynced with ``durability = "fsync"``). False:
+    the trail cannot take it, so the request must not go on."""
+    listener.record(
+        conn,
+        "http.decision",
+        outcome.decision,
+        outcome.reason,
+        rule=outcome.rule,
+        request_id=outcome.request_id,
+        method=outcome.method,
+        path=outcome.path,
+        target=outcome.target or listener.target_label,
+        **outcome.extra,
+    )
+    return await listener.audit.durable()
+
+
 def _origin_form(request: h11.Request) -> tuple[bytes, str | None]:
     """(origin-form target, host from an absolute-form target if any)."""
     target = request.target
@@ -191,25 +210,6 @@ def emit_outcome(
         **overrides,
         **outcome.extra,
     )
-
-
-async def decision_durable(listener: BaseListener, conn: Conn, outcome: RequestOutcome) -> bool:
-    """A high-impact request's ``http.decision`` record, made durable before
-    the request is forwarded (fsynced with ``durability = "fsync"``). False:
-    the trail cannot take it, so the request must not go on."""
-    listener.record(
-        conn,
-        "http.decision",
-        outcome.decision,
-        outcome.reason,
-        rule=outcome.rule,
-        request_id=outcome.request_id,
-        method=outcome.method,
-        path=outcome.path,
-        target=outcome.target or listener.target_label,
-        **outcome.extra,
-    )
-    return await listener.audit.durable()
 
 
 class InboundRouter:
