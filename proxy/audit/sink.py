@@ -181,12 +181,17 @@ class AuditSink:
     def accepting(self) -> bool:
         return self.healthy or self.settings.on_failure == "open"
 
+    @property
+    def fsynced_seq(self) -> int:
+        """The ``seq`` up to which the trail is known to be on stable storage."""
+        return self._synced_seq
+
     async def durable(self) -> bool:
         self.commit()
         if not self.healthy:
             return False
-        if self.settings.durability == "os":
-            return True
+        if self.settings.durability == "os" or not isinstance(self._out, FileOutput):
+            return True  # a stream (stdout) has no stable storage of its own
         import trio
 
         target = self._w_seq

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
@@ -139,16 +138,11 @@ def _endpoint_problem(text: str) -> str | None:
 
 
 def audit_section(t: Table | None) -> AuditConfig:
-    if t is None:
-        return AuditConfig()
-    settings = parse_audit(t.data, t.path, source=t.ctx.source)
-    if settings.path == "-":
-        return settings
-    return replace(settings, path=str(t.ctx.base_dir / t.expand("path", settings.path)))
+    return AuditConfig() if t is None else parse_audit(t)
 
 
 def tracing_section(t: Table | None) -> TracingSettings:
-    return TracingSettings() if t is None else parse_tracing(t.data, t.path, source=t.ctx.source)
+    return TracingSettings() if t is None else parse_tracing(t)
 
 
 def admin_section(t: Table | None) -> AdminConfig:

@@ -79,6 +79,18 @@ def generic(path: str) -> str:
 
 MISSING: Any = object()
 
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1 << 20, "mb": 10**6}
+_UNITS |= {"mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
+_SIZE = re.compile(r"(\d+)\s*([A-Za-z]*)")
+
+
+def parse_size(text: str) -> int | None:
+    """``"100MiB"`` -> 104857600; None when it is no size."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None or match.group(2).lower() not in _UNITS:
+        return None
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
 
 class Table:
     """One TOML table, its key path, and which of its keys were read."""
@@ -256,6 +268,20 @@ class Table:
         if value not in options:
             quoted = ", ".join(f'"{o}"' for o in options)
             self.fail(key, f"expected one of {quoted}, got {value!r}{more}")
+        return value
+
+    def size(self, key: str, *, default: T) -> int | T:
+        """Bytes: a positive integer, or a string such as ``"100MiB"``, ``"64k"``."""
+        value = self.get(key)
+        if value is MISSING:
+            return default
+        if isinstance(value, str):
+            parsed = parse_size(value)
+            if parsed is None:
+                self.fail(key, f'expected bytes such as 104857600 or "100MiB", got {value!r}')
+            value = parsed
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self.fail(key, f"expected a positive number of bytes, got {value!r}")
         return value
 
     def number(self, key: str, *, default: float, minimum: float) -> float:

@@ -37,6 +37,7 @@ class Routed:
     finish: Callable[[str], Routed] | None = None
     max_body: int = 1 << 20
     hook: AgentHook | None = None  # an agent protocol judges the body per call
+    high_impact: bool = False  # a high_impact rule allowed it: durable decision first
 
 
 def upstream_request_for(

@@ -20,20 +20,26 @@ ends, so the unread body is never taken as the next request.
 
 An agent-protocol hook (:mod:`proxy.http.agent_hook`) judges POST bodies
 whole and may filter answers; the session never names a protocol.
+
+Each request is a span of the listener's :class:`~proxy.tracing.hop.Hop`:
+the caller's W3C trace context is its parent (none: a new trace starts),
+the upstream gets our span's context instead of the client's, the request's
+records carry its ids and the span ends when they are emitted. Export, when
+on, happens on the tracer's own thread, never here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 import h11
 import trio
 
 from proxy.http.agent_hook import FilterFactory
-from proxy.http.answers import CONTINUE, error_answer, json_answer, path_only
+from proxy.http.answers import CONTINUE, error_answer, path_only
 from proxy.http.conn import Downstream, Limits, Upstream, linger_close
 from proxy.http.exchange import (
     CONNECTION_ENDERS,
@@ -48,16 +54,18 @@ from proxy.http.exchange import (
 from proxy.http.headers import (
     Header,
     connection_tokens,
-    header_map,
     header_value,
     request_id_from,
     trailer_fields,
 )
+from proxy.http.hooked import hooked_request
 from proxy.http.pool import UpstreamPool
 from proxy.http.relay import BodyEvent, Relay
 from proxy.http.routing import Routed, Router, UpstreamFailure, upstream_request_for
 from proxy.http.upstream import RawRelay, start_upstream, tunnel
-from proxy.policy.verdict import RequestVerdict
+from proxy.tracing.context import outgoing
+from proxy.tracing.export import Span, Tracer
+from proxy.tracing.hop import TRACE_FIELDS, Hop, record_ids
 
 Answered = bool  # keep the connection after our own answer
 
@@ -86,6 +94,17 @@ class HttpSession:
         self._method = b""  # of the exchange under way: a HEAD answer has no body
         self._strip: frozenset[bytes] = frozenset()  # identity headers, for trailers
         self.accepting: Callable[[], bool] = lambda: True  # the audit sink can write
+        self.hop = Hop()  # tracing: the listener's tracer and who we and the peer are
+        # A high-impact request's decision record, made durable (fsynced with
+        # durability = "fsync") before it is forwarded; False: 503.
+        self.decision_durable: Callable[[RequestOutcome], Awaitable[bool]] | None = None
+
+    def trace(
+        self, tracer: Tracer, server: bool, local_id: str, peer_id: str | None = None
+    ) -> None:
+        """Make this connection's requests spans of ``tracer``: server spans
+        inbound (``peer_id``: the verified caller), client spans at the egress."""
+        self.hop = Hop(tracer, server, local_id, peer_id)
 
     async def run(self) -> None:
         clean = await self._run()
@@ -105,10 +124,12 @@ class HttpSession:
                 if exc.status:
                     x = Exchange(RequestOutcome(request_id_from(())[0], method="", path=""))
                     x.outcome.failed(exc)
-                    self.down.before_release = partial(self._emit, x)
-                    await self._refuse(x, exc.status, exc.message, close=True)
+                    span = self.hop.start("")  # no context to read: a trace of its own
+                    x.outcome.extra.update(record_ids(span))
+                    self.down.before_release = partial(self._emit, x, span)
+                    await self.refuse(x, exc.status, exc.message, close=True)
                     if self.down.before_release is not None:  # nothing was released
-                        self._emit(x)
+                        self._emit(x, span)
                     return False
                 self.end_reason = (
                     "max_lifetime" if trio.current_time() >= self.lifetime_deadline else exc.reason
@@ -127,17 +148,39 @@ class HttpSession:
                 return False
             self.down.h11.start_next_cycle()
 
-    def _emit(self, x: Exchange) -> None:
+    def _emit(self, x: Exchange, span: Span) -> None:
         """Emit the request's records (the listener commits them), once: from
         the flush that completes the answer, before its last bytes leave, or
-        at the end of the exchange when no answer was released."""
+        at the end of the exchange when no answer was released. The span
+        ends with them."""
         self.down.before_release = None
-        x.outcome.outcome = classify(x.outcome)
-        self.emit(x.outcome)
+        outcome = x.outcome
+        outcome.outcome = classify(outcome)
+        ids = record_ids(span)
+        for call in outcome.calls:
+            call.update(ids)
+        self.emit(outcome)
+        if span.otel is not None:  # export on: the span carries the record's facts
+            failed = outcome.outcome in ("upstream_error", "client_error") or outcome.status >= 500
+            self.hop.end(
+                span,
+                {
+                    "decision": outcome.decision,
+                    "reason": outcome.reason,
+                    "rule": outcome.rule,
+                    "method": outcome.method,
+                    "path": outcome.path,
+                    "status": outcome.status,
+                    # outbound: the upstream we verified is the peer
+                    **({"peer_id": outcome.upstream_peer} if outcome.upstream_peer else {}),
+                },
+                outcome.calls,
+                error=(outcome.error or outcome.reason) if failed else None,
+            )
 
     # -- answering ourselves ----------------------------------------------
 
-    async def _refuse(
+    async def refuse(
         self,
         x: Exchange,
         status: int,
@@ -193,21 +236,23 @@ class HttpSession:
             )
         )
         x.on(Ev.REQUEST_HEAD)
-        self.down.before_release = partial(self._emit, x)
+        span = self.hop.start(x.outcome.method, request.headers)
+        x.outcome.extra.update(record_ids(span))
+        self.down.before_release = partial(self._emit, x, span)
         try:
             if not self.accepting():  # fail closed: the audit trail cannot be written
                 x.outcome.reason = "audit_unavailable"
                 x.outcome.error = "audit trail unavailable"
-                await self._refuse(x, 503, "audit trail unavailable", close=True)
+                await self.refuse(x, 503, "audit trail unavailable", close=True)
             else:
-                await self._judge_and_forward(request, x, generated)
+                await self._judge_and_forward(request, x, generated, span)
         finally:
             if self.down.before_release is not None:  # no answer was released
-                self._emit(x)
+                self._emit(x, span)
         return x
 
     async def _judge_and_forward(
-        self, request: h11.Request, x: Exchange, generated_id: bool
+        self, request: h11.Request, x: Exchange, generated_id: bool, span: Span
     ) -> None:
         outcome = x.outcome
         upgrade = header_value(request.headers, b"upgrade") is not None or (
@@ -217,13 +262,13 @@ class HttpSession:
             routed = self.router.route(request, upgrade)
         except PeerError as exc:
             outcome.failed(exc)
-            await self._refuse(x, exc.status, exc.message, close=True)
+            await self.refuse(x, exc.status, exc.message, close=True)
             return
         body_pending = self.down.h11.their_state is h11.SEND_BODY
         prefetched: list[BodyEvent] = []
         filter_factory: FilterFactory | None = None
         if routed.hook is not None and routed.decision.reason != "connect_not_allowed":
-            handled = await self._hooked_request(request, routed, x, body_pending)
+            handled = await hooked_request(self, request, routed, x, body_pending)
             if handled is None:
                 return
             prefetched, filter_factory = handled
@@ -235,7 +280,7 @@ class HttpSession:
                 body = await self.down.read_whole_body(routed.max_body) if body_pending else b""
             except PeerError as exc:
                 outcome.failed(exc)
-                await self._refuse(x, exc.status, exc.message, close=True)
+                await self.refuse(x, exc.status, exc.message, close=True)
                 return
             x.on(Ev.BODY_READ)
             routed = routed.finish(hashlib.sha256(body).hexdigest())
@@ -248,7 +293,7 @@ class HttpSession:
         outcome.extra.update(routed.decision.audit_fields())
         outcome.reply_headers = routed.decision.reply_headers()
         if not routed.decision.allowed:
-            await self._deny(x, routed, body_pending)
+            await self.deny(x, routed, body_pending)
             return
 
         # Look at what is already buffered of the body before anything goes
@@ -265,14 +310,23 @@ class HttpSession:
         except PeerError as exc:
             outcome.decision = "deny"
             outcome.failed(exc)
-            await self._refuse(x, exc.status, exc.message, close=True)
+            await self.refuse(x, exc.status, exc.message, close=True)
             return
         outcome.decision = "allow"
+        durable = self.decision_durable
+        if routed.high_impact and durable is not None and not await durable(outcome):
+            outcome.decision, outcome.reason = "deny", "audit_unavailable"
+            outcome.error = "the high-impact decision could not be made durable"
+            await self.refuse(x, 503, "audit trail unavailable", close=True)
+            return
         body_complete = not body_pending or bool(
             prefetched and isinstance(prefetched[-1], h11.EndOfMessage)
         )
         if self.down.h11.their_state is not h11.SEND_BODY:
             body_complete = True
+        # The upstream continues our span, not the client's: same trace id.
+        routed.strip = routed.strip | TRACE_FIELDS
+        routed.add_headers = (*routed.add_headers, *outgoing(span.context))
         upstream_request = upstream_request_for(request, routed, upgrade, generated_id, outcome)
         self._strip = routed.strip
         expect_continue = self.down.h11.they_are_waiting_for_100_continue
@@ -294,12 +348,12 @@ class HttpSession:
                 # certificate, and we refused it.
                 outcome.outcome = "upstream_untrusted"
             x.on(Ev.UPSTREAM_FAILED)
-            await self._refuse(x, exc.status, exc.message, close=body_pending)
+            await self.refuse(x, exc.status, exc.message, close=body_pending)
             return
         except PeerError as exc:
             outcome.failed(exc)
             x.on(Ev.UPSTREAM_FAILED)
-            await self._refuse(x, exc.status, exc.message, close=True)
+            await self.refuse(x, exc.status, exc.message, close=True)
             return
         x.on(Ev.UPSTREAM_READY)
         outcome.upstream_peer, outcome.upstream_serial = up.peer_id, up.peer_serial
@@ -335,7 +389,7 @@ class HttpSession:
             await self.pool.discard(up)
             x.on(Ev.FAILED)
             if x.state is State.ANSWERING:  # nothing of an answer was sent yet
-                await self._refuse(x, error.status, error.message, close=True)
+                await self.refuse(x, error.status, error.message, close=True)
             return
         if run.transport_error:  # the client went away while we answered
             outcome.reason = "client_reset"
@@ -345,67 +399,15 @@ class HttpSession:
         x.on(Ev.RESPONSE_END)
         await self.pool.checkin(up)
 
-    async def _deny(self, x: Exchange, routed: Routed, body_pending: bool) -> None:
+    async def deny(self, x: Exchange, routed: Routed, body_pending: bool) -> None:
         body_pending = body_pending and not self.down.body_ended()
-        await self._refuse(
+        await self.refuse(
             x,
             routed.decision.status,
             "forbidden",
             close=body_pending,
             extra=routed.decision.reply_headers(),
         )
-
-    async def _hooked_request(
-        self, request: h11.Request, routed: Routed, x: Exchange, body_pending: bool
-    ) -> tuple[list[BodyEvent], FilterFactory | None] | None:
-        """Judge a request through the agent-protocol hook. None when we
-        answered it ourselves, else the body to forward and the filter for
-        the answer."""
-        hook = routed.hook
-        assert hook is not None
-        outcome = x.outcome
-        headers = header_map(request.headers)
-        path = routed.path
-        if request.method != b"POST":
-            if not routed.decision.allowed:
-                outcome.reason, outcome.rule = routed.decision.reason, routed.decision.rule
-                outcome.extra.update(routed.decision.audit_fields())
-                await self._deny(x, routed, body_pending)
-                return None
-            if request.method == b"GET":
-                return [], hook.stream_filter(headers, path)
-            return [], None
-        x.on(Ev.NEED_BODY)
-        try:
-            body = await self.down.read_whole_body(hook.max_body) if body_pending else b""
-        except PeerError as exc:
-            outcome.failed(exc)
-            await self._refuse(x, exc.status, exc.message, close=True)
-            return None
-        verdict = hook.judge(body, headers, path)
-        outcome.calls = verdict.calls
-        outcome.reason, outcome.rule = verdict.reason, verdict.rule
-        outcome.reply_headers = [(n.encode(), v.encode()) for n, v in verdict.headers]
-        if not verdict.forward:
-            outcome.decision = "deny"
-            outcome.status = verdict.status
-            outcome.bytes_up, outcome.bytes_down = len(body), len(verdict.body)
-            self.down.queue(json_answer(outcome, verdict.status, verdict.body))
-            if verdict.body:
-                self.down.queue(h11.Data(data=verdict.body))
-            try:
-                await self.down.send(h11.EndOfMessage())
-            except PeerError as exc:  # the client left or stopped reading
-                outcome.error = exc.message
-                x.on(Ev.CLOSE)
-                return None
-            x.on(Ev.ANSWERED)
-            return None
-        x.on(Ev.BODY_READ)
-        routed.decision = RequestVerdict(True, verdict.reason, verdict.rule, status=200)
-        events: list[BodyEvent] = [h11.Data(data=body)] if body else []
-        events.append(h11.EndOfMessage())
-        return events, hook.answer_filter(verdict, headers, path)
 
     # -- request body -----------------------------------------------------
 

@@ -47,7 +47,13 @@ from proxy.policy import PeerDecision, SpiffePattern, decide_peer
 from proxy.policy.evaluate import PolicySet
 from proxy.policy.gate import Gate, svid_age_seconds
 from proxy.policy.quarantine import GuardConfig
-from proxy.runtime.http_routers import InboundRouter, OutboundRouter, emit_outcome, limits_of
+from proxy.runtime.http_routers import (
+    InboundRouter,
+    OutboundRouter,
+    decision_durable,
+    emit_outcome,
+    limits_of,
+)
 from proxy.runtime.l4 import connect_tcp
 from proxy.runtime.listener import BaseListener, Conn, handshake_within, ms_since
 from proxy.runtime.relay import RelayStats, relay
@@ -181,6 +187,8 @@ class HttpInboundListener(BaseListener):
             raw_relay=partial(raw_relay, write_timeout=self.config.write_timeout),
         )
         session.accepting = self.audit.accepting
+        session.trace(self.tracer, True, conn.snapshot.local_id, str(verified.spiffe_id))
+        session.decision_durable = partial(decision_durable, self, conn)
         session.lifetime_deadline = conn.lifetime_deadline
         finished = False
         try:
@@ -348,6 +356,8 @@ class HttpOutboundListener(BaseListener):
             raw_relay=partial(raw_relay, write_timeout=self.config.write_timeout),
         )
         session.accepting = self.audit.accepting
+        session.trace(self.tracer, False, conn.snapshot.local_id)
+        session.decision_durable = partial(decision_durable, self, conn)
         await session.run()
 
     def _emit(self, conn: Conn, outcome: RequestOutcome) -> None:

@@ -72,6 +72,25 @@ def limits_of(config: InboundConfig | OutboundConfig) -> Limits:
     )
 
 
+async def decision_durable(listener: BaseListener, conn: Conn, outcome: RequestOutcome) -> bool:
+    """A high-impact request's ``http.decision`` record, made durable before
+    the request is forwarded (fsynced with ``durability = "fsync"``). False:
+    the trail cannot take it, so the request must not go on."""
+    listener.record(
+        conn,
+        "http.decision",
+        outcome.decision,
+        outcome.reason,
+        rule=outcome.rule,
+        request_id=outcome.request_id,
+        method=outcome.method,
+        path=outcome.path,
+        target=outcome.target or listener.target_label,
+        **outcome.extra,
+    )
+    return await listener.audit.durable()
+
+
 def _origin_form(request: h11.Request) -> tuple[bytes, str | None]:
     """(origin-form target, host from an absolute-form target if any)."""
     target = request.target
@@ -147,6 +166,7 @@ def _gated(
         return base
 
     preview = policy.evaluate(facts)
+    base.high_impact = preview.allowed and bool(preview.high_impact)
     needs_body = preview.allowed and any(step.approvers for _, step in preview.high_impact)
     if needs_body:
         base.decision = preview  # allowed so far; the gate decides with the body

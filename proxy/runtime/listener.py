@@ -29,6 +29,7 @@ from proxy.identity import IdentitySnapshot, IdentityState
 from proxy.metrics import Metrics
 from proxy.netaddr import HostPort, format_sockaddr
 from proxy.tls import TLSHandshakeError, TLSStream
+from proxy.tracing.hop import UNTRACED
 
 log = structlog.get_logger("agent_proxy")
 
@@ -114,6 +115,7 @@ class BaseListener:
         self.active = 0
         self.bound: list[str] = []
         self.metrics: Metrics | None = None
+        self.tracer = UNTRACED  # the plan sets the process's tracer
         # How the operator named this listener, for a bind error ("--listen").
         self.origin: str | None = None
 
@@ -157,6 +159,8 @@ class BaseListener:
             target=str(extra.pop("target", self.target_label)),
             peer_cert_serial=serial,
             peer_cert_not_after=not_after,
+            trace_id=_text(extra.pop("trace_id", None)),  # HTTP: the request's span
+            span_id=_text(extra.pop("span_id", None)),
             extra={k: v for k, v in extra.items() if v is not None},
         )
         self.audit.emit(record)
@@ -314,6 +318,10 @@ async def handshake_within(tls: TLSStream, timeout: float) -> tuple[str, str] | 
     if scope.cancelled_caught:
         return "handshake_timeout", f"no TLS handshake within {timeout:g}s"
     return None
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def ms_since(started: float) -> int:

@@ -45,6 +45,8 @@ from proxy.runtime.listener import BaseListener
 from proxy.runtime.reload import ConfigReloader
 from proxy.runtime.serve import run_until_signalled
 from proxy.sources.base import IdentityLoadError, IdentitySource
+from proxy.tracing import Tracer
+from proxy.tracing.export import TracingCollector
 
 __all__ = [
     "Readiness",
@@ -224,9 +226,23 @@ async def serve(
     plan: RuntimePlan, source: IdentitySource, audit: AuditSink, metrics: Metrics
 ) -> None:
     config = plan.config
+    # Off by default: ids are still made and propagated, nothing exported.
+    tracer = Tracer(config.tracing)
+    try:
+        await _serve(plan, source, audit, metrics, tracer)
+    finally:
+        tracer.shutdown()  # what is queued gets one bounded try (its own thread)
+
+
+async def _serve(
+    plan: RuntimePlan, source: IdentitySource, audit: AuditSink, metrics: Metrics, tracer: Tracer
+) -> None:
+    config = plan.config
     readiness = Readiness()
     readiness.audit = audit
     register_audit_metrics(metrics.registry, audit)
+    if tracer.enabled:
+        metrics.registry.register(TracingCollector(tracer))
     admin = None
     if config.admin.listen is not None:
         admin = AdminServer(config.admin.listen, metrics, readiness)
@@ -251,6 +267,7 @@ async def serve(
             raise UsageError(f"{plan.identity_label}: {exc}") from None
         for listener in listeners:
             listener.metrics = metrics
+            listener.tracer = tracer
             listener.origin = plan.origins.get(listener.name)
         providers = [p for lst in listeners for p in getattr(lst, "providers", {}).values()]
         if providers:

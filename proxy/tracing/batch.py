@@ -54,7 +54,10 @@ class Batcher:
         return True
 
     def shutdown(self) -> None:
+        # Called by Tracer.shutdown and again by the provider's atexit hook.
         with self._cond:
+            if self._stopping:
+                return
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout=self.exporter_timeout() + 1.0)

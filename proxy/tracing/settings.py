@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from proxy.audit.settings import SectionReader
+from proxy.audit.settings import show, text
+
+if TYPE_CHECKING:  # the config package imports this module's settings type
+    from proxy.config.walker import Table
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,23 +28,18 @@ class TracingSettings:
         return base if base.endswith("/v1/traces") else base + "/v1/traces"
 
 
-def parse_tracing(
-    table: Mapping[str, Any], at: str = "tracing", *, source: str | None = None
-) -> TracingSettings:
-    r = SectionReader(table if isinstance(table, Mapping) else {}, at, source)
-    if not isinstance(table, Mapping):
-        r.fail("", "expected a table")
+def parse_tracing(t: Table) -> TracingSettings:
     d = TracingSettings()
-    endpoint = r.string("otlp_endpoint", None)
+    endpoint = text(t, "otlp_endpoint", "") or None
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
-        r.fail("otlp_endpoint", f'expected an http:// or https:// URL, got "{endpoint}"')
+        t.fail("otlp_endpoint", f"expected an http:// or https:// URL, got {show(endpoint)}")
     settings = TracingSettings(
         otlp_endpoint=endpoint,
-        service_name=r.string("service_name", d.service_name) or d.service_name,
-        timeout=r.seconds("timeout", d.timeout) or d.timeout,
-        max_queue=r.integer("max_queue", d.max_queue, minimum=1) or d.max_queue,
-        batch_size=r.integer("batch_size", d.batch_size, minimum=1) or d.batch_size,
-        schedule_delay=r.seconds("schedule_delay", d.schedule_delay) or d.schedule_delay,
+        service_name=text(t, "service_name", d.service_name),
+        timeout=t.duration("timeout", default=d.timeout),
+        max_queue=t.integer("max_queue", default=d.max_queue),
+        batch_size=t.integer("batch_size", default=d.batch_size),
+        schedule_delay=t.duration("schedule_delay", default=d.schedule_delay),
     )
-    r.done()
+    t.done()
     return settings

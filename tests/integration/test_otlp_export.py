@@ -3,76 +3,24 @@ in the test that decodes the protobuf ``ExportTraceServiceRequest``."""
 
 from __future__ import annotations
 
-import http.server
-import queue
-import threading
 from collections.abc import Iterator
 
 import pytest
 
 pytest.importorskip("opentelemetry.sdk")
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-)
-
 from proxy.tracing import Tracer, TracingSettings, incoming, span_attributes
+from tests.otlp_support import Collector, attrs
 from tests.support import DEADLINE, free_port
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 
 
-class Collector(http.server.ThreadingHTTPServer):
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.spans: queue.Queue[tuple[str, object]] = queue.Queue()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: Collector
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["content-length"]))
-        request = ExportTraceServiceRequest()
-        request.ParseFromString(body)
-        for resource_spans in request.resource_spans:
-            service = next(
-                a.value.string_value
-                for a in resource_spans.resource.attributes
-                if a.key == "service.name"
-            )
-            for scope in resource_spans.scope_spans:
-                for span in scope.spans:
-                    self.server.spans.put((service, span))
-        self.send_response(200)
-        self.send_header("content-type", "application/x-protobuf")
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def collector() -> Iterator[Collector]:
-    server = Collector()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-def attrs(span: object) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for a in span.attributes:  # type: ignore[attr-defined]
-        value = a.value
-        out[a.key] = value.string_value if value.HasField("string_value") else value.int_value
-    return out
+    with Collector() as server:
+        yield server
 
 
 def test_spans_of_both_sidecars_reach_the_collector(collector: Collector) -> None:

@@ -19,13 +19,25 @@ from proxy.audit import (
     ConnectionRefused,
     ConnFacts,
     HttpRequest,
-    parse_audit,
     typed,
 )
+from proxy.audit import parse_audit as parse_audit_table
 from proxy.audit.derive import count
 from proxy.config import ConfigError
+from proxy.config.walker import Ctx, Table
 from proxy.metrics import Metrics
-from proxy.tracing import parse_tracing
+from proxy.tracing import TracingSettings
+from proxy.tracing import parse_tracing as parse_tracing_table
+
+
+def parse_audit(data: dict[str, object], *, base_dir: Path | None = None) -> AuditSettings:
+    """The ``[audit]`` table as the config walker hands it over."""
+    return parse_audit_table(Table(Ctx("", base_dir or Path.cwd()), "audit", data))
+
+
+def parse_tracing(data: dict[str, object]) -> TracingSettings:
+    return parse_tracing_table(Table(Ctx("", Path.cwd()), "tracing", data))
+
 
 TS = dt.datetime(2026, 12, 1, 12, 0, 0, 123000, tzinfo=dt.UTC)
 FACTS = ConnFacts(
