@@ -89,10 +89,6 @@ TABLE: dict[str, Row] = {
 # Known violations, to be removed (ARCHITECTURE.md, "Known violations"):
 # (importing module, imported module prefix) -> why it is wrong and the fix.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    # config imports audit.settings to parse [audit]; this lazy import of
-    # ConfigError back is a runtime cycle. Fix: read through config.walker's
-    # Table (type-only), which reports errors itself (in flight: wiretrace).
-    ("proxy.audit.settings", "proxy.config"): "raises ConfigError: a cycle with config",
     # Type-only, but a config type in credentials: pass the values instead.
     ("proxy.credentials.sources", "proxy.config.schema"): "reads IdentityConfig: pass values",
     # A second table walker (SectionReader) or its helpers living in audit;
