@@ -9,7 +9,7 @@ section. Only the section's own value rules live here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -20,17 +20,6 @@ Durability = Literal["os", "fsync"]
 OnFailure = Literal["closed", "open"]
 
 
-def show(value: object) -> str:
-    """A TOML value as an error message quotes it."""
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Mapping):
-        return "a table"
-    return repr(value)
-
-
 def either(t: Table, key: str, options: Sequence[str], default: str) -> str:
     """One of a few words: ``expected "os" or "fsync", got "x"``."""
     if not t.has(key):
@@ -38,19 +27,8 @@ def either(t: Table, key: str, options: Sequence[str], default: str) -> str:
         return default
     value = t.get(key)
     if value not in options:
-        t.fail(key, f"expected {' or '.join(show(o) for o in options)}, got {show(value)}")
+        t.fail(key, f"expected {' or '.join(t.show(o) for o in options)}, got {t.show(value)}")
     return str(value)
-
-
-def text(t: Table, key: str, default: str) -> str:
-    """A non-empty string without NUL bytes."""
-    if not t.has(key):
-        t.get(key)
-        return default
-    value = t.get(key)
-    if not isinstance(value, str) or not value:
-        t.fail(key, f"expected a non-empty string, got {show(value)}")
-    return str(t.string(key))  # the walker's NUL-byte check
 
 
 def at_least(t: Table, key: str, default: int, minimum: int) -> int:
@@ -76,7 +54,7 @@ class AuditSettings:
 def parse_audit(t: Table) -> AuditSettings:
     """``[audit]``; a relative ``path`` resolves against the config's directory."""
     d = AuditSettings()
-    path = text(t, "path", d.path)
+    path = t.text("path", d.path)
     if path != "-":
         path = str(t.ctx.base_dir / t.expand("path", path))
     settings = AuditSettings(

@@ -143,6 +143,27 @@ class Table:
             self.fail(key, f"expected {what}, got {type_name(value)}")
         return value
 
+    @staticmethod
+    def show(value: object) -> str:
+        """A TOML value as an error message quotes it."""
+        if isinstance(value, str):
+            return f'"{value}"'
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, Mapping):
+            return "a table"
+        return repr(value)
+
+    def text(self, key: str, default: str) -> str:
+        """A non-empty string without NUL bytes, or ``default`` when absent."""
+        if not self.has(key):
+            self.get(key)
+            return default
+        value = self.get(key)
+        if not isinstance(value, str) or not value:
+            self.fail(key, f"expected a non-empty string, got {self.show(value)}")
+        return str(self.string(key))  # the NUL-byte check
+
     def string(self, key: str, *, default: Any = MISSING, nonempty: bool = False) -> Any:
         value = self.get(key)
         if value is MISSING:

@@ -19,7 +19,6 @@ import contextlib
 from dataclasses import dataclass
 
 import trio
-from OpenSSL import SSL
 
 from proxy.audit import AuditSink, Direction
 from proxy.identity import IdentitySnapshot, IdentityState, SideCache
@@ -28,7 +27,7 @@ from proxy.policy import SpiffePattern, decide_peer
 from proxy.policy.evaluate import PolicySet
 from proxy.runtime.listener import BaseListener, Conn, ms_since
 from proxy.runtime.relay import RelayStats, relay
-from proxy.tls import TlsSide, TLSStream, TlsVersion, build_side
+from proxy.tls import TlsSide, TLSStream, TlsVersion, build_side, peer_alert
 
 
 @dataclass(frozen=True)
@@ -72,17 +71,6 @@ def _outcome(reason: str, stats: RelayStats) -> str:
     if reason == "write_timeout":
         return "client_error" if stats.stalled == "client" else "upstream_error"
     return _OUTCOMES.get(reason, "served")
-
-
-def upstream_alert(exc: BaseException | None) -> str | None:
-    """The TLS alert a peer sent us, if ``exc`` (or what caused it) is one."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, SSL.Error) and "alert" in str(exc).lower():
-            return str(exc)
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return None
 
 
 class L4Listener(BaseListener):
@@ -179,7 +167,7 @@ class L4Listener(BaseListener):
             reason = stats.error or ("closed" if finished else conn.end_reason())
             error = stats.detail
             if reason == "target_reset" and self.direction == "outbound":
-                alert = upstream_alert(stats.cause)
+                alert = peer_alert(stats.cause)
                 if alert is not None and stats.bytes_down == 0:
                     # Nothing came back yet: the upstream's alert judged us.
                     reason, error = "refused_by_upstream", f"upstream refused us: {alert}"

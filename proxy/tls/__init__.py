@@ -2,7 +2,7 @@
 trio stream for TLS on the socket (OpenSSL does the syscalls)."""
 
 from proxy.tls.context import PeerVerification, TlsSide, TlsVersion, build_side
-from proxy.tls.stream import TLSHandshakeError, TLSStream
+from proxy.tls.stream import TLSHandshakeError, TLSStream, peer_alert
 
 __all__ = [
     "PeerVerification",
@@ -11,4 +11,5 @@ __all__ = [
     "TlsSide",
     "TlsVersion",
     "build_side",
+    "peer_alert",
 ]

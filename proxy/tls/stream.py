@@ -352,3 +352,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
             for _ in range(_DISCARD_READS):
                 if len(os.read(self._fd, _RECV_CHUNK)) < _RECV_CHUNK:
                     return
+
+
+def peer_alert(exc: BaseException | None) -> str | None:
+    """The TLS alert a peer sent us, if ``exc`` (or what caused it) is one."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, SSL.Error) and "alert" in str(exc).lower():
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from proxy.audit.settings import show, text
-
 if TYPE_CHECKING:  # the config package imports this module's settings type
     from proxy.config.walker import Table
 
@@ -30,12 +28,12 @@ class TracingSettings:
 
 def parse_tracing(t: Table) -> TracingSettings:
     d = TracingSettings()
-    endpoint = text(t, "otlp_endpoint", "") or None
+    endpoint = t.text("otlp_endpoint", "") or None
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
-        t.fail("otlp_endpoint", f"expected an http:// or https:// URL, got {show(endpoint)}")
+        t.fail("otlp_endpoint", f"expected an http:// or https:// URL, got {t.show(endpoint)}")
     settings = TracingSettings(
         otlp_endpoint=endpoint,
-        service_name=text(t, "service_name", d.service_name),
+        service_name=t.text("service_name", d.service_name),
         timeout=t.duration("timeout", default=d.timeout),
         max_queue=t.integer("max_queue", default=d.max_queue),
         batch_size=t.integer("batch_size", default=d.batch_size),

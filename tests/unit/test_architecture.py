@@ -91,12 +91,6 @@ TABLE: dict[str, Row] = {
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     # Type-only, but a config type in credentials: pass the values instead.
     ("proxy.credentials.sources", "proxy.config.schema"): "reads IdentityConfig: pass values",
-    # A second table walker (SectionReader) or its helpers living in audit;
-    # they belong in config.walker.
-    ("proxy.tracing.settings", "proxy.audit.settings"): "reuses audit's SectionReader",
-    # runtime names pyOpenSSL to spot a TLS alert; tls.stream should classify
-    # it (as it does for handshakes) so that OpenSSL stays inside tls.
-    ("proxy.runtime.l4", "OpenSSL"): "upstream_alert() inspects SSL.Error",
 }
 
 _STDLIB = frozenset(sys.stdlib_module_names)
