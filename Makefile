@@ -45,3 +45,9 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m benchmarks.run --quick
+
+# make fuzz : the differential and fuzz harnesses with a long budget
+#             (make test runs the same with a short smoke budget).
+.PHONY: fuzz
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q -p no:cacheprovider tests/unit/test_llhttp_differential.py
