@@ -443,29 +443,37 @@ class Reactor:
                 return 0
             except OSError as exc:
                 raise _Broken(end.name, exc.strerror or "write failed") from exc
+        # Partial writes are on (pyOpenSSL's default): one call writes one
+        # record, so keep calling until all is sent or the socket is full.
+        total = 0
         if not self._use_cffi:
             assert end.conn is not None
             try:
-                return end.conn.send(data)
+                while total < n:
+                    total += end.conn.send(data[total:])
             except SSL.WantWriteError:
-                return 0
+                pass
             except SSL.WantReadError:
                 end.write_wants_read = True
-                return 0
             except SSL.Error as exc:
                 raise _Broken(end.name, f"TLS error while sending: {exc}") from exc
-        sent = lib.SSL_write(end.ssl, ptr, n)
-        if sent > 0:
-            return int(sent)
-        err = lib.SSL_get_error(end.ssl, sent)
-        if err == _WANT_WRITE:
-            return 0
-        if err == _WANT_READ:
-            end.write_wants_read = True
-            return 0
-        text = _ssl_error_text(err)
-        lib.ERR_clear_error()
-        raise _Broken(end.name, f"TLS error while sending: {text}")
+            return total
+        ssl = end.ssl
+        while total < n:
+            sent = lib.SSL_write(ssl, ptr + total, n - total)
+            if sent > 0:
+                total += sent
+                continue
+            err = lib.SSL_get_error(ssl, sent)
+            if err == _WANT_WRITE:
+                break
+            if err == _WANT_READ:
+                end.write_wants_read = True
+                break
+            text = _ssl_error_text(err)
+            lib.ERR_clear_error()
+            raise _Broken(end.name, f"TLS error while sending: {text}")
+        return total
 
 
 def _unexpected_eof(err: int) -> bool:

@@ -1,0 +1,167 @@
+"""CPU of moving bytes through one TLS<->plain pair: ``python -m benchmarks.reactor_bench``.
+
+The relay under test runs in this process; the peers run in a child process
+(a TLS client on Python's ssl, and a plain TCP target), so only the relay's
+own CPU is counted (getrusage around the transfer). Variants:
+
+- ``reactor``: proxy/runtime/reactor.py, SSL_read/SSL_write through cffi
+  into the one scratch buffer;
+- ``reactor-pyopenssl``: the same reactor through pyOpenSSL's
+  ``recv_into``/``send`` (which allocate per call);
+- ``trio-relay``: today's path, proxy/runtime/relay.py over
+  proxy.tls.TLSStream (memory BIOs on main at the time of writing).
+
+Each variant moves ``--mib`` MiB up (client to target), then down, over a
+fresh connection, after one TLS 1.3 handshake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import trio
+
+from proxy.runtime.reactor import open_reactor
+from proxy.runtime.relay import RelayStats, relay
+from tests.integration.reactor_support import _CA, CLIENT, SERVER, SockTls
+
+CHUNK = 65536
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# -- the peer process ---------------------------------------------------------
+
+
+def peer(relay_port: int, target_port_file: str, direction: str, total: int, pem: str) -> None:
+    """Target: accept one plain connection. Client: TLS to the relay. Move
+    ``total`` bytes ``direction`` ("up": client to target), then close."""
+    target = socket.create_server(("127.0.0.1", 0))
+    Path(target_port_file).write_text(str(target.getsockname()[1]))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(f"{pem}/ca.pem")
+    ctx.load_cert_chain(f"{pem}/client.pem", f"{pem}/client.key")
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    raw = socket.create_connection(("127.0.0.1", relay_port))
+    client = ctx.wrap_socket(raw)
+    conn, _ = target.accept()
+    src, dst = (client, conn) if direction == "up" else (conn, client)
+    payload = memoryview(bytearray(os.urandom(CHUNK)))
+    got = [0]
+
+    def sink() -> None:
+        buf = bytearray(1 << 20)
+        while got[0] < total:
+            n = dst.recv_into(buf)
+            if not n:
+                break
+            got[0] += n
+
+    reader = threading.Thread(target=sink)
+    reader.start()
+    sent = 0
+    while sent < total:
+        sent += src.send(payload[: min(CHUNK, total - sent)])
+    reader.join()
+    if got[0] != total:
+        raise SystemExit(f"peer: moved {got[0]} of {total} bytes")
+    for s in (client, conn):
+        s.close()
+
+
+# -- the relay under test ------------------------------------------------------
+
+
+async def _accept_and_connect(port_file: Path, listener: trio.SocketListener) -> tuple[
+    trio.SocketStream, trio.SocketStream
+]:  # fmt: skip
+    accepted = await listener.accept()
+    with trio.fail_after(30):
+        while not port_file.exists() or not port_file.read_text():
+            await trio.sleep(0.01)
+    target = await trio.open_tcp_stream("127.0.0.1", int(port_file.read_text()))
+    return accepted, target
+
+
+async def measure(variant: str, direction: str, total: int, pem: Path) -> tuple[float, float]:
+    """(relay CPU seconds, wall seconds) to move ``total`` bytes."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    port_file = pem / f"target-{variant}-{direction}"
+    port_file.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "benchmarks.reactor_bench", "--peer", str(port), str(port_file),
+            direction, str(total), str(pem)]  # fmt: skip
+    child = subprocess.Popen(argv)
+    try:
+        accepted, target = await _accept_and_connect(port_file, listener)
+        if variant == "trio-relay":
+            from proxy.tls import TLSStream
+            from tests.integration.tls_support import side
+
+            tls_side = side(SERVER, (_CA,), ["spiffe://reactor.test/**"], server=True)
+            tls = TLSStream(accepted, tls_side)
+            await tls.do_handshake()
+            cpu0, t0 = _cpu(), time.perf_counter()
+            await relay(tls, target, RelayStats())
+        else:
+            tls = SockTls.over(accepted, server=True)
+            await tls.handshake()
+            async with open_reactor(use_cffi=variant == "reactor") as reactor:
+                cpu0, t0 = _cpu(), time.perf_counter()
+                await reactor.relay(tls, target)
+        cpu, wall = _cpu() - cpu0, time.perf_counter() - t0
+    finally:
+        with trio.move_on_after(30):
+            await trio.to_thread.run_sync(child.wait)
+        child.kill()
+        await listener.aclose()
+    return cpu, wall
+
+
+def _write_pem(d: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    (d / "ca.pem").write_bytes(_CA.cert.public_bytes(serialization.Encoding.PEM))
+    (d / "client.pem").write_bytes(CLIENT.cert_pem())
+    (d / "client.key").write_bytes(CLIENT.key_pem())
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--peer":
+        peer(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])
+        return 0
+    p = argparse.ArgumentParser(prog="python -m benchmarks.reactor_bench", description=__doc__)
+    p.add_argument("--mib", type=int, default=256)
+    p.add_argument("--variants", default="reactor,reactor-pyopenssl,trio-relay")
+    args = p.parse_args()
+    total = args.mib << 20
+    with tempfile.TemporaryDirectory() as tmp:
+        pem = Path(tmp)
+        _write_pem(pem)
+        print(f"load average {os.getloadavg()[0]:.2f}; {args.mib} MiB per direction\n")
+        print("| variant | direction | relay CPU s/GiB | MB/s |")
+        print("|---|---|---|---|")
+        for variant in args.variants.split(","):
+            for direction in ("up", "down"):
+                cpu, wall = trio.run(measure, variant, direction, total, pem)
+                print(f"| {variant} | {direction} | {cpu / total * (1 << 30):.2f} "
+                      f"| {total / wall / 1e6:.0f} |", flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
