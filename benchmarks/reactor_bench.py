@@ -46,11 +46,12 @@ def _cpu() -> float:
 # -- the peer process ---------------------------------------------------------
 
 
-def peer(relay_port: int, target_port_file: str, direction: str, total: int, pem: str) -> None:
-    """Target: accept one plain connection. Client: TLS to the relay. Move
-    ``total`` bytes ``direction`` ("up": client to target), then close."""
+def peer(relay_port: int, direction: str, total: int, pem: str) -> None:
+    """Target: accept one plain connection (its port goes to stdout). Client:
+    TLS to the relay. Move ``total`` bytes ``direction`` ("up": client to
+    target), then close."""
     target = socket.create_server(("127.0.0.1", 0))
-    Path(target_port_file).write_text(str(target.getsockname()[1]))
+    print(target.getsockname()[1], flush=True)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.load_verify_locations(f"{pem}/ca.pem")
@@ -86,28 +87,19 @@ def peer(relay_port: int, target_port_file: str, direction: str, total: int, pem
 # -- the relay under test ------------------------------------------------------
 
 
-async def _accept_and_connect(port_file: Path, listener: trio.SocketListener) -> tuple[
-    trio.SocketStream, trio.SocketStream
-]:  # fmt: skip
-    accepted = await listener.accept()
-    with trio.fail_after(30):
-        while not port_file.exists() or not port_file.read_text():
-            await trio.sleep(0.01)
-    target = await trio.open_tcp_stream("127.0.0.1", int(port_file.read_text()))
-    return accepted, target
-
-
 async def measure(variant: str, direction: str, total: int, pem: Path) -> tuple[float, float]:
     """(relay CPU seconds, wall seconds) to move ``total`` bytes."""
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
-    port_file = pem / f"target-{variant}-{direction}"
-    port_file.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "benchmarks.reactor_bench", "--peer", str(port), str(port_file),
-            direction, str(total), str(pem)]  # fmt: skip
-    child = subprocess.Popen(argv)
+    argv = [sys.executable, "-m", "benchmarks.reactor_bench", "--peer", str(port), direction,
+            str(total), str(pem)]  # fmt: skip
+    child = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
     try:
-        accepted, target = await _accept_and_connect(port_file, listener)
+        assert child.stdout is not None
+        with trio.fail_after(30):
+            target_port = int(await child.stdout.receive_some(100))
+            accepted = await listener.accept()
+        target = await trio.open_tcp_stream("127.0.0.1", target_port)
         if variant == "trio-relay":
             from proxy.tls import TLSStream
             from tests.integration.tls_support import side
@@ -126,7 +118,7 @@ async def measure(variant: str, direction: str, total: int, pem: Path) -> tuple[
         cpu, wall = _cpu() - cpu0, time.perf_counter() - t0
     finally:
         with trio.move_on_after(30):
-            await trio.to_thread.run_sync(child.wait)
+            await child.wait()
         child.kill()
         await listener.aclose()
     return cpu, wall
@@ -142,7 +134,7 @@ def _write_pem(d: Path) -> None:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--peer":
-        peer(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])
+        peer(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5])
         return 0
     p = argparse.ArgumentParser(prog="python -m benchmarks.reactor_bench", description=__doc__)
     p.add_argument("--mib", type=int, default=256)
