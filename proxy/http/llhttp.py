@@ -55,6 +55,9 @@ _REQUEST_LINE: Final = re.compile(
 _STATUS_LINE: Final = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
 _OWS: Final = b" \t"
 _NO_BODY_STATUS: Final = frozenset({204, 304})
+_FRAMING_FIELDS: Final = frozenset(
+    {b"content-length", b"transfer-encoding", b"connection", b"host", b"upgrade", b"expect"}
+)
 
 # Message states.
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE, _UPGRADED, _CLOSED = range(7)
@@ -345,10 +348,10 @@ class LlhttpParser:
         chunked = False
         hosts = 0
         close = upgrade_token = upgrade_field = expect = False
-        names = []
-        for name, value in head.headers:
-            lname = name.lower()
-            names.append(lname)
+        names = [name.lower() for name, _ in head.headers]
+        # One set lookup per field; only the few framing fields go further.
+        for i in [i for i, n in enumerate(names) if n in _FRAMING_FIELDS]:
+            lname, value = names[i], head.headers[i][1]
             if lname == b"content-length":
                 if length is not None:
                     raise self._refuse(400, "bad_request", "duplicated Content-Length")
@@ -372,7 +375,7 @@ class LlhttpParser:
                 hosts += 1
             elif lname == b"upgrade":
                 upgrade_field = True
-            elif lname == b"expect" and value.lower() == b"100-continue":
+            elif value.lower() == b"100-continue":  # Expect
                 expect = True
         head.names = frozenset(names)
         if length is not None and chunked:
