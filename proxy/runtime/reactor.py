@@ -39,35 +39,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
-import os
 import select
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 import trio
-from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
+
+from proxy.runtime.reactor_io import EOF, Broken, End, PairIo, TlsEndpoint, ssl_error_text
 
 log = structlog.get_logger("agent_proxy")
 
 SCRATCH_BYTES = 65536
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
-_EOF = -1
-_WANT_READ, _WANT_WRITE = lib.SSL_ERROR_WANT_READ, lib.SSL_ERROR_WANT_WRITE
-_ZERO_RETURN = lib.SSL_ERROR_ZERO_RETURN
-
-
-class TlsEndpoint(Protocol):
-    """A TLS connection on a socket, handshake done (proxy.tls.TLSStream)."""
-
-    @property
-    def fileno(self) -> int: ...
-
-    @property
-    def ssl_connection(self) -> SSL.Connection: ...
 
 
 @dataclass
@@ -81,53 +68,8 @@ class RelayResult:
     bytes_up: int = 0
     bytes_down: int = 0
     truncated: list[str] = field(default_factory=list)
-    detail: str | None = None
-
-
-class _Broken(Exception):
-    def __init__(self, side: str, detail: str) -> None:
-        super().__init__(detail)
-        self.side = side
-
-
-class _End:
-    """One socket of a pair."""
-
-    __slots__ = (
-        "conn",
-        "eof_seen",
-        "fd",
-        "mask",
-        "name",
-        "out",
-        "pair",
-        "read_wants_write",
-        "shutdown",
-        "src_of",
-        "ssl",
-        "write_wants_read",
-    )  # fmt: skip
-
-    def __init__(self, endpoint: trio.SocketStream | TlsEndpoint, name: str) -> None:
-        self.name = name
-        self.conn: SSL.Connection | None = None
-        self.ssl: Any = None  # the SSL* for cffi calls
-        self.shutdown: Any = None
-        if isinstance(endpoint, trio.SocketStream):
-            self.fd = endpoint.socket.fileno()
-            self.shutdown = endpoint.socket.shutdown
-        else:
-            self.fd = endpoint.fileno
-            self.conn = endpoint.ssl_connection
-            self.ssl = self.conn._ssl  # pyOpenSSL's SSL*: cffi calls skip its per-call allocations
-        self.mask = 0
-        self.eof_seen = False  # read EOF after bytes still to deliver
-        self.read_wants_write = False
-        self.write_wants_read = False
-        # Set by _Pair: the flow this end feeds, the flow that feeds it, the pair.
-        self.src_of: _Flow = None  # type: ignore[assignment]
-        self.out: _Flow = None  # type: ignore[assignment]
-        self.pair: _Pair = None  # type: ignore[assignment]
+    detail: str | None = None  # for resets: the error (a TLS alert names itself)
+    stalled: str | None = None  # for write_timeout: the side that stopped reading
 
 
 class _Flow:
@@ -136,7 +78,7 @@ class _Flow:
     __slots__ = ("blocked_since", "done", "dst", "eof", "pending", "pending_ptr", "shut_pending",
                  "src", "upward")  # fmt: skip
 
-    def __init__(self, src: _End, dst: _End, upward: bool) -> None:
+    def __init__(self, src: End, dst: End, upward: bool) -> None:
         self.src, self.dst, self.upward = src, dst, upward
         self.pending: memoryview | None = None  # unsent bytes (a copy)
         self.pending_ptr: Any = None
@@ -149,7 +91,7 @@ class _Flow:
 class _Pair:
     __slots__ = ("a", "b", "done", "down", "result", "up", "wakeup")
 
-    def __init__(self, a: _End, b: _End, result: RelayResult) -> None:
+    def __init__(self, a: End, b: End, result: RelayResult) -> None:
         self.a, self.b, self.result = a, b, result
         self.up, self.down = _Flow(a, b, True), _Flow(b, a, False)
         a.src_of, a.out, b.src_of, b.out = self.up, self.down, self.down, self.up
@@ -158,16 +100,13 @@ class _Pair:
         self.wakeup = trio.Event()  # set when the owning task should look again
 
 
-class Reactor:
+class Reactor(PairIo):
     """Use one per process through :func:`open_reactor`."""
 
     def __init__(self, scratch_bytes: int = SCRATCH_BYTES, *, use_cffi: bool = True) -> None:
+        super().__init__(scratch_bytes, use_cffi)
         self._epoll = select.epoll()
-        self._scratch = bytearray(scratch_bytes)
-        self._view = memoryview(self._scratch)
-        self._cbuf = ffi.from_buffer(self._scratch)
-        self._use_cffi = use_cffi
-        self._ends: dict[int, tuple[_Pair, _End]] = {}
+        self._ends: dict[int, tuple[_Pair, End]] = {}
         self._ready: set[int] = set()
         self._kick: trio.Event | None = None
 
@@ -190,7 +129,7 @@ class Reactor:
     ) -> RelayResult:
         """Move bytes between ``a`` and ``b`` until the pair ends. ``result``
         (filled in place) still tells what moved when the caller is cancelled."""
-        pair = _Pair(_End(a, names[0]), _End(b, names[1]), result or RelayResult())
+        pair = _Pair(End(a, names[0]), End(b, names[1]), result or RelayResult())
         self._add(pair)
         try:
             while not pair.done.is_set():
@@ -199,6 +138,8 @@ class Reactor:
                 if not pair.done.is_set():
                     pair.wakeup = trio.Event()
                     if trio.current_time() >= _write_deadline(pair, write_timeout):
+                        blocked = [f for f in (pair.up, pair.down) if f.blocked_since is not None]
+                        pair.result.stalled = min(blocked, key=_since).dst.name
                         self._finish(pair, "write_timeout", f"no send progress in {write_timeout}s")
         except BaseException:
             if not pair.done.is_set():
@@ -273,7 +214,7 @@ class Reactor:
                     end.read_wants_write = False
                     self._pump(end.src_of)
                 self._pump(end.out)
-        except _Broken as exc:
+        except Broken as exc:
             self._finish(pair, f"{exc.side}_reset", str(exc))
             return
         except Exception as exc:  # a bug of ours ends this pair, never the reactor
@@ -286,7 +227,7 @@ class Reactor:
             self._update(pair.a)
             self._update(pair.b)
 
-    def _update(self, end: _End) -> None:
+    def _update(self, end: End) -> None:
         """epoll interest from state: only on a change does epoll_ctl run."""
         flow_in, flow_out = end.src_of, end.out
         mask = 0
@@ -314,8 +255,10 @@ class Reactor:
             self._pass_eof(flow)
             return
         n = self._read(flow.src)
-        if n == _EOF:
+        if n == EOF:
             flow.eof = True
+            if flow.src.truncated:
+                flow.src.pair.result.truncated.append(flow.src.name)
             self._pass_eof(flow)
             return
         if n == 0:
@@ -358,133 +301,21 @@ class Reactor:
                 dst.shutdown(socket.SHUT_WR)
             except OSError as exc:
                 if exc.errno != errno.ENOTCONN:
-                    raise _Broken(dst.name, f"shutdown: {exc.strerror}") from exc
-        elif dst.name not in dst.pair.result.truncated:
+                    raise Broken(dst.name, f"shutdown: {exc.strerror}") from exc
+        elif not dst.truncated:
             # (A truncated TLS side is dead to OpenSSL: it can send nothing more.)
             lib.ERR_clear_error()
             ret = lib.SSL_shutdown(dst.ssl)
             if ret < 0:
                 err = lib.SSL_get_error(dst.ssl, ret)
-                if err in (_WANT_WRITE, _WANT_READ):
+                if err in (lib.SSL_ERROR_WANT_WRITE, lib.SSL_ERROR_WANT_READ):
                     flow.shut_pending = True
                     return
-                raise _Broken(dst.name, f"close_notify failed ({_ssl_error_text(err)})")
+                raise Broken(dst.name, f"close_notify failed ({ssl_error_text(err)})")
         flow.done = True
 
-    def _read(self, end: _End) -> int:
-        """Bytes read into the scratch buffer, 0 if none now, or _EOF."""
-        if end.eof_seen:
-            end.eof_seen = False
-            return _EOF
-        if end.ssl is None:
-            try:
-                n = os.readv(end.fd, (self._scratch,))
-            except (BlockingIOError, InterruptedError):
-                return 0
-            except OSError as exc:
-                raise _Broken(end.name, exc.strerror or "read failed") from exc
-            return n or _EOF
-        if not self._use_cffi:
-            return self._read_pyopenssl(end)
-        size, total, ssl = len(self._scratch), 0, end.ssl
-        while total < size:
-            got = lib.SSL_read(ssl, self._cbuf + total, size - total)
-            if got > 0:
-                total += got
-                continue
-            err = lib.SSL_get_error(ssl, got)
-            if err == _WANT_READ:
-                break
-            if err == _WANT_WRITE:
-                end.read_wants_write = True
-                break
-            if err == _ZERO_RETURN or _unexpected_eof(err):
-                if err != _ZERO_RETURN:
-                    end.pair.result.truncated.append(end.name)
-                lib.ERR_clear_error()
-                if total:
-                    end.eof_seen = True
-                    break
-                return _EOF
-            text = _ssl_error_text(err)
-            lib.ERR_clear_error()
-            raise _Broken(end.name, f"TLS error while receiving: {text}")
-        return total
-
-    def _read_pyopenssl(self, end: _End) -> int:
-        # The same through pyOpenSSL's recv_into, kept to measure against.
-        assert end.conn is not None
-        try:
-            return end.conn.recv_into(self._scratch) or _EOF
-        except SSL.WantReadError:
-            return 0
-        except SSL.WantWriteError:
-            end.read_wants_write = True
-            return 0
-        except SSL.ZeroReturnError:
-            return _EOF
-        except SSL.SysCallError as exc:
-            if exc.args and exc.args[0] != -1:
-                raise _Broken(end.name, f"TLS error while receiving: {exc}") from exc
-            end.pair.result.truncated.append(end.name)
-            return _EOF
-        except SSL.Error as exc:
-            if "unexpected eof" in str(exc).lower():
-                end.pair.result.truncated.append(end.name)
-                return _EOF
-            raise _Broken(end.name, f"TLS error while receiving: {exc}") from exc
-
-    def _write(self, end: _End, data: memoryview, ptr: Any, n: int) -> int:
-        """Bytes of ``data`` sent now (0 when the socket would block)."""
-        if end.ssl is None:
-            try:
-                return os.write(end.fd, data)
-            except (BlockingIOError, InterruptedError):
-                return 0
-            except OSError as exc:
-                raise _Broken(end.name, exc.strerror or "write failed") from exc
-        # Partial writes are on (pyOpenSSL's default): one call writes one
-        # record, so keep calling until all is sent or the socket is full.
-        total = 0
-        if not self._use_cffi:
-            assert end.conn is not None
-            try:
-                while total < n:
-                    total += end.conn.send(data[total:])
-            except SSL.WantWriteError:
-                pass
-            except SSL.WantReadError:
-                end.write_wants_read = True
-            except SSL.Error as exc:
-                raise _Broken(end.name, f"TLS error while sending: {exc}") from exc
-            return total
-        ssl = end.ssl
-        while total < n:
-            sent = lib.SSL_write(ssl, ptr + total, n - total)
-            if sent > 0:
-                total += sent
-                continue
-            err = lib.SSL_get_error(ssl, sent)
-            if err == _WANT_WRITE:
-                break
-            if err == _WANT_READ:
-                end.write_wants_read = True
-                break
-            text = _ssl_error_text(err)
-            lib.ERR_clear_error()
-            raise _Broken(end.name, f"TLS error while sending: {text}")
-        return total
-
-
-def _unexpected_eof(err: int) -> bool:
-    """A TCP EOF without close_notify: OpenSSL 3 reports it as an SSL error
-    with reason "unexpected eof while reading", older ones as SYSCALL/0."""
-    if err == lib.SSL_ERROR_SYSCALL:
-        return lib.ERR_peek_error() == 0 and ffi.errno in (0, errno.EAGAIN)
-    if err == lib.SSL_ERROR_SSL:
-        reason = lib.ERR_reason_error_string(lib.ERR_peek_error())
-        return reason != ffi.NULL and b"unexpected eof" in ffi.string(reason)
-    return False
+def _since(flow: _Flow) -> float:
+    return math.inf if flow.blocked_since is None else flow.blocked_since
 
 
 def _write_deadline(pair: _Pair, write_timeout: float | None) -> float:
@@ -492,17 +323,6 @@ def _write_deadline(pair: _Pair, write_timeout: float | None) -> float:
         return math.inf
     blocked = [f.blocked_since for f in (pair.up, pair.down) if f.blocked_since is not None]
     return min(blocked) + write_timeout if blocked else math.inf
-
-
-def _ssl_error_text(err: int) -> str:
-    code = lib.ERR_peek_error()
-    if code:
-        reason = lib.ERR_reason_error_string(code)
-        if reason != ffi.NULL:
-            return bytes(ffi.string(reason)).decode("ascii", "replace")
-    if err == lib.SSL_ERROR_SYSCALL:
-        return os.strerror(ffi.errno) if ffi.errno else "connection reset"
-    return f"SSL error {err}"
 
 
 @contextlib.asynccontextmanager

@@ -184,7 +184,7 @@ async def test_a_write_timeout_ends_a_stalled_pair() -> None:
         with trio.fail_after(20):
             await done.wait()
         nursery.cancel_scope.cancel()
-    assert result.reason == "write_timeout"
+    assert (result.reason, result.stalled) == ("write_timeout", "target")
     assert reactor.stats()["pairs"] == 0
 
 
