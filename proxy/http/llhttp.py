@@ -30,11 +30,11 @@ the callbacks are reused for the life of the connection.
 
 from __future__ import annotations
 
-import re
 from typing import Final
 
 import httptools
 
+from proxy.http.llhttp_head import HeadRefused, request_head, response_head
 from proxy.http.wire import (
     NEED_DATA,
     Body,
@@ -49,15 +49,7 @@ from proxy.http.wire import (
     Role,
 )
 
-_REQUEST_LINE: Final = re.compile(
-    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])"
-)
-_STATUS_LINE: Final = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
 _OWS: Final = b" \t"
-_NO_BODY_STATUS: Final = frozenset({204, 304})
-_FRAMING_FIELDS: Final = frozenset(
-    {b"content-length", b"transfer-encoding", b"connection", b"host", b"upgrade", b"expect"}
-)
 
 # Message states.
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE, _UPGRADED, _CLOSED = range(7)
@@ -304,104 +296,16 @@ class LlhttpParser:
             raise self._refuse(
                 431, "header_too_large", f"more than {self._limits.max_headers} header fields"
             )
-        head = self._request_head(line) if self.role == "request" else self._response_head(line)
+        try:
+            if self.role == "request":
+                head, self.expects_continue = request_head(line, self._headers)
+            else:
+                head = response_head(line, self._headers, self._head_request)
+        except HeadRefused as exc:
+            raise self._refuse(exc.status, exc.reason, exc.message) from None
         self._head = head
         self._events.append(head)
         return self._after_head(head)
-
-    def _request_head(self, line: bytes) -> Head:
-        match = _REQUEST_LINE.fullmatch(line)
-        if match is None:
-            raise self._refuse(400, "bad_request", "malformed request line")
-        method, target, version = match.groups()
-        if version[0] != 49:  # b"1"
-            raise self._refuse(505, "http_version_not_supported", "only HTTP/1.x is spoken here")
-        head = Head(version=version, headers=self._headers, framing=Framing.NONE)
-        head.method = method
-        head.target = target
-        self._frame(head)
-        if method == b"CONNECT":
-            if head.framing is not Framing.NONE:
-                raise self._refuse(400, "bad_request", "CONNECT with a body")
-            head.upgrade = True
-        return head
-
-    def _response_head(self, line: bytes) -> Head:
-        match = _STATUS_LINE.fullmatch(line)
-        if match is None:
-            raise self._refuse(400, "bad_request", "malformed status line")
-        version, code, reason = match.groups()
-        if version[0] != 49:
-            raise self._refuse(505, "http_version_not_supported", "only HTTP/1.x is spoken here")
-        head = Head(version=version, headers=self._headers, framing=Framing.NONE)
-        head.status = int(code)
-        head.reason = reason or b""
-        if head.status < 100:
-            raise self._refuse(400, "bad_request", "status code below 100")
-        self._frame(head)
-        return head
-
-    def _frame(self, head: Head) -> None:
-        """Framing, keep-alive, upgrade and names, as h11 reads them, plus
-        today's smuggling rules (RFC 9112 sections 6.1, 6.3, 9.3)."""
-        length: bytes | None = None
-        chunked = False
-        hosts = 0
-        close = upgrade_token = upgrade_field = expect = False
-        names = [name.lower() for name, _ in head.headers]
-        # One set lookup per field; only the few framing fields go further.
-        for i in [i for i, n in enumerate(names) if n in _FRAMING_FIELDS]:
-            lname, value = names[i], head.headers[i][1]
-            if lname == b"content-length":
-                if length is not None:
-                    raise self._refuse(400, "bad_request", "duplicated Content-Length")
-                length = value
-            elif lname == b"transfer-encoding":
-                if chunked or value.lower() != b"chunked":
-                    raise self._refuse(
-                        501,
-                        "unsupported_transfer_encoding",
-                        "only Transfer-Encoding: chunked is supported",
-                    )
-                chunked = True
-            elif lname == b"connection":
-                for token in value.lower().split(b","):
-                    token = token.strip(_OWS)
-                    if token == b"close":
-                        close = True
-                    elif token == b"upgrade":
-                        upgrade_token = True
-            elif lname == b"host":
-                hosts += 1
-            elif lname == b"upgrade":
-                upgrade_field = True
-            elif value.lower() == b"100-continue":  # Expect
-                expect = True
-        head.names = frozenset(names)
-        if length is not None and chunked:
-            raise self._refuse(400, "bad_request", "both Content-Length and Transfer-Encoding")
-        if length is not None and not length.isdigit():
-            raise self._refuse(400, "bad_request", "bad Content-Length")
-        http11 = head.version == b"1.1"
-        head.keep_alive = http11 and not close
-        request = self.role == "request"
-        # A response switches protocols only with 101 (see _after_head).
-        head.upgrade = request and upgrade_token and upgrade_field
-        if request:
-            if hosts > 1 or (http11 and hosts == 0):
-                raise self._refuse(400, "bad_request", "a request needs exactly one Host field")
-            self.expects_continue = expect and http11
-        status = head.status
-        if not request and (status < 200 or status in _NO_BODY_STATUS or self._head_request):
-            head.framing = Framing.NONE
-        elif chunked:
-            head.framing = Framing.CHUNKED
-        elif length is not None:
-            head.content_length = int(length)
-            head.framing = Framing.LENGTH if head.content_length else Framing.NONE
-        elif not request:
-            head.framing = Framing.UNTIL_CLOSE
-            head.keep_alive = False
 
     def _after_head(self, head: Head) -> bool:
         """Set up the body state; True to keep going in ``_advance``."""
