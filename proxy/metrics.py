@@ -11,20 +11,27 @@ global one, so tests and embedders get independent instances). Label values
 are bounded: listener names come from the config, directions and decisions
 are fixed, reasons are stable snake_case codes.
 
-The SVID expiry gauge is computed at scrape time from the ``not_after`` set
-by :meth:`Metrics.set_svid_not_after`, so it counts down between rotations
-and jumps when a rotation swaps the SVID.
+Identity metrics follow the current snapshot and the identity source:
+:meth:`Metrics.watch_identity` subscribes to the state, so
+``agent_proxy_svid_expiry_timestamp_seconds`` (our SVID's notAfter as Unix
+time, Prometheus' convention for deadlines: alert on ``... - time() < 600``)
+moves when a rotation swaps the SVID, and reads the source's counters at
+scrape time for ``agent_proxy_identity_reloads_total``, so the metric and
+the source's own stats are one number, never two that drift.
 """
 
 from __future__ import annotations
 
 import bisect
 import datetime as _dt
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
+
+from proxy.identity import IdentitySnapshot, IdentityState
 
 __all__ = ["DURATION_BUCKETS", "Metrics"]
 
@@ -105,36 +112,54 @@ class _Histogram:
         return out
 
 
-class _SvidExpiry:
-    """``agent_proxy_svid_expiry_seconds``, computed when scraped."""
+class ReloadCounts(Protocol):
+    """What an identity source counts (proxy.sources.SourceStats)."""
 
-    def __init__(self, clock: Callable[[], _dt.datetime]) -> None:
+    @property
+    def reloads_ok(self) -> int: ...
+
+    @property
+    def reloads_failed(self) -> int: ...
+
+
+class _Identity:
+    """The SVID expiry timestamp and the identity reload counter."""
+
+    def __init__(self) -> None:
         self.not_after: _dt.datetime | None = None
-        self._clock = clock
+        self.reloads: ReloadCounts | None = None
 
-    def family(self) -> Metric:
-        family = GaugeMetricFamily(
-            "agent_proxy_svid_expiry_seconds",
-            "Seconds until our current X509-SVID expires (negative once expired).",
+    def families(self) -> Iterable[Metric]:
+        expiry = GaugeMetricFamily(
+            "agent_proxy_svid_expiry_timestamp_seconds",
+            "When our current X509-SVID expires (its notAfter), in Unix time.",
         )
         if self.not_after is not None:
-            family.add_metric([], (self.not_after - self._clock()).total_seconds())
-        return family
+            expiry.add_metric([], self.not_after.timestamp())
+        yield expiry
+        reloads = CounterMetricFamily(
+            "agent_proxy_identity_reloads",
+            "SVID/bundle updates swapped in (ok), or refused or failed to fetch (error); "
+            "the old identity kept serving on error.",
+            labels=["result"],
+        )
+        if self.reloads is not None:
+            reloads.add_metric(["ok"], self.reloads.reloads_ok)
+            reloads.add_metric(["error"], self.reloads.reloads_failed)
+        yield reloads
 
 
 class _Families:
     """The collector registered on the private registry."""
 
-    def __init__(self, families: Sequence[_Counter | _Histogram | _SvidExpiry]) -> None:
+    def __init__(self, families: Sequence[_Counter | _Histogram], identity: _Identity) -> None:
         self._families = families
+        self._identity = identity
 
     def collect(self) -> Iterable[Metric]:
         for family in self._families:
             yield family.family()
-
-
-def _utcnow() -> _dt.datetime:
-    return _dt.datetime.now(_dt.UTC)
+        yield from self._identity.families()
 
 
 class Metrics:
@@ -142,7 +167,7 @@ class Metrics:
 
     CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
-    def __init__(self, *, clock: Callable[[], _dt.datetime] = _utcnow) -> None:
+    def __init__(self) -> None:
         traffic: Sequence[str] = ("listener", "direction", "decision", "reason")
         self._connections = _Counter(
             "agent_proxy_connections_total",
@@ -173,11 +198,6 @@ class Metrics:
             ("listener",),
             DURATION_BUCKETS,
         )
-        self._identity_reloads = _Counter(
-            "agent_proxy_identity_reloads_total",
-            "SVID/bundle updates applied (ok) or refused (error).",
-            ("result",),
-        )
         self._config_reloads = _Counter(
             "agent_proxy_config_reloads_total",
             "Configuration reloads applied (ok) or refused (error, restart_required).",
@@ -193,7 +213,12 @@ class Metrics:
             "Identities quarantined by the tripwire, by reason.",
             ("reason",),
         )
-        self._expiry = _SvidExpiry(clock)
+        self._identity = _Identity()
+        self._policy = _Gauge(
+            "agent_proxy_policy_info",
+            "The policy version in force (the value audit records carry), as a label.",
+            ("version",),
+        )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(
             _Families(
@@ -204,12 +229,12 @@ class Metrics:
                     self._handshake_failures,
                     self._bytes,
                     self._duration,
-                    self._identity_reloads,
                     self._config_reloads,
                     self._dry_run,
                     self._quarantines,
-                    self._expiry,
-                )
+                    self._policy,
+                ),
+                self._identity,
             )
         )
 
@@ -254,12 +279,18 @@ class Metrics:
 
     # -- identity and config ------------------------------------------------
 
-    def set_svid_not_after(self, not_after: _dt.datetime | None) -> None:
-        """Our current SVID's expiry (call on every rotation; None: no SVID)."""
-        self._expiry.not_after = not_after
+    def watch_identity(self, state: IdentityState, reloads: ReloadCounts) -> None:
+        """Follow ``state`` (the SVID's expiry) and a source's reload counts."""
+        self._identity.reloads = reloads
+        state.subscribe(self._identity_swapped)
 
-    def identity_reload(self, result: str) -> None:
-        self._identity_reloads.inc((result,))
+    def _identity_swapped(self, snapshot: IdentitySnapshot) -> None:
+        self._identity.not_after = snapshot.svid.not_after
+
+    def set_policy_version(self, version: str) -> None:
+        """An info metric: one series, value 1, for the version in force."""
+        self._policy.values.clear()
+        self._policy.inc((version,))
 
     def config_reload(self, result: str) -> None:
         self._config_reloads.inc((result,))

@@ -1,4 +1,9 @@
-"""``HOST:PORT`` parsing and the loopback rule (invariant 4)."""
+"""``HOST:PORT`` parsing and the loopback rule (invariant 4).
+
+A listen address may leave the host out (``:8443``, as ghostunnel and Go
+accept): every address, IPv4 and IPv6. Its host is then ``""``, which is
+never loopback, so plaintext listeners refuse it unless told otherwise.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ class HostPort:
     port: int
 
     @classmethod
-    def parse(cls, text: str, *, allow_zero_port: bool = False) -> HostPort:
+    def parse(
+        cls, text: str, *, allow_zero_port: bool = False, allow_any_host: bool = False
+    ) -> HostPort:
         raw = text.strip()
         if raw.startswith("["):
             end = raw.find("]")
@@ -25,7 +32,11 @@ class HostPort:
             host, port_text = raw[1:end], raw[end + 2 :]
         else:
             host, sep, port_text = raw.rpartition(":")
-            if not sep or not host:
+            if sep and not host and allow_any_host and port_text.isdigit():
+                pass  # ":8443": every address
+            elif sep and not host:
+                raise AddressError(f"invalid address {text!r}: a host is required here (HOST:PORT)")
+            elif not sep:
                 raise AddressError(f"invalid address {text!r}: expected HOST:PORT")
             if ":" in host:
                 raise AddressError(f"invalid address {text!r}: put an IPv6 host in brackets")

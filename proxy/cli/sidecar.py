@@ -1,42 +1,26 @@
 """``agent-proxy inbound`` and ``agent-proxy outbound``: the L4 sidecar pair.
 
-Everything the operator gives is validated before a socket is opened: files
-are read, our SVID is checked (leaf rules, key match, validity, and that it
-chains to our own bundle), patterns are parsed. Any problem is one line and
-exit status 2.
+A flag front-end and nothing more: the flags become the same document a
+config file holds (one ``protocol = "tcp"`` listener, a ``files`` identity),
+validated by the same parser and run by the same plan as ``agent-proxy
+run``. So the L4 commands rotate (the files source polls cert, key and
+bundles), reload identity on SIGHUP, warn when 20% of the SVID's lifetime
+is left, fail closed at expiry, and serve ``/healthz``, ``/readyz`` and
+``/metrics`` with ``--admin HOST:PORT`` (ghostunnel's ``--status``).
+Errors name the flag (``--listen``), not the key it became; any problem
+is one line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as _dt
-import resource
-from collections.abc import Sequence
-from functools import partial
-from pathlib import Path
 from typing import Any
 
-import structlog
-import trio
-
 from proxy import logs
-from proxy.audit import AuditSink, rfc3339
 from proxy.cli.envflags import EnvFlag, env_help, fill_from_env
-from proxy.errors import UsageError, find_exception
-from proxy.identity import (
-    SpiffeIdError,
-    TrustDomain,
-)
-from proxy.netaddr import AddressError, HostPort
-from proxy.policy import PatternError, parse_patterns
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
-from proxy.runtime.l4 import L4Config, L4Listener
-from proxy.runtime.serve import run_until_signalled
-from proxy.sources.base import IdentityLoadError
-from proxy.sources.files import load_snapshot_from_files
-
-log = structlog.get_logger("agent_proxy")
+from proxy.config import Config, parse_config
+from proxy.errors import UsageError
+from proxy.runtime.plan import build_plan, run_plan
 
 _COMMON = (
     EnvFlag("name", "--name"),
@@ -48,11 +32,14 @@ _COMMON = (
     EnvFlag("federate", "--federate", multi=True),
     EnvFlag("handshake_timeout", "--handshake-timeout"),
     EnvFlag("connect_timeout", "--connect-timeout"),
+    EnvFlag("write_timeout", "--write-timeout"),
+    EnvFlag("max_connection_lifetime", "--max-connection-lifetime"),
     EnvFlag("drain_timeout", "--drain-timeout"),
     EnvFlag("max_connections", "--max-connections"),
     EnvFlag("min_tls", "--min-tls"),
     EnvFlag("audit_log", "--audit-log"),
     EnvFlag("log_level", "--log-level"),
+    EnvFlag("admin", "--admin"),
 )
 _INBOUND = (
     *_COMMON,
@@ -150,22 +137,39 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     )
     add(
         "--handshake-timeout",
-        metavar="SECONDS",
+        metavar="DURATION",
         default=None,
-        help=env_help("TLS handshake deadline (default 10)", "--handshake-timeout"),
+        help=env_help("TLS handshake deadline (default 10s)", "--handshake-timeout"),
     )
     add(
         "--connect-timeout",
-        metavar="SECONDS",
+        metavar="DURATION",
         default=None,
-        help=env_help("deadline to connect to --target (default 10)", "--connect-timeout"),
+        help=env_help("deadline to connect to --target (default 10s)", "--connect-timeout"),
+    )
+    add(
+        "--write-timeout",
+        metavar="DURATION",
+        default=None,
+        help=env_help(
+            "cut a connection whose receiver reads nothing this long (default 60s)",
+            "--write-timeout",
+        ),
+    )
+    add(
+        "--max-connection-lifetime",
+        metavar="DURATION",
+        default=None,
+        help=env_help(
+            "close connections older than this (default: no limit)", "--max-connection-lifetime"
+        ),
     )
     add(
         "--drain-timeout",
-        metavar="SECONDS",
+        metavar="DURATION",
         default=None,
         help=env_help(
-            "on SIGTERM/SIGINT, how long open connections may finish (default 15)",
+            "on SIGTERM/SIGINT, how long open connections may finish (default 15s)",
             "--drain-timeout",
         ),
     )
@@ -190,6 +194,14 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
         ),
     )
     add(
+        "--admin",
+        metavar="HOST:PORT",
+        default=None,
+        help=env_help(
+            "serve /healthz, /readyz and /metrics here (loopback; default: off)", "--admin"
+        ),
+    )
+    add(
         "--log-level",
         metavar="LEVEL",
         default=None,
@@ -197,142 +209,108 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-# -- validation ------------------------------------------------------------
+# -- flags -> the config document ----------------------------------------------
 
 
-def _seconds(value: str | None, flag: str, default: float) -> float:
-    if value is None:
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise UsageError(f"{flag}: expected a number of seconds, got {value!r}") from None
-    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
-        raise UsageError(f"{flag}: must be a positive number of seconds, got {value!r}")
-    return seconds
-
-
-def _address(value: str, flag: str, *, zero_port: bool = False) -> HostPort:
-    try:
-        return HostPort.parse(value, allow_zero_port=zero_port)
-    except AddressError as exc:
-        raise UsageError(f"{flag}: {exc}") from None
-
-
-def load_identity(
-    cert: str,
-    key: str,
-    bundle: str,
-    federate: Sequence[str],
-    now: _dt.datetime | None = None,
-) -> IdentitySnapshot:
-    """Read and check our SVID and every bundle (the files source's loader);
-    UsageError on any problem."""
-    federation: dict[TrustDomain, Path] = {}
-    for item in federate:
-        td_text, sep, path = item.partition("=")
-        if not sep or not td_text or not path:
+def _federation(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        td, sep, path = item.partition("=")
+        if not sep or not td or not path:
             raise UsageError(f"--federate {item!r}: expected TRUST_DOMAIN=FILE")
-        try:
-            td = TrustDomain.parse(td_text)
-        except SpiffeIdError as exc:
-            raise UsageError(f"--federate {item!r}: {exc}") from None
-        if td in federation:
+        if td in out:
             raise UsageError(f"--federate {item!r}: {td} is given twice")
-        federation[td] = Path(path)
-    try:
-        return load_snapshot_from_files(
-            Path(cert), Path(key), Path(bundle), federation, now or _dt.datetime.now(_dt.UTC)
-        )
-    except IdentityLoadError as exc:
-        raise UsageError(str(exc)) from None
+        out[td] = path
+    return out
 
 
-def _config(args: argparse.Namespace, direction: str) -> tuple[L4Config, float]:
-    listen = _address(args.listen, "--listen", zero_port=True)
-    target = _address(args.target, "--target")
-    texts = args.allow if direction == "inbound" else args.expect
-    flag = "--allow" if direction == "inbound" else "--expect"
-    try:
-        patterns = parse_patterns(texts)
-    except PatternError as exc:
-        raise UsageError(f"{flag}: {exc}") from None
-    # Invariant 4: plaintext stays on loopback unless the operator says otherwise.
-    if direction == "inbound" and not target.is_loopback() and not args.allow_remote_target:
-        raise UsageError(
-            f"--target {target}: not a loopback address "
-            "(pass --allow-remote-target to relay plaintext off this host)"
-        )
-    if direction == "outbound" and not listen.is_loopback() and not args.allow_public_listen:
-        raise UsageError(
-            f"--listen {listen}: the plaintext listener must be loopback "
-            "(pass --allow-public-listen to override)"
-        )
-    min_tls = args.min_tls or "1.3"
-    if min_tls not in ("1.2", "1.3"):
-        raise UsageError(f"--min-tls: expected 1.2 or 1.3, got {min_tls!r}")
-    max_conn_text = args.max_connections or "4096"
-    if not max_conn_text.isdigit() or int(max_conn_text) < 1:
-        raise UsageError(f"--max-connections: expected a positive integer, got {max_conn_text!r}")
-    config = L4Config(
-        name=args.name or direction,
-        direction="inbound" if direction == "inbound" else "outbound",
-        listen=listen,
-        target=target,
-        patterns=patterns,
-        handshake_timeout=_seconds(args.handshake_timeout, "--handshake-timeout", 10.0),
-        connect_timeout=_seconds(args.connect_timeout, "--connect-timeout", 10.0),
-        max_connections=int(max_conn_text),
-        min_tls="1.2" if min_tls == "1.2" else "1.3",
-    )
-    return config, _seconds(args.drain_timeout, "--drain-timeout", 15.0)
+def _integer(value: str, flag: str) -> int:
+    if not value.strip().isdigit():
+        raise UsageError(f"{flag}: expected a positive integer, got {value!r}")
+    return int(value)
 
 
-def raise_fd_limit() -> None:
-    # Each relayed connection holds two descriptors; the default soft limit
-    # (often 1024) would cap us far below --max-connections.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+def flags_document(
+    args: argparse.Namespace, direction: str
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The config document the flags describe, and the flag for each key path."""
+    where = f"{direction}[0]"
+    listener: dict[str, Any] = {
+        "name": args.name or direction,
+        "listen": args.listen,
+        "protocol": "tcp",
+    }
+    names = {
+        f"{where}.name": "--name",
+        f"{where}.listen": "--listen",
+        "identity.cert": "--cert",
+        "identity.key": "--key",
+        "identity.bundle": "--bundle",
+        "identity.federation": "--federate",
+        "admin.listen": "--admin",
+        "audit.path": "--audit-log",
+        "drain_timeout": "--drain-timeout",
+        "log_level": "--log-level",
+    }
+    for dest, flag in (
+        ("handshake_timeout", "--handshake-timeout"),
+        ("connect_timeout", "--connect-timeout"),
+        ("write_timeout", "--write-timeout"),
+        ("max_connection_lifetime", "--max-connection-lifetime"),
+        ("min_tls", "--min-tls"),
+    ):
+        names[f"{where}.{dest}"] = flag
+        if getattr(args, dest) is not None:
+            listener[dest] = getattr(args, dest)
+    if args.max_connections is not None:
+        listener["max_connections"] = _integer(args.max_connections, "--max-connections")
+    if direction == "inbound":
+        listener["target"] = args.target
+        listener["allow_remote_target"] = bool(args.allow_remote_target)
+        listener["rules"] = [{"name": "allow", "peers": list(args.allow)}]
+        names[f"{where}.target"] = "--target"
+        names[f"{where}.rules[0].peers"] = "--allow"
+        names["allow_remote_target"] = "--allow-remote-target"
+    else:
+        listener["allow_public_listen"] = bool(args.allow_public_listen)
+        listener["routes"] = [{"name": "upstream", "target": args.target, "expect": args.expect}]
+        names[f"{where}.routes[0].target"] = "--target"
+        names[f"{where}.routes[0].expect"] = "--expect"
+        names["allow_public_listen"] = "--allow-public-listen"
+    identity: dict[str, Any] = {
+        "source": "files",
+        "cert": args.cert,
+        "key": args.key,
+        "bundle": args.bundle,
+    }
+    if args.federate:
+        identity["federation"] = _federation(args.federate)
+    doc: dict[str, Any] = {
+        "identity": identity,
+        "admin": {"listen": args.admin} if args.admin else {"enabled": False},
+        "audit": {"path": args.audit_log or "-"},
+        "log_level": args.log_level or "info",
+        direction: [listener],
+    }
+    if args.drain_timeout is not None:
+        doc["drain_timeout"] = args.drain_timeout
+    return doc, names
+
+
+def flags_config(args: argparse.Namespace, direction: str) -> Config:
+    """The one-listener Config the flags describe (relative paths: the
+    working directory); UsageError naming the flag on any problem."""
+    doc, names = flags_document(args, direction)
+    return parse_config(doc, "", key_names=names)
 
 
 def _run(args: argparse.Namespace, direction: str) -> int:
     fill_from_env(args, _INBOUND if direction == "inbound" else _OUTBOUND)
-    level = (args.log_level or "info").lower()
-    if level not in ("debug", "info", "warning", "error"):
-        raise UsageError(f"--log-level: expected debug, info, warning or error, got {level!r}")
-    logs.configure(level)
-    config, drain = _config(args, direction)
-    snapshot = load_identity(args.cert, args.key, args.bundle, args.federate or [])
-    audit = AuditSink.open(args.audit_log or "-")
-    raise_fd_limit()
-    listener = L4Listener(config, IdentityState(snapshot), audit)
-    log.info(
-        "identity loaded",
-        spiffe_id=snapshot.local_id,
-        serial=snapshot.svid.serial_hex,
-        not_after=rfc3339(snapshot.svid.not_after),
-        trust_domains=sorted(str(td) for td in snapshot.bundles.trust_domains),
-    )
-    try:
-        trio.run(
-            partial(
-                run_until_signalled,
-                [listener],
-                drain_timeout=drain,
-                background=[audit.flush_forever],
-            )
-        )
-    except BaseException as exc:
-        bind_error = find_exception(exc, OSError)
-        if bind_error is None:
-            raise
-        raise UsageError(f"--listen {config.listen}: {bind_error.strerror or bind_error}") from None
-    finally:
-        audit.close()
-    return 0
+    config = flags_config(args, direction)
+    logs.configure(config.log_level)
+    name = config.inbound[0].name if config.inbound else config.outbound[0].name
+    plan = build_plan(config, origins={name: "--listen", "admin": "--admin"})
+    return run_plan(plan)
 
 
 def _run_inbound(args: argparse.Namespace) -> int:

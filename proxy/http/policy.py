@@ -20,8 +20,6 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from proxy.policy import SpiffePattern
-
 _UNRESERVED = re.compile(r"%([0-9A-Fa-f]{2})")
 _TCHAR_METHOD = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # Characters whose encoded form we refuse: a decoded '/' or '\' or NUL could
@@ -108,18 +106,6 @@ def parse_method(text: str) -> str:
     if text == "*" or _TCHAR_METHOD.match(text):
         return text
     raise PathPatternError(f"invalid HTTP method {text!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class HttpRule:
-    """One allow rule. ``peers`` empty means any peer (outbound routes: the
-    agent is the only client). ``methods`` containing ``*`` means any."""
-
-    name: str
-    peers: tuple[SpiffePattern, ...]
-    methods: frozenset[str]
-    paths: tuple[PathPattern, ...]
-    allow_upgrade: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,6 @@ bundle show -format spiffe``).
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import os
@@ -48,6 +47,11 @@ def _authorities_from_jwks(data: bytes | str) -> list[x509.Certificate]:
         document = json.loads(data)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise BundleError(f"SPIFFE bundle is not valid JSON: {exc}") from exc
+    except RecursionError:
+        # json's decoder recurses once per nesting level: '[' * 5000 is enough.
+        raise BundleError("SPIFFE bundle is nested too deeply") from None
+    except TypeError:
+        raise BundleError("SPIFFE bundle must be bytes or text") from None
     if not isinstance(document, dict):
         raise BundleError("SPIFFE bundle must be a JSON object")
     keys = document.get("keys")
@@ -59,7 +63,11 @@ def _authorities_from_jwks(data: bytes | str) -> list[x509.Certificate]:
             raise BundleError(f"SPIFFE bundle keys[{index}] is not a JSON object")
         # jwt-svid entries and unknown uses or key types are ignored, as the
         # standard requires (Bundle 4.2.1, 4.2.2).
-        if jwk.get("use") != _X509_SVID_USE or jwk.get("kty") not in _KNOWN_KEY_TYPES:
+        # Hostile JSON puts any type anywhere: compare, never hash, an unknown value.
+        kty = jwk.get("kty")
+        if jwk.get("use") != _X509_SVID_USE or not isinstance(kty, str):
+            continue
+        if kty not in _KNOWN_KEY_TYPES:
             continue
         x5c = jwk.get("x5c")
         if not x5c:
@@ -70,7 +78,7 @@ def _authorities_from_jwks(data: bytes | str) -> list[x509.Certificate]:
         # x5c is standard base64, not base64url (RFC 7517 4.7).
         try:
             der = base64.b64decode(x5c[0], validate=True)
-        except binascii.Error as exc:
+        except ValueError as exc:  # binascii.Error, and non-ASCII text
             raise BundleError(f"SPIFFE bundle keys[{index}].x5c[0] is not base64: {exc}") from exc
         try:
             authorities.append(x509.load_der_x509_certificate(der))

@@ -34,6 +34,7 @@ import trio
 from proxy.http.conn import linger_close
 from proxy.metrics import Metrics
 from proxy.netaddr import HostPort, format_sockaddr
+from proxy.runtime.listener import ListenError, listen_error
 
 log = structlog.get_logger("agent_proxy")
 
@@ -78,6 +79,7 @@ class AdminServer:
         self.max_connections = max_connections
         self.active = 0
         self.bound: list[str] = []
+        self.origin: str | None = None  # how the operator named it ("--admin")
         self._routes: dict[str, dict[str, Handler]] = {}
         self._loopback_only: set[str] = set()
         self.add_route("GET", "/healthz", self._healthz)
@@ -114,7 +116,12 @@ class AdminServer:
     # -- serving ----------------------------------------------------------
 
     async def serve(self, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.listen.port, host=self.listen.host)
+        try:
+            listeners = await trio.open_tcp_listeners(
+                self.listen.port, host=self.listen.host or None
+            )
+        except OSError as exc:
+            raise ListenError(listen_error("admin", self.listen, exc, self.origin)) from None
         self.bound = [format_sockaddr(sock.socket.getsockname()) for sock in listeners]
         log.info("admin listening", address=self.bound[0], addresses=self.bound)
         task_status.started(self.bound[0])

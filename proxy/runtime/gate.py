@@ -71,6 +71,9 @@ class Gate:
         self.tripwire = Tripwire(config, clock)
         self.quarantine = self.tripwire.quarantine
         self.replay = ReplayCache(max_entries=config.replay_cache_size)
+        # The config's one policy version (set by the runtime plan); records
+        # carry it instead of the deciding rule set's own hash.
+        self.policy_version: str | None = None
 
     def check(
         self,
@@ -93,10 +96,12 @@ class Gate:
                 policy.version,
                 detail="this identity is quarantined",
             )
+            result.policy_version = self.policy_version or result.policy_version
             return result
         if decision is None:  # callers that already decided pass it in
             decision = policy.evaluate(facts)
         result = self._apply(decision, facts, bundles, approval_token, target, body_hash)
+        result.policy_version = self.policy_version or result.policy_version
         if peer is not None and self.config.enabled:
             seen = facts.mcp_tool or facts.resource_uri or facts.prompt_name or facts.path
             event = self.tripwire.observe(peer, result.allowed, seen)

@@ -38,10 +38,9 @@ from proxy.http.mcp_flow import McpGuard
 from proxy.http.policy import BadPath, RequestDecision, normalize_path
 from proxy.http.pool import UpstreamPool
 from proxy.http.session import HttpSession, RequestOutcome, Routed, UpstreamFailure
-from proxy.identity import SpiffeId, TrustBundleSet
+from proxy.identity import IdentitySnapshot, IdentityState, SideCache, SpiffeId, TrustBundleSet
 from proxy.policy import SpiffePattern, decide_peer
 from proxy.runtime.gate import Gate, svid_age_seconds
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState, SideCache
 from proxy.runtime.l4 import connect_tcp
 from proxy.runtime.listener import BaseListener, Conn, handshake_within, ms_since
 from proxy.tls import TlsSide, TLSStream, build_side
@@ -282,7 +281,7 @@ class HttpInboundListener(BaseListener):
                 min_version=config.min_tls,
             )
 
-        self._sides = SideCache(identity, build)
+        self._sides = SideCache(identity, build, name=f"listener {config.name}")
         self.pool = UpstreamPool(
             self._connect,
             max_idle_per_key=64,
@@ -445,7 +444,10 @@ class HttpOutboundListener(BaseListener):
         self.routes = {r.name: r for r in config.routes}
         self.gate = gate or Gate(GuardConfig())
         self.router = _OutboundRouter(config, self.gate, identity)
-        self._sides = {r.name: SideCache(identity, self._side_builder(r)) for r in config.routes}
+        self._sides = {
+            r.name: SideCache(identity, self._side_builder(r), name=f"route {r.name}")
+            for r in config.routes
+        }
         pool = config.pool
         self.pool = UpstreamPool(
             self._connect,

@@ -23,9 +23,10 @@ import structlog
 import trio
 
 from proxy.audit import AuditRecord, AuditSink, Direction, rfc3339
+from proxy.errors import UsageError
+from proxy.identity import IdentitySnapshot, IdentityState
 from proxy.metrics import Metrics
 from proxy.netaddr import HostPort, format_sockaddr
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
 from proxy.tls import TLSHandshakeError, TLSStream
 
 log = structlog.get_logger("agent_proxy")
@@ -33,6 +34,21 @@ log = structlog.get_logger("agent_proxy")
 # Accept errors that mean "out of resources right now", not "listener dead".
 _TRANSIENT_ACCEPT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _conn_counter = itertools.count(1)
+
+
+# How long a close may spend sending close_notify to a peer that reads nothing.
+_CLOSE_NOTIFY_TIMEOUT = 1.0
+
+
+class ListenError(UsageError):
+    """A listener cannot bind: names the listener and its address."""
+
+
+def listen_error(what: str, listen: HostPort, exc: OSError, origin: str | None = None) -> str:
+    """``cannot listen on inbound 'hr' 127.0.0.1:18443: Address already in use``."""
+    where = f" ({origin})" if origin else ""
+    address = str(listen) if listen.host else f"*:{listen.port}"
+    return f"cannot listen on {what} {address}{where}: {exc.strerror or exc}"
 
 
 def new_conn_id() -> str:
@@ -95,6 +111,8 @@ class BaseListener:
         self.active = 0
         self.bound: list[str] = []
         self.metrics: Metrics | None = None
+        # How the operator named this listener, for a bind error ("--listen").
+        self.origin: str | None = None
 
     # -- audit ------------------------------------------------------------
 
@@ -185,7 +203,14 @@ class BaseListener:
         handlers: trio.Nursery,
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listeners = await trio.open_tcp_listeners(self.listen.port, host=self.listen.host)
+        try:
+            # An empty host (":8443") is every address, IPv4 and IPv6.
+            listeners = await trio.open_tcp_listeners(
+                self.listen.port, host=self.listen.host or None
+            )
+        except OSError as exc:
+            what = f"{self.direction} {self.name!r}"
+            raise ListenError(listen_error(what, self.listen, exc, self.origin)) from None
         self.bound = [format_sockaddr(sock.socket.getsockname()) for sock in listeners]
         log.info(
             "listening",
@@ -260,9 +285,13 @@ class BaseListener:
             if self.metrics is not None:
                 self.metrics.active(self.name, -1)
             with trio.CancelScope(shield=True):
-                await stream.aclose()
+                # TLS first: close_notify must reach the peer before the
+                # socket under it closes. Bounded: a peer that reads nothing
+                # cannot hold the close.
                 if conn.tls is not None:
-                    await conn.tls.aclose()
+                    with trio.move_on_after(_CLOSE_NOTIFY_TIMEOUT):
+                        await conn.tls.aclose()
+                await stream.aclose()
 
     async def handle(self, stream: trio.SocketStream, conn: Conn) -> None:
         raise NotImplementedError

@@ -1,12 +1,16 @@
-"""Bidirectional byte relay with half-close.
+"""Bidirectional byte relay with half-close and a write deadline.
 
 Each direction runs in its own task: read, write, and on EOF pass the EOF on
 (``send_eof``) while the other direction keeps flowing. A broken stream on
-either side aborts both directions: a reset is not a half-close.
+either side aborts both directions: a reset is not a half-close. A write
+that does not complete within ``write_timeout`` (the receiver stopped
+reading and the buffers filled) aborts both too, with reason
+``write_timeout``: a stalled reader must not hold two connections forever.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import trio
@@ -17,11 +21,14 @@ RELAY_CHUNK = 65536
 @dataclass
 class RelayStats:
     """Bytes read from the accepted side (``up``) and from the far side
-    (``down``) and handed on to the other."""
+    (``down``) and handed on to the other; why the relay failed, if it did."""
 
     bytes_up: int = 0
     bytes_down: int = 0
     error: str | None = None
+    detail: str | None = None
+    stalled: str | None = None  # write_timeout: the side that stopped reading
+    cause: BaseException | None = None  # what broke, for the caller to classify
 
 
 async def _pump(
@@ -30,6 +37,7 @@ async def _pump(
     stats: RelayStats,
     upward: bool,
     abort: trio.CancelScope,
+    write_timeout: float,
 ) -> None:
     # Which side failed matters to an operator reading the audit trail.
     src_name, dst_name = ("client", "target") if upward else ("target", "client")
@@ -47,17 +55,31 @@ async def _pump(
             else:
                 stats.bytes_down += len(data)
             failed = dst_name
-            await dst.send_all(data)
+            with trio.move_on_after(write_timeout) as scope:
+                await dst.send_all(data)
+            if scope.cancelled_caught:
+                if stats.error is None:
+                    stats.error, stats.stalled = "write_timeout", dst_name
+                    stats.detail = f"the {dst_name} read nothing for {write_timeout:g}s"
+                abort.cancel()
+                return
         failed = dst_name
         if isinstance(dst, trio.abc.HalfCloseableStream):
             await dst.send_eof()
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         if stats.error is None:
             stats.error = f"{failed}_reset"
+            stats.cause = exc
         abort.cancel()
 
 
-async def relay(accepted: trio.abc.Stream, far: trio.abc.Stream, stats: RelayStats) -> None:
+async def relay(
+    accepted: trio.abc.Stream,
+    far: trio.abc.Stream,
+    stats: RelayStats,
+    *,
+    write_timeout: float = math.inf,
+) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_pump, accepted, far, stats, True, nursery.cancel_scope)
-        nursery.start_soon(_pump, far, accepted, stats, False, nursery.cancel_scope)
+        nursery.start_soon(_pump, accepted, far, stats, True, nursery.cancel_scope, write_timeout)
+        nursery.start_soon(_pump, far, accepted, stats, False, nursery.cancel_scope, write_timeout)

@@ -18,9 +18,7 @@ from proxy.sources.base import (
     IdentitySource,
     Pulse,
     SourceStats,
-    build_snapshot,
     lifetime_remaining_fraction,
-    snapshot_fingerprint,
 )
 from proxy.sources.dev import DEV_WARNING, DevSource
 from proxy.sources.files import FilesSource, load_snapshot_from_files
@@ -43,10 +41,8 @@ __all__ = [
     "Pulse",
     "SourceStats",
     "WorkloadApiSource",
-    "build_snapshot",
     "lifetime_remaining_fraction",
     "load_snapshot_from_files",
     "parse_endpoint",
-    "snapshot_fingerprint",
     "snapshot_from_response",
 ]

@@ -1,17 +1,11 @@
-"""What every identity source shares: the interface, errors, stats, checks.
+"""What every identity source shares: the interface, stats, expiry checks.
 
 Theory of operation: a source produces :class:`IdentitySnapshot` values (our
 SVID plus every trust bundle) and hands each new one to
-``IdentityState.swap``, which replaces the whole snapshot at once. A source
-never swaps in anything that has not passed :func:`build_snapshot`, the one
-place that decides whether a set of parts is a usable identity:
-
-* the SVID passed ``load_x509_svid`` (leaf rules, chain order, key matches);
-* it is inside its validity period now;
-* we have a bundle for our own trust domain, and federated bundles are for
-  other trust domains (each at most once);
-* our SVID chains to our own bundle, so we never present something our
-  peers' copy of the same bundle would refuse.
+``IdentityState.swap``, which builds every TLS side for it and then replaces
+the whole snapshot at once. A source never swaps in anything that has not
+passed :func:`proxy.identity.build_snapshot`, the one place that decides
+whether a set of parts is a usable identity.
 
 On any failure the source keeps the current snapshot, logs one line (never
 key material: messages are built from our own text and from identity-module
@@ -24,26 +18,22 @@ happened in this source" without polling or sleeping.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 import trio
-from cryptography.hazmat.primitives import serialization
 
 from proxy.identity import (
-    BundleError,
-    ChainError,
-    SvidError,
-    TrustBundle,
-    TrustBundleSet,
+    IdentityLoadError,
+    IdentitySnapshot,
+    IdentityState,
     X509Svid,
-    check_validity,
-    verify_x509_svid,
+    describe_snapshot,
+    snapshot_fingerprint,
 )
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
+from proxy.identity.snapshot import utc_timestamp
 
 __all__ = [
     "EXPIRY_WARNING_FRACTION",
@@ -53,11 +43,10 @@ __all__ = [
     "IdentitySource",
     "Pulse",
     "SourceStats",
-    "build_snapshot",
-    "describe_snapshot",
     "lifetime_remaining_fraction",
+    "loading",
     "log",
-    "snapshot_fingerprint",
+    "swap_in",
     "utc_now",
     "watch_expiry",
 ]
@@ -88,14 +77,6 @@ Clock = Callable[[], _dt.datetime]
 
 def utc_now() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
-
-
-class IdentityLoadError(ValueError):
-    """An identity could not be loaded or was refused.
-
-    The message is one line naming the file or field and the problem; it
-    never contains key material.
-    """
 
 
 @dataclass
@@ -161,80 +142,47 @@ class Pulse:
         await self._event.wait()
 
 
-# -- building and comparing snapshots --------------------------------------------
+_T = TypeVar("_T")
 
 
-def build_snapshot(
-    svid: X509Svid,
-    own_bundle: TrustBundle,
-    federated: Iterable[TrustBundle],
-    now: _dt.datetime,
-    *,
-    origin: str,
-) -> IdentitySnapshot:
-    """Check a candidate identity as a whole; IdentityLoadError if it is unusable.
+def loading(origin: str, load: Callable[[], _T]) -> _T:
+    """Run ``load`` (which parses outside input) so that it raises only
+    IdentityLoadError.
 
-    ``origin`` names where the SVID came from (a file, the Workload API) and
-    starts every error message.
+    The identity parsers raise only their documented errors; this is the
+    backstop that keeps a bug in one of them from stopping rotation (or
+    start-up with a traceback). The unexpected exception's message is not
+    shown, only its type: we cannot vouch that it does not echo key bytes.
     """
     try:
-        check_validity(svid.leaf, now)
-    except SvidError as exc:
-        raise IdentityLoadError(f"{origin}: our SVID is not usable now: {exc}") from None
-    own_td = svid.spiffe_id.trust_domain
-    if own_bundle.trust_domain != own_td:
+        return load()
+    except IdentityLoadError:
+        raise
+    except Exception as exc:
         raise IdentityLoadError(
-            f"{origin}: the bundle is for {own_bundle.trust_domain} but our SVID "
-            f"{svid.spiffe_id} is in {own_td}"
-        )
-    bundles = [own_bundle]
-    for bundle in federated:
-        if bundle.trust_domain == own_td:
-            raise IdentityLoadError(
-                f"{origin}: a federated bundle is for our own trust domain {own_td}"
-            )
-        bundles.append(bundle)
-    try:
-        bundle_set = TrustBundleSet(bundles)
-    except BundleError as exc:
-        raise IdentityLoadError(f"{origin}: {exc}") from None
-    try:
-        verify_x509_svid(svid.leaf, svid.intermediates, bundle_set, now)
-    except ChainError as exc:
-        raise IdentityLoadError(
-            f"{origin}: our SVID does not verify against our own trust bundle: {exc}"
-        ) from None
-    return IdentitySnapshot(svid=svid, bundles=bundle_set)
+            f"{origin}: unexpected {type(exc).__name__} while loading the identity "
+            "(a bug: please report it)"
+        ) from exc
 
 
-def snapshot_fingerprint(snapshot: IdentitySnapshot) -> str:
-    """SHA-256 over our certificate chain and every bundle.
+def swap_in(state: IdentityState, snapshot: IdentitySnapshot, *, source: str) -> bool:
+    """Make ``snapshot`` current unless it equals the current one; True if swapped.
 
-    Equal fingerprints mean a reload changed nothing that a handshake would
-    use, so there is nothing to swap. The key is not hashed: load_x509_svid
-    guarantees it matches the leaf, so the leaf decides it.
+    Raises IdentityLoadError, and changes nothing, when a TLS side cannot be
+    built from it (see IdentityState.swap).
     """
-    digest = hashlib.sha256()
-    for cert in snapshot.svid.chain:
-        der = cert.public_bytes(serialization.Encoding.DER)
-        digest.update(len(der).to_bytes(4, "big") + der)
-    digest.update(snapshot.bundles.fingerprint().encode("ascii"))
-    return digest.hexdigest()
-
-
-def describe_snapshot(snapshot: IdentitySnapshot) -> dict[str, object]:
-    """Log fields for an identity (public parts only)."""
-    svid = snapshot.svid
-    return {
-        "spiffe_id": str(svid.spiffe_id),
-        "serial": svid.serial_hex,
-        "not_after": _timestamp(svid.not_after),
-        "trust_domains": sorted(str(td) for td in snapshot.bundles.trust_domains),
-    }
-
-
-def _timestamp(moment: _dt.datetime) -> str:
-    return moment.astimezone(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    previous = state.current
+    if snapshot_fingerprint(snapshot) == snapshot_fingerprint(previous):
+        return False
+    state.swap(snapshot)
+    log.info(
+        "identity rotated",
+        source=source,
+        previous_serial=previous.svid.serial_hex,
+        generation=state.generation,
+        **describe_snapshot(snapshot),
+    )
+    return True
 
 
 # -- expiry ----------------------------------------------------------------------
@@ -270,7 +218,7 @@ class ExpiryWarner:
                     source=self._source,
                     spiffe_id=str(svid.spiffe_id),
                     serial=serial,
-                    not_after=_timestamp(svid.not_after),
+                    not_after=utc_timestamp(svid.not_after),
                 )
         elif fraction < EXPIRY_WARNING_FRACTION and self._warned != serial:
             self._warned = serial
@@ -279,7 +227,7 @@ class ExpiryWarner:
                 source=self._source,
                 spiffe_id=str(svid.spiffe_id),
                 serial=serial,
-                not_after=_timestamp(svid.not_after),
+                not_after=utc_timestamp(svid.not_after),
                 remaining_fraction=round(fraction, 3),
             )
         return fraction

@@ -28,17 +28,25 @@ import trio
 
 from proxy.devca import DEFAULT_SVID_TTL, DevCA, DevCAError
 from proxy.fileutil import ensure_private_dir
-from proxy.identity import SpiffeId, SvidError, TrustBundle, load_x509_svid
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
+from proxy.identity import (
+    IdentityLoadError,
+    IdentitySnapshot,
+    IdentityState,
+    SpiffeId,
+    SvidError,
+    TrustBundle,
+    build_snapshot,
+    describe_snapshot,
+    load_x509_svid,
+)
 from proxy.sources.base import (
     Clock,
     ExpiryWarner,
-    IdentityLoadError,
     Pulse,
     SourceStats,
-    build_snapshot,
-    describe_snapshot,
+    loading,
     log,
+    swap_in,
     utc_now,
 )
 
@@ -110,27 +118,20 @@ class DevSource:
     async def _renew(self, state: IdentityState) -> None:
         try:
             snapshot = self._issue()
-        except IdentityLoadError as exc:
-            self.stats.record_failure(str(exc))
+            swap_in(state, snapshot, source=self.name)
+        except Exception as exc:
+            error = str(exc) if isinstance(exc, IdentityLoadError) else type(exc).__name__
+            self.stats.record_failure(error)
             log.error(
                 "dev identity renewal failed; keeping the current identity",
                 source=self.name,
-                error=str(exc),
+                error=error,
             )
             self.pulse.fire()
             remaining = (state.current.svid.not_after - self._clock()).total_seconds()
             await trio.sleep(max(1.0, min(_RETRY_AFTER, remaining / 2)))
             return
-        previous = state.current.svid.serial_hex
-        state.swap(snapshot)
         self.stats.record_success(self._clock(), swapped=True)
-        log.info(
-            "identity rotated",
-            source=self.name,
-            previous_serial=previous,
-            generation=state.generation,
-            **describe_snapshot(snapshot),
-        )
         self._announce(snapshot)
         self.pulse.fire()
 
@@ -182,6 +183,9 @@ class DevSource:
         return ca
 
     def _issue(self) -> IdentitySnapshot:
+        return loading(f"dev identity {self.spiffe_id}", self._issue_unguarded)
+
+    def _issue_unguarded(self) -> IdentitySnapshot:
         ca = self._load_ca()
         now = self._clock()
         origin = f"dev identity {self.spiffe_id}"

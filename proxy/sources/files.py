@@ -47,22 +47,24 @@ import trio
 
 from proxy.identity import (
     BundleError,
+    IdentityLoadError,
+    IdentitySnapshot,
+    IdentityState,
     SvidError,
     TrustBundle,
     TrustDomain,
+    build_snapshot,
+    describe_snapshot,
     load_x509_svid,
 )
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
 from proxy.sources.base import (
     Clock,
     ExpiryWarner,
-    IdentityLoadError,
     Pulse,
     SourceStats,
-    build_snapshot,
-    describe_snapshot,
+    loading,
     log,
-    snapshot_fingerprint,
+    swap_in,
     utc_now,
 )
 
@@ -126,6 +128,10 @@ def _read_all(files: _FileSet) -> _FileData:
 
 
 def _snapshot(files: _FileSet, data: _FileData, now: datetime) -> IdentitySnapshot:
+    return loading(f"certificate {files.cert}", lambda: _parse(files, data, now))
+
+
+def _parse(files: _FileSet, data: _FileData, now: datetime) -> IdentitySnapshot:
     try:
         svid = load_x509_svid(data.cert, data.key)
     except SvidError as exc:
@@ -238,7 +244,12 @@ class FilesSource:
             self._reload_requested = False
             if self._wake.is_set():
                 self._wake = trio.Event()
-            self._poll(state, forced=forced)
+            try:
+                self._poll(state, forced=forced)
+            except Exception as exc:
+                # A bug outside the loaders (signature, bookkeeping) must not
+                # stop rotation either; the current identity stays.
+                self._count_failure(f"files source: unexpected {type(exc).__name__}")
             self.polls += 1
             self._expiry.check(state.current.svid, self._clock())
             self.pulse.fire()
@@ -267,28 +278,17 @@ class FilesSource:
                 # A writer is at work right now; look again next tick.
                 self._seen = None
                 return
-            snapshot = _snapshot(self._files, data, now)
+            swapped = swap_in(state, _snapshot(self._files, data, now), source=self.name)
         except IdentityLoadError as exc:
             self._refused(signature, str(exc), first_sight=first_sight, forced=forced)
             return
         self._settled = signature
         self._failed = None
-        if snapshot_fingerprint(snapshot) == snapshot_fingerprint(state.current):
-            self.stats.record_success(now, swapped=False)
+        self.stats.record_success(now, swapped=swapped)
+        if not swapped:
             (log.info if forced else log.debug)(
                 "identity files reloaded; identity unchanged", source=self.name
             )
-            return
-        previous = state.current.svid.serial_hex
-        state.swap(snapshot)
-        self.stats.record_success(now, swapped=True)
-        log.info(
-            "identity rotated",
-            source=self.name,
-            previous_serial=previous,
-            generation=state.generation,
-            **describe_snapshot(snapshot),
-        )
 
     def _refused(
         self, signature: _Signature, error: str, *, first_sight: bool, forced: bool
@@ -305,8 +305,11 @@ class FilesSource:
         if self._failed == (signature, error):
             return  # the quiet periodic retry of a set already reported
         self._failed = (signature, error)
+        self._count_failure(error)
+
+    def _count_failure(self, error: str) -> None:
         self.stats.record_failure(error)
-        log.warning(
+        log.error(
             "identity reload failed; keeping the current identity",
             source=self.name,
             error=error,

@@ -59,24 +59,26 @@ import trio
 
 from proxy.identity import (
     BundleError,
+    IdentityLoadError,
+    IdentitySnapshot,
+    IdentityState,
     SpiffeId,
     SpiffeIdError,
     SvidError,
     TrustBundle,
     TrustDomain,
+    build_snapshot,
+    describe_snapshot,
     load_x509_svid,
 )
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
 from proxy.sources.base import (
     Clock,
     ExpiryWarner,
-    IdentityLoadError,
     Pulse,
     SourceStats,
-    build_snapshot,
-    describe_snapshot,
+    loading,
     log,
-    snapshot_fingerprint,
+    swap_in,
     utc_now,
     watch_expiry,
 )
@@ -187,6 +189,10 @@ def snapshot_from_response(
     response: workload_pb2.X509SVIDResponse, now: datetime
 ) -> IdentitySnapshot:
     """Validate one FetchX509SVID message into a snapshot, or IdentityLoadError."""
+    return loading("Workload API message", lambda: _snapshot(response, now))
+
+
+def _snapshot(response: workload_pb2.X509SVIDResponse, now: datetime) -> IdentitySnapshot:
     if not response.svids:
         raise IdentityLoadError("Workload API message has no X509-SVID")
     entry = response.svids[0]
@@ -383,22 +389,26 @@ class WorkloadApiSource:
     # -- internals ---------------------------------------------------------------
 
     def _apply(self, state: IdentityState, snapshot: IdentitySnapshot) -> bool:
-        now = self._clock()
-        if snapshot_fingerprint(snapshot) == snapshot_fingerprint(state.current):
-            self.stats.record_success(now, swapped=False)
-            log.debug("Workload API message; identity unchanged", source=self.name)
+        try:
+            swapped = swap_in(state, snapshot, source=self.name)
+        except IdentityLoadError as exc:
+            self._discarded(str(exc))
             return True
-        previous = state.current.svid.serial_hex
-        state.swap(snapshot)
-        self.stats.record_success(now, swapped=True)
-        log.info(
-            "identity rotated",
-            source=self.name,
-            previous_serial=previous,
-            generation=state.generation,
-            **describe_snapshot(snapshot),
-        )
+        except Exception as exc:  # a subscriber's bug must not end the stream
+            self._discarded(f"Workload API: unexpected {type(exc).__name__} while swapping")
+            return True
+        self.stats.record_success(self._clock(), swapped=swapped)
+        if not swapped:
+            log.debug("Workload API message; identity unchanged", source=self.name)
         return True
+
+    def _discarded(self, error: str) -> None:
+        self.stats.record_failure(error)
+        log.error(
+            "Workload API message discarded; keeping the current identity",
+            source=self.name,
+            error=error,
+        )
 
     async def _wait_for_reload(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True if request_reload woke us."""
@@ -423,12 +433,7 @@ class WorkloadApiSource:
                 try:
                     snapshot = snapshot_from_response(response, self._clock())
                 except IdentityLoadError as exc:
-                    self.stats.record_failure(str(exc))
-                    log.warning(
-                        "Workload API message discarded; keeping the current identity",
-                        source=self.name,
-                        error=str(exc),
-                    )
+                    self._discarded(str(exc))
                     self.pulse.fire()
                     return True
                 valid += 1

@@ -237,7 +237,8 @@ def test_admin_endpoint(pair: dict[str, Any]) -> None:
         text = r.read().decode()
     assert "agent_proxy_requests_total{" in text
     assert 'listener="egress"' in text
-    assert "agent_proxy_svid_expiry_seconds " in text
+    assert "agent_proxy_svid_expiry_timestamp_seconds " in text
+    assert 'agent_proxy_identity_reloads_total{result="error"} 0.0' in text
 
 
 # -- nginx as the local service behind an inbound listener -------------------

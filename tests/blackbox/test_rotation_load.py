@@ -41,6 +41,56 @@ def _config(directory: Path, body: str) -> str:
     )
 
 
+class ClientLoop:
+    """Round trips through ``port`` in a thread until stopped; every result kept."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.stop = threading.Event()
+        self.results: list[bool] = []
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            payload = f"request {n}".encode()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+                    s.sendall(payload)
+                    s.shutdown(socket.SHUT_WR)
+                    got = b""
+                    while chunk := s.recv(4096):
+                        got += chunk
+                self.results.append(got == payload)
+                if got != payload:
+                    self.errors.append(f"request {n}: got {got!r}")
+            except OSError as exc:
+                self.results.append(False)
+                self.errors.append(f"request {n}: {exc}")
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+def reissue_every_second(ca: TestCA, pairs: dict[str, tuple[str, Path]]) -> dict[str, Issued]:
+    """Ten rotations, one a second, of every (SPIFFE ID, directory); the last issued."""
+    final: dict[str, Issued] = {}
+    tick = threading.Event()
+    for _ in range(10):
+        tick.wait(1.0)  # the rotation cadence under test, not a wait for a condition
+        for name, (spiffe_id, directory) in pairs.items():
+            final[name] = _reissue(ca, spiffe_id, directory)
+    return final
+
+
+def serial(issued: Issued) -> str:
+    return format(issued.cert.serial_number, "x")
+
+
 def test_rotation_under_load(tmp_path: Path, ca_a: TestCA, echo: tuple[str, int]) -> None:
     hr_dir, payroll_dir = tmp_path / "hr", tmp_path / "payroll"
     ca_a.issue(HR).write(hr_dir, ca_a.bundle_pem())
@@ -78,50 +128,22 @@ expect = ["{HR}"]
     payroll = ProxyProcess(["run", "--config", str(tmp_path / "payroll.toml")])
     _, out_port = payroll.wait_listener("to-hr")
 
-    stop = threading.Event()
-    results: list[bool] = []
-    errors: list[str] = []
-
-    def client_loop() -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            payload = f"request {n}".encode()
-            try:
-                with socket.create_connection(("127.0.0.1", out_port), timeout=10) as s:
-                    s.sendall(payload)
-                    s.shutdown(socket.SHUT_WR)
-                    got = b""
-                    while chunk := s.recv(4096):
-                        got += chunk
-                results.append(got == payload)
-                if got != payload:
-                    errors.append(f"request {n}: got {got!r}")
-            except OSError as exc:
-                results.append(False)
-                errors.append(f"request {n}: {exc}")
-
-    loop = threading.Thread(target=client_loop)
-    loop.start()
-    final: dict[str, Issued] = {}
+    loop = ClientLoop(out_port)
     try:
-        tick = threading.Event()
-        for _ in range(10):
-            tick.wait(1.0)  # the rotation cadence under test, not a wait for a condition
-            final["hr"] = _reissue(ca_a, HR, hr_dir)
-            final["payroll"] = _reissue(ca_a, PAYROLL, payroll_dir)
+        final = reissue_every_second(ca_a, {"hr": (HR, hr_dir), "payroll": (PAYROLL, payroll_dir)})
         # Later connections present the new serials: wait for them to show up.
-        hr_serial = format(final["hr"].cert.serial_number, "x")
-        payroll_serial = format(final["payroll"].cert.serial_number, "x")
-        payroll.audit.wait_json(event="connection.open", peer_cert_serial=hr_serial, deadline=30)
-        hr.audit.wait_json(event="connection.open", peer_cert_serial=payroll_serial, deadline=30)
+        payroll.audit.wait_json(
+            event="connection.open", peer_cert_serial=serial(final["hr"]), deadline=30
+        )
+        hr.audit.wait_json(
+            event="connection.open", peer_cert_serial=serial(final["payroll"]), deadline=30
+        )
     finally:
-        stop.set()
-        loop.join(timeout=30)
+        loop.finish()
         payroll.stop()
         hr.stop()
-    assert len(results) > 20, "the client loop barely ran"
-    assert all(results), errors[:5]
+    assert len(loop.results) > 20, "the client loop barely ran"
+    assert all(loop.results), loop.errors[:5]
     rotations = [
         ln for ln in hr.logs.all_lines() + payroll.logs.all_lines() if "identity rotated" in ln
     ]

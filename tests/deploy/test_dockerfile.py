@@ -219,7 +219,7 @@ def test_image_command_gives_a_ready_sidecar(
             assert resp.status == 200
         # The HEALTHCHECK, as Docker would run it inside the container.
         _, health = final.healthcheck()
-        health = [part.replace(":15000/", f":{admin_port}/") for part in health]
+        health = [part.replace(":7070/", f":{admin_port}/") for part in health]
         done = subprocess.run(health, env=env, cwd=workdir, capture_output=True, timeout=10)
         assert done.returncode == 0, done.stderr
         proc.send_signal(signal.SIGTERM)

@@ -14,8 +14,8 @@ import h11
 import trio
 
 from proxy.config import parse_config
+from proxy.identity import IdentityState
 from proxy.runtime.http_listeners import HttpInboundListener, HttpOutboundListener
-from proxy.runtime.identity_state import IdentityState
 from tests.integration.tls_support import MemoryAudit, snapshot
 from tests.pki import Issued, TestCA
 

@@ -12,9 +12,9 @@ import pytest
 import trio
 
 from proxy.config import parse_config
+from proxy.identity import IdentityState
 from proxy.runtime.gate import Gate
 from proxy.runtime.http_listeners import HttpInboundListener
-from proxy.runtime.identity_state import IdentityState
 from tests.integration.http_support import (
     client_context,
     identity_section,

@@ -12,9 +12,9 @@ import pytest
 import trio
 import trio.testing
 
+from proxy.identity import IdentitySnapshot, IdentityState
 from proxy.netaddr import HostPort
 from proxy.policy import parse_patterns
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
 from proxy.runtime.l4 import L4Config, L4Listener
 from tests.integration.http_support import client_context, read_response, start_inbound, tls_connect
 from tests.integration.tls_support import MemoryAudit, snapshot, start_echo

@@ -14,10 +14,9 @@ import trio
 
 from proxy.config import parse_config
 from proxy.guard.approval import mint_approval
-from proxy.identity import SpiffeId, load_x509_svid
+from proxy.identity import IdentityState, SpiffeId, load_x509_svid
 from proxy.runtime.gate import Gate
 from proxy.runtime.http_listeners import HttpInboundListener
-from proxy.runtime.identity_state import IdentityState
 from tests.integration.http_support import (
     RecordingBackend,
     client_context,

@@ -9,10 +9,16 @@ import ssl
 import pytest
 import trio
 
-from proxy.identity import TrustBundle, TrustBundleSet, TrustDomain, load_x509_svid
+from proxy.identity import (
+    IdentitySnapshot,
+    IdentityState,
+    TrustBundle,
+    TrustBundleSet,
+    TrustDomain,
+    load_x509_svid,
+)
 from proxy.netaddr import HostPort
 from proxy.policy import parse_patterns
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
 from proxy.runtime.l4 import L4Config, L4Listener
 from tests.integration.http_support import client_context, tls_connect
 from tests.integration.tls_support import MemoryAudit, start_echo

@@ -17,8 +17,7 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from proxy.identity import SpiffeId, TrustDomain, verify_x509_svid
-from proxy.runtime.identity_state import IdentityState
+from proxy.identity import IdentityState, SpiffeId, TrustDomain, verify_x509_svid
 from proxy.sources import DEV_WARNING, DevSource, IdentityLoadError
 
 PAYROLL = SpiffeId.parse("spiffe://payroll.example/agent/payroll")

@@ -15,9 +15,8 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from proxy.identity import TrustDomain
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
-from proxy.sources import FilesSource, snapshot_fingerprint
+from proxy.identity import IdentitySnapshot, IdentityState, TrustDomain, snapshot_fingerprint
+from proxy.sources import FilesSource
 from tests.pki import Issued, TestCA
 
 POLL = 0.005

@@ -26,8 +26,7 @@ import trio.testing
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from proxy.identity import TrustDomain
-from proxy.runtime.identity_state import IdentityState
+from proxy.identity import IdentityState, TrustDomain
 from proxy.sources import IdentityLoadError, WorkloadApiSource
 from proxy.sources.proto import workload_pb2, workload_pb2_grpc
 from proxy.sources.workload_api import ENDPOINT_ENV

@@ -9,10 +9,16 @@ from typing import Any
 import trio
 
 from proxy.audit import AuditSink
-from proxy.identity import TrustBundle, TrustBundleSet, TrustDomain, load_x509_svid
+from proxy.identity import (
+    IdentitySnapshot,
+    IdentityState,
+    TrustBundle,
+    TrustBundleSet,
+    TrustDomain,
+    load_x509_svid,
+)
 from proxy.netaddr import HostPort
 from proxy.policy import decide_peer, parse_patterns
-from proxy.runtime.identity_state import IdentitySnapshot, IdentityState
 from proxy.runtime.l4 import L4Config, L4Listener
 from proxy.tls import TlsSide, build_side
 from tests.pki import Issued, TestCA

@@ -121,6 +121,19 @@ JWKS_ERRORS: list[tuple[str, Any, str]] = [
         _jwks({"use": "x509-svid", "kty": "EC", "x5c": [base64.b64encode(b"hi").decode()]}),
         r"x5c\[0\] is not a DER certificate",
     ),
+    # Found by probing (issue 12 item 18): a hostile partner's bundle file.
+    (
+        "kty is an array",
+        '{"keys":[{"use":"x509-svid","kty":[]}]}',
+        "no x509-svid authorities",
+    ),
+    ("deeply nested", '{"keys":' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+    (
+        "x5c is not ASCII",
+        _jwks({"use": "x509-svid", "kty": "EC", "x5c": ["\u00e9"]}),
+        r"x5c\[0\] is not base64",
+    ),
+    ("a lone surrogate", '{"keys":[{"use":"\\ud800"}]}', "no x509-svid authorities"),
 ]
 
 

@@ -28,7 +28,7 @@ from proxy.config import (
     summarize,
 )
 from proxy.errors import UsageError
-from proxy.http.policy import HttpRule, PathPattern
+from proxy.http.policy import PathPattern
 from proxy.identity import SpiffeId, TrustDomain
 from proxy.netaddr import HostPort
 from proxy.policy import SpiffePattern
@@ -45,7 +45,7 @@ bundle = "bundle.pem"
 [identity.federation]
 "partner.example" = "partner-bundle.pem"
 [admin]
-listen = "127.0.0.1:15000"
+listen = "127.0.0.1:7070"
 [audit]
 path = "-"
 [[inbound]]
@@ -59,7 +59,7 @@ methods = ["GET"]
 paths = ["/timesheets/**"]
 [[outbound]]
 name = "egress"
-listen = "127.0.0.1:15001"
+listen = "127.0.0.1:7071"
 protocol = "http-proxy"
 [[outbound.routes]]
 host = "hr-api"
@@ -77,7 +77,7 @@ BASE: dict[str, Any] = {
         "bundle": "bundle.pem",
         "federation": {"partner.example": "partner-bundle.pem"},
     },
-    "admin": {"listen": "127.0.0.1:15000"},
+    "admin": {"listen": "127.0.0.1:7070"},
     "audit": {"path": "-"},
     "inbound": [
         {
@@ -94,7 +94,7 @@ BASE: dict[str, Any] = {
     "outbound": [
         {
             "name": "egress",
-            "listen": "127.0.0.1:15001",
+            "listen": "127.0.0.1:7071",
             "protocol": "http-proxy",
             "routes": [
                 {
@@ -195,7 +195,7 @@ def test_full_config_parses_into_frozen_objects(tmp_path: Path) -> None:
             federation={TrustDomain("partner.example"): tmp_path / "partner-bundle.pem"},
             ttl=timedelta(hours=1),
         ),
-        admin=AdminConfig(HostPort("127.0.0.1", 15000)),
+        admin=AdminConfig(HostPort("127.0.0.1", 7070)),
         audit=AuditConfig("-"),
         inbound=(
             InboundConfig(
@@ -203,13 +203,12 @@ def test_full_config_parses_into_frozen_objects(tmp_path: Path) -> None:
                 listen=HostPort("0.0.0.0", 8443),
                 target=HostPort("127.0.0.1", 8080),
                 protocol="http",
-                rules=(HttpRule("hr-api.rules[0]", (payroll,), frozenset({"GET"}), timesheets),),
             ),
         ),
         outbound=(
             OutboundConfig(
                 name="egress",
-                listen=HostPort("127.0.0.1", 15001),
+                listen=HostPort("127.0.0.1", 7071),
                 protocol="http-proxy",
                 routes=(
                     RouteConfig(
@@ -217,7 +216,6 @@ def test_full_config_parses_into_frozen_objects(tmp_path: Path) -> None:
                         host="hr-api",
                         target=HostPort("hr.payroll.svc", 8443),
                         expect=(SpiffePattern.parse(HR),),
-                        rule=HttpRule("egress.routes[0]", (), frozenset({"GET"}), timesheets),
                     ),
                 ),
             ),
@@ -227,6 +225,20 @@ def test_full_config_parses_into_frozen_objects(tmp_path: Path) -> None:
     assert config.inbound[0].limits == HttpLimits()
     assert config.inbound[0].identity_headers == ("x-forwarded-client-cert",)
     assert config.outbound[0].pool == PoolConfig()
+    (rule,) = config.inbound[0].guard.rules
+    assert (rule.name, rule.peers, rule.methods, rule.paths) == (
+        "hr-api.rules[0]",
+        (payroll,),
+        frozenset({"GET"}),
+        timesheets,
+    )
+    route_rule = config.outbound[0].routes[0].guard_rule
+    assert route_rule is not None and route_rule.name == "egress.routes[0]"
+    assert (route_rule.peers, route_rule.methods, route_rule.paths) == (
+        (),
+        frozenset({"GET"}),
+        timesheets,
+    )
 
 
 def test_config_is_frozen() -> None:
@@ -235,8 +247,8 @@ def test_config_is_frozen() -> None:
         config.log_level = "debug"  # type: ignore[misc]
     with pytest.raises(TypeError):
         config.identity.federation[TrustDomain("x.example")] = Path("/x")  # type: ignore[index]
-    assert isinstance(config.inbound, tuple) and isinstance(config.inbound[0].rules, tuple)
-    assert isinstance(config.inbound[0].rules[0].methods, frozenset)
+    assert isinstance(config.inbound, tuple) and isinstance(config.inbound[0].guard.rules, tuple)
+    assert isinstance(config.inbound[0].guard.rules[0].methods, frozenset)
 
 
 def test_every_option() -> None:
@@ -268,7 +280,7 @@ def test_every_option() -> None:
         "min_tls": 1.3,
         "pool": {"max_idle_per_route": 0, "idle_timeout": "10s", "max_per_route": 8},
         "allow_public_listen": True,
-        "listen": "0.0.0.0:15001",
+        "listen": "0.0.0.0:7071",
     }
     outbound["routes"] = [
         {**outbound["routes"][0], "name": "hr", "host": "HR-API:8080", "allow_upgrade": True},
@@ -288,7 +300,7 @@ def test_every_option() -> None:
     assert inb.min_tls == "1.2"
     assert inb.identity_headers == ("x-forwarded-client-cert", "x-caller-id")
     assert inb.limits == HttpLimits(8192, 50, 60.0, 5.5, 120.0, 3600.0)
-    rule = inb.rules[0]
+    rule = inb.guard.rules[0]
     assert rule.name == "ws" and rule.allow_upgrade and rule.methods == {"GET", "*"}
     assert [p.text for p in rule.paths] == ["/ws", "/api/*.json"]
     out = config.outbound[0]
@@ -296,12 +308,14 @@ def test_every_option() -> None:
     assert out.pool == PoolConfig(0, 10.0, 8)
     assert [r.host for r in out.routes] == ["hr-api:8080", "[::1]:80"]
     assert [r.name for r in out.routes] == ["hr", "egress.routes[1]"]
-    assert out.routes[0].rule is not None and out.routes[0].rule.allow_upgrade
+    hr_rule = out.routes[0].guard_rule
+    assert hr_rule is not None and hr_rule.allow_upgrade
     tcp_out, http_out = config.outbound[1], config.outbound[2]
-    assert tcp_out.routes[0].rule is None and tcp_out.routes[0].host is None
-    assert http_out.routes[0].rule is not None and http_out.routes[0].host is None
+    assert tcp_out.routes[0].guard_rule is None and tcp_out.routes[0].host is None
+    assert http_out.routes[0].guard_rule is not None and http_out.routes[0].host is None
     tcp_in = config.inbound[1]
-    assert tcp_in.allow_remote_target and tcp_in.rules[0].peers == (SpiffePattern.parse(PAYROLL),)
+    assert tcp_in.allow_remote_target
+    assert tcp_in.guard.rules[0].peers == (SpiffePattern.parse(PAYROLL),)
     assert config.admin == AdminConfig(HostPort("0.0.0.0", 9901))
     assert config.audit == AuditConfig("/etc/agent/audit/records.jsonl")
     assert config.drain_timeout == 0.0 and config.log_level == "debug"
@@ -357,7 +371,7 @@ def test_workload_api_endpoints(endpoint: str | None) -> None:
 def test_admin_can_be_disabled() -> None:
     assert parse(put("admin", {"listen": ""})).admin.listen is None
     assert parse(put("admin", {"enabled": False})).admin.listen is None
-    assert parse(drop("admin")).admin == AdminConfig(HostPort("127.0.0.1", 15000))
+    assert parse(drop("admin")).admin == AdminConfig(HostPort("127.0.0.1", 7070))
 
 
 def test_relative_paths_resolve_against_the_config_dir(
@@ -384,14 +398,14 @@ def test_summary_mentions_everything() -> None:
         "identity: source files",
         "/etc/agent/svid.pem",
         "federation partner.example /etc/agent/partner-bundle.pem",
-        "admin: http://127.0.0.1:15000",
+        "admin: http://127.0.0.1:7070",
         "audit: stdout",
         "inbound hr-api (http): 0.0.0.0:8443 -> 127.0.0.1:8080",
         "2 rules:",
         f"hr-api.rules[0]: peers {PAYROLL}; methods GET; paths /timesheets/**",
         "writes:",
         "inbound l4-in (tcp): 0.0.0.0:9443 -> 127.0.0.1:9080",
-        "outbound egress (http-proxy): 127.0.0.1:15001",
+        "outbound egress (http-proxy): 127.0.0.1:7071",
         f"egress.routes[0]: hr-api -> hr.payroll.svc:8443 expecting {HR}",
         f"l4-out.routes[0]: -> hr.payroll.svc:8443 expecting {HR}",
     ]:
@@ -590,13 +604,13 @@ ERRORS: list[tuple[str, list[Mutation], str]] = [
     ),
     (
         "public outbound listen",
-        [put(f"{OUT}.listen", "0.0.0.0:15001")],
-        "outbound[0].listen: 0.0.0.0:15001 is not a loopback address",
+        [put(f"{OUT}.listen", "0.0.0.0:7071")],
+        "outbound[0].listen: 0.0.0.0:7071 is not a loopback address",
     ),
     (
         "public admin",
-        [put("admin.listen", "0.0.0.0:15000")],
-        "admin.listen: 0.0.0.0:15000 is not a loopback address",
+        [put("admin.listen", "0.0.0.0:7070")],
+        "admin.listen: 0.0.0.0:7070 is not a loopback address",
     ),
     # uniqueness
     (
@@ -606,13 +620,13 @@ ERRORS: list[tuple[str, list[Mutation], str]] = [
     ),
     (
         "duplicate listen",
-        [append("outbound", {**TCP_OUT, "listen": "127.0.0.1:15001"})],
-        "outbound[1].listen: 127.0.0.1:15001 is also used by outbound[0].listen",
+        [append("outbound", {**TCP_OUT, "listen": "127.0.0.1:7071"})],
+        "outbound[1].listen: 127.0.0.1:7071 is also used by outbound[0].listen",
     ),
     (
         "listen clashes with admin",
-        [put(f"{OUT}.listen", "127.0.0.1:15000")],
-        "outbound[0].listen: 127.0.0.1:15000 is also used by admin.listen",
+        [put(f"{OUT}.listen", "127.0.0.1:7070")],
+        "outbound[0].listen: 127.0.0.1:7070 is also used by admin.listen",
     ),
     (
         "duplicate route hosts",

@@ -93,7 +93,7 @@ push_url_allowlist = ["https://hooks.payroll.example/*"]
 
 [[outbound]]
 name = "egress"
-listen = "127.0.0.1:15001"
+listen = "127.0.0.1:7071"
 protocol = "http-proxy"
 [[outbound.routes]]
 name = "hr"
@@ -133,9 +133,7 @@ def test_everything_parses() -> None:
     writes = hr.guard.rules[1]
     assert writes.when is not None and writes.rate == Rate(10, 60)
     assert hr.guard.rules[2].action == "deny" and hr.guard.rules[3].mode == "dry-run"
-    # The relay's pre-guard view holds only the plain allow rule.
-    assert [r.name for r in hr.rules] == ["reads"]
-    assert bank.protocol == "mcp" and bank.max_body_bytes == 65536 and bank.rules == ()
+    assert bank.protocol == "mcp" and bank.max_body_bytes == 65536
     tools = bank.guard.rules[0]
     assert tools.tools == ("bank.read_*", "bank.transfer")
     assert tools.resources == ("file:///statements/*",) and tools.prompts == ("summarise",)
@@ -143,9 +141,9 @@ def test_everything_parses() -> None:
     assert bank.guard.rules[1].high_impact == HighImpact(300.0, (SpiffePattern.parse(APPROVER),))
     assert planner.guard.rules[0].push_url_allowlist == ("https://hooks.payroll.example/*",)
     hr_route, tax = config.outbound[0].routes
-    assert hr_route.protocol == "http" and hr_route.rule is not None
+    assert hr_route.protocol == "http"
     assert hr_route.policy is not None and hr_route.guard_rule is not None
-    assert tax.protocol == "mcp" and tax.rule is None
+    assert tax.protocol == "mcp"
     assert tax.guard_rule is not None and tax.guard_rule.rate == Rate(5, 3600)
     assert config.policy_version.startswith("sha256:")
 

@@ -1,5 +1,5 @@
-"""Metrics: the families and labels we promise, and the SVID expiry gauge
-following rotations."""
+"""Metrics: the families and labels we promise, and the identity metrics
+following rotations and the source's counts."""
 
 from __future__ import annotations
 
@@ -8,17 +8,13 @@ import datetime as dt
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.identity import IdentityState
 from proxy.metrics import Metrics
+from proxy.sources import SourceStats
+from tests.integration.tls_support import snapshot
+from tests.pki import TestCA
 
 NOW = dt.datetime(2025, 1, 1, 12, 0, tzinfo=dt.UTC)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> dt.datetime:
-        return self.now
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -42,8 +38,9 @@ def test_families_and_labels() -> None:
     m.request("egress", "outbound", "deny", "no_matching_rule", 0.0005, 80, 0)
     m.handshake_failure("hr-api", "untrusted_chain")
     m.transferred("l4", 10, 20)
-    m.identity_reload("ok")
-    m.identity_reload("error")
+    ca = TestCA.create("a.org")
+    stats = SourceStats(reloads_ok=1, reloads_failed=1)
+    m.watch_identity(IdentityState(snapshot(ca.issue("spiffe://a.org/x"), ca)), stats)
     m.config_reload("ok")
     got = samples(m)
 
@@ -96,7 +93,7 @@ def test_families_and_labels() -> None:
         "agent_proxy_handshake_failures_total counter",
         "agent_proxy_bytes_total counter",
         "agent_proxy_request_duration_seconds histogram",
-        "agent_proxy_svid_expiry_seconds gauge",
+        "agent_proxy_svid_expiry_timestamp_seconds gauge",
         "agent_proxy_identity_reloads_total counter",
         "agent_proxy_config_reloads_total counter",
     ]:
@@ -111,19 +108,34 @@ def test_buckets_span_a_millisecond_to_ten_seconds() -> None:
     assert 'le="0.001"' in text and 'le="10.0"' in text and 'le="+Inf"' in text
 
 
-def test_svid_expiry_follows_rotations() -> None:
-    clock = Clock()
-    m = Metrics(clock=clock)
-    key = ("agent_proxy_svid_expiry_seconds", ())
+def test_svid_expiry_is_a_timestamp_that_follows_rotations() -> None:
+    ca = TestCA.create("a.org")
+    first = ca.issue("spiffe://a.org/x", not_before=NOW, not_after=NOW + dt.timedelta(hours=1))
+    later = NOW + dt.timedelta(hours=2)
+    second = ca.issue("spiffe://a.org/x", not_before=NOW, not_after=later)
+    m = Metrics()
+    key = ("agent_proxy_svid_expiry_timestamp_seconds", ())
     assert key not in samples(m)  # no SVID yet: no sample, rather than a made-up one
-    m.set_svid_not_after(NOW + dt.timedelta(hours=1))
-    assert samples(m)[key] == 3600
-    clock.now = NOW + dt.timedelta(minutes=45)  # computed at scrape time
-    assert samples(m)[key] == 900
-    m.set_svid_not_after(NOW + dt.timedelta(hours=2))  # a rotation
-    assert samples(m)[key] == 4500
-    clock.now = NOW + dt.timedelta(hours=3)
-    assert samples(m)[key] == -3600
+    state = IdentityState(snapshot(first, ca))
+    m.watch_identity(state, SourceStats())
+    assert samples(m)[key] == (NOW + dt.timedelta(hours=1)).timestamp()  # absolute Unix time
+    state.swap(snapshot(second, ca))  # a rotation
+    assert samples(m)[key] == later.timestamp()
+
+
+def test_identity_reloads_are_the_source_counts() -> None:
+    ca = TestCA.create("a.org")
+    stats = SourceStats()
+    m = Metrics()
+    m.watch_identity(IdentityState(snapshot(ca.issue("spiffe://a.org/x"), ca)), stats)
+    ok = ("agent_proxy_identity_reloads_total", (("result", "ok"),))
+    error = ("agent_proxy_identity_reloads_total", (("result", "error"),))
+    assert samples(m)[ok] == 0 and samples(m)[error] == 0
+    stats.record_success(NOW, swapped=True)
+    stats.record_success(NOW, swapped=False)  # unchanged: not a reload
+    stats.record_failure("refused")
+    stats.record_failure("refused")
+    assert samples(m)[ok] == 1 and samples(m)[error] == 2
 
 
 def test_registries_are_private() -> None:

@@ -85,6 +85,10 @@ INVALID_IDS = [
     ("spiffe://caf\u00e9.org/x", "invalid character '\u00e9' in trust domain"),
     (f"spiffe://{'a' * 256}/x", "trust domain is too long"),
     (ID_2049, "SPIFFE ID is too long"),
+    # Lone surrogates (issue 12 item 27): a rule, never a UnicodeEncodeError.
+    ("\ud800", "scheme must be spiffe"),
+    ("spiffe://example.org/\ud800", "invalid character '\\\\ud800' in path"),
+    ("spiffe://\udfff.org/x", "invalid character '\\\\udfff' in trust domain"),
 ]
 
 
@@ -142,6 +146,8 @@ def test_ids_are_values() -> None:
     [
         ("example.org", "example.org"),
         ("spiffe://example.org", "example.org"),
+        ("spiffe://example.org/path", "example.org"),  # as go-spiffe and py-spiffe do
+        ("spiffe://example.org/ns/prod/sa/payroll", "example.org"),
         ("a_b-c.0", "a_b-c.0"),
         (TD_255, TD_255),
     ],
@@ -166,7 +172,9 @@ def test_trust_domain_parse(text: str, name: str) -> None:
         ("example.org/path", "invalid character '/'"),
         ("a" * 256, "trust domain is too long"),
         ("spiffe://", "trust domain is missing"),
-        ("spiffe://example.org/path", "a trust domain has no path"),
+        ("spiffe://example.org/path/", "trailing slash"),  # the ID form must be a valid ID
+        ("spiffe://example.org/a/../b", "dot segments"),
+        ("\ud800", "invalid character"),
         ("SPIFFE://example.org", "lowercase"),
         ("http://example.org", "scheme must be spiffe"),
         ("spiffe:example.org", "scheme must be spiffe"),
