@@ -24,8 +24,8 @@ def context(issued: Issued, *, server: bool) -> SSL.Context:
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_options(SSL.OP_NO_TICKET)
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    ctx.use_certificate(crypto.X509.from_cryptography(issued.cert))
-    ctx.use_privatekey(crypto.PKey.from_cryptography_key(issued.key))
+    ctx.use_certificate(issued.cert)
+    ctx.use_privatekey(issued.key)
     ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(_CA.cert))  # type: ignore[union-attr]
     mode = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if server else 0)
     ctx.set_verify(mode, lambda conn, cert, errnum, depth, ok: bool(ok))
