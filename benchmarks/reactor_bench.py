@@ -12,7 +12,9 @@ own CPU is counted (getrusage around the transfer). Variants:
   proxy.tls.TLSStream (memory BIOs on main at the time of writing).
 
 Each variant moves ``--mib`` MiB up (client to target), then down, over a
-fresh connection, after one TLS 1.3 handshake.
+fresh connection, after one TLS 1.3 handshake, then ``--exchanges`` round
+trips of a 100-byte request and a 200-byte answer (the keep-alive shape):
+relay CPU per round trip.
 """
 
 from __future__ import annotations
@@ -60,6 +62,17 @@ def peer(relay_port: int, direction: str, total: int, pem: str) -> None:
     raw = socket.create_connection(("127.0.0.1", relay_port))
     client = ctx.wrap_socket(raw)
     conn, _ = target.accept()
+    if direction == "pingpong":
+        # ``total`` exchanges of a 100-byte request and a 200-byte answer.
+        request, answer = b"q" * 100, b"a" * 200
+        for _ in range(total):
+            client.sendall(request)
+            _recv_exactly(conn, len(request))
+            conn.sendall(answer)
+            _recv_exactly(client, len(answer))
+        for s in (client, conn):
+            s.close()
+        return
     src, dst = (client, conn) if direction == "up" else (conn, client)
     payload = memoryview(bytearray(os.urandom(CHUNK)))
     got = [0]
@@ -82,6 +95,14 @@ def peer(relay_port: int, direction: str, total: int, pem: str) -> None:
         raise SystemExit(f"peer: moved {got[0]} of {total} bytes")
     for s in (client, conn):
         s.close()
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> None:
+    while n:
+        got = len(sock.recv(n))
+        if not got:
+            raise SystemExit("peer: connection closed mid-exchange")
+        n -= got
 
 
 # -- the relay under test ------------------------------------------------------
@@ -139,19 +160,25 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.reactor_bench", description=__doc__)
     p.add_argument("--mib", type=int, default=256)
     p.add_argument("--variants", default="reactor,reactor-pyopenssl,trio-relay")
+    p.add_argument("--exchanges", type=int, default=3000, help="request/answer round trips")
     args = p.parse_args()
     total = args.mib << 20
     with tempfile.TemporaryDirectory() as tmp:
         pem = Path(tmp)
         _write_pem(pem)
         print(f"load average {os.getloadavg()[0]:.2f}; {args.mib} MiB per direction\n")
-        print("| variant | direction | relay CPU s/GiB | MB/s |")
+        print("| variant | bulk up: CPU s/GiB, MB/s | bulk down: CPU s/GiB, MB/s "
+              "| 100 B / 200 B round trip: relay CPU µs, round trips/s |")  # fmt: skip
         print("|---|---|---|---|")
         for variant in args.variants.split(","):
+            cells = []
             for direction in ("up", "down"):
                 cpu, wall = trio.run(measure, variant, direction, total, pem)
-                print(f"| {variant} | {direction} | {cpu / total * (1 << 30):.2f} "
-                      f"| {total / wall / 1e6:.0f} |", flush=True)  # fmt: skip
+                cells.append(f"{cpu / total * (1 << 30):.2f}, {total / wall / 1e6:.0f}")
+            n = args.exchanges
+            cpu, wall = trio.run(measure, variant, "pingpong", n, pem)
+            cells.append(f"{cpu / n * 1e6:.1f}, {n / wall:.0f}")
+            print(f"| {variant} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
 
