@@ -29,18 +29,20 @@ _EXAMPLES = _BUDGET.get(os.environ.get("HYPOTHESIS_PROFILE", "smoke"), 80)
 LIMITS = ParserLimits(max_header_bytes=2048, max_headers=24)
 
 # Where llhttp may refuse what h11 accepts: its closed method list, its URL
-# grammar, versions other than 1.x, and control characters in field values
-# (h11 takes any byte but NUL, CR and LF there; RFC 9110 section 5.5 does not).
+# and chunk-extension grammars (h11 takes ";.*"), chunk sizes past 64 bits,
+# versions other than 1.x, and control characters in field values (h11 takes
+# any byte but NUL, CR and LF there; RFC 9110 section 5.5 does not).
 STRICTER = {
     "request": re.compile(
-        r"Invalid method|HTTP/1\.x|Invalid HTTP version|char in url|Invalid header value char"
+        r"Invalid method|HTTP/1\.x|Invalid HTTP version|char in url|Invalid header value char|"
+        r"chunk extension|Chunk size overflow"
     ),
     # h11 merges repeated equal Content-Length values, lets Transfer-Encoding
     # override Content-Length and unfolds obs-fold in responses; we answer 502
     # instead (RFC 9112 sections 5.2 and 6.3 allow a proxy either).
     "response": re.compile(
         r"HTTP/1\.x|Invalid HTTP version|Content-Length|informational response with a body|"
-        r"Invalid header value char"
+        r"Invalid header value char|chunk extension|Chunk size overflow"
     ),
 }
 
