@@ -6,15 +6,18 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest demo venv clean
+.PHONY: test lint typecheck pytest demo venv clean certs
 
 venv: $(STAMP)
 
+# pip shows its own progress on a terminal and stays quiet in logs (CI, pipes).
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	@echo "installing dependencies into $(VENV) (first run takes about a minute)..."
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if test -t 1; then quiet=; else quiet=--quiet; fi; \
+	$(BIN)/python -m pip install $$quiet --upgrade pip && \
+	$(BIN)/python -m pip install $$quiet -e '.[test]'
+	@touch $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests $(wildcard benchmarks)
@@ -29,6 +32,11 @@ test: lint typecheck pytest
 
 demo: $(STAMP)
 	$(BIN)/python -m proxy.demo
+
+# make certs : the dev PKI into certs/ (dev CA, the cast's SVIDs, the
+#              brownfield bank's CA and certificates); see certs/README.md.
+certs: $(STAMP)
+	$(BIN)/python -m proxy.credentials.certs certs
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
@@ -46,8 +54,10 @@ bench-quick: $(STAMP)
 	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m benchmarks.run --quick
 
-# make fuzz : the differential and fuzz harnesses with a long budget
-#             (make test runs the same with a short smoke budget).
+# make fuzz : the fuzz harnesses of tests/fuzz (every parser of outside input)
+#             and the llhttp-vs-h11 differential test, with many random examples;
+#             FUZZ_EXAMPLES=N per harness (default 5000). make test runs the same
+#             briefly (smoke profile).
 .PHONY: fuzz
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q -p no:cacheprovider tests/unit/test_llhttp_differential.py
+	HYPOTHESIS_PROFILE=long $(BIN)/pytest -q tests/fuzz tests/unit/test_llhttp_differential.py

@@ -22,12 +22,13 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from proxy.guard.conditions import compile_condition
-from proxy.guard.policy import GuardRule, HighImpact, PolicySet, RequestFacts
-from proxy.guard.ratelimit import Rate
-from proxy.http.policy import PathPattern
 from proxy.identity import SpiffeId
 from proxy.policy import SpiffePattern
+from proxy.policy.conditions import compile_condition
+from proxy.policy.evaluate import PolicySet
+from proxy.policy.paths import PathPattern
+from proxy.policy.ratelimit import Rate
+from proxy.policy.rules import GuardRule, HighImpact, RequestFacts
 
 TD = "payroll.example"
 BUDGET_US = 20.0

@@ -18,9 +18,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from proxy.credentials.demo import run_brownfield_leg
 
 TD = "payroll.example"
 CAST = {
@@ -92,6 +95,9 @@ def _api(name: str) -> http.server.ThreadingHTTPServer:
 
 
 class _Sidecar:
+    """One ``agent-proxy run``: started at once, waited for with :meth:`ready`,
+    so several sidecars start side by side."""
+
     def __init__(self, root: Path, name: str, body: str) -> None:
         self.name = name
         self.audit = root / f"{name}-audit.jsonl"
@@ -103,26 +109,30 @@ class _Sidecar:
             f'[admin]\nlisten = "127.0.0.1:0"\n[audit]\npath = "{self.audit}"\n' + body
         )
         self.proc = subprocess.Popen(
-            _agent_proxy("run", "--config", str(config)),
+            _agent_proxy("run", "--config", str(config), "--log-format", "json"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
         )
-        self.port = self._wait_listening(self.proc.stderr)
+        self.port = 0
 
-    @staticmethod
-    def _wait_listening(stream: IO[str] | None) -> int:
+    def ready(self) -> _Sidecar:
+        """Wait for its ``ready`` line; its listener's port is then known."""
+        stream = self.proc.stderr
         assert stream is not None
         for line in stream:
             try:
                 event = json.loads(line)
             except ValueError:
+                sys.stderr.write(line)
                 continue
             if event.get("event") == "listening":
+                self.port = int(str(event["address"]).rpartition(":")[2])
+            elif event.get("event") == "ready":
                 # Keep draining stderr so the sidecar never blocks on a full pipe.
                 threading.Thread(target=lambda: [None for _ in stream], daemon=True).start()
-                return int(str(event["address"]).rpartition(":")[2])
-        raise RuntimeError("sidecar exited before listening")
+                return self
+        raise RuntimeError(f"the {self.name} sidecar exited before it was ready")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -155,9 +165,89 @@ def _run_agent(proxy_port: int, calls: list[str]) -> list[dict[str, str]]:
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
+def _short(result: str) -> str:
+    """``403 {"reason": ...}`` as ``403 reason (error)``: the refusal's code first."""
+    status, _, body = result.partition(" ")
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return result
+    if isinstance(parsed, dict) and "reason" in parsed:
+        return f"{status} {parsed['reason']} ({parsed.get('error', '')})"
+    return result
+
+
 def _print_calls(who: str, results: list[dict[str, str]]) -> None:
+    width = shutil.get_terminal_size((120, 24)).columns
     for r in results:
-        print(f"   {who:9} {r['call']:48} -> {r['result'][:110]}")
+        line = f"   {who:9} {r['call']:48} -> {_short(r['result'])}"
+        print(line if len(line) <= width else line[: max(width - 3, 70)] + "...")
+
+
+SUMMARY_HEADS = ("sidecar", "event", "decision", "reason", "peer", "request/target", "rule")
+
+
+def summary_rows(sidecar: str, records: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """One row per decision record; a request row names the request, a
+    connection row the target it was for (never its event a second time)."""
+    rows: list[tuple[str, ...]] = []
+    for r in records:
+        # Close records repeat their open; chain records (checkpoints,
+        # genesis, gaps) seal the trail and decide nothing.
+        if r["event"] == "connection.close" or "decision" not in r:
+            continue
+        request = f"{r.get('method', '')} {r.get('path', '')}".strip()
+        rows.append(
+            (
+                sidecar,
+                str(r["event"]),
+                str(r["decision"]),
+                str(r["reason"]),
+                str(r.get("peer_id") or "-"),
+                str(request or r.get("target") or "-"),
+                str(r.get("rule") or "-"),
+            )
+        )
+    return rows
+
+
+def summary_table(rows: list[tuple[str, ...]], width: int) -> list[str]:
+    """The rows as aligned columns in ``width``: all seven on one line when
+    they fit; otherwise the decision (sidecar, event, decision, reason) on
+    one line and who and what (peer, request or target, rule) beneath it:
+    aligned, or on one line, or one field a line, wrapped, whichever fits."""
+    indent, under = "   ", "      "
+
+    def aligned(cells: list[tuple[str, ...]], prefix: str) -> list[str] | None:
+        widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+        if len(prefix) + sum(widths) + 2 * (len(widths) - 1) > width:
+            return None
+        return [
+            (prefix + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))).rstrip()
+            for row in cells
+        ]
+
+    whole = aligned([SUMMARY_HEADS, *rows], indent)
+    if whole is not None:
+        return whole
+    firsts = aligned([r[:4] for r in rows], indent) or [indent + " ".join(r[:4]) for r in rows]
+    seconds = aligned([r[4:] for r in rows], under)
+    out: list[str] = []
+    for i, row in enumerate(rows):
+        out += textwrap.wrap(firsts[i], width, subsequent_indent=under) or [firsts[i]]
+        if seconds is not None:
+            out.append(seconds[i])
+            continue
+        labelled = list(zip(("peer", "request/target", "rule"), row[4:], strict=True))
+        one_line = under + "  ".join(f"{name}={value}" for name, value in labelled)
+        if len(one_line) <= width:
+            out.append(one_line)
+            continue
+        for name, value in labelled:
+            out += textwrap.wrap(
+                f"{name}: {value}", width, initial_indent=under, subsequent_indent=under + "  "
+            )
+    return out
 
 
 def main() -> int:
@@ -168,22 +258,20 @@ def main() -> int:
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    for name, path in CAST.items():
-        subprocess.run(
+    issuing = {
+        name: subprocess.Popen(
             _agent_proxy(
-                "ca",
-                "issue",
-                "--dir",
-                str(root / "ca"),
-                "--spiffe-id",
-                f"spiffe://{TD}{path}",
-                "--out",
-                str(root / name),
+                *("ca", "issue", "--dir", str(root / "ca")),
+                *("--spiffe-id", f"spiffe://{TD}{path}", "--out", str(root / name)),
             ),
-            check=True,
             stdout=subprocess.DEVNULL,
         )
-        print(f"   {name:9} spiffe://{TD}{path}")
+        for name, path in CAST.items()
+    }
+    for name, proc in issuing.items():
+        if proc.wait() != 0:
+            raise RuntimeError(f"agent-proxy ca issue for {name} failed")
+        print(f"   {name:9} spiffe://{TD}{CAST[name]}")
 
     hr_api, bank_api = _api("hr"), _api("bank")
     sidecars: list[_Sidecar] = []
@@ -220,6 +308,7 @@ paths = ["/payments"]
             ),
         )
         sidecars.append(bank)
+        hr.ready(), bank.ready()
         payroll = _Sidecar(
             root,
             "payroll",
@@ -263,6 +352,7 @@ paths = ["/timesheets/**"]
 """,
         )
         sidecars.append(marketing)
+        payroll.ready(), marketing.ready()
 
         print("\n== the payroll agent (no keys; plain HTTP to its sidecar)")
         _print_calls(
@@ -284,6 +374,8 @@ paths = ["/timesheets/**"]
         print("\n== what the HR API was told about its caller (set by HR's sidecar)")
         for xfcc in hr_api.seen:  # type: ignore[attr-defined]
             print(f"   X-Forwarded-Client-Cert: {xfcc}")
+        print("\n== brownfield: a bank API on plain HTTPS + OAuth 2.0; the agent holds no token")
+        run_brownfield_leg(Path("certs"), scratch=root / "certs")
     finally:
         for sidecar in reversed(sidecars):
             sidecar.stop()
@@ -291,16 +383,12 @@ paths = ["/timesheets/**"]
         bank_api.shutdown()
 
     print("\n== audit trail (one JSON record per decision; summarised)")
+    rows = []
     for sidecar in sidecars:
-        for line in sidecar.audit.read_text().splitlines():
-            r = json.loads(line)
-            if r["event"] in ("connection.close",):
-                continue
-            what = f"{r.get('method', '')} {r.get('path', '')}".strip() or r["event"]
-            print(
-                f"   {sidecar.name:9} {r['event']:18} {r['decision']:5} {r['reason']:20} "
-                f"peer={r['peer_id'] or '-':32} {what:28} rule={r['rule'] or '-'}"
-            )
+        records = [json.loads(line) for line in sidecar.audit.read_text().splitlines()]
+        rows += summary_rows(sidecar.name, records)
+    for line in summary_table(rows, shutil.get_terminal_size((120, 24)).columns):
+        print(line)
     if os.environ.get("AGENT_PROXY_DEMO_KEEP") is None:
         shutil.rmtree(root)
     else:

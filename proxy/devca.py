@@ -16,16 +16,27 @@ production SVIDs come from SPIRE through the Workload API.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from proxy.errors import UsageError
+from proxy.devca_files import (
+    CA_CERT_FILE,
+    CA_KEY_FILE,
+    MALFORMED,
+    DevCAError,
+    IssuedSvid,
+    ec_public,
+    read_file,
+    rfc3339,
+    trust_domain_of,
+    write_svid_files,
+)
 from proxy.fileutil import (
     PRIVATE_FILE_MODE,
     PUBLIC_FILE_MODE,
@@ -43,11 +54,6 @@ __all__ = [
     "write_svid_files",
 ]
 
-CA_CERT_FILE = "ca.pem"
-CA_KEY_FILE = "ca_key.pem"
-SVID_CERT_FILE = "svid.pem"
-SVID_KEY_FILE = "svid_key.pem"
-BUNDLE_FILE = "bundle.pem"
 
 DEFAULT_CA_TTL = timedelta(days=365)
 DEFAULT_SVID_TTL = timedelta(hours=1)
@@ -58,32 +64,6 @@ CLOCK_SKEW = timedelta(seconds=30)
 _CA_ORG = "agent-mtls-proxy dev CA"
 _LEAF_ORG = "agent-mtls-proxy"
 
-
-class DevCAError(UsageError):
-    """The dev CA cannot be created, loaded or used (one line, exit 2)."""
-
-
-@dataclass(frozen=True, repr=False)
-class IssuedSvid:
-    """A freshly issued X509-SVID, in PEM, ready to be written out.
-
-    ``cert_pem`` is the leaf followed by any intermediates (none for the dev
-    CA, which signs leaves with its root); ``bundle_pem`` is the CA cert.
-    """
-
-    spiffe_id: SpiffeId
-    cert_pem: bytes
-    key_pem: bytes
-    bundle_pem: bytes
-    not_after: datetime
-    serial_hex: str
-
-    def __repr__(self) -> str:
-        # Never the key, not even in a debug log.
-        return (
-            f"IssuedSvid(spiffe_id={str(self.spiffe_id)!r}, serial_hex={self.serial_hex!r}, "
-            f"not_after={self.not_after.isoformat()!r})"
-        )
 
 
 def _td_id(trust_domain: TrustDomain) -> str:
@@ -110,16 +90,6 @@ def _random_serial() -> int:
 def _serial_hex(serial: int) -> str:
     return format(serial, "x")
 
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise DevCAError(
-            f"no dev CA in {path.parent}: {path.name} not found (run 'agent-proxy ca init')"
-        ) from None
-    except OSError as exc:
-        raise DevCAError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 class DevCA:
@@ -282,28 +252,30 @@ class DevCA:
             )
         cert_path = directory / CA_CERT_FILE
         key_path = directory / CA_KEY_FILE
-        cert_data = _read(cert_path, "CA certificate")
-        key_data = _read(key_path, "CA key")
+        cert_data = read_file(cert_path, "CA certificate")
+        key_data = read_file(key_path, "CA key")
         try:
             cert = x509.load_pem_x509_certificate(cert_data)
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
             raise DevCAError(f"{cert_path} is not a PEM certificate") from None
         try:
             key = serialization.load_pem_private_key(key_data, password=None)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             # Say nothing about the content: it may be a key.
             raise DevCAError(f"{key_path} is not an unencrypted PEM private key") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise DevCAError(f"{key_path} is not an ECDSA key")
-        if key.public_key().public_numbers() != _ec_public(cert, cert_path).public_numbers():
+        if key.public_key().public_numbers() != ec_public(cert, cert_path).public_numbers():
             raise DevCAError(f"{key_path} does not match the certificate in {cert_path}")
         try:
             bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         except x509.ExtensionNotFound:
             bc = None
+        except MALFORMED as exc:
+            raise DevCAError(f"{cert_path} has a malformed extension: {exc}") from None
         if bc is None or not bc.ca:
             raise DevCAError(f"{cert_path} is not a CA certificate")
-        return cls(directory, _trust_domain_of(cert, cert_path), cert, key)
+        return cls(directory, trust_domain_of(cert, cert_path), cert, key)
 
     # -- issuing -------------------------------------------------------------
 
@@ -331,9 +303,9 @@ class DevCA:
             )
         issued_at = _now(now)
         if issued_at >= self.not_after:
-            raise DevCAError(f"the dev CA expired at {_rfc3339(self.not_after)}")
+            raise DevCAError(f"the dev CA expired at {rfc3339(self.not_after)}")
         if issued_at < self.not_before:
-            raise DevCAError(f"the dev CA is not valid before {_rfc3339(self.not_before)}")
+            raise DevCAError(f"the dev CA is not valid before {rfc3339(self.not_before)}")
         not_before = max(issued_at - CLOCK_SKEW, self.not_before)
         not_after = min(issued_at + ttl, self.not_after)
 
@@ -407,68 +379,3 @@ class DevCA:
         )
 
 
-def write_svid_files(out_dir: Path, issued: IssuedSvid) -> dict[str, Path]:
-    """Write ``svid.pem``, ``svid_key.pem`` (0600) and ``bundle.pem`` (0644).
-
-    Each file is replaced atomically. The bundle goes first and the
-    certificate last, so a watcher keyed on ``svid.pem`` finds the matching
-    key already in place; a watcher that catches a mismatched pair in
-    between must (and does) keep its current SVID and retry.
-
-    Returns ``{"svid": ..., "svid_key": ..., "bundle": ...}``.
-    """
-    out_dir = Path(out_dir)
-    try:
-        ensure_private_dir(out_dir)
-    except FileExistsError:
-        raise DevCAError(f"cannot create output directory {out_dir}: not a directory") from None
-    except OSError as exc:
-        raise DevCAError(
-            f"cannot create output directory {out_dir}: {exc.strerror or exc}"
-        ) from None
-    paths = {
-        "bundle": out_dir / BUNDLE_FILE,
-        "svid_key": out_dir / SVID_KEY_FILE,
-        "svid": out_dir / SVID_CERT_FILE,
-    }
-    contents = {
-        "bundle": (issued.bundle_pem, PUBLIC_FILE_MODE),
-        "svid_key": (issued.key_pem, PRIVATE_FILE_MODE),
-        "svid": (issued.cert_pem, PUBLIC_FILE_MODE),
-    }
-    for name, path in paths.items():
-        data, mode = contents[name]
-        try:
-            write_atomic(path, data, mode)
-        except OSError as exc:
-            raise DevCAError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return {"svid": paths["svid"], "svid_key": paths["svid_key"], "bundle": paths["bundle"]}
-
-
-def _rfc3339(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _ec_public(cert: x509.Certificate, path: Path) -> ec.EllipticCurvePublicKey:
-    public = cert.public_key()
-    if not isinstance(public, ec.EllipticCurvePublicKey):
-        raise DevCAError(f"{path} does not hold an ECDSA certificate")
-    return public
-
-
-def _trust_domain_of(cert: x509.Certificate, path: Path) -> TrustDomain:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise DevCAError(f"{path} has no spiffe://<trust domain> URI SAN") from None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    if len(uris) != 1:
-        raise DevCAError(f"{path} must carry exactly one spiffe://<trust domain> URI SAN")
-    text = uris[0]
-    prefix = "spiffe://"
-    if not text.startswith(prefix) or "/" in text[len(prefix) :]:
-        raise DevCAError(f"{path} URI SAN {text!r} is not a trust domain ID")
-    try:
-        return TrustDomain.parse(text[len(prefix) :])
-    except ValueError as exc:
-        raise DevCAError(f"{path}: bad trust domain in URI SAN: {exc}") from None

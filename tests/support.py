@@ -81,8 +81,9 @@ class LineReader:
             except queue.Empty:
                 return list(self.seen)
 
-    def wait_for(self, predicate: Any, deadline: float = DEADLINE, *,
-                 search_seen: bool = False) -> str:
+    def wait_for(
+        self, predicate: Any, deadline: float = DEADLINE, *, search_seen: bool = False
+    ) -> str:
         """The next line matching ``predicate``; with ``search_seen``, also
         lines already consumed by earlier waits (for one-off events)."""
         if search_seen:
@@ -102,8 +103,9 @@ class LineReader:
             if predicate(line):
                 return line
 
-    def wait_json(self, deadline: float = DEADLINE, search_seen: bool = False,
-                  **fields: Any) -> dict[str, Any]:
+    def wait_json(
+        self, deadline: float = DEADLINE, search_seen: bool = False, **fields: Any
+    ) -> dict[str, Any]:
         def match(line: str) -> bool:
             try:
                 obj = json.loads(line)

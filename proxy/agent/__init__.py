@@ -17,12 +17,12 @@ from proxy.agent.jsonrpc import (
     MessageKind,
     ParsedBody,
     args_sha256,
-    canonical_json,
     error_response,
     id_key,
     parse_message,
     result_response,
 )
+from proxy.policy.canonical import canonical_json
 
 __all__ = [
     "BodyTooLarge",

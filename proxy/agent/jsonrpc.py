@@ -29,9 +29,12 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
+
+from proxy.policy.canonical import canonical_json
 
 JsonRpcId: TypeAlias = str | int
 # (type tag, value): ("s", "1") and ("n", 1) never collide as dictionary keys.
@@ -41,7 +44,6 @@ PARSE_ERROR: Final = -32700
 INVALID_REQUEST: Final = -32600
 METHOD_NOT_FOUND: Final = -32601
 INVALID_PARAMS: Final = -32602
-INTERNAL_ERROR: Final = -32603
 
 JSONRPC_VERSION: Final = "2.0"
 # Deep enough for real tool schemas; shallow enough that re-serialising a
@@ -106,10 +108,6 @@ class JsonRpcMessage:
     params: dict[str, Any] | list[Any] | None = None
 
     @property
-    def is_request(self) -> bool:
-        return self.kind is MessageKind.REQUEST
-
-    @property
     def is_notification(self) -> bool:
         return self.kind is MessageKind.NOTIFICATION
 
@@ -165,6 +163,15 @@ def _no_constant(name: str) -> Any:
     raise _Refused(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    # 1e400 is valid JSON grammar but overflows to inf, which no later step
+    # (canonical hashing, re-encoding) can represent: refuse it here.
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise _Refused(f"number {text[:40]} is out of range")
+    return value
+
+
 # Only \uXXXX escapes can produce these; they cannot be encoded as UTF-8 and
 # other parsers replace or reject them, so the meaning is ambiguous.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -208,7 +215,12 @@ def decode_json(body: bytes | str, *, max_bytes: int) -> Any:
     except UnicodeDecodeError as exc:
         raise JsonRpcError(PARSE_ERROR, f"Parse error: invalid UTF-8 at byte {exc.start}") from None
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        value = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+        )
         _check_tree(value)
     except _Refused as exc:
         raise JsonRpcError(PARSE_ERROR, f"Parse error: {exc}") from None
@@ -344,18 +356,6 @@ def error_response(
 
 def result_response(id: JsonRpcId, result: Any) -> bytes:
     return dumps({"jsonrpc": JSONRPC_VERSION, "id": id, "result": result})
-
-
-def canonical_json(value: Any) -> bytes:
-    """Sorted keys, no whitespace, UTF-8: equal JSON values, equal bytes.
-
-    Stable within this project (audit digests, argument hashes). It is not
-    RFC 8785 (JCS): keys sort by code point, not UTF-16 unit, and floats use
-    Python's shortest repr.
-    """
-    return json.dumps(
-        value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-    ).encode("utf-8")
 
 
 def args_sha256(arguments: Any) -> str:

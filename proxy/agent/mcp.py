@@ -1,4 +1,6 @@
-"""MCP over Streamable HTTP: versions, calls, header checks, denials, list filtering (pure).
+"""MCP over Streamable HTTP: versions and calls (pure); mirrored header
+checks are :mod:`proxy.agent.mcp_headers`'s, denials and list filtering
+:mod:`proxy.agent.mcp_answers`'s.
 
 Theory of operation: Streamable HTTP has two generations on the wire.
 
@@ -28,10 +30,6 @@ versions with SEP-2549 caching hints it is marked ``cacheScope: "private"``
 
 from __future__ import annotations
 
-import base64
-import binascii
-import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
@@ -39,20 +37,13 @@ from typing import Any, Final
 from proxy.agent.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
-    BodyTooLarge,
     IdKey,
     JsonRpcError,
     JsonRpcId,
     JsonRpcMessage,
     MessageKind,
     ParsedBody,
-    decode_json,
-    dumps,
-    error_response,
     id_key,
-    is_json,
-    result_response,
-    validate_message,
 )
 
 # -- versions -------------------------------------------------------------------
@@ -76,7 +67,6 @@ NAME_HEADER: Final = "mcp-name"
 # 2026-07-28 basic/index "_meta" reserved keys; streamable-http "Protocol
 # Version Header": the header MUST match this _meta field.
 META_PROTOCOL_VERSION: Final = "io.modelcontextprotocol/protocolVersion"
-_BASE64_PREFIX, _BASE64_SUFFIX = "=?base64?", "?="
 # Mcp-Name is required for these (2026-07-28 "Standard Request Headers").
 _NAME_SOURCE: Final = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 
@@ -355,270 +345,3 @@ def pending_list_requests(calls: list[McpCall]) -> dict[IdKey, str]:
         if call.method is not None and call.method in LIST_METHODS and key is not None:
             pending[key] = call.method
     return pending
-
-
-# -- mirrored headers (2026-07-28) --------------------------------------------------
-
-_HEADER_VALUE_OK = re.compile(r"^[\t\x20-\x7e]*$")
-
-
-def _mismatch(call: McpCall, what: str) -> JsonRpcError:
-    return JsonRpcError(
-        HEADER_MISMATCH,
-        f"Header mismatch: {what}",
-        call.id,
-        http_status=HEADER_MISMATCH_HTTP_STATUS,
-    )
-
-
-def decode_header_value(value: str) -> str | None:
-    """A mirrored header value, Base64 sentinel (``=?base64?...?=``) decoded;
-    None if malformed (bad characters, bad Base64, not UTF-8)."""
-    if not _HEADER_VALUE_OK.match(value):
-        return None
-    if value.startswith(_BASE64_PREFIX) and value.endswith(_BASE64_SUFFIX):
-        encoded = value[len(_BASE64_PREFIX) : len(value) - len(_BASE64_SUFFIX)]
-        try:
-            return base64.b64decode(encoded, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-    return value
-
-
-def check_mirrored_headers(call: McpCall, headers: Mapping[str, str]) -> JsonRpcError | None:
-    """For 2026-07-28: the mirrored headers must be present and match the body.
-
-    ``MCP-Protocol-Version`` must equal ``_meta``'s version (and ``_meta``
-    must carry one: -32602 if not); ``Mcp-Method`` must equal the method
-    (required on requests; checked on notifications when sent); ``Mcp-Name``
-    must equal params.name (tools/call, prompts/get) or params.uri
-    (resources/read), after Base64-sentinel decoding. An ``Mcp-Name`` on a
-    request whose body names nothing is a mismatch too: some hop could be
-    routing on it. ``Mcp-Param-*`` headers need the tool's inputSchema and are
-    left to the server (our policy reads the body, never those headers).
-    Returns the error to answer (HTTP 400), or None. Other versions: None.
-    """
-    if not is_2026(call.version) or call.method is None:
-        return None
-    lower = _lower_headers(headers)
-    meta = _meta_version(call.message)
-    header_version = lower.get(PROTOCOL_VERSION_HEADER)
-    # 2026-07-28 defines no client notifications over HTTP and no header rules
-    # for them: for a notification only what is sent has to agree.
-    if meta is None and not call.is_notification:
-        return JsonRpcError(
-            INVALID_PARAMS, f"Invalid params: _meta {META_PROTOCOL_VERSION} is required", call.id
-        )
-    if header_version is None:
-        if not call.is_notification:
-            return _mismatch(call, "missing MCP-Protocol-Version header")
-    elif meta is not None and header_version.strip() != meta:
-        return _mismatch(call, f"MCP-Protocol-Version does not match _meta {META_PROTOCOL_VERSION}")
-
-    method_header = lower.get(METHOD_HEADER)
-    if method_header is None:
-        if not call.is_notification:
-            return _mismatch(call, "missing Mcp-Method header")
-    elif not _HEADER_VALUE_OK.match(method_header) or method_header.strip() != call.method:
-        return _mismatch(call, "Mcp-Method does not match the body's method")
-
-    params = call.params
-    source = _NAME_SOURCE.get(call.method)
-    if source is None:  # any other method: the name, if the body has one
-        source = next((k for k in ("name", "uri") if isinstance(params.get(k), str)), None)
-    body_name = params.get(source) if source is not None else None
-    name_header = lower.get(NAME_HEADER)
-    if name_header is None:
-        if call.method in _NAME_SOURCE:
-            return _mismatch(call, "missing Mcp-Name header")
-        return None
-    decoded = decode_header_value(name_header.strip())
-    if decoded is None:
-        return _mismatch(call, "malformed Mcp-Name header")
-    if not isinstance(body_name, str) or decoded != body_name:
-        return _mismatch(call, f"Mcp-Name does not match params.{source or 'name'}")
-    return None
-
-
-# -- denials in MCP terms ---------------------------------------------------------------
-
-_MAX_ECHO = 200  # never reflect an unbounded client string back
-
-
-def unknown_tool(id: JsonRpcId | None, name: str) -> bytes:
-    """What a server says for a tool it does not have (tools spec: -32602).
-
-    A tool the caller may not use is answered as unknown: the caller learns
-    nothing about tools it cannot see in its (filtered) tools/list.
-    """
-    return error_response(id, INVALID_PARAMS, f"Unknown tool: {name[:_MAX_ECHO]}")
-
-
-def forbidden_arguments(id: JsonRpcId, reason: str, version: str | None = None) -> bytes:
-    """A tool *execution* error (result with ``isError: true``) the model can read
-    and correct its arguments by; 2026-07-28 results carry ``resultType``."""
-    result: dict[str, Any] = {}
-    if version is not None and is_2026(version):
-        result["resultType"] = "complete"
-    result["content"] = [{"type": "text", "text": reason}]
-    result["isError"] = True
-    return result_response(id, result)
-
-
-def denied(id: JsonRpcId | None, reason: str, code: int = POLICY_DENIED) -> bytes:
-    """A policy denial for any other method (see :data:`POLICY_DENIED`).
-
-    For a notification there is no id to answer: the transport wants an HTTP
-    error status (e.g. 400) and this body with a null id at most.
-    """
-    return error_response(id, code, reason)
-
-
-def rate_limited(id: JsonRpcId | None, retry_after_s: float) -> bytes:
-    """Rate limited; ``data.retry_after`` in whole seconds, at least 1."""
-    seconds = max(1, math.ceil(retry_after_s)) if math.isfinite(retry_after_s) else 1
-    return error_response(id, RATE_LIMITED, "Rate limit exceeded", {"retry_after": seconds})
-
-
-def unsupported_version(id: JsonRpcId | None, requested: str) -> bytes:
-    return UnsupportedVersion(requested, id).to_bytes()
-
-
-# -- list filtering ---------------------------------------------------------------------
-
-
-def _filter_result(result: dict[str, Any], methods: list[str], policy: ListPolicy) -> None:
-    for method in methods:
-        member, key = LIST_METHODS[method]
-        items = result.get(member)
-        if not isinstance(items, list):
-            result[member] = []  # present but malformed: show nothing
-            continue
-        result[member] = [
-            item
-            for item in items
-            if isinstance(item, dict)
-            and isinstance(item.get(key), str)
-            and policy(method, item[key])
-        ]
-
-
-def _mark_private(result: dict[str, Any], version: str) -> None:
-    # SEP-2549: interim input_required results carry no caching hints.
-    if supports_cache_scope(version) and result.get("resultType", "complete") == "complete":
-        result["cacheScope"] = "private"
-
-
-def infer_list_methods(result: Any) -> list[str]:
-    """The list methods whose result shape ``result`` has (an array under
-    ``tools``, ``prompts`` or ``resources``). Filtering those is always safe."""
-    if not isinstance(result, dict):
-        return []
-    return [m for m, (member, _) in LIST_METHODS.items() if isinstance(result.get(member), list)]
-
-
-def _filter_response_obj(
-    response: dict[str, Any],
-    pending: Mapping[IdKey, str],
-    policy: ListPolicy,
-    version: str,
-    infer: bool,
-) -> bool:
-    """Filter one response object in place; True if it was a list response."""
-    result = response.get("result")
-    if "error" in response or not isinstance(result, dict):
-        return False
-    raw_id = response.get("id")
-    key = None if isinstance(raw_id, bool) or not isinstance(raw_id, str | int) else id_key(raw_id)
-    if key is not None and key in pending:
-        method = pending[key]
-        methods = [method] if method in LIST_METHODS else []
-        if methods and LIST_METHODS[method][0] not in result:
-            methods = []  # a malformed result: the client rejects it; leave it
-    elif infer:
-        methods = infer_list_methods(result)
-    else:
-        methods = []
-    if not methods:
-        return False
-    _filter_result(result, methods, policy)
-    _mark_private(result, version)
-    return True
-
-
-def filter_list_result(
-    message: bytes | Mapping[str, Any],
-    method: str,
-    allowed: Callable[[str], bool],
-    version: str,
-) -> bytes:
-    """One list response, filtered to what ``allowed(name_or_uri)`` admits.
-
-    Every other member (``nextCursor``, ``ttlMs``, ``_meta``, ...) is kept and
-    key order is preserved; 2026-07-28 results get ``cacheScope: "private"``.
-    Error responses and non-list methods come back unchanged. Raises
-    JsonRpcError if ``message`` is not a strict JSON-RPC response.
-    """
-    if method not in LIST_METHODS:
-        return bytes(message) if isinstance(message, bytes) else dumps(dict(message))
-    if isinstance(message, bytes):
-        obj = decode_json(message, max_bytes=len(message))
-    else:
-        obj = decode_json(dumps(dict(message)), max_bytes=1 << 62)  # deep copy, same checks
-    parsed = validate_message(obj)
-    if parsed.kind is not MessageKind.RESULT or parsed.id is None:
-        return message if isinstance(message, bytes) else dumps(obj)
-    _filter_response_obj(
-        obj, {id_key(parsed.id): method}, lambda _m, name: allowed(name), version, infer=False
-    )
-    return dumps(obj)
-
-
-def filter_responses(
-    body: bytes | str,
-    pending: Mapping[IdKey, str],
-    policy: ListPolicy,
-    version: str,
-    *,
-    infer: bool,
-    max_bytes: int = 64 << 20,
-) -> bytes | None:
-    """Filter the list responses in a response body (one object or a batch).
-
-    A response is filtered when its id is a pending list request, or (with
-    ``infer``: replays, SSE streams) when its result has a list's shape.
-    Returns the re-serialised body, or None when nothing in it is a list
-    response (pass it on untouched); a body that is not JSON at all is None
-    too (no client acts on it as MCP).
-
-    Raises :class:`UnfilterableResponse` (fail closed) when the body is JSON
-    we refuse to interpret (duplicate keys, NaN, lone surrogates, too deep,
-    too large: a lenient client could still read a list out of it), or when
-    an element that looks like a list response is not valid JSON-RPC.
-    """
-    try:
-        value = decode_json(body, max_bytes=max_bytes)
-    except JsonRpcError as exc:
-        text = body if isinstance(body, str) else body.decode("utf-8", "replace")
-        if isinstance(exc, BodyTooLarge) or is_json(text):
-            raise UnfilterableResponse(exc.message) from None
-        return None
-    changed = False
-    for item in value if isinstance(value, list) else [value]:
-        try:
-            validate_message(item)
-        except JsonRpcError as exc:
-            if isinstance(item, dict) and _looks_like_list_response(item, pending):
-                raise UnfilterableResponse(exc.message) from None
-            continue
-        changed |= _filter_response_obj(item, pending, policy, version, infer)
-    return dumps(value) if changed else None
-
-
-def _looks_like_list_response(item: dict[str, Any], pending: Mapping[IdKey, str]) -> bool:
-    if infer_list_methods(item.get("result")):
-        return True
-    raw_id = item.get("id")
-    if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
-        return False
-    return pending.get(id_key(raw_id)) in LIST_METHODS

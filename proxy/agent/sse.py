@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from proxy.agent.jsonrpc import IdKey
-from proxy.agent.mcp import ListPolicy, filter_responses
+from proxy.agent.mcp import ListPolicy
+from proxy.agent.mcp_answers import filter_responses
 
 Transform = Callable[[str], str | None]
 
@@ -222,7 +223,7 @@ def make_list_transform(
     answer requests the caller no longer tracks). Everything else: None.
     ``pending`` is read at each event, so the caller may keep updating it.
     Raises :class:`~proxy.agent.mcp.UnfilterableResponse` for event data we
-    must not pass on (see :func:`~proxy.agent.mcp.filter_responses`).
+    must not pass on (see :func:`~proxy.agent.mcp_answers.filter_responses`).
     """
 
     def transform(data: str) -> str | None:

@@ -22,15 +22,9 @@ from proxy.cli.envflags import EnvFlag, env_help, fill_from_env
 from proxy.cli.svid import _read_file
 from proxy.durations import DurationError, parse_duration
 from proxy.errors import UsageError
-from proxy.guard.approval import (
-    MAX_TTL,
-    ApprovalError,
-    body_sha256,
-    canonical_json,
-    mint_approval,
-)
-from proxy.http.policy import BadPath, normalize_path, parse_method
 from proxy.identity import SpiffeId, SpiffeIdError, SvidError, check_validity, load_x509_svid
+from proxy.policy.approval import MAX_TTL, ApprovalError, body_sha256, canonical_json, mint_approval
+from proxy.policy.paths import BadPath, normalize_path, parse_method
 
 FLAGS = (
     EnvFlag("cert", "--cert", required=True),

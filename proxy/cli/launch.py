@@ -4,19 +4,24 @@ Theory of operation: the launcher is a small supervisor, not a trio program.
 It starts the sidecar (``python -m proxy run --config FILE``) in its own
 process group, so a Ctrl-C from the terminal reaches the agent and the
 launcher but not the sidecar: the launcher decides when the sidecar stops.
-It waits, with a deadline, until the sidecar is ready (``/readyz`` answers
-200 on the admin endpoint, or the sidecar logs ``ready`` when there is no
-admin endpoint to ask), then starts the agent command with ``HTTP_PROXY``
-pointing at the sidecar's egress listener and with every variable that names
-the sidecar's identity files removed.
+It waits, with a deadline, until the sidecar says it is ready: the launcher
+hands it the write end of a pipe (``run --ready-fd N``) and the sidecar
+writes ``ready`` there once every listener is bound. Only our own child holds
+that descriptor, so another process answering on the configured ports (a
+second sidecar with another identity, say) can never make the launcher start
+the agent: our child fails to bind, exits, and the launcher reports its error.
+Then it starts the agent command with ``HTTP_PROXY`` pointing at the
+sidecar's egress listener and with every variable that names the sidecar's
+identity files removed.
 
-One thread, one ``selectors`` loop, no polling sleeps. The loop waits on:
-the sidecar's stderr (read, forwarded line by line to ours, and watched for
-the ``listening``/``ready`` events), a wake-up pipe that ``signal`` writes
-each signal number to, and one descriptor per child that becomes readable
-when the child exits (a pidfd on Linux; elsewhere a pipe a waiter thread
-writes to). Only the readiness probe of ``/readyz`` wakes the loop on a
-timer, every 50 ms, until the sidecar is ready.
+One thread, one ``selectors`` loop, no polling. The loop waits on: the
+sidecar's stderr (read, forwarded line by line to ours, and watched for the
+``listening`` events that give the egress listener's bound address), the
+readiness pipe, a wake-up pipe that ``signal`` writes each signal number to,
+and one descriptor per child that becomes readable when the child exits (a
+pidfd on Linux; elsewhere a pipe a waiter thread writes to). The sidecar
+always logs JSON to the launcher (``--log-format json``); on a console the
+launcher renders those lines for people.
 
 What happens when:
 
@@ -31,8 +36,9 @@ What happens when:
 * The sidecar exits first: the agent has lost its only way to its peers, so
   it gets SIGTERM, then SIGKILL after ``_AGENT_GRACE`` seconds. The
   launcher prints one line and exits 70 (EX_SOFTWARE).
-* The sidecar is not ready in time, or dies before it is: one line, the
-  agent is never started, exit 70.
+* The sidecar is not ready in time, or dies before it is (a port already
+  taken, a bad identity): one line with the sidecar's own error, the agent is
+  never started, exit 70.
 
 Least privilege: run as root, ``--user`` starts the agent under another user
 (its primary group, no supplementary groups unless ``--group``), so key
@@ -43,30 +49,34 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import grp
-import http.client
-import json
 import os
-import pwd
 import selectors
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
 
 from proxy import logs
-from proxy.cli.envflags import ENV_PREFIX, EnvFlag, env_help, fill_from_env
-from proxy.config import Config, OutboundConfig, load_config
+from proxy.cli.agent_env import (
+    AgentUser,
+    agent_environment,
+    client_address,
+    egress_listener,
+    exit_status,
+    identity_paths,
+    readable_by,
+    resolve_user,
+)
+from proxy.cli.envflags import EnvFlag, env_help, fill_from_env
+from proxy.cli.launch_child import SidecarChild, exit_fd
+from proxy.config import Config, load_config
 from proxy.durations import parse_duration
 from proxy.errors import UsageError
-from proxy.netaddr import AddressError, HostPort
+from proxy.netaddr import HostPort
 
 __all__ = [
     "EX_SIDECAR",
@@ -84,9 +94,7 @@ log = structlog.get_logger("agent_proxy")
 EX_SIDECAR = 70  # EX_SOFTWARE: the sidecar failed, not the agent
 _AGENT_GRACE = 10.0  # seconds between SIGTERM and SIGKILL for the agent
 _STOP_MARGIN = 5.0  # seconds past the sidecar's drain_timeout before SIGKILL
-_POLL_INTERVAL = 0.05  # seconds between /readyz probes while starting
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-_LOOPBACK_FOR = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
 
 _FLAGS = (
     EnvFlag("config", "--config", required=True),
@@ -134,241 +142,7 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=_launch)
 
 
-# -- pure parts: what the agent gets -----------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class AgentUser:
-    uid: int
-    gid: int
-    name: str | None  # None: a numeric UID with no passwd entry
-    home: str | None
-
-
-def _lookup_group(text: str) -> int:
-    if text.isdigit():
-        return int(text)
-    try:
-        return grp.getgrnam(text).gr_gid
-    except KeyError:
-        raise UsageError(f"--group {text!r}: no such group") from None
-
-
-def resolve_user(user: str | None, group: str | None, euid: int) -> AgentUser | None:
-    """The user to run the agent as, or None to run it as ourselves."""
-    if user is None and group is None:
-        return None
-    if euid != 0:
-        raise UsageError("--user/--group need root: only root can start the agent as another user")
-    if user is None:
-        raise UsageError("--group needs --user")
-    entry: pwd.struct_passwd | None
-    try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except KeyError:
-        if not user.isdigit():
-            raise UsageError(f"--user {user!r}: no such user") from None
-        entry = None
-    if entry is None and group is None:
-        raise UsageError(f"--user {user}: no passwd entry for this UID, so give --group too")
-    uid = int(user) if entry is None else entry.pw_uid
-    gid = _lookup_group(group) if group is not None else entry.pw_gid  # type: ignore[union-attr]
-    if entry is None:
-        return AgentUser(uid, gid, None, None)
-    return AgentUser(uid, gid, entry.pw_name, entry.pw_dir)
-
-
-def egress_listener(config: Config) -> OutboundConfig | None:
-    """The listener HTTP_PROXY points at: the first ``http-proxy`` outbound."""
-    return next((o for o in config.outbound if o.protocol == "http-proxy"), None)
-
-
-def identity_paths(config: Config) -> list[str]:
-    """Every path through which the sidecar's identity could be read."""
-    ident = config.identity
-    paths: list[str] = []
-    if ident.source == "files":
-        for p in (ident.cert, ident.key, ident.bundle, *ident.federation.values()):
-            if p is not None:
-                paths.append(str(p))
-    elif ident.source == "dev" and ident.state_dir is not None:
-        paths.append(str(ident.state_dir))
-    elif ident.source == "workload-api" and ident.endpoint and ident.endpoint.startswith("unix:"):
-        paths.append(ident.endpoint.removeprefix("unix://"))
-    real = [os.path.realpath(p) for p in paths]
-    return sorted({*paths, *real})
-
-
-def _mentions(value: str, paths: Sequence[str]) -> bool:
-    """True when ``value`` contains one of ``paths``, or one of its
-    ``os.pathsep`` parts is the directory that holds one of them."""
-    if any(p and p in value for p in paths):
-        return True
-    dirs = {os.path.dirname(p).rstrip("/") for p in paths} - {""}
-    return any(part.rstrip("/") in dirs for part in value.split(os.pathsep) if part)
-
-
-def agent_environment(
-    environ: Mapping[str, str],
-    config: Config,
-    proxy_url: str | None,
-    user: AgentUser | None = None,
-) -> dict[str, str]:
-    """The agent's environment: ours, minus anything that leads to the
-    sidecar's identity, plus the proxy variables.
-
-    Removed: ``AGENT_PROXY_*`` (our own flags, the config path among them),
-    ``SPIFFE_ENDPOINT_SOCKET``, and every variable whose value names an
-    identity file, the dev CA's directory, the Workload API socket or a
-    directory holding one of them. Set: ``HTTP_PROXY``/``http_proxy`` to the
-    egress listener, and ``NO_PROXY``/``no_proxy`` to loopback only, so an
-    inherited exclusion cannot send a routed host around the sidecar while
-    the agent still reaches its own loopback services directly.
-    """
-    paths = identity_paths(config)
-    env: dict[str, str] = {}
-    for name, value in environ.items():
-        if name.startswith(ENV_PREFIX) or name == "SPIFFE_ENDPOINT_SOCKET":
-            continue
-        if _mentions(value, paths):
-            continue
-        env[name] = value
-    if proxy_url is not None:
-        env["HTTP_PROXY"] = env["http_proxy"] = proxy_url
-        env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1,::1"
-    if user is not None and user.name is not None:
-        env["USER"] = env["LOGNAME"] = user.name
-        if user.home:
-            env["HOME"] = user.home
-    return env
-
-
-def exit_status(returncode: int) -> int:
-    """A child's status as a shell reports it: 128 + N when killed by signal N."""
-    return returncode if returncode >= 0 else 128 - returncode
-
-
-def _client_address(hp: HostPort) -> HostPort:
-    """Where to connect to reach a listener bound to ``hp``."""
-    return HostPort(_LOOPBACK_FOR.get(hp.host, hp.host), hp.port)
-
-
-def _readable_by(path: str, user: AgentUser) -> bool:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    if st.st_uid == user.uid:
-        return bool(st.st_mode & 0o400)
-    if st.st_gid == user.gid:
-        return bool(st.st_mode & 0o040)
-    return bool(st.st_mode & 0o004)
-
-
 # -- the supervisor -----------------------------------------------------------
-
-
-def _exit_fd(proc: subprocess.Popen[bytes]) -> int:
-    """A descriptor that becomes readable when ``proc`` exits."""
-    if hasattr(os, "pidfd_open"):
-        with contextlib.suppress(OSError):
-            return os.pidfd_open(proc.pid)
-    r, w = os.pipe()
-
-    def wait() -> None:
-        proc.wait()
-        os.write(w, b"x")
-        os.close(w)
-
-    threading.Thread(target=wait, name=f"wait-{proc.pid}", daemon=True).start()
-    return r
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec hook so the sidecar gets SIGTERM if the launcher is killed
-    outright (Linux ``PR_SET_PDEATHSIG``). The libc lookup happens here, in
-    the parent; the child only makes the call."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def hook() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-
-    return hook
-
-
-def _readyz(hp: HostPort) -> bool:
-    conn = http.client.HTTPConnection(hp.host, hp.port, timeout=1.0)
-    try:
-        conn.request("GET", "/readyz")
-        return conn.getresponse().status == 200
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        conn.close()
-
-
-class _Sidecar:
-    """The sidecar process and what its log lines told us."""
-
-    def __init__(self, config_path: str) -> None:
-        self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "--config", config_path],
-            stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            process_group=0,
-            # preexec_fn is unsafe with threads; the launcher has none yet.
-            preexec_fn=_die_with_parent(),
-        )
-        assert self.proc.stderr is not None
-        self.stderr_fd = self.proc.stderr.fileno()
-        os.set_blocking(self.stderr_fd, False)
-        self._partial = b""
-        self.ready_logged = False
-        self.admin_address: str | None = None
-        self.listening: dict[str, str] = {}
-
-    def read_stderr(self) -> bool:
-        """Forward what the sidecar wrote; False at end of file."""
-        try:
-            data = os.read(self.stderr_fd, 65536)
-        except BlockingIOError:
-            return True
-        if not data:
-            if self._partial:
-                self._line(self._partial)
-                self._partial = b""
-            return False
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            self._line(line)
-        return True
-
-    def _line(self, raw: bytes) -> None:
-        # A closed stderr (``... 2>&1 | head``) must not end supervision:
-        # keep reading, so the sidecar never blocks on a full pipe.
-        with contextlib.suppress(OSError, ValueError):
-            sys.stderr.flush()
-            sys.stderr.buffer.write(raw + b"\n")
-            sys.stderr.buffer.flush()
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            return
-        if not isinstance(obj, dict):
-            return
-        event, address = obj.get("event"), obj.get("address")
-        if event == "ready":
-            self.ready_logged = True
-        elif event == "admin listening" and isinstance(address, str):
-            self.admin_address = address
-        elif event == "listening" and isinstance(address, str):
-            self.listening[str(obj.get("listener"))] = address
 
 
 class _Launch:
@@ -388,7 +162,7 @@ class _Launch:
         self.egress = egress_listener(config)
         self.sel = selectors.DefaultSelector()
         self.signals: list[int] = []
-        self.sidecar: _Sidecar | None = None
+        self.sidecar: SidecarChild | None = None
         self.sidecar_rc: int | None = None
         self.agent: subprocess.Popen[bytes] | None = None
         self.agent_rc: int | None = None
@@ -405,6 +179,10 @@ class _Launch:
             elif what == "stderr":
                 assert self.sidecar is not None
                 if not self.sidecar.read_stderr():
+                    self.sel.unregister(key.fd)
+            elif what == "ready":
+                assert self.sidecar is not None
+                if not self.sidecar.read_ready() or self.sidecar.ready:
                     self.sel.unregister(key.fd)
             elif what == "sidecar-exit":
                 self.sel.unregister(key.fd)
@@ -457,8 +235,10 @@ class _Launch:
                     os.close(fd)
 
     def _run(self) -> int:
-        self.sidecar = _Sidecar(self.config_path)
-        self._watch(_exit_fd(self.sidecar.proc), "sidecar-exit")
+        self.sidecar = SidecarChild(self.config_path)
+        self._fds.append(self.sidecar.ready_fd)
+        self.sel.register(self.sidecar.ready_fd, selectors.EVENT_READ, "ready")
+        self._watch(exit_fd(self.sidecar.proc), "sidecar-exit")
         self.sel.register(self.sidecar.stderr_fd, selectors.EVENT_READ, "stderr")
         status = self._wait_ready()
         if status is not None:
@@ -483,7 +263,7 @@ class _Launch:
             _say(f"cannot start {self.command[0]!r}: {exc.strerror or exc}")
             self._stop_sidecar()
             return 127 if isinstance(exc, FileNotFoundError) else 126
-        self._watch(_exit_fd(self.agent), "agent-exit")
+        self._watch(exit_fd(self.agent), "agent-exit")
         log.info(
             "agent started",
             agent_pid=self.agent.pid,
@@ -509,19 +289,6 @@ class _Launch:
             self._wait_until(lambda: self.agent_rc is not None, _AGENT_GRACE)
         return EX_SIDECAR
 
-    def _admin_address(self) -> HostPort | None:
-        assert self.sidecar is not None
-        listen = self.config.admin.listen
-        if listen is None:
-            return None
-        if listen.port:
-            return _client_address(listen)
-        if self.sidecar.admin_address is None:
-            return None
-        with contextlib.suppress(AddressError):
-            return _client_address(HostPort.parse(self.sidecar.admin_address))
-        return None
-
     def _proxy_url(self) -> str | None:
         assert self.sidecar is not None
         if self.egress is None:
@@ -532,13 +299,12 @@ class _Launch:
             if bound is None:
                 return None
             listen = HostPort.parse(bound)
-        return f"http://{_client_address(listen)}"
+        return f"http://{client_address(listen)}"
 
     def _wait_ready(self) -> int | None:
         """None once the sidecar is ready; otherwise the launcher's exit status."""
         assert self.sidecar is not None
         end = time.monotonic() + self.ready_timeout
-        next_probe = 0.0
         while True:
             for signum in self._take_signals():
                 if signum == signal.SIGHUP:
@@ -547,31 +313,28 @@ class _Launch:
                 _say(f"{signal.Signals(signum).name} before the agent started; stopping")
                 return exit_status(-signum)
             if self.sidecar_rc is not None:
+                # Read what it said on its way out, so its error is ours too.
+                self._wait_until(lambda: not self._reading(), 2.0)
+                why = f": {self.sidecar.last_error}" if self.sidecar.last_error else ""
                 _say(
                     f"the sidecar exited with status {exit_status(self.sidecar_rc)} "
-                    "before it was ready"
+                    f"before it was ready{why}"
                 )
                 return EX_SIDECAR
             egress_known = self.egress is None or self._proxy_url() is not None
-            admin = self._admin_address()
-            now = time.monotonic()
-            if egress_known and self.sidecar.ready_logged:
+            if self.sidecar.ready and egress_known:
                 return None
-            if egress_known and admin is not None and now >= next_probe:
-                if _readyz(admin):
-                    return None
-                next_probe = time.monotonic() + _POLL_INTERVAL
-            now = time.monotonic()
-            if now >= end:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
                 hint = ""
-                if admin is None:
-                    hint = " (with no admin endpoint, launch waits for its 'ready' log line)"
+                if self.sidecar.ready:
+                    hint = (
+                        f" (it never logged the address of {self.egress.name!r}; "  # type: ignore[union-attr]
+                        "is log_level above info?)"
+                    )
                 _say(f"the sidecar was not ready within {self.ready_timeout:g}s{hint}")
                 return EX_SIDECAR
-            timeout = end - now
-            if admin is not None:
-                timeout = min(timeout, max(next_probe - now, 0.0))
-            self._pump(timeout)
+            self._pump(remaining)
 
     def _stop_sidecar(self) -> None:
         assert self.sidecar is not None
@@ -604,7 +367,7 @@ class _Launch:
                 )
             return
         key = self.config.identity.key
-        if key is not None and _readable_by(str(key), self.user):
+        if key is not None and readable_by(str(key), self.user):
             log.warning("the agent's user can read the sidecar's key", path=str(key))
 
 

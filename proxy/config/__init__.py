@@ -44,11 +44,12 @@ from proxy.config.sections import (
     default_dev_id,
     guard_section,
     identity_section,
+    tracing_section,
 )
 from proxy.config.summary import summarize
 from proxy.config.walker import Ctx, Table
-from proxy.guard.policy import PolicySet, policy_version
-from proxy.guard.quarantine import GuardConfig
+from proxy.policy.evaluate import PolicySet, policy_version
+from proxy.policy.quarantine import GuardConfig
 
 __all__ = [
     "DEFAULT_ADMIN",
@@ -110,6 +111,7 @@ def parse_config(
     identity = identity_section(root.table("identity"), ctx, root.string("spiffe_id", default=None))
     admin = admin_section(root.table("admin"))
     audit = audit_section(root.table("audit"))
+    tracing = tracing_section(root.table("tracing"))
     inbound = tuple(inbound_section(t) for t in root.tables("inbound"))
     outbound = tuple(outbound_section(t) for t in root.tables("outbound"))
     guard = guard_section(root.table("guard"))
@@ -131,6 +133,7 @@ def parse_config(
         drain_timeout=drain,
         log_level=level,
         guard=guard,
+        tracing=tracing,
         policy_version=config_policy_version(inbound, outbound),
     )
 

@@ -30,8 +30,9 @@ from proxy.config.schema import (
     RouteProtocol,
 )
 from proxy.config.walker import MISSING, Ctx, Table
-from proxy.guard.conditions import SCHEMA
-from proxy.guard.policy import GuardRule, PolicySet
+from proxy.policy.conditions import SCHEMA
+from proxy.policy.evaluate import PolicySet
+from proxy.policy.rules import GuardRule
 
 _LIMIT_KEYS = (
     "max_header_bytes",

@@ -5,15 +5,15 @@ high-impact steps, MCP and A2A selectors)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from urllib.parse import urlsplit
 
 from proxy.agent.a2a import normalize_method as normalize_a2a_method
+from proxy.agent.a2a_push import validate_push_allowlist_entry
 from proxy.config.walker import Table
-from proxy.guard.conditions import ConditionError, compile_condition
-from proxy.guard.policy import GuardRule, HighImpact
-from proxy.guard.ratelimit import Rate, RateError
-from proxy.http.policy import PathPattern, PathPatternError, parse_method
 from proxy.policy import PatternError, SpiffePattern
+from proxy.policy.conditions import ConditionError, compile_condition
+from proxy.policy.paths import PathPattern, PathPatternError, parse_method
+from proxy.policy.ratelimit import Rate, RateError
+from proxy.policy.rules import GuardRule, HighImpact
 
 
 def http_only(protocol: str, keys: Sequence[str]) -> dict[str, str]:
@@ -98,11 +98,14 @@ def _high_impact(t: Table) -> HighImpact | None:
 def _push_urls(t: Table) -> tuple[str, ...]:
     values = t.strings("push_url_allowlist", required=False, nonempty=False)
     for i, value in enumerate(values):
-        url = urlsplit(value.replace("*", "x"))
-        if url.scheme not in ("https", "http") or not url.netloc:
+        # The matcher's own parser: an entry it cannot read would never match.
+        try:
+            validate_push_allowlist_entry(value)
+        except ValueError:
             t.ctx.fail(
                 f"{t.at('push_url_allowlist')}[{i}]",
-                f"invalid URL pattern {value!r}: expected https://host/path ('*' allowed)",
+                f"invalid URL pattern {value!r}: expected http(s)://host[:port][/path] ('*' "
+                "as a leading '*.' label or in path segments; no userinfo, query or fragment)",
             )
     return tuple(values)
 

@@ -14,12 +14,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
+from proxy.audit.settings import AuditSettings
 from proxy.errors import UsageError
-from proxy.guard.policy import GuardRule, PolicySet
-from proxy.guard.quarantine import GuardConfig
 from proxy.identity import SpiffeId, TrustDomain
 from proxy.netaddr import HostPort
 from proxy.policy import SpiffePattern
+from proxy.policy.evaluate import PolicySet
+from proxy.policy.quarantine import GuardConfig
+from proxy.policy.rules import GuardRule
+from proxy.tracing.settings import TracingSettings
 
 IdentitySource = Literal["files", "workload-api", "dev"]
 MinTls = Literal["1.2", "1.3"]
@@ -71,9 +74,7 @@ class AdminConfig:
     listen: HostPort | None = DEFAULT_ADMIN  # None: no admin endpoint
 
 
-@dataclass(frozen=True, slots=True)
-class AuditConfig:
-    path: str = "-"
+AuditConfig = AuditSettings  # [audit]: parsed by proxy.audit.settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +101,7 @@ class InboundConfig:
     allow_remote_target: bool = False
     identity_headers: tuple[str, ...] = (XFCC,)
     limits: HttpLimits = HttpLimits()
-    # Every rule of the listener, for the guard (proxy.guard.policy).
+    # Every rule of the listener, for the guard (proxy.policy.evaluate).
     guard: PolicySet = field(default_factory=PolicySet, compare=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # mcp/a2a: JSON-RPC bodies we parse
 
@@ -151,5 +152,6 @@ class Config:
     drain_timeout: float = 15.0
     log_level: str = "info"
     guard: GuardConfig = field(default_factory=GuardConfig)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     # SHA-256 over every listener's and route's policy version.
     policy_version: str = field(default="", compare=False)

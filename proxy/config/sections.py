@@ -6,11 +6,13 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
+from proxy.audit.settings import parse_audit
 from proxy.config.schema import (
     DEFAULT_ADMIN,
     DEV_STATE_DIR,
@@ -21,9 +23,10 @@ from proxy.config.schema import (
     IdentitySource,
 )
 from proxy.config.walker import Ctx, Table
-from proxy.guard.quarantine import DenyBurst, GuardConfig, RateSpike
 from proxy.identity import SpiffeId, SpiffeIdError, TrustDomain
 from proxy.netaddr import AddressError, HostPort
+from proxy.policy.quarantine import DenyBurst, GuardConfig, RateSpike
+from proxy.tracing.settings import TracingSettings, parse_tracing
 
 # -- identity, admin ----------------------------------------------------------
 
@@ -138,11 +141,14 @@ def _endpoint_problem(text: str) -> str | None:
 def audit_section(t: Table | None) -> AuditConfig:
     if t is None:
         return AuditConfig()
-    path = t.string("path", default="-", nonempty=True)
-    if path != "-":
-        path = str(t.ctx.base_dir / t.expand("path", path))
-    t.done()
-    return AuditConfig(path)
+    settings = parse_audit(t.data, t.path, source=t.ctx.source)
+    if settings.path == "-":
+        return settings
+    return replace(settings, path=str(t.ctx.base_dir / t.expand("path", settings.path)))
+
+
+def tracing_section(t: Table | None) -> TracingSettings:
+    return TracingSettings() if t is None else parse_tracing(t.data, t.path, source=t.ctx.source)
 
 
 def admin_section(t: Table | None) -> AdminConfig:

@@ -6,8 +6,8 @@ from datetime import timedelta
 
 from proxy.config.schema import HTTP_FAMILY, XFCC, Config
 from proxy.durations import format_duration
-from proxy.guard.policy import GuardRule
-from proxy.guard.quarantine import GuardConfig
+from proxy.policy.quarantine import GuardConfig
+from proxy.policy.rules import GuardRule
 
 
 def _seconds(value: float) -> str:

@@ -19,18 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.agent import a2a
+from proxy.agent import a2a, a2a_push
 from proxy.agent.jsonrpc import (
     JsonRpcError,
     decode_json,
     error_response,
     parse_message,
 )
-from proxy.agent.mcp import denied
-from proxy.guard.policy import PolicySet, RequestFacts
+from proxy.agent.mcp_answers import denied
 from proxy.http.mcp_flow import ResponseFilter, Verdict
 from proxy.identity import SpiffeId, TrustBundleSet
-from proxy.runtime.gate import Gate
+from proxy.policy.evaluate import PolicySet
+from proxy.policy.gate import Gate
+from proxy.policy.rules import RequestFacts
 
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
@@ -103,7 +104,7 @@ class A2aGuard:
             return self._deny(verdict, entry, denied(message.id, result.reason))
         try:
             task_ids = a2a.task_ids_in_request(method, params)
-            urls = a2a.push_urls_in_request(method, params)
+            urls = a2a_push.push_urls_in_request(method, params)
         except a2a.A2aParamsError as exc:
             return self._deny(
                 verdict,
@@ -116,7 +117,7 @@ class A2aGuard:
             return self._deny(verdict, entry, a2a.task_not_found(message.id), "task_not_owned")
         if urls:
             allowlist = _push_allowlist(policy, result.rule)
-            if not all(a2a.push_url_allowed(u, allowlist) for u in urls):
+            if not all(a2a_push.push_url_allowed(u, allowlist) for u in urls):
                 return self._deny(
                     verdict,
                     entry,

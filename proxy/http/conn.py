@@ -4,9 +4,9 @@ server) and the upstream side (we are the client).
 Theory of operation: h11 holds the protocol state; these classes only move
 bytes and apply deadlines. The client-facing side checks every request head
 and chunked body with :mod:`proxy.http.framing` before h11 interprets it.
-Errors split the h11 way: :class:`PeerError` (they sent something wrong or
-went quiet: answer 4xx/5xx if we still can, then close) and plain transport
-errors (``BrokenResourceError``: nothing more to say).
+Errors split the h11 way: :class:`~proxy.http.exchange.PeerError` (they sent
+something wrong, went quiet or went away: answer 4xx/5xx if we still can,
+then close); anything else is ours.
 """
 
 from __future__ import annotations
@@ -19,13 +19,8 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from proxy.http.framing import (
-    HeadError,
-    check_chunked_buffer,
-    check_head,
-    check_partial_head,
-    find_head_end,
-)
+from proxy.http.exchange import PeerError
+from proxy.http.framing import HeadError, HeadScanner, check_chunked_buffer, check_head
 
 _RECV = 65536
 
@@ -39,16 +34,12 @@ class Limits:
     idle_timeout: float = 60.0
     request_timeout: float = 30.0
     response_timeout: float = 60.0
+    # A send that makes no progress for this long ends the exchange: a peer
+    # that stops reading must not hold our connection (and the other side's).
+    write_timeout: float = 60.0
 
 
-class PeerError(Exception):
-    """The other side broke the protocol or a deadline: status for the reply."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
+_RESPONSE_DONE = (h11.DONE, h11.MUST_CLOSE)
 
 
 class Downstream:
@@ -60,16 +51,21 @@ class Downstream:
         self.h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=limits.max_header_bytes + 1024
         )
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.closed_by_peer = False
         self._pending: list[bytes] = []
+        # Called by the flush that completes a response, before its bytes
+        # leave: the request's audit records reach the sink first.
+        self.before_release: Callable[[], None] | None = None
 
     async def _receive(self, timeout: float, on_timeout: PeerError) -> bytes:
         with trio.move_on_after(timeout):
-            data = bytes(await self.stream.receive_some(_RECV))
+            try:
+                data = bytes(await self.stream.receive_some(_RECV))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                # A reset (or a TLS stream that broke) is the client leaving,
+                # not a fault of ours: nothing to answer, one close record.
+                raise PeerError(0, "client_reset", f"client connection broke: {exc}") from exc
             self.h11.receive_data(data)
-            self.bytes_in += len(data)
             return data
         raise on_timeout
 
@@ -82,18 +78,15 @@ class Downstream:
             raise PeerError(exc.status, exc.reason, exc.message) from exc
 
     async def _next_request(self, idle_deadline: float) -> h11.Request | None:
-        started: float | None = None
-        while True:
-            pending, closed = self.h11.trailing_data
-            if pending:
-                started = started or time.monotonic()
-                end = find_head_end(pending)
-                if end is not None:
-                    check_head(pending[:end], self.limits.max_header_bytes, self.limits.max_headers)
-                    break
-                check_partial_head(pending, self.limits.max_header_bytes)
+        # Bytes h11 already holds (pipelined after the last exchange) are
+        # copied out once; new bytes are scanned once each as they arrive.
+        scanner = HeadScanner(self.limits.max_header_bytes)
+        pending, closed = self.h11.trailing_data
+        started = time.monotonic() if pending else None
+        end = scanner.feed(pending) if pending else None
+        while end is None:
             if closed:
-                if pending:
+                if started is not None:
                     raise PeerError(400, "bad_request", "connection closed inside a request head")
                 self.closed_by_peer = True
                 return None
@@ -103,7 +96,13 @@ class Downstream:
             else:
                 timeout = self.limits.request_timeout - (time.monotonic() - started)
                 error = PeerError(408, "request_timeout", "request head not complete in time")
-            await self._receive(max(timeout, 0), error)
+            data = await self._receive(max(timeout, 0), error)
+            if not data:
+                closed = True
+                continue
+            started = started or time.monotonic()
+            end = scanner.feed(data)
+        check_head(scanner.head, self.limits.max_header_bytes, self.limits.max_headers)
         event = self._next_event()
         assert isinstance(event, h11.Request)
         return event
@@ -145,6 +144,35 @@ class Downstream:
                 PeerError(408, "request_timeout", "request body stalled"),
             )
 
+    async def read_whole_body(self, limit: int) -> bytes:
+        """The whole request body (a decision that binds its hash, or an
+        agent protocol's calls); over ``limit`` is a 413."""
+        if self.h11.they_are_waiting_for_100_continue:
+            await self.send(
+                h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = await self.next_body_event()
+            if isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            size += len(event.data)
+            if size > limit:
+                raise PeerError(413, "body_too_large", f"request body over {limit} bytes")
+            chunks.append(bytes(event.data))
+
+    def body_ended(self) -> bool:
+        """Whether the request's body is already over (none was framed, or
+        all of it is buffered): a refusal can then keep the connection."""
+        try:
+            while (event := self.buffered_body_event()) is not None:
+                if isinstance(event, h11.EndOfMessage):
+                    return True
+        except PeerError:
+            pass
+        return False
+
     def queue(
         self, event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage
     ) -> None:
@@ -153,14 +181,20 @@ class Downstream:
         syscall that also runs the receiver's TCP stack."""
         data = self.h11.send(event)
         if data:
-            self.bytes_out += len(data)
             self._pending.append(data)
 
     async def flush(self) -> None:
         if self._pending:
+            if self.before_release is not None and self.h11.our_state in _RESPONSE_DONE:
+                self.before_release()
             data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
             self._pending.clear()
-            await self.stream.send_all(data)
+            await send_within(
+                self.stream,
+                data,
+                self.limits.write_timeout,
+                PeerError(0, "write_timeout", "the client stopped reading"),
+            )
 
     async def send(
         self, event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage
@@ -173,6 +207,16 @@ class Downstream:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+async def send_within(
+    stream: trio.abc.Stream, data: bytes, timeout: float, on_timeout: PeerError
+) -> None:
+    """``send_all`` under the write timeout."""
+    with trio.move_on_after(timeout):
+        await stream.send_all(data)
+        return
+    raise on_timeout
 
 
 def check_chunked_or_raise(conn: h11.Connection) -> None:
@@ -225,7 +269,12 @@ class Upstream:
         if self._pending:
             data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
             self._pending.clear()
-            await self.stream.send_all(data)
+            await send_within(
+                self.stream,
+                data,
+                self.limits.write_timeout,
+                PeerError(504, "upstream_write_timeout", "the upstream stopped reading"),
+            )
 
     async def send(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> None:
         self.queue(event)

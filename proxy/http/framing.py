@@ -28,18 +28,57 @@ class HeadError(Exception):
         return self.message
 
 
-def find_head_end(buffer: bytes) -> int | None:
-    """Index just past the CRLFCRLF that ends the head, if it is here yet."""
-    end = buffer.find(b"\r\n\r\n")
-    return None if end < 0 else end + 4
+class HeadScanner:
+    """Finds the end of one head in bytes that arrive in pieces.
 
+    Each byte is looked at a bounded number of times whatever the pieces'
+    sizes: a head sent one byte per TLS record costs linear work, not the
+    quadratic work of rescanning the whole buffer per piece. A head that
+    grows past ``max_header_bytes`` is refused before it is complete, so the
+    work per head is bounded by the limit. ``scanned`` counts the bytes
+    looked at (tests hold it to the bound).
+    """
 
-def check_partial_head(buffer: bytes, max_header_bytes: int) -> None:
-    """Problems visible before the head is complete."""
-    if _BARE_LF.search(buffer):
-        raise HeadError(400, "bad_request", "bare LF in request head")
-    if len(buffer) > max_header_bytes:
-        raise HeadError(431, "header_too_large", f"request head over {max_header_bytes} bytes")
+    __slots__ = ("_buffer", "_lf_from", "end", "max_header_bytes", "scanned")
+
+    def __init__(self, max_header_bytes: int) -> None:
+        self.max_header_bytes = max_header_bytes
+        self._buffer = bytearray()
+        self._lf_from = 0  # bare-LF check: everything before this is clean
+        self.end: int | None = None  # just past the CRLFCRLF once found
+        self.scanned = 0
+
+    def feed(self, data: bytes) -> int | None:
+        """Add ``data``; the head's end once it is here (else None). Raises
+        :class:`HeadError` for a bare LF in the head or an oversized head."""
+        if self.end is not None:
+            return self.end
+        buffer = self._buffer
+        start = max(0, len(buffer) - 3)  # a CRLFCRLF may straddle two pieces
+        buffer += data
+        found = buffer.find(b"\r\n\r\n", start)
+        limit = len(buffer) if found < 0 else found + 4
+        self.scanned += limit - start
+        lf = buffer.find(b"\n", self._lf_from, limit)
+        while lf >= 0:
+            if lf == 0 or buffer[lf - 1] != 0x0D:
+                raise HeadError(400, "bad_request", "bare LF in request head")
+            lf = buffer.find(b"\n", lf + 1, limit)
+        self._lf_from = limit
+        if found < 0:
+            if len(buffer) > self.max_header_bytes:
+                raise HeadError(
+                    431, "header_too_large", f"request head over {self.max_header_bytes} bytes"
+                )
+            return None
+        self.end = found + 4
+        return self.end
+
+    @property
+    def head(self) -> bytes:
+        """The complete raw head (only once :attr:`end` is set)."""
+        assert self.end is not None
+        return bytes(self._buffer[: self.end])
 
 
 def check_head(head: bytes, max_header_bytes: int, max_headers: int) -> None:

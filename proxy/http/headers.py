@@ -29,6 +29,28 @@ HOP_BY_HOP = frozenset(
 # A client may not use Connection to make us drop the fields that frame or
 # route the message.
 _PROTECTED = frozenset({b"host", b"content-length"})
+# Fields that must never come from a trailer section: they frame, route or
+# authenticate the message, or are ours to set (RFC 9110 6.5.1). A backend
+# that merges trailers into the header map would otherwise take them as
+# headers the client never could have sent in the head.
+_TRAILER_FORBIDDEN = frozenset(
+    {
+        b"content-length",
+        b"content-type",
+        b"content-encoding",
+        b"content-range",
+        b"host",
+        b"expect",
+        b"range",
+        b"authorization",
+        b"cookie",
+        b"set-cookie",
+        b"www-authenticate",
+        b"cache-control",
+        b"max-forwards",
+        b"x-request-id",
+    }
+)
 XFCC = b"x-forwarded-client-cert"
 REQUEST_ID = b"x-request-id"
 _REQUEST_ID_OK = re.compile(rb"^[!-~]{1,200}$")
@@ -40,6 +62,13 @@ def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
         if name == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return tokens
+
+
+def fold(name: bytes) -> bytes:
+    """A field name as a CGI/WSGI backend sees it: ``X_Spiffe_Id`` and
+    ``x-spiffe-id`` are the same ``HTTP_X_SPIFFE_ID`` there, so our rules
+    compare names this way (h11 has already lower-cased them)."""
+    return name.lower().replace(b"_", b"-") if b"_" in name else name.lower()
 
 
 def forwardable(
@@ -54,6 +83,12 @@ def forwardable(
     listed = connection_tokens(headers) - _PROTECTED
     out: list[Header] = []
     for name, value in headers:
+        if b"_" in name:
+            folded = fold(name)
+            # An underscore spelling of a field we act on is dropped, never
+            # forwarded: the backend may fold it into ours (issue: forged XFCC).
+            if folded in strip or folded in HOP_BY_HOP or folded in _PROTECTED:
+                continue
         if name in strip:
             continue
         if name == b"upgrade" and keep_upgrade:
@@ -65,6 +100,22 @@ def forwardable(
     if keep_upgrade:
         out.append((b"connection", b"upgrade"))
     return out
+
+
+def trailer_fields(
+    trailers: Sequence[Header], *, strip: frozenset[bytes] = frozenset()
+) -> list[Header]:
+    """The trailer fields a relay passes on: none that frames, routes or
+    authenticates the message, no hop-by-hop field, none of our identity
+    headers (``strip``, compared folded as in :func:`forwardable`)."""
+    return [
+        (name, value)
+        for name, value in trailers
+        if (folded := fold(name)) not in strip
+        and folded not in HOP_BY_HOP
+        and folded not in _TRAILER_FORBIDDEN
+        and folded != XFCC
+    ]
 
 
 def is_chunked(headers: Iterable[Header]) -> bool:

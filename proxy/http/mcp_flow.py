@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
-from proxy.agent import mcp
+from proxy.agent import mcp, mcp_answers, mcp_headers
 from proxy.agent.jsonrpc import (
     IdKey,
     JsonRpcError,
@@ -30,44 +30,15 @@ from proxy.agent.jsonrpc import (
     parse_message,
 )
 from proxy.agent.sse import SseFilter, make_list_transform
-from proxy.guard.approval import APPROVAL_HEADER, APPROVAL_META_KEY
-from proxy.guard.policy import PolicySet, RequestFacts
+from proxy.http.agent_hook import Judgement as Verdict
 from proxy.identity import SpiffeId, TrustBundleSet
-from proxy.runtime.gate import Gate
+from proxy.policy.approval import APPROVAL_HEADER, APPROVAL_META_KEY
+from proxy.policy.evaluate import PolicySet
+from proxy.policy.gate import Gate
+from proxy.policy.rules import RequestFacts
 
 _KIND = {"tools/list": "tool", "prompts/list": "prompt", "resources/list": "resource"}
 _MAX_RESPONSE = 64 << 20
-
-
-@dataclass
-class Verdict:
-    """What to do with one POST."""
-
-    forward: bool
-    status: int = 200
-    body: bytes = b""  # our answer when not forwarding
-    pending: dict[IdKey, str] = field(default_factory=dict)  # list requests to filter
-    version: str = mcp.DEFAULT_VERSION
-    calls: list[dict[str, Any]] = field(default_factory=list)  # one audit entry per call
-    reason: str = "rule_matched"
-    rule: str | None = None
-    headers: list[tuple[str, str]] = field(default_factory=list)
-
-
-class AgentGuard(Protocol):
-    """What the relay needs from an agent protocol (MCP, A2A)."""
-
-    max_body: int
-
-    def judge(self, body: bytes, headers: dict[str, str], path: str) -> Verdict: ...
-
-    def answer_filter(
-        self, verdict: Verdict, headers: dict[str, str], path: str
-    ) -> Callable[[str], ResponseFilter] | None: ...
-
-    def stream_filter(
-        self, headers: dict[str, str], path: str
-    ) -> Callable[[str], ResponseFilter] | None: ...
 
 
 @dataclass
@@ -134,7 +105,7 @@ class McpGuard:
         denied_any = False
         for call in calls:
             if mcp.is_2026(version) and call.method is not None:
-                mismatch = mcp.check_mirrored_headers(call, headers)
+                mismatch = mcp_headers.check_mirrored_headers(call, headers)
                 if mismatch is not None:
                     refused = {
                         "args_sha256": args_sha256(call.arguments or {}) if call.tool else None,
@@ -212,7 +183,9 @@ class McpGuard:
             }
             for call in calls:
                 if call.id is not None and call.id_key not in denied_ids:
-                    answers.append(mcp.denied(call.id, "batch refused: it contains a denied call"))
+                    answers.append(
+                        mcp_answers.denied(call.id, "batch refused: it contains a denied call")
+                    )
             verdict.body = b"[" + b",".join(answers) + b"]"
         else:
             verdict.body = answers[0] if answers else b""
@@ -231,13 +204,13 @@ class McpGuard:
     ) -> bytes:
         assert call.id is not None
         if reason == "rate_limited":
-            return mcp.rate_limited(call.id, retry_after or 1.0)
+            return mcp_answers.rate_limited(call.id, retry_after or 1.0)
         if call.method == "tools/call" and call.tool is not None:
             if not policy.visible(facts, "tool", call.tool):
-                return mcp.unknown_tool(call.id, call.tool)  # hidden tools do not exist
+                return mcp_answers.unknown_tool(call.id, call.tool)  # hidden tools do not exist
             text = f"refused by policy ({reason})" + (f": {detail}" if detail else "")
-            return mcp.forbidden_arguments(call.id, text, version)
-        return mcp.denied(call.id, reason)
+            return mcp_answers.forbidden_arguments(call.id, text, version)
+        return mcp_answers.denied(call.id, reason)
 
 
 def _approval_token(call: mcp.McpCall, headers: dict[str, str]) -> str | None:
@@ -272,6 +245,10 @@ class ResponseFilter:
         self.json_parts: list[bytes] = []
         self.size = 0
 
+    @property
+    def whole(self) -> bool:
+        return self.sse is None
+
     def feed(self, data: bytes) -> bytes:
         if self.sse is not None:
             return self.sse.feed(data)
@@ -288,14 +265,10 @@ class ResponseFilter:
         if self.json_step is not None:
             filtered = self.json_step(body)
         else:
-            filtered = mcp.filter_responses(
+            filtered = mcp_answers.filter_responses(
                 body, self.pending, self.policy, self.version, infer=self.infer
             )
         return body if filtered is None else filtered
 
 
-def json_headers() -> list[tuple[bytes, bytes]]:
-    return [(b"content-type", b"application/json")]
-
-
-__all__ = ["AgentGuard", "McpGuard", "ResponseFilter", "Verdict", "dumps", "json_headers"]
+__all__ = ["McpGuard", "ResponseFilter", "Verdict", "dumps"]

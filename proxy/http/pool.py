@@ -59,11 +59,6 @@ class UpstreamPool:
         self.connects = 0
         self.reuses = 0
 
-    def idle_count(self, key: Hashable | None = None) -> int:
-        if key is not None:
-            return len(self._idle.get(key, ()))
-        return sum(len(q) for q in self._idle.values())
-
     async def checkout(self, key: Hashable) -> tuple[Upstream, bool]:
         """A connection for ``key`` and whether it was reused."""
         while True:

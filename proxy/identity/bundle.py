@@ -82,7 +82,7 @@ def _authorities_from_jwks(data: bytes | str) -> list[x509.Certificate]:
             raise BundleError(f"SPIFFE bundle keys[{index}].x5c[0] is not base64: {exc}") from exc
         try:
             authorities.append(x509.load_der_x509_certificate(der))
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise BundleError(
                 f"SPIFFE bundle keys[{index}].x5c[0] is not a DER certificate: {exc}"
             ) from exc

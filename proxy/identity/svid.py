@@ -45,6 +45,10 @@ _SUPPORTED_KEY_TYPES = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.E
 
 _PEM_MARKER = b"-----BEGIN"
 
+# What cryptography's certificate loaders raise for bad input: ValueError,
+# and InvalidVersion (not a ValueError) for a version field other than v1-v3.
+_UNPARSABLE = (ValueError, x509.InvalidVersion)
+
 _ExtT = TypeVar("_ExtT", bound=x509.ExtensionType)
 
 
@@ -185,7 +189,7 @@ def load_pem_certificates(data: bytes) -> list[x509.Certificate]:
     """All CERTIFICATE blocks of a PEM document, in order."""
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
+    except _UNPARSABLE as exc:
         raise SvidError(f"cannot parse PEM certificates: {exc}") from exc
     if not certs:
         raise SvidError("no certificates found in PEM data")
@@ -228,7 +232,7 @@ def load_der_certificates(data: bytes) -> list[x509.Certificate]:
     for index, piece in enumerate(_split_der(data)):
         try:
             certs.append(x509.load_der_x509_certificate(piece))
-        except ValueError as exc:
+        except _UNPARSABLE as exc:
             raise SvidError(f"certificate {index} is not a valid DER certificate: {exc}") from exc
     if not certs:
         raise SvidError("no certificates found in DER data")

@@ -22,10 +22,10 @@ import trio
 from OpenSSL import SSL
 
 from proxy.audit import AuditSink, Direction
-from proxy.guard.policy import PolicySet
 from proxy.identity import IdentitySnapshot, IdentityState, SideCache
 from proxy.netaddr import HostPort, format_sockaddr
 from proxy.policy import SpiffePattern, decide_peer
+from proxy.policy.evaluate import PolicySet
 from proxy.runtime.listener import BaseListener, Conn, ms_since
 from proxy.runtime.relay import RelayStats, relay
 from proxy.tls import TlsSide, TLSStream, TlsVersion, build_side

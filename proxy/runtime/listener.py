@@ -23,6 +23,7 @@ import structlog
 import trio
 
 from proxy.audit import AuditRecord, AuditSink, Direction, rfc3339
+from proxy.audit.derive import count
 from proxy.errors import UsageError
 from proxy.identity import IdentitySnapshot, IdentityState
 from proxy.metrics import Metrics
@@ -82,6 +83,8 @@ class Conn:
 
 
 class BaseListener:
+    refuses_when_audit_fails = True  # on_failure = "closed": refuse the connection
+
     def __init__(
         self,
         *,
@@ -140,61 +143,27 @@ class BaseListener:
                     rule = value  # type: ignore[assignment]
         if conn.client_addr is not None:
             extra["client_addr"] = conn.client_addr
-        if self.metrics is not None:
-            self._count(event, decision, reason, extra)
-        self.audit.emit(
-            AuditRecord(
-                event=event,
-                direction=self.direction,
-                decision="allow" if decision == "allow" else "deny",
-                reason=reason,
-                listener=self.name,
-                conn_id=conn.conn_id,
-                rule=rule,
-                peer_id=peer_id,
-                local_id=conn.snapshot.local_id,
-                peer_addr=conn.peer_addr,
-                target=str(extra.pop("target", self.target_label)),
-                peer_cert_serial=serial,
-                peer_cert_not_after=not_after,
-                extra={k: v for k, v in extra.items() if v is not None},
-            )
+        record = AuditRecord(
+            event=event,
+            direction=self.direction,
+            decision="allow" if decision == "allow" else "deny",
+            reason=reason,
+            listener=self.name,
+            conn_id=conn.conn_id,
+            rule=rule,
+            peer_id=peer_id,
+            local_id=conn.snapshot.local_id,
+            peer_addr=conn.peer_addr,
+            target=str(extra.pop("target", self.target_label)),
+            peer_cert_serial=serial,
+            peer_cert_not_after=not_after,
+            extra={k: v for k, v in extra.items() if v is not None},
         )
-
-    def _count(self, event: str, decision: str, reason: str, extra: dict[str, object]) -> None:
-        metrics = self.metrics
-        assert metrics is not None
-        verdict = "allow" if decision == "allow" else "deny"
-        up = extra.get("bytes_up")
-        down = extra.get("bytes_down")
-        dry_run = extra.get("dry_run")
-        if isinstance(dry_run, list):
-            for item in dry_run:
-                metrics.dry_run(self.name, str(item["rule"]), str(item["outcome"]))
-        tripped = extra.get("quarantine_reason")
-        if tripped is not None:
-            metrics.quarantined(str(tripped))
-        if event == "mcp.call":
-            return  # counted through its HTTP request; the call's own counts are above
-        if event == "http.request":
-            duration = extra.get("duration_ms")
-            metrics.request(
-                self.name,
-                self.direction,
-                verdict,
-                reason,
-                duration / 1000 if isinstance(duration, int) else None,
-                up if isinstance(up, int) else 0,
-                down if isinstance(down, int) else 0,
-            )
-            return
-        metrics.connection(self.name, self.direction, verdict, reason)
-        if event == "connection.refused" and reason not in ("connection_limit",):
-            metrics.handshake_failure(self.name, reason)
-        elif event == "connection.close" and (up or down):
-            metrics.transferred(
-                self.name, up if isinstance(up, int) else 0, down if isinstance(down, int) else 0
-            )
+        self.audit.emit(record)
+        if self.metrics is not None:
+            count(self.metrics, record)  # metrics from the record, not event names
+        if event != "mcp.call":  # its http.request follows and commits both
+            self.audit.commit()  # barrier: the effect this record describes comes next
 
     # -- accepting --------------------------------------------------------
 
@@ -258,8 +227,10 @@ class BaseListener:
         elif conn.snapshot.expired(_dt.datetime.now(_dt.UTC)):
             # Fail closed: with our SVID expired we present nothing.
             refusal = "own_svid_expired"
+        elif self.refuses_when_audit_fails and not self.audit.accepting():
+            refusal = "audit_unavailable"  # fail closed: no record could be written
         if refusal is not None:
-            self.record(conn, "connection.refused", "deny", refusal)
+            self.record(conn, "connection.refused", "deny", refusal, outcome="denied")
             await stream.aclose()
             return
         if self.max_lifetime is not None:
@@ -303,7 +274,21 @@ class BaseListener:
         if failure is None:
             self.arm_peer_expiry(conn)
             return True
-        self.record(conn, "connection.refused", "deny", failure[0], error=failure[1])
+        reason, detail = failure
+        decision = conn.tls.peer.decision
+        if (
+            self.direction == "outbound"
+            and decision is not None
+            and decision.allowed
+            and reason in ("tls_error", "no_peer_certificate")
+        ):
+            # We had accepted the upstream's SVID; what ended the handshake
+            # after that is the upstream judging ours (an alert, or a close).
+            reason, detail = "refused_by_upstream", f"upstream refused us: {detail}"
+        if reason == "refused_by_upstream":  # our policy allowed; the far side did not
+            self.record(conn, "connection.refused", "allow", reason, outcome=reason, error=detail)
+        else:
+            self.record(conn, "connection.refused", "deny", reason, outcome="denied", error=detail)
         return False
 
     def arm_peer_expiry(self, conn: Conn) -> None:

@@ -30,12 +30,14 @@ from pathlib import Path
 import trio
 
 from proxy.audit import AuditSink, rfc3339
+from proxy.audit.exposition import register as register_audit_metrics
 from proxy.config import Config, InboundConfig, OutboundConfig
 from proxy.errors import UsageError, find_exception
 from proxy.identity import IdentityState
 from proxy.metrics import Metrics
+from proxy.policy.gate import Gate
 from proxy.runtime.admin import AdminServer
-from proxy.runtime.gate import Gate, install_guard_routes
+from proxy.runtime.gate import install_guard_routes
 from proxy.runtime.http_listeners import HttpInboundListener, HttpOutboundListener
 from proxy.runtime.l4 import L4Config, L4Listener
 from proxy.runtime.listener import BaseListener
@@ -196,12 +198,15 @@ class Readiness:
     def __init__(self) -> None:
         self.state: IdentityState | None = None
         self.listening = False
+        self.audit: AuditSink | None = None
 
     def __call__(self) -> tuple[bool, str]:
         if self.state is None:
             return False, "identity not loaded"
         if not self.listening:
             return False, "listeners not bound"
+        if self.audit is not None and not self.audit.accepting():
+            return False, f"audit trail unavailable: {self.audit.last_error}"
         svid = self.state.current.svid
         if _dt.datetime.now(_dt.UTC) >= svid.not_after:
             return False, f"our SVID expired at {rfc3339(svid.not_after)}"
@@ -219,6 +224,8 @@ async def serve(
 ) -> None:
     config = plan.config
     readiness = Readiness()
+    readiness.audit = audit
+    register_audit_metrics(metrics.registry, audit)
     admin = None
     if config.admin.listen is not None:
         admin = AdminServer(config.admin.listen, metrics, readiness)
@@ -232,11 +239,15 @@ async def serve(
             raise UsageError(f"{plan.identity_label}: {exc}") from None
         state = IdentityState(snapshot)
         readiness.state = state
+        audit.signer = lambda: (state.current.svid.private_key, state.current.svid.chain)
         metrics.watch_identity(state, source.stats)
         gate = Gate(config.guard)
         if admin is not None:
             install_guard_routes(admin, gate)
-        listeners = build_listeners(config, state, audit, gate)
+        try:
+            listeners = build_listeners(config, state, audit, gate)
+        except IdentityLoadError as exc:  # a TLS context OpenSSL refuses to build
+            raise UsageError(f"{plan.identity_label}: {exc}") from None
         for listener in listeners:
             listener.metrics = metrics
             listener.origin = plan.origins.get(listener.name)
@@ -274,7 +285,7 @@ def raise_fd_limit() -> None:
 def run_plan(plan: RuntimePlan) -> int:
     """Run ``plan`` until a signal: the body of ``run``, ``inbound``, ``outbound``."""
     source = make_source(plan.config)
-    audit = AuditSink.open(plan.config.audit.path)
+    audit = AuditSink.open(plan.config.audit)
     raise_fd_limit()
     try:
         trio.run(serve, plan, source, audit, Metrics())

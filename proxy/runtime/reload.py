@@ -49,11 +49,7 @@ def _diff(old: object, new: object, path: str, out: list[str]) -> None:
             prefix = path if f.name in _FLAT else (f"{path}.{f.name}" if path else f.name)
             _diff(getattr(old, f.name), getattr(new, f.name), prefix, out)
         return
-    if (
-        isinstance(old, tuple)
-        and isinstance(new, tuple)
-        and any(_section(x) for x in (*old, *new))
-    ):
+    if isinstance(old, tuple) and isinstance(new, tuple) and any(_section(x) for x in (*old, *new)):
         for i in range(max(len(old), len(new))):
             if i >= len(old) or i >= len(new):
                 out.append(f"{path}[{i}]")  # a listener or route added or removed
@@ -67,7 +63,7 @@ def _diff(old: object, new: object, path: str, out: list[str]) -> None:
 def restart_needed(old: Config, new: Config) -> list[str]:
     """The key paths that differ beyond rules, i.e. what a reload cannot apply."""
     out: list[str] = []
-    for name in ("identity", "admin", "audit", "guard", "drain_timeout", "log_level"):
+    for name in ("identity", "admin", "audit", "tracing", "guard", "drain_timeout", "log_level"):
         _diff(getattr(old, name), getattr(new, name), name, out)
     _diff(old.inbound, new.inbound, "inbound", out)
     _diff(old.outbound, new.outbound, "outbound", out)

@@ -18,6 +18,8 @@ from typing import Protocol
 import structlog
 import trio
 
+from proxy import notify
+
 log = structlog.get_logger("agent_proxy")
 
 
@@ -48,6 +50,7 @@ async def run_until_signalled(
                     if on_ready is not None:
                         on_ready()
                     log.info("ready", listeners=len(listeners))
+                    notify.ready()  # --ready-fd: our supervisor learns it from us alone
                     async for signum in signals:
                         if signum == signal.SIGHUP:
                             log.info("SIGHUP: reloading")

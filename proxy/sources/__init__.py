@@ -3,7 +3,7 @@
 * ``files``: watched certificate, key and bundle files (spiffe-helper,
   cert-manager, Kubernetes secrets), see files.py;
 * ``workload-api``: the SPIFFE Workload API as SPIRE's agent serves it, see
-  workload_api.py;
+  workload_api.py (the pure parts: workload_messages.py);
 * ``dev``: an embedded development CA, see dev.py.
 
 All of them implement :class:`IdentitySource` (base.py): ``initial()`` for
@@ -22,12 +22,6 @@ from proxy.sources.base import (
 )
 from proxy.sources.dev import DEV_WARNING, DevSource
 from proxy.sources.files import FilesSource, load_snapshot_from_files
-from proxy.sources.workload_api import (
-    ENDPOINT_ENV,
-    WorkloadApiSource,
-    parse_endpoint,
-    snapshot_from_response,
-)
 
 __all__ = [
     "DEV_WARNING",
@@ -46,3 +40,16 @@ __all__ = [
     "parse_endpoint",
     "snapshot_from_response",
 ]
+
+# The Workload API source pulls in grpc and protobuf (a large share of the
+# start-up time); import it only when one of its names is used.
+_WORKLOAD_API = frozenset({"ENDPOINT_ENV", "WorkloadApiSource", "parse_endpoint",
+                           "snapshot_from_response"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _WORKLOAD_API:
+        from proxy.sources import workload_api
+
+        return getattr(workload_api, name)
+    raise AttributeError(f"module 'proxy.sources' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """TLS for the sidecar: contexts with in-handshake SPIFFE verification, and a
-trio stream over pyOpenSSL memory BIOs."""
+trio stream for TLS on the socket (OpenSSL does the syscalls)."""
 
 from proxy.tls.context import PeerVerification, TlsSide, TlsVersion, build_side
 from proxy.tls.stream import TLSHandshakeError, TLSStream

@@ -14,6 +14,20 @@ False from the callback, so the peer gets a TLS alert and the handshake
 fails; the reason is kept on the per-connection :class:`PeerVerification`
 for the audit record.
 
+The alert the peer receives says why (issue 12, item 28). OpenSSL derives it
+from the X509 verify error left in the store context (``ssl_x509err2alert``
+in ssl/statem/statem_lib.c), so a refusal sets the error whose mapped alert
+fits: an untrusted chain ``unknown_ca``, an expired certificate
+``certificate_expired``, a certificate that breaks the X509-SVID rules
+``unsupported_certificate``. OpenSSL maps no verify error to
+``access_denied`` and has no public call that sends an alert of our choice,
+so a peer refused by policy gets ``handshake_failure``
+(X509_V_ERR_APPLICATION_VERIFICATION, "application verification failure"):
+distinct from every certificate problem, and never ``internal_error``, which
+stays for our own failures. pyOpenSSL's ``set_verify`` wrapper gives its
+callback no store context, so the callback is installed with pyOpenSSL's own
+cffi handles (``OpenSSL._util``), the way pyOpenSSL installs it itself.
+
 Session resumption is off (no tickets, no session cache): a resumed session
 would skip the callback and could outlive the peer certificate it was opened
 with. Full handshakes only.
@@ -24,9 +38,12 @@ from __future__ import annotations
 import datetime as _dt
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
+from cryptography import x509
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 
 from proxy.identity import (
     ChainError,
@@ -37,10 +54,23 @@ from proxy.identity import (
     accept_verified_path,
     verify_x509_svid,
 )
-from proxy.policy import PeerDecision
 
 TlsVersion = Literal["1.2", "1.3"]
-Authorizer = Callable[[SpiffeId], PeerDecision]
+
+
+class PeerVerdict(Protocol):
+    """What the connection policy answers about a verified peer (the tls
+    layer needs no more of policy than this)."""
+
+    @property
+    def allowed(self) -> bool: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def rule(self) -> str | None: ...
+
+
+Authorizer = Callable[[SpiffeId], PeerVerdict]
 Clock = Callable[[], _dt.datetime]
 
 # ECDHE with AEAD only, for the TLS 1.2 opt-down. TLS 1.3 suites are all AEAD.
@@ -65,6 +95,17 @@ _X509_ERRORS = {
 }
 _TIME_ERRORS = frozenset({9, 10})
 
+# Our refusal reason -> the X509 verify error whose alert (OpenSSL's
+# ssl_x509err2alert) tells the peer why. See the module docstring.
+_REFUSAL_ERRORS = {
+    "untrusted_chain": _lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY,  # unknown_ca
+    "certificate_expired": _lib.X509_V_ERR_CERT_HAS_EXPIRED,  # certificate_expired
+    "invalid_svid": _lib.X509_V_ERR_INVALID_PURPOSE,  # unsupported_certificate
+}
+_POLICY_ERROR = _lib.X509_V_ERR_APPLICATION_VERIFICATION  # handshake_failure
+_INTERNAL_ERROR = 1  # X509_V_ERR_UNSPECIFIED: internal_error
+_OK = 0  # X509_V_OK
+
 
 def _utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
@@ -73,44 +114,35 @@ def _utcnow() -> _dt.datetime:
 class PeerVerification:
     """Per-connection verification state; the verify callback fills it in."""
 
-    __slots__ = (
-        "_authorize",
-        "_bundles",
-        "_certs",
-        "_clock",
-        "decision",
-        "message",
-        "reason",
-        "verified",
-    )
+    __slots__ = ("_authorize", "_bundles", "_clock", "decision", "message", "reason", "verified")
 
     def __init__(self, bundles: TrustBundleSet, authorize: Authorizer, clock: Clock) -> None:
         self._bundles = bundles
         self._authorize = authorize
         self._clock = clock
-        self._certs: dict[int, crypto.X509] = {}
         self.verified: VerifiedSvid | None = None
-        self.decision: PeerDecision | None = None
+        self.decision: PeerVerdict | None = None
         self.reason: str | None = None
         self.message: str | None = None
 
-    def _fail(self, reason: str, message: str) -> bool:
+    def _fail(self, reason: str, message: str, error: int) -> int:
         if self.reason is None:  # keep the first, most specific failure
             self.reason = reason
             self.message = message
-        return False
+        return error
 
-    def on_certificate(self, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
-        if not ok:
-            text = _X509_ERRORS.get(errnum, f"X509 verify error {errnum}")
-            reason = "certificate_expired" if errnum in _TIME_ERRORS else "untrusted_chain"
-            return self._fail(reason, f"{text} at depth {depth}")
-        self._certs[depth] = cert
-        if depth != 0:
-            return True
+    def openssl_failed(self, errnum: int, depth: int) -> int:
+        """OpenSSL refused the chain itself; its own error (and so its own
+        alert) stands."""
+        text = _X509_ERRORS.get(errnum, f"X509 verify error {errnum}")
+        reason = "certificate_expired" if errnum in _TIME_ERRORS else "untrusted_chain"
+        self._fail(reason, f"{text} at depth {depth}", errnum)
+        return errnum
+
+    def judge_leaf(self, chain: list[x509.Certificate]) -> int:
+        """The path OpenSSL built (leaf first) passed its checks: apply the
+        SPIFFE rules and the connection policy. X509_V_OK or the error to set."""
         try:
-            chain = [self._certs[d].to_cryptography() for d in sorted(self._certs)]
-            self._certs.clear()  # held for the connection's life otherwise
             now = self._clock()
             # OpenSSL has verified this path; when its anchor is in the leaf's
             # own trust domain bundle only the SPIFFE rules remain. Anything
@@ -119,24 +151,61 @@ class PeerVerification:
                 chain[0], chain[1:], self._bundles, now
             )
         except ChainError as exc:
-            return self._fail(exc.reason, str(exc))
-        except Exception as exc:  # never let a callback exception escape into OpenSSL
-            return self._fail("invalid_svid", f"cannot check peer certificate: {exc}")
+            return self._fail(
+                exc.reason, str(exc), _REFUSAL_ERRORS.get(exc.reason, _INTERNAL_ERROR)
+            )
         decision = self._authorize(verified.spiffe_id)
         self.verified = verified
         self.decision = decision
         if not decision.allowed:
-            return self._fail(decision.reason, f"peer {verified.spiffe_id} is not allowed")
-        return True
+            return self._fail(
+                decision.reason, f"peer {verified.spiffe_id} is not allowed", _POLICY_ERROR
+            )
+        return _OK
 
 
-def _verify_callback(
-    conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
-) -> bool:
-    state = conn.get_app_data()
-    if not isinstance(state, PeerVerification):
-        return False
-    return state.on_certificate(cert, errnum, depth, ok)
+def _verified_chain(store_ctx: Any) -> list[x509.Certificate]:
+    # As pyOpenSSL's X509StoreContext.get_verified_chain: get1_chain returns
+    # owned references, each handed to an X509 object; then the bare stack
+    # is freed.
+    stack = _lib.X509_STORE_CTX_get1_chain(store_ctx)
+    if stack == _ffi.NULL:
+        raise ValueError("OpenSSL returned no verified chain")
+    try:
+        owned = [
+            crypto.X509._from_raw_x509_ptr(_lib.sk_X509_value(stack, i))
+            for i in range(_lib.sk_X509_num(stack))
+        ]
+    finally:
+        _lib.sk_X509_free(stack)
+    return [cert.to_cryptography() for cert in owned]
+
+
+def _on_verify(ok: int, store_ctx: Any) -> int:
+    """OpenSSL calls this per certificate, from the anchor down to the leaf."""
+    error = _INTERNAL_ERROR
+    state: object = None
+    try:
+        ssl = _lib.X509_STORE_CTX_get_ex_data(store_ctx, _lib.SSL_get_ex_data_X509_STORE_CTX_idx())
+        conn = SSL.Connection._reverse_mapping.get(ssl)
+        state = conn.get_app_data() if conn is not None else None
+        if isinstance(state, PeerVerification):
+            depth = _lib.X509_STORE_CTX_get_error_depth(store_ctx)
+            if not ok:
+                error = state.openssl_failed(_lib.X509_STORE_CTX_get_error(store_ctx), depth)
+            elif depth != 0:
+                return 1
+            else:
+                error = state.judge_leaf(_verified_chain(store_ctx))
+    except Exception as exc:  # an exception must never escape into OpenSSL
+        if isinstance(state, PeerVerification):
+            state._fail("invalid_svid", f"cannot check peer certificate: {exc}", _INTERNAL_ERROR)
+    _lib.X509_STORE_CTX_set_error(store_ctx, error)
+    return 1 if error == _OK else 0
+
+
+# A module global, so the C callback outlives every context that points at it.
+_verify_callback = _ffi.callback("int (*)(int, X509_STORE_CTX *)", _on_verify)
 
 
 @dataclass(frozen=True)
@@ -153,8 +222,10 @@ class TlsSide:
     server: bool
     clock: Clock = _utcnow
 
-    def new_connection(self) -> tuple[SSL.Connection, PeerVerification]:
-        conn = SSL.Connection(self.context, None)
+    def new_connection(self, sock: Any) -> tuple[SSL.Connection, PeerVerification]:
+        """An SSL.Connection on ``sock`` (anything with ``fileno()``): OpenSSL
+        reads and writes the socket itself."""
+        conn = SSL.Connection(self.context, sock)
         state = PeerVerification(self.bundles, self.authorize, self.clock)
         conn.set_app_data(state)
         if self.server:
@@ -200,6 +271,7 @@ def build_side(
     mode = SSL.VERIFY_PEER
     if server:
         mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-    ctx.set_verify(mode, _verify_callback)
+    # Not ctx.set_verify(): see the module docstring.
+    _lib.SSL_CTX_set_verify(ctx._context, mode, _verify_callback)
     ctx.set_verify_depth(8)
     return TlsSide(context=ctx, bundles=bundles, authorize=authorize, server=server, clock=clock)

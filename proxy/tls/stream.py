@@ -1,28 +1,49 @@
-"""A trio Stream that speaks TLS over pyOpenSSL memory BIOs.
+"""A trio stream for TLS on the socket: pyOpenSSL's ``SSL.Connection`` over
+the non-blocking socket, OpenSSL doing the reads and writes itself.
 
-Theory of operation: the SSL.Connection never touches a socket. Ciphertext
-that OpenSSL produces accumulates in its outgoing memory BIO; whoever holds
-``_send_lock`` drains that BIO and writes it to the transport, so records
-reach the wire in the order OpenSSL made them. The receive path never
-writes: in TLS 1.3 (renegotiation off) nothing SSL_read processes needs an
-immediate answer; OpenSSL sends a KeyUpdate reply with our next write, and
-no receive ever waits behind a sender blocked on a full socket. Incoming ciphertext is read
-from the transport only by the single task allowed in ``receive_some`` (or
-the handshake) and fed to the incoming BIO.
+Theory of operation: every operation calls OpenSSL once and, when OpenSSL
+answers "want read" or "want write", waits for the socket to become
+readable or writable and calls it again. Either direction may want either
+readiness (SSL_read may have to write: an alert, a KeyUpdate reply;
+SSL_write may have to read), so the receiver and the sender can both need
+the same one. trio lets one task wait per readiness per socket, so the
+second task waits on the first one's event instead and then retries its
+own call. An SSL_write that returned "want write" may hold part of a
+record: the retry passes the same bytes, and a send cancelled at that
+point leaves the stream broken, since nothing else may be written first.
+
+OpenSSL writes its own alerts (a refused handshake, ``no_renegotiation``)
+straight to the socket, so nothing waits in a buffer for a later flush.
+
+The stream never calls OpenSSL once its socket is closed: the fd number may
+already belong to another connection. ``aclose`` sends close_notify (one
+non-blocking attempt: a peer that stopped reading gets a plain close) and
+then closes the socket, so the owner of a TLSStream closes only it.
 
 Errors mean what they mean for trio's own streams: ``ClosedResourceError``
 when *we* closed this stream and then used it, ``BrokenResourceError`` when
-the transport broke or the peer sent something TLS cannot accept. A failed
+the connection broke or the peer sent something TLS cannot accept. A failed
 handshake raises :class:`TLSHandshakeError` (a ``BrokenResourceError``) that
-carries the audit reason; its alert is flushed to the peer first.
+carries the audit reason; OpenSSL has already sent its alert.
 
 TLS 1.3 half-close: ``send_eof`` sends close_notify and keeps reading, which
-the protocol allows (RFC 8446, 6.1). A peer's close_notify reads as b"".
+the protocol allows (RFC 8446, 6.1). A peer's close_notify reads as b"". A
+TCP EOF without close_notify also reads as b"" (like stunnel and
+ghostunnel: many clients never send close_notify) and sets ``truncated``.
+
+For an event loop that moves established connections itself (the epoll
+reactor): after ``do_handshake``, ``fileno`` and ``ssl_connection`` are the
+socket and the OpenSSL connection to drive, while no task is inside this
+stream's methods. OpenSSL may hold decrypted bytes that the socket no
+longer shows as readable: call ``ssl_connection.pending()`` (or just read)
+before waiting for readability.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
+import os
 
 import trio
 from OpenSSL import SSL
@@ -30,7 +51,8 @@ from OpenSSL import SSL
 from proxy.tls.context import TlsSide
 
 _RECV_CHUNK = 65536
-_BIO_DRAIN = 262144
+_SEND_CHUNK = 262144
+_DISCARD_READS = 4  # a bound: a peer still sending gets its RST
 
 
 class TLSHandshakeError(trio.BrokenResourceError):
@@ -40,7 +62,15 @@ class TLSHandshakeError(trio.BrokenResourceError):
         self.message = message
 
 
-def _classify_ssl_error(exc: BaseException) -> tuple[str, str]:
+def _is_unexpected_eof(exc: SSL.Error) -> bool:
+    # OpenSSL 3+ reports a TCP EOF without close_notify as an SSL error;
+    # pyOpenSSL reports older ones as SysCallError(-1, "Unexpected EOF").
+    if isinstance(exc, SSL.SysCallError):
+        return bool(exc.args) and exc.args[0] == -1
+    return "unexpected eof" in str(exc).lower()
+
+
+def _classify_ssl_error(exc: SSL.Error) -> tuple[str, str]:
     text = str(exc)
     lowered = text.lower()
     if "peer did not return a certificate" in lowered or "certificate required" in lowered:
@@ -49,85 +79,89 @@ def _classify_ssl_error(exc: BaseException) -> tuple[str, str]:
         return "tls_version_refused", "peer offered no TLS version we accept"
     if "wrong version number" in lowered or "http request" in lowered or "packet length" in lowered:
         return "tls_error", "peer did not speak TLS"
-    if isinstance(exc, SSL.SysCallError):
+    if isinstance(exc, SSL.SysCallError) or _is_unexpected_eof(exc):
         return "tls_error", "connection closed during the TLS handshake"
     return "tls_error", f"TLS handshake failed: {text}"
 
 
 class TLSStream(trio.abc.HalfCloseableStream):
-    def __init__(self, transport: trio.abc.Stream, side: TlsSide) -> None:
+    """TLS over ``transport``'s socket, verified by ``side`` in the handshake."""
+
+    def __init__(self, transport: trio.SocketStream, side: TlsSide) -> None:
         self.transport = transport
-        self._conn, self.peer = side.new_connection()
-        self._send_lock = trio.Lock()
+        self._sock = transport.socket
+        self._fd = self._sock.fileno()
+        self._conn, self.peer = side.new_connection(self._sock)
         self._handshake_lock = trio.Lock()
-        self._out: list[bytes] = []
+        self._read_wait: trio.Event | None = None
+        self._write_wait: trio.Event | None = None
         self._receiving = False
         self._sending = False
+        self._write_pending = False  # OpenSSL holds part of a record
         self._handshake_done = False
         self._closed = False
         self._broken = False
         self._eof_sent = False
-        self._dirty = True  # OpenSSL may have ciphertext for us to send
-        self._transport_eof = False
         self.truncated = False  # the peer ended TCP without close_notify
 
+    @property
+    def fileno(self) -> int:
+        """The socket's file descriptor (for a reactor; see the module doc)."""
+        return self._fd
+
+    @property
+    def ssl_connection(self) -> SSL.Connection:
+        """The OpenSSL connection on ``fileno`` (for a reactor, after the
+        handshake; see the module doc)."""
+        return self._conn
+
     # -- plumbing ---------------------------------------------------------
-
-    def _pull(self) -> None:
-        """Move OpenSSL's pending ciphertext to ``_out``, keeping its order.
-
-        Only after an operation that can write (``_dirty``): an empty memory
-        BIO answers with an exception, and that costs more than the read. A
-        short read means the BIO is empty, so no probing read follows it."""
-        if not self._dirty:
-            return
-        self._dirty = False
-        while True:
-            try:
-                chunk = self._conn.bio_read(_BIO_DRAIN)
-            except SSL.WantReadError:
-                return
-            self._out.append(chunk)
-            if len(chunk) < _BIO_DRAIN:
-                return
-
-    async def _flush(self) -> None:
-        """Send everything queued, in the order OpenSSL produced it. Whoever
-        holds ``_send_lock`` keeps sending until nothing is left, including
-        records another task produced while it was blocked on the socket."""
-        self._pull()
-        if not self._out:
-            return
-        async with self._send_lock:
-            while True:
-                self._pull()
-                if not self._out:
-                    return
-                data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-                self._out.clear()
-                try:
-                    await self.transport.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self._broken = True
-                    raise trio.BrokenResourceError("transport broke while sending") from exc
-
-    async def _read_transport(self) -> None:
-        try:
-            data = await self.transport.receive_some(_RECV_CHUNK)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._broken = True
-            raise trio.BrokenResourceError("transport broke while receiving") from exc
-        if data:
-            self._conn.bio_write(data)
-        else:
-            self._transport_eof = True
-            self._conn.bio_shutdown()
 
     def _check_usable(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("TLS stream was closed")
         if self._broken:
             raise trio.BrokenResourceError("TLS stream is broken")
+
+    def _check_socket(self) -> None:
+        """Before every OpenSSL call: its fd must still be our socket."""
+        self._check_usable()
+        if self._sock.fileno() != self._fd:
+            self._broken = True
+            raise trio.BrokenResourceError("the socket under the TLS stream was closed")
+
+    async def _wait(self, readable: bool) -> None:
+        """Wait until the socket may be ready, or until the other task that
+        is already waiting for the same readiness wakes up."""
+        current = self._read_wait if readable else self._write_wait
+        if current is not None:
+            await current.wait()
+            return
+        event = trio.Event()
+        if readable:
+            self._read_wait = event
+        else:
+            self._write_wait = event
+        try:
+            if readable:
+                await trio.lowlevel.wait_readable(self._fd)
+            else:
+                await trio.lowlevel.wait_writable(self._fd)
+        except trio.ClosedResourceError:
+            if self._closed:
+                raise
+            self._broken = True
+            raise trio.BrokenResourceError("the socket under the TLS stream was closed") from None
+        finally:
+            if readable:
+                self._read_wait = None
+            else:
+                self._write_wait = None
+            event.set()
+
+    def _broke(self, what: str, exc: SSL.Error) -> trio.BrokenResourceError:
+        self._broken = True
+        return trio.BrokenResourceError(f"TLS error while {what}: {exc}")
 
     # -- handshake --------------------------------------------------------
 
@@ -139,137 +173,152 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.checkpoint()
                 return
             while True:
+                self._check_socket()
                 try:
-                    self._dirty = True
                     self._conn.do_handshake()
                     break
                 except SSL.WantReadError:
-                    await self._flush()
-                    try:
-                        await self._read_transport()
-                    except trio.BrokenResourceError as exc:
-                        raise TLSHandshakeError(
-                            "tls_error", "connection closed during the TLS handshake"
-                        ) from exc
+                    await self._wait(readable=True)
+                except SSL.WantWriteError:
+                    await self._wait(readable=False)
                 except SSL.Error as exc:
                     self._broken = True
-                    await self._flush_alert()
                     if self.peer.reason is not None:
                         raise TLSHandshakeError(self.peer.reason, self.peer.message or "") from exc
                     reason, message = _classify_ssl_error(exc)
                     raise TLSHandshakeError(reason, message) from exc
             self._handshake_done = True
-            try:
-                # A TLS 1.3 server's last flight (session tickets) goes out
-                # here; a peer that resets right after its Finished lands here.
-                await self._flush()
-            except trio.BrokenResourceError as exc:
-                raise TLSHandshakeError(
-                    "tls_error", "connection closed at the end of the TLS handshake"
-                ) from exc
-
-    async def _flush_alert(self) -> None:
-        # Best effort: the peer should learn why, but a dead peer must not stall us.
-        self._dirty = True
-        self._pull()
-        data = b"".join(self._out)
-        self._out.clear()
-        if not data:
-            return
-        with trio.move_on_after(1):
-            with contextlib.suppress(
-                trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError
-            ):
-                await self.transport.send_all(data)
 
     # -- Stream API -------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        self._check_usable()
+        if max_bytes is None:
+            size = _RECV_CHUNK
+        else:
+            size = operator.index(max_bytes)
+            if size < 1:
+                raise ValueError("max_bytes must be at least 1")
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving")
         self._receiving = True
         try:
+            self._check_usable()
+            await trio.lowlevel.checkpoint_if_cancelled()
             if not self._handshake_done:
                 await self.do_handshake()
-            size = max_bytes or _RECV_CHUNK
             waited = False
             while True:
+                self._check_socket()
+                if self.truncated:  # OpenSSL is in its failed state now; EOF stays EOF
+                    data = b""
+                    break
                 try:
                     data = self._conn.recv(size)
+                    break
                 except SSL.WantReadError:
-                    pass
+                    await self._wait(readable=True)
+                except SSL.WantWriteError:
+                    await self._wait(readable=False)
                 except SSL.ZeroReturnError:
                     data = b""
                     break
-                except SSL.SysCallError as exc:
-                    if not self._transport_eof:
-                        self._broken = True
-                        raise trio.BrokenResourceError(f"TLS error while receiving: {exc}") from exc
-                    # TCP EOF without close_notify. Like stunnel and ghostunnel we
-                    # read it as EOF (many clients never send close_notify); the
-                    # flag lets the caller tell it from a clean close.
+                except SSL.Error as exc:
+                    if not _is_unexpected_eof(exc):
+                        raise self._broke("receiving", exc) from exc
                     self.truncated = True
                     data = b""
                     break
-                except SSL.Error as exc:
-                    self._broken = True
-                    raise trio.BrokenResourceError(f"TLS error while receiving: {exc}") from exc
-                else:
-                    break
-                # No flush here: in TLS 1.3 nothing SSL_read processes needs
-                # an answer now (OpenSSL sends a KeyUpdate reply with our next
-                # write), and renegotiation is off.
-                await self._read_transport()
                 waited = True
             if not waited:
-                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return data
         finally:
             self._receiving = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        self._check_usable()
-        if self._eof_sent:
-            raise trio.ClosedResourceError("send_eof was already called")
         if self._sending:
             raise trio.BusyResourceError("another task is already sending")
         self._sending = True
         try:
+            self._check_usable()
+            if self._eof_sent:
+                raise trio.ClosedResourceError("send_eof was already called")
+            await trio.lowlevel.checkpoint_if_cancelled()
             if not self._handshake_done:
                 await self.do_handshake()
-            if data:
+            view = memoryview(data)
+            if view.itemsize != 1:
+                view = view.cast("B")
+            waited = False
+            while view:
+                self._check_socket()
+                chunk = view[:_SEND_CHUNK]
                 try:
-                    self._dirty = True
-                    self._conn.sendall(data if isinstance(data, bytes) else bytes(data))
+                    sent = self._conn.send(chunk)
+                except SSL.WantWriteError:
+                    self._write_pending = True
+                    await self._wait(readable=False)
+                    waited = True
+                    continue
+                except SSL.WantReadError:
+                    self._write_pending = True
+                    await self._wait(readable=True)
+                    waited = True
+                    continue
                 except SSL.Error as exc:
-                    self._broken = True
-                    raise trio.BrokenResourceError(f"TLS error while sending: {exc}") from exc
-            await self._flush()
+                    raise self._broke("sending", exc) from exc
+                self._write_pending = False
+                view = view[sent:]
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
+            if self._write_pending:
+                # Left (cancelled) with part of a record inside OpenSSL: no
+                # other bytes may follow it.
+                self._broken = True
             self._sending = False
 
     async def wait_send_all_might_not_block(self) -> None:
-        self._check_usable()
-        async with self._send_lock:
-            await self.transport.wait_send_all_might_not_block()
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending")
+        self._sending = True
+        try:
+            self._check_usable()
+            await self._wait(readable=False)
+        finally:
+            self._sending = False
 
     async def send_eof(self) -> None:
         """Send close_notify; we can still receive (TLS 1.3 half-close)."""
-        self._check_usable()
-        if self._eof_sent:
-            await trio.lowlevel.checkpoint()
-            return
-        if not self._handshake_done:
-            await self.do_handshake()
-        self._eof_sent = True
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending")
+        self._sending = True
         try:
-            self._dirty = True
-            self._conn.shutdown()
-        except SSL.Error as exc:
-            self._broken = True
-            raise trio.BrokenResourceError(f"TLS error while closing: {exc}") from exc
-        await self._flush()
+            self._check_usable()
+            if self._eof_sent:
+                await trio.lowlevel.checkpoint()
+                return
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if not self._handshake_done:
+                await self.do_handshake()
+            self._eof_sent = True
+            waited = False
+            while True:
+                self._check_socket()
+                try:
+                    self._conn.shutdown()
+                    break
+                except SSL.WantWriteError:
+                    await self._wait(readable=False)
+                except SSL.WantReadError:
+                    await self._wait(readable=True)
+                except SSL.Error as exc:
+                    raise self._broke("closing", exc) from exc
+                waited = True
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
 
     async def aclose(self) -> None:
         if self._closed:
@@ -277,14 +326,29 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return
         self._closed = True
         try:
-            if self._handshake_done and not self._broken and not self._eof_sent:
+            if (
+                self._handshake_done
+                and not self._broken
+                and not self._eof_sent
+                and not self._write_pending
+                and self._sock.fileno() == self._fd
+            ):
                 self._eof_sent = True
-                try:
-                    self._dirty = True
+                # Best effort: the socket may be full or already broken.
+                with contextlib.suppress(SSL.Error):
                     self._conn.shutdown()
-                except SSL.Error:
-                    pass
-                else:
-                    await self._flush_alert()
+            self._discard_unread()
         finally:
             await self.transport.aclose()
+
+    def _discard_unread(self) -> None:
+        """Read what already arrived and nobody will read. Closing a socket
+        with unread bytes sends a RST, and a RST can destroy the alert or
+        close_notify we just wrote before the peer reads it (OpenSSL reads
+        only what it needs: garbage or a refused peer's next flight stays)."""
+        if self._sock.fileno() != self._fd:
+            return
+        with contextlib.suppress(OSError):
+            for _ in range(_DISCARD_READS):
+                if len(os.read(self._fd, _RECV_CHUNK)) < _RECV_CHUNK:
+                    return

@@ -97,9 +97,20 @@ def make_pki(tmp: Path, name: str, td: str, spiffe_id: str) -> Pki:
     return pki
 
 
-@pytest.fixture
-def payroll(tmp_path: Path) -> Pki:
-    return make_pki(tmp_path, "payroll", TD, AGENT_ID)
+def other_pki(tmp: Path, name: str, td: str, spiffe_id: str) -> Pki:
+    """A second PKI as test input, made in-process (the CLI that makes
+    ``payroll`` is what is under test; this one only has to exist)."""
+    pki = Pki(tmp / f"{name}-ca", tmp / f"{name}-out")
+    ca = DevCA.init(pki.ca_dir, TrustDomain.parse(td))
+    write_svid_files(pki.out, ca.issue(SpiffeId.parse(spiffe_id)))
+    return pki
+
+
+@pytest.fixture(scope="module")
+def payroll(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """One dev CA and SVID for the module's read-only tests (two processes,
+    not two per test); a test that changes the CA makes its own."""
+    return make_pki(tmp_path_factory.mktemp("payroll"), "payroll", TD, AGENT_ID)
 
 
 # -- ca init / ca issue ------------------------------------------------------------
@@ -130,7 +141,8 @@ def test_ca_init_and_issue(tmp_path: Path) -> None:
     assert (out / "bundle.pem").read_bytes() == (ca_dir / "ca.pem").read_bytes()
 
 
-def test_ca_init_refuses_overwrite(tmp_path: Path, payroll: Pki) -> None:
+def test_ca_init_refuses_overwrite(tmp_path: Path) -> None:
+    payroll = make_pki(tmp_path, "payroll", TD, AGENT_ID)  # this test replaces the CA
     before = (payroll.ca_dir / "ca_key.pem").read_bytes()
     again = run(["ca", "init", "--trust-domain", TD, "--dir", payroll.ca_dir], tmp_path)
     assert_usage_error(again, "already exists", "--force")
@@ -162,6 +174,17 @@ def test_flag_wins_over_env(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result
     assert "spiffe://flag.example" in result.stdout
+
+
+def test_ca_init_takes_the_spiffe_id_form(tmp_path: Path) -> None:
+    """--trust-domain reads a SPIFFE ID as its trust domain, as go-spiffe does."""
+    ca_dir = tmp_path / "ca"
+    result = run(
+        ["ca", "init", "--trust-domain", "spiffe://payroll.example/ns/prod", "--dir", ca_dir],
+        tmp_path,
+    )
+    assert result.returncode == 0, result
+    assert DevCA.load(ca_dir).trust_domain == TrustDomain.parse(TD)
 
 
 def test_ca_init_missing_trust_domain(tmp_path: Path) -> None:
@@ -265,7 +288,7 @@ def test_inspect_without_bundle_checks_leaf_only(tmp_path: Path, payroll: Pki) -
 
 
 def test_inspect_bundle_of_another_ca_for_the_same_td(tmp_path: Path, payroll: Pki) -> None:
-    impostor = make_pki(tmp_path, "impostor", TD, AGENT_ID)
+    impostor = other_pki(tmp_path, "impostor", TD, AGENT_ID)
     result = run(["svid", "inspect", payroll.svid, "--bundle", f"{TD}={impostor.bundle}"], tmp_path)
     assert result.returncode == 1, result
     lines = result.stderr_lines()
@@ -276,7 +299,7 @@ def test_inspect_bundle_of_another_ca_for_the_same_td(tmp_path: Path, payroll: P
 def test_inspect_bundle_only_for_another_td(tmp_path: Path, payroll: Pki) -> None:
     # A bundle of a different trust domain (even a CA that did sign nothing
     # of ours) never anchors our SVID: trust is scoped per trust domain.
-    other = make_pki(tmp_path, "marketing", "marketing.example", "spiffe://marketing.example/a")
+    other = other_pki(tmp_path, "marketing", "marketing.example", "spiffe://marketing.example/a")
     result = run(
         ["svid", "inspect", payroll.svid, "--bundle", f"marketing.example={other.bundle}"],
         tmp_path,
@@ -297,7 +320,7 @@ def test_inspect_own_ca_filed_under_another_td(tmp_path: Path, payroll: Pki) -> 
 
 
 def test_inspect_invalid_json(tmp_path: Path, payroll: Pki) -> None:
-    other = make_pki(tmp_path, "other", TD, AGENT_ID)
+    other = other_pki(tmp_path, "other", TD, AGENT_ID)
     result = run(
         ["svid", "inspect", payroll.svid, "--bundle", f"{TD}={other.bundle}", "--json"], tmp_path
     )
@@ -309,7 +332,7 @@ def test_inspect_invalid_json(tmp_path: Path, payroll: Pki) -> None:
 
 
 def test_inspect_key_of_another_svid(tmp_path: Path, payroll: Pki) -> None:
-    other = make_pki(tmp_path, "other", TD, "spiffe://payroll.example/agent/other")
+    other = other_pki(tmp_path, "other", TD, "spiffe://payroll.example/agent/other")
     result = run(["svid", "inspect", payroll.svid, "--key", other.key], tmp_path)
     assert result.returncode == 1, result
     lines = result.stderr_lines()
@@ -358,7 +381,7 @@ def test_inspect_missing_bundle_file(tmp_path: Path, payroll: Pki) -> None:
 
 
 def test_inspect_bundle_from_env(tmp_path: Path, payroll: Pki) -> None:
-    other = make_pki(tmp_path, "other", "other.example", "spiffe://other.example/x")
+    other = other_pki(tmp_path, "other", "other.example", "spiffe://other.example/x")
     value = f"other.example={other.bundle},{TD}={payroll.bundle}"
     ok = run(["svid", "inspect", payroll.svid], tmp_path, env={"AGENT_PROXY_BUNDLE": value})
     assert ok.returncode == 0, ok

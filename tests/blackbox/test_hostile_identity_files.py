@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests import support
 from tests.pki import TestCA
@@ -121,15 +122,29 @@ def _run_bad(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-# One case per command: each start-up is a whole process, and the parsers'
-# own tests (tests/unit/test_bundle.py, tests/fuzz) cover every input.
+# One case per command (each start-up is a whole process; the parsers' own
+# tests and tests/fuzz cover every input): a hostile federated bundle, and an
+# SVID that passes every X.509 check but whose RSA-1024 key OpenSSL refuses
+# when the TLS context is built.
 @pytest.mark.parametrize(
-    ("command", "case"), [("run", "kty is an array"), ("inbound", "nested 5000 deep")]
+    ("command", "case"),
+    [("run", "kty is an array"), ("inbound", "nested 5000 deep"), ("run", "rsa-1024")],
 )
-def test_malformed_federated_bundle_at_start_up(
-    tmp_path: Path, files: dict[str, Path], echo: tuple[str, int], command: str, case: str
+def test_bad_identity_files_at_start_up(
+    tmp_path: Path,
+    files: dict[str, Path],
+    echo: tuple[str, int],
+    ca_a: TestCA,
+    command: str,
+    case: str,
 ) -> None:
-    files["federated"].write_bytes(HOSTILE_BUNDLES[case])
+    if case == "rsa-1024":
+        weak = ca_a.issue(HR, key=rsa.generate_private_key(65537, 1024))  # type: ignore[arg-type]
+        weak.write(files["cert"].parent)
+        culprit = "ee key too small"
+    else:
+        files["federated"].write_bytes(HOSTILE_BUNDLES[case])
+        culprit = str(files["federated"])
     if command == "run":
         result = _run_bad("run", "--config", str(_config(tmp_path, files, echo)))
     else:
@@ -153,7 +168,7 @@ def test_malformed_federated_bundle_at_start_up(
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     # One line says what is wrong; operational JSON log lines ("admin
-    # listening") may precede it.
+    # listening", "identity loaded") may precede it.
     lines = [ln for ln in result.stderr.splitlines() if ln and not ln.startswith("{")]
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("agent-proxy: error: ") and str(files["federated"]) in lines[0]
+    assert lines[0].startswith("agent-proxy: error: ") and culprit in lines[0]

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from proxy.cli import main
 from tests import support
 from tests.pki import TestCA
 from tests.support import ProxyProcess
@@ -50,7 +51,7 @@ class _Echo(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def backend() -> Iterator[tuple[str, int]]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -74,8 +75,13 @@ def _start(tmp: Path, name: str, text: str) -> ProxyProcess:
     return ProxyProcess(["run", "--config", str(path)])
 
 
-@pytest.fixture
-def pair(tmp_path: Path, ca_a: TestCA, backend: tuple[str, int]) -> Iterator[dict[str, Any]]:
+@pytest.fixture(scope="module")
+def pair(
+    tmp_path_factory: pytest.TempPathFactory, ca_a: TestCA, backend: tuple[str, int]
+) -> Iterator[dict[str, Any]]:
+    """One sidecar pair for the module: each test waits for its own records
+    (audit waits consume lines, so a record is never matched twice)."""
+    tmp_path = tmp_path_factory.mktemp("pair")
     hr = _start(
         tmp_path,
         "hr",
@@ -207,6 +213,9 @@ def test_python_clients_via_http_proxy_env(pair: dict[str, Any], kind: str) -> N
 
 def test_pooling_with_a_new_agent_connection_per_request(pair: dict[str, Any]) -> None:
     curl = support.require_binary("curl")
+    hr_audit = pair["hr"].audit
+    hr_audit.all_lines()  # what earlier tests left: not this test's connections
+    mark = len(hr_audit.seen)
     urls = [f"http://hr-api/timesheets/{i}" for i in range(15)]
     for url in urls:  # one curl process per request: a new agent connection each time
         out = subprocess.run(
@@ -215,7 +224,7 @@ def test_pooling_with_a_new_agent_connection_per_request(pair: dict[str, Any]) -
         assert out.returncode == 0
     for _ in urls:
         pair["hr"].audit.wait_json(event="http.request", decision="allow")
-    opens = [line for line in pair["hr"].audit.seen if '"connection.open"' in line]
+    opens = [line for line in hr_audit.seen[mark:] if '"connection.open"' in line]
     assert len(opens) <= 2, opens
 
 
@@ -323,7 +332,9 @@ paths = ["/**"]
         server.wait(timeout=10)
 
 
-def test_check_config(tmp_path: Path, ca_a: TestCA) -> None:
+def test_check_config(
+    tmp_path: Path, ca_a: TestCA, capsys: pytest.CaptureFixture[str]
+) -> None:
     good = tmp_path / "good.toml"
     good.write_text(
         _identity(tmp_path, ca_a, "hr", HR)
@@ -339,24 +350,16 @@ methods = ["GET"]
 paths = ["/timesheets/**"]
 """
     )
-    ok = subprocess.run(
-        [*support.agent_proxy_cmd(), "check-config", str(good)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert ok.returncode == 0 and "hr-api" in ok.stdout and "/timesheets/**" in ok.stdout
+    # check-config in-process (the CLI entry point); `run` below as a process.
+    assert main(["check-config", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "hr-api" in out and "/timesheets/**" in out
     bad = tmp_path / "bad.toml"
     bad.write_text(good.read_text().replace('methods = ["GET"]', 'methods = "GET"'))
-    result = subprocess.run(
-        [*support.agent_proxy_cmd(), "check-config", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert "inbound[0].rules[0].methods" in result.stderr and "Traceback" not in result.stderr
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "inbound[0].rules[0].methods" in err and "Traceback" not in err
     run_bad = subprocess.run(
         [*support.agent_proxy_cmd(), "run", "--config", str(bad)],
         capture_output=True,

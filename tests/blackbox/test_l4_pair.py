@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.cli import main
 from tests import support
 from tests.pki import TestCA
 from tests.support import ProxyProcess
@@ -431,6 +432,20 @@ def _run_bad(args: list[str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _run_bad_in_process(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> subprocess.CompletedProcess[str]:
+    """The CLI entry point in-process, as ``python -m proxy`` runs it: the
+    checks below all happen before a socket is opened."""
+    capsys.readouterr()
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's usage errors
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 @pytest.mark.parametrize(
     ("case", "needle"),
     [
@@ -448,7 +463,9 @@ def _run_bad(args: list[str]) -> subprocess.CompletedProcess[str]:
         ("unknown_flag", "unrecognized"),
     ],
 )
-def test_bad_configuration(tmp_path: Path, ca_a: TestCA, ids, case: str, needle: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_configuration(  # type: ignore[no-untyped-def]
+    tmp_path: Path, ca_a: TestCA, ids, case: str, needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     hr = ids["hr"]
     base = {
         "--listen": "127.0.0.1:0",
@@ -491,7 +508,7 @@ def test_bad_configuration(tmp_path: Path, ca_a: TestCA, ids, case: str, needle:
     elif case == "unknown_flag":
         extra = ["--frobnicate"]
     args = ["inbound", *[x for kv in base.items() for x in kv], *extra]
-    result = _run_bad(args)
+    result = _run_bad_in_process(args, capsys)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -7,16 +7,21 @@ from check-config."""
 
 from __future__ import annotations
 
+import datetime as dt
+import http.server
 import signal
 import socket
 import ssl
 import subprocess
+import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests import support
+from tests.blackbox.test_hot_reload import _config as http_config
+from tests.blackbox.test_hot_reload import _Echo, _get
 from tests.blackbox.test_rotation_load import (
     ClientLoop,
     _reissue,
@@ -210,3 +215,74 @@ def test_check_config_bad_paths_one_line(
         result = _agent_proxy(*command)
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and needle in result.stderr
+
+
+def test_one_policy_version_everywhere(tmp_path: Path, ca_a: TestCA) -> None:
+    """check-config prints the version that audit records and /metrics carry."""
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    origin = ("127.0.0.1", int(server.server_address[1]))
+    ca_a.issue(HR).write(tmp_path / "hr", ca_a.bundle_pem())
+    client = tmp_path / "client"
+    ca_a.issue(PAYROLL, dns_names=["localhost"]).write(client, ca_a.bundle_pem())
+    config = tmp_path / "sidecar.toml"
+    config.write_text(
+        http_config(tmp_path, origin, '["/timesheets/**"]').replace(
+            'listen = ""', 'listen = "127.0.0.1:0"'
+        )
+    )
+    checked = _agent_proxy("check-config", str(config))
+    assert checked.returncode == 0, checked.stderr
+    [version] = [
+        ln.split(": ", 1)[1]
+        for ln in checked.stdout.splitlines()
+        if ln.startswith("policy version")
+    ]
+    proc = ProxyProcess(["run", "--config", str(config)])
+    try:
+        _, port = proc.wait_listener("hr")
+        admin = proc.wait_listener("admin")
+        assert _get(port, client, "/timesheets/1") == 200
+        record = proc.audit.wait_json(event="http.request")
+        metrics = _http_get(admin, "/metrics")[1]
+    finally:
+        proc.stop()
+        server.shutdown()
+        server.server_close()
+    assert record["policy_version"] == version
+    assert f'agent_proxy_policy_info{{version="{version}"}} 1.0' in metrics
+
+
+def test_l4_warns_fails_closed_at_expiry_and_recovers(
+    tmp_path: Path, ca_a: TestCA, echo: tuple[str, int]
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    ca_a.issue(
+        HR, not_before=now - dt.timedelta(minutes=1), not_after=now + dt.timedelta(seconds=8)
+    ).write(tmp_path / "hr", ca_a.bundle_pem())
+    client = tmp_path / "client"
+    ca_a.issue(PAYROLL).write(client, ca_a.bundle_pem())
+    proc = ProxyProcess(
+        ["inbound", "--listen", "127.0.0.1:0", "--target", f"{echo[0]}:{echo[1]}",
+         *_files(tmp_path / "hr"), "--allow", PAYROLL, "--admin", "127.0.0.1:0"]
+    )  # fmt: skip
+    try:
+        _, port = proc.wait_listener("inbound")
+        admin = proc.wait_listener("admin")
+        # Under 20% of its lifetime left: a warning on stderr.
+        proc.logs.wait_json(
+            event="our SVID expires soon and has not been rotated", search_seen=True
+        )
+        proc.logs.wait_json(event="our SVID has expired", deadline=30, search_seen=True)
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            if _roundtrip(port, client) == b"":
+                raise ConnectionError("closed")
+        proc.audit.wait_json(event="connection.refused", reason="own_svid_expired")
+        assert _http_get(admin, "/readyz")[0] == 503
+        fresh = _reissue(ca_a, HR, tmp_path / "hr")
+        proc.logs.wait_json(event="identity rotated", serial=serial(fresh))
+        assert _roundtrip(port, client) == b"ping"
+        assert _http_get(admin, "/readyz")[0] == 200
+    finally:
+        proc.stop()

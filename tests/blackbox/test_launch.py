@@ -9,14 +9,15 @@ prints. Nothing sleeps: we wait for log lines and process exits.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,9 @@ class Identity:
     config: Path
 
 
-def _write_identity(directory: Path, ca: TestCA, *, egress: str = "127.0.0.1:0") -> Identity:
+def _write_identity(
+    directory: Path, ca: TestCA, *, egress: str = "127.0.0.1:0", admin: str = "127.0.0.1:0"
+) -> Identity:
     cert, key = ca.issue(AGENT_ID).write(directory, ca.bundle_pem())
     bundle = directory / "bundle.pem"
     config = directory / "sidecar.toml"
@@ -52,9 +55,9 @@ cert = "{cert}"
 key = "{key}"
 bundle = "{bundle}"
 [admin]
-listen = "127.0.0.1:0"
+listen = "{admin}"
 [audit]
-path = "{directory / 'audit.jsonl'}"
+path = "{directory / "audit.jsonl"}"
 [[outbound]]
 name = "egress"
 listen = "{egress}"
@@ -111,7 +114,7 @@ class Launcher:
     def started(self) -> dict[str, object]:
         return self.logs.wait_json(event="agent started", search_seen=True)
 
-    def wait(self, deadline: float = DEADLINE) -> int:
+    def wait(self, deadline: float = 4 * DEADLINE) -> int:
         try:
             return self.proc.wait(timeout=deadline)
         except subprocess.TimeoutExpired:
@@ -131,15 +134,6 @@ def launched() -> Iterator[list[Launcher]]:
     yield procs
     for p in procs:
         p.stop()
-
-
-@contextlib.contextmanager
-def socket_bound(port: int) -> Iterator[None]:
-    """Hold a TCP port on 127.0.0.1 so that the sidecar cannot bind it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", port))
-        sock.listen(1)
-        yield
 
 
 def _gone(pid: int) -> bool:
@@ -208,6 +202,25 @@ def test_exit_status_propagates(ident: Identity, launched: list[Launcher]) -> No
     assert _gone(sidecar)
 
 
+def test_console_log_format_renders_the_sidecars_lines_for_people(
+    ident: Identity, launched: list[Launcher]
+) -> None:
+    # The sidecar still speaks JSON to the launcher (readiness, addresses);
+    # the launcher renders its lines, and its own, for the console.
+    launcher = Launcher(
+        ident.config, "print('agent ran', flush=True)", env={"AGENT_PROXY_LOG_FORMAT": "console"}
+    )
+    launched.append(launcher)
+    launcher.out.wait_for(lambda line: line == "agent ran")
+    assert launcher.wait() == 0
+    lines = launcher.logs.all_lines()
+    assert any("listening" in x and "egress" in x for x in lines), lines
+    assert any("agent started" in x for x in lines), lines
+    for line in lines:
+        with pytest.raises(ValueError):
+            json.loads(line)
+
+
 def test_sigterm_stops_agent_then_sidecar(ident: Identity, launched: list[Launcher]) -> None:
     launcher = Launcher(ident.config, WAIT_FOREVER)
     launched.append(launcher)
@@ -238,18 +251,49 @@ def test_sidecar_crash_stops_the_agent(ident: Identity, launched: list[Launcher]
     assert line.startswith("agent-proxy: launch: ")
 
 
-def test_sidecar_that_never_gets_ready_means_no_agent(
+class _StandIn(http.server.BaseHTTPRequestHandler):
+    """Another sidecar on our ports: ready, and a willing egress proxy."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def stand_in_server() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_another_process_on_our_ports_is_not_our_sidecar(
     tmp_path: Path, ca_a: TestCA, launched: list[Launcher]
 ) -> None:
-    port = support.free_port()
-    ident = _write_identity(tmp_path / "busy", ca_a, egress=f"127.0.0.1:{port}")
+    # Security: readiness comes only from our own child (its --ready-fd
+    # pipe), never from whatever answers /readyz or the egress port.
     marker = tmp_path / "agent-ran"
-    with socket_bound(port):
+    with stand_in_server() as admin, stand_in_server() as egress:
+        ident = _write_identity(
+            tmp_path / "busy", ca_a, egress=f"127.0.0.1:{egress}", admin=f"127.0.0.1:{admin}"
+        )
         launcher = Launcher(ident.config, f"open({str(marker)!r}, 'w').close()")
         launched.append(launcher)
         assert launcher.wait() == 70
     assert not marker.exists()
-    launcher.logs.wait_for(lambda x: "before it was ready" in x, search_seen=True)
+    line = launcher.logs.wait_for(lambda x: "before it was ready" in x, search_seen=True)
+    assert line.startswith("agent-proxy: launch: the sidecar exited with status 2")
+    assert "Address already in use" in line  # the child's own bind error
+    assert not any("agent started" in x for x in launcher.logs.all_lines())
 
 
 def test_user_flag_needs_root(

@@ -36,8 +36,12 @@ def _config(identity: dict[str, object], *outbound: dict[str, object]) -> Config
 
 
 def _proxy(name: str, port: int) -> dict[str, object]:
-    return {"name": name, "listen": f"127.0.0.1:{port}", "protocol": "http-proxy",
-            "routes": [ROUTE]}
+    return {
+        "name": name,
+        "listen": f"127.0.0.1:{port}",
+        "protocol": "http-proxy",
+        "routes": [ROUTE],
+    }
 
 
 FILES = {
@@ -103,8 +107,12 @@ def test_environment_names_the_agent_user() -> None:
 
 
 def test_egress_is_the_first_http_proxy_listener() -> None:
-    tcp = {"name": "l4", "listen": "127.0.0.1:15002", "protocol": "tcp",
-           "routes": [{k: v for k, v in ROUTE.items() if k in ("name", "target", "expect")}]}
+    tcp = {
+        "name": "l4",
+        "listen": "127.0.0.1:15002",
+        "protocol": "tcp",
+        "routes": [{k: v for k, v in ROUTE.items() if k in ("name", "target", "expect")}],
+    }
     config = _config(FILES, tcp, _proxy("first", 15003), _proxy("second", 15004))
     found = egress_listener(config)
     assert found is not None and found.name == "first"
@@ -133,7 +141,9 @@ def test_resolve_user() -> None:
         resolve_user("4000123", None, euid=0)
     numeric = resolve_user("4000123", "4000124", euid=0)
     assert numeric is not None and (numeric.uid, numeric.gid, numeric.name) == (
-        4000123, 4000124, None,
+        4000123,
+        4000124,
+        None,
     )
 
 

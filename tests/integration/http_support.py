@@ -26,6 +26,7 @@ class Seen:
     target: str
     headers: list[tuple[str, str]]
     body: bytes
+    trailers: list[tuple[str, str]] = field(default_factory=list)
 
     def header(self, name: str) -> list[str]:
         return [v for n, v in self.headers if n == name]
@@ -46,6 +47,7 @@ class RecordingBackend:
             while True:
                 request = None
                 body = bytearray()
+                trailers: list[tuple[str, str]] = []
                 while True:
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
@@ -59,6 +61,7 @@ class RecordingBackend:
                     elif isinstance(event, h11.Data):
                         body += event.data
                     elif isinstance(event, h11.EndOfMessage):
+                        trailers = [(n.decode(), v.decode()) for n, v in event.headers]
                         break
                     elif isinstance(event, h11.ConnectionClosed):
                         return
@@ -68,6 +71,7 @@ class RecordingBackend:
                     request.target.decode(),
                     [(n.decode(), v.decode()) for n, v in request.headers],
                     bytes(body),
+                    trailers,
                 )
                 self.seen.append(seen)
                 if b"/big/" in request.target:
@@ -95,7 +99,8 @@ class RecordingBackend:
                             )
                         )
                     )
-                    await stream.send_all(conn.send(h11.Data(data=payload)))
+                    if request.method != b"HEAD":  # same head as GET, no body
+                        await stream.send_all(conn.send(h11.Data(data=payload)))
                     await stream.send_all(conn.send(h11.EndOfMessage()))
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return
@@ -287,3 +292,55 @@ async def serve_h11(stream: trio.SocketStream, respond: Any) -> None:
         return
     finally:
         await stream.aclose()
+
+
+class InboundEnv:
+    """A recording backend behind an inbound listener, and a client identity."""
+
+    def __init__(
+        self, backend: RecordingBackend, port: int, audit: MemoryAudit, client: Issued
+    ) -> None:
+        self.backend, self.port, self.audit, self.client = backend, port, audit, client
+
+    async def connect(self) -> trio.SSLStream[trio.SocketStream]:
+        return await tls_connect(self.port, client_context(self.client))
+
+    async def exchange(
+        self, raw: bytes, method: bytes = b"GET"
+    ) -> tuple[int, dict[str, str], bytes]:
+        stream = await self.connect()
+        try:
+            await stream.send_all(raw)
+            return await read_response(stream, method)
+        finally:
+            await stream.aclose()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.audit.records() if r["event"] == name]
+
+    def requests(self) -> list[dict[str, Any]]:
+        return self.events("http.request")
+
+    async def wait_for(self, name: str, deadline: float = 20) -> dict[str, Any]:
+        """The first ``name`` record, once it is written."""
+        with trio.fail_after(deadline):
+            while not (found := self.events(name)):
+                await trio.sleep(0.01)
+        return found[0]
+
+
+async def inbound_env(
+    nursery: trio.Nursery,
+    hr: Issued,
+    ca: TestCA,
+    client: Issued,
+    rules: list[dict[str, Any]],
+    **extra: Any,
+) -> InboundEnv:
+    backend = RecordingBackend()
+    await backend.start(nursery)
+    audit = MemoryAudit()
+    _, port = await start_inbound(
+        nursery, issued=hr, cas=(ca,), target_port=backend.port, rules=rules, audit=audit, **extra
+    )
+    return InboundEnv(backend, port, audit, client)

@@ -13,9 +13,9 @@ import pytest
 import trio
 
 from proxy.config import parse_config
-from proxy.guard.approval import mint_approval
 from proxy.identity import IdentityState, SpiffeId, load_x509_svid
-from proxy.runtime.gate import Gate
+from proxy.policy.approval import mint_approval
+from proxy.policy.gate import Gate
 from proxy.runtime.http_listeners import HttpInboundListener
 from tests.integration.http_support import (
     RecordingBackend,
@@ -249,15 +249,24 @@ async def test_dry_run_is_counted_and_quarantines_are_managed_on_the_admin_endpo
 
     rules = [
         {"name": "reads", "peers": [PAYROLL], "methods": ["GET"], "paths": ["/ok/**"]},
-        {"name": "try-deny-ok", "peers": [PAYROLL], "methods": ["GET"], "paths": ["/ok/**"],
-         "action": "deny", "mode": "dry-run"},
+        {
+            "name": "try-deny-ok",
+            "peers": [PAYROLL],
+            "methods": ["GET"],
+            "paths": ["/ok/**"],
+            "action": "deny",
+            "mode": "dry-run",
+        },
     ]
     guard = {"quarantine_for": "10m", "deny_burst": {"count": 2, "window": "1m"}}
 
     async def admin_call(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        await stream.send_all(f"{method} {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
-                              f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await stream.send_all(
+            f"{method} {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         data = b""
         with trio.fail_after(10):
             while chunk := await stream.receive_some(65536):
@@ -278,16 +287,17 @@ async def test_dry_run_is_counted_and_quarantines_are_managed_on_the_admin_endpo
             assert (await env.request(_get(f"/no/{i}")))[0] == 403
         status, listed = await admin_call(admin_port, "GET", "/guard/quarantines")
         assert status == 200 and json.loads(listed)[0]["peer"] == PAYROLL
-        status, _ = await admin_call(admin_port, "POST", "/guard/quarantines/release",
-                                     json.dumps({"peer": PAYROLL}).encode())
+        status, _ = await admin_call(
+            admin_port, "POST", "/guard/quarantines/release", json.dumps({"peer": PAYROLL}).encode()
+        )
         assert status == 200
         status, listed = await admin_call(admin_port, "GET", "/guard/quarantines")
         assert json.loads(listed) == []
         assert (await env.request(_get("/ok/2")))[0] == 200
         nursery.cancel_scope.cancel()
-    assert env.records()[0].get("dry_run") == [
-        {"rule": "try-deny-ok", "outcome": "would_deny"}]
+    assert env.records()[0].get("dry_run") == [{"rule": "try-deny-ok", "outcome": "would_deny"}]
     text = metrics.render().decode()
-    assert ('agent_proxy_dry_run_total{listener="hr-api",outcome="would_deny",'
-            'rule="try-deny-ok"} 2.0') in text
+    assert (
+        'agent_proxy_dry_run_total{listener="hr-api",outcome="would_deny",rule="try-deny-ok"} 2.0'
+    ) in text
     assert 'agent_proxy_quarantines_total{reason="deny_burst"} 1.0' in text

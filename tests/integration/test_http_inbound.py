@@ -11,8 +11,9 @@ import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.integration.http_support import (
-    RecordingBackend,
+    InboundEnv,
     client_context,
+    inbound_env,
     read_response,
     start_inbound,
     tls_connect,
@@ -49,34 +50,10 @@ def payroll(ca_a: TestCA) -> Issued:
     return ca_a.issue(PAYROLL)
 
 
-class Env:
-    def __init__(
-        self, backend: RecordingBackend, port: int, audit: MemoryAudit, client: Issued
-    ) -> None:
-        self.backend, self.port, self.audit, self.client = backend, port, audit, client
-
-    async def exchange(
-        self, raw: bytes, method: bytes = b"GET"
-    ) -> tuple[int, dict[str, str], bytes]:
-        stream = await tls_connect(self.port, client_context(self.client))
-        try:
-            await stream.send_all(raw)
-            return await read_response(stream, method)
-        finally:
-            await stream.aclose()
-
-    def requests(self) -> list[dict[str, Any]]:
-        return [r for r in self.audit.records() if r["event"] == "http.request"]
-
-
-async def _env(nursery: trio.Nursery, hr: Issued, ca: TestCA, client: Issued, **extra: Any) -> Env:
-    backend = RecordingBackend()
-    await backend.start(nursery)
-    audit = MemoryAudit()
-    _, port = await start_inbound(
-        nursery, issued=hr, cas=(ca,), target_port=backend.port, rules=RULES, audit=audit, **extra
-    )
-    return Env(backend, port, audit, client)
+async def _env(
+    nursery: trio.Nursery, hr: Issued, ca: TestCA, client: Issued, **extra: Any
+) -> InboundEnv:
+    return await inbound_env(nursery, hr, ca, client, RULES, **extra)
 
 
 async def test_allowed_request_reaches_target_with_our_identity_header(
@@ -365,8 +342,9 @@ async def test_allowed_upgrade_becomes_a_tunnel(ca_a: TestCA, hr: Issued, payrol
         while b"\r\n\r\n" not in head:
             head += await stream.receive_some(65536)
         assert b"upgrade: websocket" in head.lower()
-        await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                              b"Connection: Upgrade\r\n\r\n")
+        await stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        )
         while data := await stream.receive_some(65536):
             await stream.send_all(data.upper())
         await stream.aclose()
@@ -375,11 +353,13 @@ async def test_allowed_upgrade_becomes_a_tunnel(ca_a: TestCA, hr: Issued, payrol
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(trio.serve_tcp, upgrading_backend, 0)
         backend_port = listeners[0].socket.getsockname()[1]
-        _, port = await start_inbound(nursery, issued=hr, cas=(ca_a,), target_port=backend_port,
-                                      rules=RULES, audit=audit)
+        _, port = await start_inbound(
+            nursery, issued=hr, cas=(ca_a,), target_port=backend_port, rules=RULES, audit=audit
+        )
         stream = await tls_connect(port, client_context(payroll))
-        await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: hr\r\nConnection: Upgrade\r\n"
-                              b"Upgrade: websocket\r\n\r\n")
+        await stream.send_all(
+            b"GET /ws HTTP/1.1\r\nHost: hr\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
         head = b""
         with trio.fail_after(10):
             while b"\r\n\r\n" not in head:

@@ -13,7 +13,7 @@ import trio
 
 from proxy.config import parse_config
 from proxy.identity import IdentityState
-from proxy.runtime.gate import Gate
+from proxy.policy.gate import Gate
 from proxy.runtime.http_listeners import HttpInboundListener
 from tests.integration.http_support import (
     client_context,

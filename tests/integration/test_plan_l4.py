@@ -6,6 +6,9 @@ that refuses our identity is reported as such."""
 from __future__ import annotations
 
 import contextlib
+import ssl
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -13,7 +16,7 @@ import trio.testing
 
 from proxy.config import Config, parse_config
 from proxy.identity import IdentityState
-from proxy.runtime.gate import Gate
+from proxy.policy.gate import Gate
 from proxy.runtime.listener import BaseListener
 from proxy.runtime.plan import build_listeners
 from proxy.runtime.reload import ConfigReloader
@@ -140,3 +143,76 @@ async def test_upstream_refusing_our_identity_is_reported(ca_a: TestCA) -> None:
     assert closed[0]["reason"] == "refused_by_upstream", closed
     assert closed[0]["outcome"] == "refused_by_upstream"
     assert "upstream refused us" in closed[0]["error"]
+
+
+async def test_tls12_upstream_refusing_us_in_the_handshake(ca_a: TestCA, ca_b: TestCA) -> None:
+    """TLS 1.2: the upstream judges our certificate before the handshake ends."""
+    hr = ca_a.issue(HR)
+    directory = Path(tempfile.mkdtemp())
+    cert, key = hr.write(directory)
+    bundle = directory / "other-ca.pem"
+    bundle.write_bytes(ca_b.bundle_pem())  # trusts someone else: refuses our SVID
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(bundle)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+
+    async def upstream(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, ctx, server_side=True)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await tls.do_handshake()
+        await stream.aclose()
+
+    audit = MemoryAudit()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, upstream, 0)
+        up_port = listeners[0].socket.getsockname()[1]
+        outbound = {
+            "name": "to-hr",
+            "listen": "127.0.0.1:0",
+            "protocol": "tcp",
+            "min_tls": "1.2",
+            "routes": [{"target": f"127.0.0.1:{up_port}", "expect": [HR]}],
+        }
+        config = parse_config({"identity": IDENTITY, "outbound": [outbound]}, "p.toml")
+        _, port = await _start(nursery, config, ca_a.issue(PAYROLL), ca_a, audit)
+        agent = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(10):
+            while await agent.receive_some(100):
+                pass
+        await agent.aclose()
+        nursery.cancel_scope.cancel()
+    [refused] = [r for r in audit.records() if r["event"] == "connection.refused"]
+    assert (
+        refused["reason"] == "refused_by_upstream" and refused["outcome"] == "refused_by_upstream"
+    )
+    assert refused["decision"] == "allow" and refused["peer_id"] == HR
+    assert "upstream refused us" in refused["error"]
+
+
+async def test_listen_without_a_host_binds_every_address(ca_a: TestCA) -> None:
+    audit = MemoryAudit()
+    async with trio.open_nursery() as nursery:
+        echo = await start_echo(nursery)
+        config = parse_config(
+            {
+                "identity": IDENTITY,
+                "inbound": [
+                    {
+                        "name": "hr",
+                        "listen": ":0",
+                        "target": f"127.0.0.1:{echo}",
+                        "protocol": "tcp",
+                        "rules": [{"peers": [PAYROLL]}],
+                    }
+                ],
+            },
+            "hr.toml",
+        )
+        listener, port = await _start(nursery, config, ca_a.issue(HR), ca_a, audit)
+        assert any(addr.startswith("0.0.0.0:") for addr in listener.bound), listener.bound
+        stream = await tls_connect(port, client_context(ca_a.issue(PAYROLL)))
+        await stream.send_all(b"hi")
+        assert await stream.receive_some(10) == b"hi"
+        nursery.cancel_scope.cancel()

@@ -108,6 +108,7 @@ async def test_eof_without_close_notify_reads_as_truncated_eof(ca_a: TestCA, ids
         await client.transport.aclose()  # TCP FIN, no close_notify
         assert await server.receive_some() == b""
         assert server.truncated
+        assert await server.receive_some() == b""  # EOF stays EOF
         await server.aclose()
 
 
@@ -205,7 +206,7 @@ async def test_tls12_allowed_when_configured(ca_a: TestCA, ids) -> None:  # type
     async with trio.open_nursery() as nursery:
         server, client = await _pair(nursery, s, c)
         assert await _handshake_both(server, client) == {}
-        assert server._conn.get_protocol_version_name() == "TLSv1.2"
+        assert server.ssl_connection.get_protocol_version_name() == "TLSv1.2"
         await client.aclose()
         await server.aclose()
 
@@ -213,3 +214,31 @@ async def test_tls12_allowed_when_configured(ca_a: TestCA, ids) -> None:  # type
 def test_ssl_module_constant_sanity() -> None:
     # Python's ssl is one of our black-box clients; TLS 1.3 must exist here.
     assert ssl.HAS_TLSv1_3
+
+
+@pytest.mark.parametrize("server", [True, False])
+def test_record_buffers_are_released_when_idle(ca_a: TestCA, ids, server: bool) -> None:  # type: ignore[no-untyped-def]
+    """Listeners, upstream connections and the pool all build their contexts
+    with build_side: an idle connection keeps no OpenSSL record buffers."""
+    from OpenSSL import SSL
+
+    issued = ids["server"] if server else ids["client"]
+    s = side(issued, (ca_a,), ["spiffe://a.org/**"], server=server)
+    assert s.context.set_mode(0) & SSL.MODE_RELEASE_BUFFERS
+
+
+async def test_reactor_handles_after_the_handshake(ca_a: TestCA, ids) -> None:  # type: ignore[no-untyped-def]
+    """A reactor gets the socket's fd and the OpenSSL connection on it, and
+    can move bytes itself once the stream's tasks are out of the way."""
+    s = side(ids["server"], (ca_a,), ["spiffe://a.org/**"], server=True)
+    c = side(ids["client"], (ca_a,), ["spiffe://a.org/**"], server=False)
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        assert await _handshake_both(server, client) == {}
+        assert server.fileno == server.transport.socket.fileno()
+        assert server.ssl_connection.get_protocol_version_name() == "TLSv1.3"
+        client.ssl_connection.send(b"direct")
+        await trio.lowlevel.wait_readable(server.fileno)
+        assert server.ssl_connection.recv(100) == b"direct"
+        await client.aclose()
+        await server.aclose()

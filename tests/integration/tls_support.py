@@ -75,6 +75,7 @@ async def start_listener(
     audit: MemoryAudit,
     handshake_timeout: float = 5.0,
     max_connections: int = 100,
+    min_tls: Any = "1.3",
 ) -> tuple[L4Listener, int]:
     config = L4Config(
         name=f"test-{direction}",
@@ -84,6 +85,7 @@ async def start_listener(
         patterns=parse_patterns(patterns),
         handshake_timeout=handshake_timeout,
         max_connections=max_connections,
+        min_tls=min_tls,
     )
     listener = L4Listener(config, IdentityState(snapshot(issued, *cas)), audit.sink)
     bound = await nursery.start(listener.serve, handlers)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.agent import a2a
+from proxy.agent import a2a, a2a_push
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "a2a"
 
@@ -88,7 +88,6 @@ REQUEST_IDS = [
 @pytest.mark.parametrize(("method", "params", "ids"), REQUEST_IDS)
 def test_task_ids_in_request(method: str, params: dict[str, Any], ids: list[str]) -> None:
     assert a2a.task_ids_in_request(method, params) == ids
-    assert a2a.task_id_in_request(method, params) == (ids[0] if ids else None)
 
 
 @pytest.mark.parametrize(
@@ -257,19 +256,19 @@ PUSH = [
 
 @pytest.mark.parametrize(("url", "ok"), PUSH)
 def test_push_url_allowed(url: str, ok: bool) -> None:
-    assert a2a.push_url_allowed(url, ALLOWLIST) is ok
+    assert a2a_push.push_url_allowed(url, ALLOWLIST) is ok
 
 
 def test_push_allowlist_entries() -> None:
-    assert not a2a.push_url_allowed("https://hooks.payroll.example/x", [])
+    assert not a2a_push.push_url_allowed("https://hooks.payroll.example/x", [])
     for bad in ("hooks.example", "https://*example.com", "https://a.*.example", "https://h/?q=1",
                 "https://u@h", "ftp://h", "https://h/#f"):  # fmt: skip
         with pytest.raises(ValueError):
-            a2a.validate_push_allowlist_entry(bad)
-        assert not a2a.push_url_allowed("https://h/x", [bad])
+            a2a_push.validate_push_allowlist_entry(bad)
+        assert not a2a_push.push_url_allowed("https://h/x", [bad])
     for good in ALLOWLIST:
-        a2a.validate_push_allowlist_entry(good)
-    assert a2a.push_url_allowed("https://[::1]:8443/x", ["https://[::1]:8443"])
+        a2a_push.validate_push_allowlist_entry(good)
+    assert a2a_push.push_url_allowed("https://[::1]:8443/x", ["https://[::1]:8443"])
 
 
 PUSH_URLS = [
@@ -294,7 +293,7 @@ PUSH_URLS = [
 
 @pytest.mark.parametrize(("method", "params", "urls"), PUSH_URLS)
 def test_push_urls_in_request(method: str, params: dict[str, Any], urls: list[str]) -> None:
-    assert a2a.push_urls_in_request(method, params) == urls
+    assert a2a_push.push_urls_in_request(method, params) == urls
 
 
 # -- agent cards ---------------------------------------------------------------------------

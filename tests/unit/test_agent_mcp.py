@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from proxy.agent import mcp
+from proxy.agent import mcp, mcp_answers, mcp_headers
 from proxy.agent.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -292,7 +292,7 @@ def test_mirrored_headers(
 ) -> None:
     (call,) = mcp.extract_calls(body(message), headers, None)
     assert call.version == "2026-07-28"
-    error = mcp.check_mirrored_headers(call, headers)
+    error = mcp_headers.check_mirrored_headers(call, headers)
     if code is None:
         assert error is None, why
         return
@@ -306,17 +306,17 @@ def test_mirrored_headers(
 
 def test_mirrored_headers_only_in_2026() -> None:
     (call,) = mcp.extract_calls(body(req("tools/call", {"name": "a"})), {}, None)
-    assert mcp.check_mirrored_headers(call, {}) is None
-    assert mcp.check_mirrored_headers(call, {"Mcp-Name": "other"}) is None
+    assert mcp_headers.check_mirrored_headers(call, {}) is None
+    assert mcp_headers.check_mirrored_headers(call, {"Mcp-Name": "other"}) is None
 
 
 def test_mirrored_headers_on_a_notification() -> None:
     note = req("notifications/x", msg_id=None)
     headers = {"MCP-Protocol-Version": "2026-07-28"}
     (call,) = mcp.extract_calls(body(note), headers, None)
-    assert mcp.check_mirrored_headers(call, headers) is None
+    assert mcp_headers.check_mirrored_headers(call, headers) is None
     wrong = {**headers, "Mcp-Method": "notifications/y"}
-    error = mcp.check_mirrored_headers(call, wrong)
+    error = mcp_headers.check_mirrored_headers(call, wrong)
     assert error is not None and error.code == mcp.HEADER_MISMATCH
 
 
@@ -324,20 +324,20 @@ def test_mirrored_headers_on_a_notification() -> None:
 
 
 def test_unknown_tool() -> None:
-    out = json.loads(mcp.unknown_tool("7", "delete_everything"))
+    out = json.loads(mcp_answers.unknown_tool("7", "delete_everything"))
     assert out == {
         "jsonrpc": "2.0",
         "id": "7",
         "error": {"code": -32602, "message": "Unknown tool: delete_everything"},
     }
-    assert len(json.loads(mcp.unknown_tool(1, "x" * 10_000))["error"]["message"]) < 300
+    assert len(json.loads(mcp_answers.unknown_tool(1, "x" * 10_000))["error"]["message"]) < 300
 
 
 @pytest.mark.parametrize(
     ("version", "has_type"), [("2025-11-25", False), ("2026-07-28", True), (None, False)]
 )
 def test_forbidden_arguments(version: str | None, has_type: bool) -> None:
-    out = json.loads(mcp.forbidden_arguments(3, "amount over the limit", version))
+    out = json.loads(mcp_answers.forbidden_arguments(3, "amount over the limit", version))
     assert out["id"] == 3 and "error" not in out
     result = out["result"]
     assert result["content"] == [{"type": "text", "text": "amount over the limit"}]
@@ -348,18 +348,20 @@ def test_forbidden_arguments(version: str | None, has_type: bool) -> None:
 
 
 def test_denied_and_rate_limited() -> None:
-    out = json.loads(mcp.denied(1, "not allowed for spiffe://x/y"))
+    out = json.loads(mcp_answers.denied(1, "not allowed for spiffe://x/y"))
     assert out["error"] == {"code": mcp.POLICY_DENIED, "message": "not allowed for spiffe://x/y"}
     # Outside the JSON-RPC reserved range (-32768..-32000), as MCP 2026-07-28 asks.
     assert not -32768 <= mcp.POLICY_DENIED <= -32000
     assert not -32768 <= mcp.RATE_LIMITED <= -32000
-    assert json.loads(mcp.denied("a", "x", code=-32601))["error"]["code"] == -32601
-    out = json.loads(mcp.rate_limited("q", 1.2))
+    assert json.loads(mcp_answers.denied("a", "x", code=-32601))["error"]["code"] == -32601
+    out = json.loads(mcp_answers.rate_limited("q", 1.2))
     assert out["id"] == "q"
     assert out["error"]["code"] == mcp.RATE_LIMITED
     assert out["error"]["data"] == {"retry_after": 2}
-    assert json.loads(mcp.rate_limited(1, 0))["error"]["data"] == {"retry_after": 1}
-    assert json.loads(mcp.rate_limited(1, float("inf")))["error"]["data"] == {"retry_after": 1}
+    assert json.loads(mcp_answers.rate_limited(1, 0))["error"]["data"] == {"retry_after": 1}
+    assert json.loads(mcp_answers.rate_limited(1, float("inf")))["error"]["data"] == {
+        "retry_after": 1
+    }
     assert mcp.DENIAL_HTTP_STATUS == 200
 
 
@@ -393,7 +395,7 @@ def test_filter_list_result(
 ) -> None:
     raw = fixture(name)
     original = json.loads(raw)
-    out = json.loads(mcp.filter_list_result(raw, method, allowed, version))
+    out = json.loads(mcp_answers.filter_list_result(raw, method, allowed, version))
     key = mcp.LIST_METHODS[method][1]
     assert [item[key] for item in out["result"][member]] == kept
     # Every other member is untouched, and key order is kept.
@@ -416,21 +418,26 @@ def test_filter_list_result(
 
 def test_filter_list_result_edge_cases() -> None:
     error = b'{"jsonrpc":"2.0","id":1,"error":{"code":-32601,"message":"no"}}'
-    assert mcp.filter_list_result(error, "tools/list", allowed, "2026-07-28") == error
+    assert mcp_answers.filter_list_result(error, "tools/list", allowed, "2026-07-28") == error
     not_a_list = b'{"jsonrpc":"2.0","id":1,"result":{"content":[]}}'
-    assert mcp.filter_list_result(not_a_list, "tools/call", allowed, "2026-07-28") == not_a_list
+    assert (
+        mcp_answers.filter_list_result(not_a_list, "tools/call", allowed, "2026-07-28")
+        == not_a_list
+    )
     malformed = {"jsonrpc": "2.0", "id": 1, "result": {"tools": {"name": "get_weather"}}}
-    out = json.loads(mcp.filter_list_result(malformed, "tools/list", allowed, "2025-11-25"))
+    out = json.loads(mcp_answers.filter_list_result(malformed, "tools/list", allowed, "2025-11-25"))
     assert out["result"]["tools"] == []  # present but not an array: nothing shown
     junk_items = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [1, {"title": "x"}, {"name": 5},
                   {"name": "get_weather"}]}}  # fmt: skip
-    out = json.loads(mcp.filter_list_result(junk_items, "tools/list", allowed, "2025-11-25"))
+    out = json.loads(
+        mcp_answers.filter_list_result(junk_items, "tools/list", allowed, "2025-11-25")
+    )
     assert out["result"]["tools"] == [{"name": "get_weather"}]
     interim = {"jsonrpc": "2.0", "id": 1, "result": {"resultType": "input_required", "tools": []}}
-    out = json.loads(mcp.filter_list_result(interim, "tools/list", allowed, "2026-07-28"))
+    out = json.loads(mcp_answers.filter_list_result(interim, "tools/list", allowed, "2026-07-28"))
     assert "cacheScope" not in out["result"]  # SEP-2549: no hints on interim results
     with pytest.raises(JsonRpcError):  # duplicate keys: never judged
-        mcp.filter_list_result(
+        mcp_answers.filter_list_result(
             b'{"jsonrpc":"2.0","id":1,"result":{"tools":[],"tools":[{"name":"x"}]}}',
             "tools/list",
             allowed,
@@ -441,7 +448,7 @@ def test_filter_list_result_edge_cases() -> None:
 def test_filter_batch_responses_per_pending_id() -> None:
     raw = fixture("batch_response_2025_03_26.json")
     pending = {("n", 1): "tools/list", ("n", 3): "prompts/list"}  # not ("s", "1")
-    out = mcp.filter_responses(raw, pending, policy, "2025-03-26", infer=False)
+    out = mcp_answers.filter_responses(raw, pending, policy, "2025-03-26", infer=False)
     assert out is not None
     items = json.loads(out)
     original = json.loads(raw)
@@ -454,16 +461,17 @@ def test_filter_batch_responses_per_pending_id() -> None:
 
 def test_filter_responses_infer_and_none() -> None:
     raw = fixture("tools_list_2025.json")
-    assert mcp.filter_responses(raw, {}, policy, "2025-11-25", infer=False) is None
-    out = mcp.filter_responses(raw, {}, policy, "2025-11-25", infer=True)
+    assert mcp_answers.filter_responses(raw, {}, policy, "2025-11-25", infer=False) is None
+    out = mcp_answers.filter_responses(raw, {}, policy, "2025-11-25", infer=True)
     assert out is not None
     assert [t["name"] for t in json.loads(out)["result"]["tools"]] == ["get_weather"]
     # A pending id naming another method wins over the shape.
     assert (
-        mcp.filter_responses(raw, {("s", "list-1"): "tools/call"}, policy, "x", infer=True) is None
+        mcp_answers.filter_responses(raw, {("s", "list-1"): "tools/call"}, policy, "x", infer=True)
+        is None
     )
     for text in (b"", b"not json", b'{"jsonrpc":"2.0","method":"notifications/progress"}', b"42"):
-        assert mcp.filter_responses(text, {}, policy, "2025-11-25", infer=True) is None
+        assert mcp_answers.filter_responses(text, {}, policy, "2025-11-25", infer=True) is None
 
 
 @pytest.mark.parametrize(
@@ -478,12 +486,14 @@ def test_filter_responses_infer_and_none() -> None:
 )
 def test_unfilterable_responses_fail_closed(raw: bytes) -> None:
     with pytest.raises(mcp.UnfilterableResponse) as info:
-        mcp.filter_responses(raw, {("n", 1): "tools/list"}, policy, "2025-11-25", infer=True)
+        mcp_answers.filter_responses(
+            raw, {("n", 1): "tools/list"}, policy, "2025-11-25", infer=True
+        )
     assert info.value.http_status == 502
 
 
 def test_too_large_response_fails_closed() -> None:
     with pytest.raises(mcp.UnfilterableResponse):
-        mcp.filter_responses(
+        mcp_answers.filter_responses(
             fixture("tools_list_2025.json"), {}, policy, "x", infer=True, max_bytes=10
         )

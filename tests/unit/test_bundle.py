@@ -46,6 +46,11 @@ def _x509_entry(ca: TestCA, **overrides: Any) -> dict[str, Any]:
     return {k: v for k, v in entry.items() if v is not None}
 
 
+def _version_4(der: bytes) -> bytes:
+    at = der.index(b"\xa0\x03\x02\x01\x02") + 4
+    return der[:at] + b"\x03" + der[at + 1 :]
+
+
 JWT_ENTRY = {"use": "jwt-svid", "kty": "EC", "kid": "abc", "crv": "P-256", "x": "AA", "y": "AA"}
 
 
@@ -134,6 +139,18 @@ JWKS_ERRORS: list[tuple[str, Any, str]] = [
         r"x5c\[0\] is not base64",
     ),
     ("a lone surrogate", '{"keys":[{"use":"\\ud800"}]}', "no x509-svid authorities"),
+    # Found by tests/fuzz: a version field past v3 raised InvalidVersion.
+    (
+        "x5c certificate of version 4",
+        _jwks(
+            {
+                "use": "x509-svid",
+                "kty": "EC",
+                "x5c": [base64.b64encode(_version_4(_der(TestCA.create("a.org")))).decode()],
+            }
+        ),
+        "not a valid X509 version",
+    ),
 ]
 
 
@@ -172,6 +189,11 @@ def test_from_bytes_detects_format(ca: TestCA, case: str, make: Any) -> None:
         ),
         ("garbage DER", lambda: TrustBundle.from_der(A, b"\x30\x05abc"), "truncated"),
         ("empty DER", lambda: TrustBundle.from_der(A, b""), "no certificates"),
+        (
+            "DER of version 4",
+            lambda: TrustBundle.from_der(A, _version_4(_der(TestCA.create("a.org")))),
+            "not a valid X509 version",
+        ),
         ("no authorities", lambda: TrustBundle(A, ()), "has no certificates"),
     ],
 )

@@ -28,10 +28,10 @@ from proxy.config import (
     summarize,
 )
 from proxy.errors import UsageError
-from proxy.http.policy import PathPattern
 from proxy.identity import SpiffeId, TrustDomain
 from proxy.netaddr import HostPort
 from proxy.policy import SpiffePattern
+from proxy.policy.paths import PathPattern
 
 PAYROLL = "spiffe://payroll.example/agent/payroll"
 HR = "spiffe://payroll.example/svc/hr"
@@ -685,8 +685,11 @@ ERRORS: list[tuple[str, list[Mutation], str]] = [
         'outbound[0].routes: protocol = "http" takes exactly one route, got 2',
     ),
     # identity
-    ("top-level spiffe_id invalid", [drop("identity"), put("spiffe_id", "spiffe://x/")],
-     "spiffe_id: "),
+    (
+        "top-level spiffe_id invalid",
+        [drop("identity"), put("spiffe_id", "spiffe://x/")],
+        "spiffe_id: ",
+    ),
     (
         "dev with a trust-domain id",
         [put("identity", {"spiffe_id": "spiffe://payroll.example"})],
@@ -852,8 +855,17 @@ def test_newlines_in_values_stay_on_one_line() -> None:
 def test_no_identity_section_means_dev_with_a_default_or_top_level_id() -> None:
     from proxy.config import DEV_TRUST_DOMAIN
 
-    base = {"inbound": [{"name": "hr", "listen": "127.0.0.1:8443", "target": "127.0.0.1:8080",
-                         "protocol": "tcp", "rules": [{"peers": [PAYROLL]}]}]}
+    base = {
+        "inbound": [
+            {
+                "name": "hr",
+                "listen": "127.0.0.1:8443",
+                "target": "127.0.0.1:8080",
+                "protocol": "tcp",
+                "rules": [{"peers": [PAYROLL]}],
+            }
+        ]
+    }
     default = parse_config(base, "sidecar.toml", base_dir=Path("/etc/ap"))
     assert default.identity.source == "dev"
     assert default.identity.spiffe_id is not None

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from proxy.config import ConfigError, parse_config, summarize
-from proxy.guard.policy import HighImpact
-from proxy.guard.quarantine import DenyBurst, GuardConfig, RateSpike
-from proxy.guard.ratelimit import Rate
 from proxy.policy import SpiffePattern
+from proxy.policy.quarantine import DenyBurst, GuardConfig, RateSpike
+from proxy.policy.ratelimit import Rate
+from proxy.policy.rules import HighImpact
 
 PAYROLL = "spiffe://payroll.example/agent/payroll"
 APPROVER = "spiffe://payroll.example/approver/*"
@@ -128,7 +128,10 @@ def test_everything_parses() -> None:
     )
     hr, bank, planner = config.inbound
     assert [r.name for r in hr.guard.rules] == [
-        "reads", "office-hours-writes", "no-admin", "try-deny-delete",
+        "reads",
+        "office-hours-writes",
+        "no-admin",
+        "try-deny-delete",
     ]
     writes = hr.guard.rules[1]
     assert writes.when is not None and writes.rate == Rate(10, 60)
@@ -186,20 +189,59 @@ ERRORS: list[tuple[str, str, Any, str]] = [
     ("when", "0.1", "time.hour >", "inbound[0].rules[1].when: invalid CEL"),
     ("rate", "0.1", "10/fortnight", "inbound[0].rules[1].rate: invalid rate '10/fortnight'"),
     ("rate", "0.2", "1/second", "inbound[0].rules[2].rate: only enforced allow rules"),
-    ("action", "0.1", "block", "inbound[0].rules[1].action: expected one of \"allow\", \"deny\""),
-    ("mode", "0.1", "audit", "inbound[0].rules[1].mode: expected one of \"enforce\", \"dry-run\""),
+    ("action", "0.1", "block", 'inbound[0].rules[1].action: expected one of "allow", "deny"'),
+    ("mode", "0.1", "audit", 'inbound[0].rules[1].mode: expected one of "enforce", "dry-run"'),
     ("tools", "0.1", ["x"], 'inbound[0].rules[1].tools: only valid for protocol = "mcp"'),
-    ("push_url_allowlist", "1.0", ["https://x/"],
-     'inbound[1].rules[0].push_url_allowlist: only valid for protocol = "a2a"'),
-    ("push_url_allowlist", "2.0", ["ftp://x/"],
-     "inbound[2].rules[0].push_url_allowlist[0]: invalid URL pattern"),
+    (
+        "push_url_allowlist",
+        "1.0",
+        ["https://x/"],
+        'inbound[1].rules[0].push_url_allowlist: only valid for protocol = "a2a"',
+    ),
+    (
+        "push_url_allowlist",
+        "2.0",
+        ["ftp://x/"],
+        "inbound[2].rules[0].push_url_allowlist[0]: invalid URL pattern",
+    ),
+    # Entries the A2A matcher could never match: refused at load, not ignored.
+    (
+        "push_url_allowlist",
+        "2.0",
+        ["https://hooks.example/ok", "https://user@hooks.example/x"],
+        "inbound[2].rules[0].push_url_allowlist[1]: invalid URL pattern",
+    ),
+    (
+        "push_url_allowlist",
+        "2.0",
+        ["https://hooks.example/x?token=1"],
+        "inbound[2].rules[0].push_url_allowlist[0]: invalid URL pattern",
+    ),
+    (
+        "push_url_allowlist",
+        "2.0",
+        ["https://hooks.*.example/x"],
+        "inbound[2].rules[0].push_url_allowlist[0]: invalid URL pattern",
+    ),
     ("high_impact", "1.1", {}, "inbound[1].rules[1].high_impact: needs max_svid_age"),
-    ("high_impact", "1.1", {"approvers": ["spiffe://x/a*"]},
-     "inbound[1].rules[1].high_impact.approvers[0]: invalid SPIFFE ID pattern"),
-    ("high_impact", "1.1", {"max_svid_age": "soon"},
-     "inbound[1].rules[1].high_impact.max_svid_age: invalid duration"),
-    ("high_impact", "1.1", {"max_svid_age": "5m", "approver": []},
-     "unknown key 'inbound[1].rules[1].high_impact.approver'"),
+    (
+        "high_impact",
+        "1.1",
+        {"approvers": ["spiffe://x/a*"]},
+        "inbound[1].rules[1].high_impact.approvers[0]: invalid SPIFFE ID pattern",
+    ),
+    (
+        "high_impact",
+        "1.1",
+        {"max_svid_age": "soon"},
+        "inbound[1].rules[1].high_impact.max_svid_age: invalid duration",
+    ),
+    (
+        "high_impact",
+        "1.1",
+        {"max_svid_age": "5m", "approver": []},
+        "unknown key 'inbound[1].rules[1].high_impact.approver'",
+    ),
     ("tools", "1.0", [""], "inbound[1].rules[0].tools[0]: invalid name or pattern"),
 ]
 
@@ -221,14 +263,23 @@ def test_rule_errors_name_the_key_path(key: str, where: str, value: Any, expecte
         (("guard", "rate_spike"), {"factor": "x"}, "guard.rate_spike.factor: expected a number"),
         (("guard", "quarantine"), "1m", "unknown key 'guard.quarantine'"),
         (("guard", "learning_period"), "forever", "guard.learning_period: invalid duration"),
-        (("inbound", 0, "protocol"), "grpc", "inbound[0].protocol: expected one of \"tcp\""),
+        (("inbound", 0, "protocol"), "grpc", 'inbound[0].protocol: expected one of "tcp"'),
         (("inbound", 0, "max_body_bytes"), 10, "inbound[0].max_body_bytes: must be at least 1024"),
-        (("outbound", 0, "routes", 1, "protocol"), "smtp",
-         'outbound[0].routes[1].protocol: expected one of "http", "mcp", "a2a"'),
-        (("outbound", 0, "routes", 1, "when"), "peer.id == 'x'",
-         "outbound[0].routes[1].when: the variable 'peer' is not available here"),
-        (("outbound", 0, "routes", 0, "tools"), ["x"],
-         'outbound[0].routes[0].tools: only valid for protocol = "mcp"'),
+        (
+            ("outbound", 0, "routes", 1, "protocol"),
+            "smtp",
+            'outbound[0].routes[1].protocol: expected one of "http", "mcp", "a2a"',
+        ),
+        (
+            ("outbound", 0, "routes", 1, "when"),
+            "peer.id == 'x'",
+            "outbound[0].routes[1].when: the variable 'peer' is not available here",
+        ),
+        (
+            ("outbound", 0, "routes", 0, "tools"),
+            ["x"],
+            'outbound[0].routes[0].tools: only valid for protocol = "mcp"',
+        ),
     ],
 )
 def test_other_errors_name_the_key_path(path: tuple[Any, ...], value: Any, expected: str) -> None:

@@ -140,6 +140,22 @@ def test_load_garbage_key_does_not_echo_it(ca: DevCA) -> None:
     assert "SECRET" not in str(info.value)
 
 
+# Found by tests/fuzz/test_fuzz_devca.py: an EC key naming a curve OID that
+# cryptography does not support raised UnsupportedAlgorithm, not DevCAError.
+UNSUPPORTED_CURVE_KEY = b"""-----BEGIN EC PRIVATE KEY-----
+MHcCAQEEIK1Njue+kbFaC02GPpuAFZTRP13AynkUIBrweYrqfxkyoAoGCCqGSM49
+CwEHoUQDQgAEOUi156DjOYpIv3DlTdk1Njctw60x8mcG/bABqIgX4dBIj6nZmGpT
+yuBhhJ3vwrxG00iAVfTVSChP49D1vIWXZg==
+-----END EC PRIVATE KEY-----
+"""
+
+
+def test_load_key_on_an_unsupported_curve(ca: DevCA) -> None:
+    (ca.directory / "ca_key.pem").write_bytes(UNSUPPORTED_CURVE_KEY)
+    with pytest.raises(DevCAError, match="is not an unencrypted PEM private key"):
+        DevCA.load(ca.directory)
+
+
 def test_load_unreadable_key(ca: DevCA) -> None:
     if os.geteuid() == 0:
         pytest.skip("root reads any file")

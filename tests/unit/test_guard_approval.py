@@ -11,7 +11,10 @@ from typing import Any
 import jwt
 import pytest
 
-from proxy.guard.approval import (
+from proxy.identity import SpiffeId, TrustBundle, TrustBundleSet, TrustDomain, load_x509_svid
+from proxy.identity.svid import X509Svid
+from proxy.policy import SpiffePattern
+from proxy.policy.approval import (
     ApprovalError,
     ReplayCache,
     body_sha256,
@@ -20,9 +23,6 @@ from proxy.guard.approval import (
     mint_approval,
     verify_approval,
 )
-from proxy.identity import SpiffeId, TrustBundle, TrustBundleSet, TrustDomain, load_x509_svid
-from proxy.identity.svid import X509Svid
-from proxy.policy import SpiffePattern
 from tests.pki import Issued, TestCA, now
 
 REQUESTER = SpiffeId.parse("spiffe://payroll.example/agent/payroll")
@@ -74,8 +74,13 @@ def mint(svid: X509Svid, **kw: Any) -> str:
     }
     args.update(kw)
     return mint_approval(
-        svid, args["requester"], args["method"], args["target"], args["body_hash"],
-        now=kw.get("now", now()), ttl=kw.get("ttl", 300),
+        svid,
+        args["requester"],
+        args["method"],
+        args["target"],
+        args["body_hash"],
+        now=kw.get("now", now()),
+        ttl=kw.get("ttl", 300),
     )
 
 
@@ -133,13 +138,20 @@ def test_too_long(alice: X509Svid, bundles: TrustBundleSet) -> None:
     # A token made by hand, signed by a real approver, for an hour.
     t = int(now().timestamp())
     claims = {
-        "iss": str(alice.spiffe_id), "sub": str(REQUESTER), "htm": "tools/call",
-        "target": "bank.transfer", "body_sha256": HASH, "iat": t, "exp": t + 3600, "jti": "x",
+        "iss": str(alice.spiffe_id),
+        "sub": str(REQUESTER),
+        "htm": "tools/call",
+        "target": "bank.transfer",
+        "body_sha256": HASH,
+        "iat": t,
+        "exp": t + 3600,
+        "jti": "x",
     }
     token = jwt.PyJWS().encode(
-        json.dumps(claims).encode(), alice.private_key, algorithm="ES256",
-        headers={"typ": "agent-approval+jws",
-                 "x5c": jwt.get_unverified_header(mint(alice))["x5c"]},
+        json.dumps(claims).encode(),
+        alice.private_key,
+        algorithm="ES256",
+        headers={"typ": "agent-approval+jws", "x5c": jwt.get_unverified_header(mint(alice))["x5c"]},
     )
     assert verify(token, bundles).reason == "approval_too_long"
 
@@ -173,14 +185,20 @@ def test_approver_from_an_unknown_trust_domain(bundles: TrustBundleSet) -> None:
 def test_x5c_leaf_id_must_be_iss(alice: X509Svid, bundles: TrustBundleSet) -> None:
     t = int(now().timestamp())
     claims = {
-        "iss": "spiffe://payroll.example/approver/bob", "sub": str(REQUESTER),
-        "htm": "tools/call", "target": "bank.transfer", "body_sha256": HASH,
-        "iat": t, "exp": t + 60, "jti": "y",
+        "iss": "spiffe://payroll.example/approver/bob",
+        "sub": str(REQUESTER),
+        "htm": "tools/call",
+        "target": "bank.transfer",
+        "body_sha256": HASH,
+        "iat": t,
+        "exp": t + 60,
+        "jti": "y",
     }
     token = jwt.PyJWS().encode(
-        json.dumps(claims).encode(), alice.private_key, algorithm="ES256",
-        headers={"typ": "agent-approval+jws",
-                 "x5c": jwt.get_unverified_header(mint(alice))["x5c"]},
+        json.dumps(claims).encode(),
+        alice.private_key,
+        algorithm="ES256",
+        headers={"typ": "agent-approval+jws", "x5c": jwt.get_unverified_header(mint(alice))["x5c"]},
     )
     result = verify(token, bundles)
     assert result.reason == "approval_invalid" and "not the signer" in result.detail
@@ -212,8 +230,13 @@ def test_replay_cache_is_bounded_and_fails_closed() -> None:
 
 def test_high_impact_fresh_attestation(alice: X509Svid, bundles: TrustBundleSet) -> None:
     common: dict[str, Any] = {
-        "bundles": bundles, "requester": REQUESTER, "method": "tools/call",
-        "target": "bank.transfer", "body_hash": HASH, "now": now(), "replay": ReplayCache(),
+        "bundles": bundles,
+        "requester": REQUESTER,
+        "method": "tools/call",
+        "target": "bank.transfer",
+        "body_hash": HASH,
+        "now": now(),
+        "replay": ReplayCache(),
     }
     fresh = check_high_impact(
         max_svid_age=300, approvers=(), svid_age_seconds=10, token=None, **common
@@ -235,3 +258,21 @@ def test_high_impact_fresh_attestation(alice: X509Svid, bundles: TrustBundleSet)
     assert check_high_impact(
         max_svid_age=300, approvers=APPROVERS, svid_age_seconds=10, token=token, **common
     ).ok
+
+
+def test_a_certificate_past_v3_in_x5c_is_a_refusal(
+    alice: X509Svid, bundles: TrustBundleSet
+) -> None:
+    # Found by the fuzz harness: cryptography raises InvalidVersion (not a
+    # ValueError) for a version field past v3; it must not escape the gate.
+    x5c = jwt.get_unverified_header(mint(alice))["x5c"]
+    der = base64.b64decode(x5c[0])
+    v3 = b"\xa0\x03\x02\x01\x02"  # [0] EXPLICIT INTEGER 2 (v3) in the TBSCertificate
+    assert der.count(v3) == 1
+    bad = base64.b64encode(der.replace(v3, b"\xa0\x03\x02\x01\x03")).decode()
+    token = jwt.PyJWS().encode(
+        b"{}", alice.private_key, algorithm="ES256",
+        headers={"typ": "agent-approval+jws", "x5c": [bad, *x5c[1:]]},
+    )
+    result = verify(token, bundles)
+    assert result.reason == "approval_invalid" and "malformed" in result.detail

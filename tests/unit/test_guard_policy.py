@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 
-from proxy.guard.conditions import ConditionError, compile_condition
-from proxy.guard.policy import GuardRule, HighImpact, PolicySet, RequestFacts
-from proxy.guard.ratelimit import Rate
-from proxy.http.policy import PathPattern
 from proxy.identity import SpiffeId
 from proxy.policy import SpiffePattern
+from proxy.policy.conditions import ConditionError, compile_condition
+from proxy.policy.evaluate import PolicySet
+from proxy.policy.paths import PathPattern
+from proxy.policy.ratelimit import Rate
+from proxy.policy.rules import GuardRule, HighImpact, RequestFacts
 
 NOW = datetime(2026, 3, 4, 10, 30, tzinfo=UTC)  # a Wednesday
 PAYROLL = "spiffe://payroll.example/agent/payroll"
@@ -39,7 +40,11 @@ def facts(
 
 def tool_call(tool: str, args: dict[str, Any] | None = None, **kw: Any) -> RequestFacts:
     return facts(
-        method="POST", path="/mcp", mcp_method="tools/call", mcp_tool=tool, mcp_args=args or {},
+        method="POST",
+        path="/mcp",
+        mcp_method="tools/call",
+        mcp_tool=tool,
+        mcp_args=args or {},
         **kw,
     )
 
@@ -47,76 +52,249 @@ def tool_call(tool: str, args: dict[str, Any] | None = None, **kw: Any) -> Reque
 CASES: list[tuple[str, list[GuardRule], RequestFacts, bool, str, str | None]] = [
     ("allow", [rule("r")], facts(), True, "rule_matched", "r"),
     ("no rule", [], facts(), False, "no_matching_rule", None),
-    ("other peer", [rule("r", peers=(SpiffePattern.parse(PAYROLL),))],
-     facts(MARKETING), False, "no_matching_rule", None),
+    (
+        "other peer",
+        [rule("r", peers=(SpiffePattern.parse(PAYROLL),))],
+        facts(MARKETING),
+        False,
+        "no_matching_rule",
+        None,
+    ),
     ("no peer", [rule("r")], facts(None), False, "no_matching_rule", None),
     ("any peer", [rule("r", peers=())], facts(None), True, "rule_matched", "r"),
     ("method", [rule("r", methods=frozenset({"POST"}))], facts(), False, "no_matching_rule", None),
-    ("path", [rule("r", paths=(PathPattern.parse("/api/**"),))], facts(path="/apix"), False,
-     "no_matching_rule", None),
-    ("deny overrides allow", [rule("a"), rule("d", action="deny")], facts(), False,
-     "denied_by_rule", "d"),
-    ("deny overrides a later allow", [rule("d", action="deny"), rule("a")], facts(), False,
-     "denied_by_rule", "d"),
-    ("deny elsewhere",
-     [rule("a"), rule("d", action="deny", paths=(PathPattern.parse("/admin/**"),))],
-     facts(), True, "rule_matched", "a"),
-    ("condition true", [rule("r", when='request.method == "GET"')], facts(), True,
-     "rule_matched", "r"),
-    ("condition false", [rule("r", when='request.method == "POST"')], facts(), False,
-     "no_matching_rule", None),
-    ("evaluation error denies though another rule allows",
-     [rule("ok"), rule("broken", when="mcp.args.amount > 10")], facts(), False, "policy_error",
-     "broken"),
-    ("non-boolean result denies", [rule("ok"), rule("num", when="time.hour + 1")], facts(), False,
-     "policy_error", "num"),
-    ("absent fact denies", [rule("age", when="peer.svid_age_seconds < 60.0")], facts(), False,
-     "policy_error", "age"),
-    ("fact present", [rule("age", when="peer.svid_age_seconds < 60.0")],
-     facts(svid_age_seconds=12.0), True, "rule_matched", "age"),
-    ("conditional deny", [rule("a"), rule("d", action="deny", when="time.hour >= 10")], facts(),
-     False, "denied_by_rule", "d"),
-    ("time and weekday", [rule("r", when="time.hour == 10 && time.weekday == 3")], facts(), True,
-     "rule_matched", "r"),
-    ("headers", [rule("r", when='request.headers["x-tenant"] == "acme"')],
-     facts(headers={"x-tenant": "acme"}), True, "rule_matched", "r"),
-    ("trust domain", [rule("r", when='peer.trust_domain == "payroll.example"')], facts(), True,
-     "rule_matched", "r"),
+    (
+        "path",
+        [rule("r", paths=(PathPattern.parse("/api/**"),))],
+        facts(path="/apix"),
+        False,
+        "no_matching_rule",
+        None,
+    ),
+    (
+        "deny overrides allow",
+        [rule("a"), rule("d", action="deny")],
+        facts(),
+        False,
+        "denied_by_rule",
+        "d",
+    ),
+    (
+        "deny overrides a later allow",
+        [rule("d", action="deny"), rule("a")],
+        facts(),
+        False,
+        "denied_by_rule",
+        "d",
+    ),
+    (
+        "deny elsewhere",
+        [rule("a"), rule("d", action="deny", paths=(PathPattern.parse("/admin/**"),))],
+        facts(),
+        True,
+        "rule_matched",
+        "a",
+    ),
+    (
+        "condition true",
+        [rule("r", when='request.method == "GET"')],
+        facts(),
+        True,
+        "rule_matched",
+        "r",
+    ),
+    (
+        "condition false",
+        [rule("r", when='request.method == "POST"')],
+        facts(),
+        False,
+        "no_matching_rule",
+        None,
+    ),
+    (
+        "evaluation error denies though another rule allows",
+        [rule("ok"), rule("broken", when="mcp.args.amount > 10")],
+        facts(),
+        False,
+        "policy_error",
+        "broken",
+    ),
+    (
+        "non-boolean result denies",
+        [rule("ok"), rule("num", when="time.hour + 1")],
+        facts(),
+        False,
+        "policy_error",
+        "num",
+    ),
+    (
+        "absent fact denies",
+        [rule("age", when="peer.svid_age_seconds < 60.0")],
+        facts(),
+        False,
+        "policy_error",
+        "age",
+    ),
+    (
+        "fact present",
+        [rule("age", when="peer.svid_age_seconds < 60.0")],
+        facts(svid_age_seconds=12.0),
+        True,
+        "rule_matched",
+        "age",
+    ),
+    (
+        "conditional deny",
+        [rule("a"), rule("d", action="deny", when="time.hour >= 10")],
+        facts(),
+        False,
+        "denied_by_rule",
+        "d",
+    ),
+    (
+        "time and weekday",
+        [rule("r", when="time.hour == 10 && time.weekday == 3")],
+        facts(),
+        True,
+        "rule_matched",
+        "r",
+    ),
+    (
+        "headers",
+        [rule("r", when='request.headers["x-tenant"] == "acme"')],
+        facts(headers={"x-tenant": "acme"}),
+        True,
+        "rule_matched",
+        "r",
+    ),
+    (
+        "trust domain",
+        [rule("r", when='peer.trust_domain == "payroll.example"')],
+        facts(),
+        True,
+        "rule_matched",
+        "r",
+    ),
     ("upgrade refused", [rule("r")], facts(upgrade=True), False, "upgrade_not_allowed", None),
-    ("upgrade allowed", [rule("r", allow_upgrade=True)], facts(upgrade=True), True,
-     "rule_matched", "r"),
+    (
+        "upgrade allowed",
+        [rule("r", allow_upgrade=True)],
+        facts(upgrade=True),
+        True,
+        "rule_matched",
+        "r",
+    ),
     # MCP scopes
     ("tool glob", [rule("t", tools=("crm.*",))], tool_call("crm.read"), True, "rule_matched", "t"),
-    ("tool glob miss", [rule("t", tools=("crm.*",))], tool_call("bank.pay"), False,
-     "no_matching_rule", None),
-    ("unscoped allow grants no tool", [rule("any")], tool_call("crm.read"), False,
-     "no_matching_rule", None),
-    ("unscoped deny denies tools", [rule("t", tools=("*",)), rule("d", action="deny")],
-     tool_call("crm.read"), False, "denied_by_rule", "d"),
-    ("tool deny overrides", [rule("t", tools=("*",)), rule("d", action="deny", tools=("bank.*",))],
-     tool_call("bank.pay"), False, "denied_by_rule", "d"),
-    ("argument condition", [rule("t", tools=("pay",), when="mcp.args.amount <= 100")],
-     tool_call("pay", {"amount": 50}), True, "rule_matched", "t"),
-    ("argument condition false", [rule("t", tools=("pay",), when="mcp.args.amount <= 100")],
-     tool_call("pay", {"amount": 500}), False, "no_matching_rule", None),
-    ("missing argument fails closed", [rule("t", tools=("pay",), when="mcp.args.amount <= 100")],
-     tool_call("pay", {}), False, "policy_error", "t"),
-    ("tool rule admits the session", [rule("t", tools=("crm.*",), when="mcp.args.x == 1")],
-     facts(method="POST", path="/mcp", mcp_method="initialize"), True, "rule_matched", "t"),
-    ("tool rule admits tools/list", [rule("t", tools=("crm.*",))],
-     facts(method="POST", path="/mcp", mcp_method="tools/list"), True, "rule_matched", "t"),
-    ("scoped deny ignores the session",
-     [rule("t", tools=("*",)), rule("d", action="deny", tools=("x",), when="mcp.args.a == 1")],
-     facts(method="POST", path="/mcp", mcp_method="initialize"), True, "rule_matched", "t"),
-    ("tool rule grants no other method", [rule("t", tools=("*",))],
-     facts(method="POST", path="/mcp", mcp_method="resources/subscribe"), False,
-     "no_matching_rule", None),
-    ("resources", [rule("r", resources=("file:///reports/*",))],
-     facts(method="POST", path="/mcp", mcp_method="resources/read",
-           resource_uri="file:///reports/q1"), True, "rule_matched", "r"),
-    ("prompts", [rule("p", prompts=("summarise",))],
-     facts(method="POST", path="/mcp", mcp_method="prompts/get", prompt_name="other"), False,
-     "no_matching_rule", None),
+    (
+        "tool glob miss",
+        [rule("t", tools=("crm.*",))],
+        tool_call("bank.pay"),
+        False,
+        "no_matching_rule",
+        None,
+    ),
+    (
+        "unscoped allow grants no tool",
+        [rule("any")],
+        tool_call("crm.read"),
+        False,
+        "no_matching_rule",
+        None,
+    ),
+    (
+        "unscoped deny denies tools",
+        [rule("t", tools=("*",)), rule("d", action="deny")],
+        tool_call("crm.read"),
+        False,
+        "denied_by_rule",
+        "d",
+    ),
+    (
+        "tool deny overrides",
+        [rule("t", tools=("*",)), rule("d", action="deny", tools=("bank.*",))],
+        tool_call("bank.pay"),
+        False,
+        "denied_by_rule",
+        "d",
+    ),
+    (
+        "argument condition",
+        [rule("t", tools=("pay",), when="mcp.args.amount <= 100")],
+        tool_call("pay", {"amount": 50}),
+        True,
+        "rule_matched",
+        "t",
+    ),
+    (
+        "argument condition false",
+        [rule("t", tools=("pay",), when="mcp.args.amount <= 100")],
+        tool_call("pay", {"amount": 500}),
+        False,
+        "no_matching_rule",
+        None,
+    ),
+    (
+        "missing argument fails closed",
+        [rule("t", tools=("pay",), when="mcp.args.amount <= 100")],
+        tool_call("pay", {}),
+        False,
+        "policy_error",
+        "t",
+    ),
+    (
+        "tool rule admits the session",
+        [rule("t", tools=("crm.*",), when="mcp.args.x == 1")],
+        facts(method="POST", path="/mcp", mcp_method="initialize"),
+        True,
+        "rule_matched",
+        "t",
+    ),
+    (
+        "tool rule admits tools/list",
+        [rule("t", tools=("crm.*",))],
+        facts(method="POST", path="/mcp", mcp_method="tools/list"),
+        True,
+        "rule_matched",
+        "t",
+    ),
+    (
+        "scoped deny ignores the session",
+        [rule("t", tools=("*",)), rule("d", action="deny", tools=("x",), when="mcp.args.a == 1")],
+        facts(method="POST", path="/mcp", mcp_method="initialize"),
+        True,
+        "rule_matched",
+        "t",
+    ),
+    (
+        "tool rule grants no other method",
+        [rule("t", tools=("*",))],
+        facts(method="POST", path="/mcp", mcp_method="resources/subscribe"),
+        False,
+        "no_matching_rule",
+        None,
+    ),
+    (
+        "resources",
+        [rule("r", resources=("file:///reports/*",))],
+        facts(
+            method="POST",
+            path="/mcp",
+            mcp_method="resources/read",
+            resource_uri="file:///reports/q1",
+        ),
+        True,
+        "rule_matched",
+        "r",
+    ),
+    (
+        "prompts",
+        [rule("p", prompts=("summarise",))],
+        facts(method="POST", path="/mcp", mcp_method="prompts/get", prompt_name="other"),
+        False,
+        "no_matching_rule",
+        None,
+    ),
 ]
 
 
@@ -205,8 +383,19 @@ def test_visibility_for_list_filtering() -> None:
     listing = facts(method="POST", path="/mcp", mcp_method="tools/list")
     names = ["crm.read", "crm.delete", "crm.export", "bank.pay", "report", "other"]
     assert policy.visible_names(listing, "tool", names) == ["crm.read", "crm.export", "bank.pay"]
-    assert policy.visible_names(facts(MARKETING.replace("agent", "svc"), method="POST",
-                                      path="/mcp", mcp_method="tools/list"), "tool", names) == []
+    assert (
+        policy.visible_names(
+            facts(
+                MARKETING.replace("agent", "svc"),
+                method="POST",
+                path="/mcp",
+                mcp_method="tools/list",
+            ),
+            "tool",
+            names,
+        )
+        == []
+    )
 
 
 def test_policy_version_is_stable_and_changes_with_any_rule() -> None:
@@ -232,7 +421,10 @@ def test_admitted_peers_are_those_of_enforced_allow_rules() -> None:
     p = SpiffePattern.parse(PAYROLL)
     m = SpiffePattern.parse(MARKETING)
     policy = PolicySet(
-        [rule("a", peers=(p,)), rule("d", peers=(m,), action="deny"),
-         rule("dry", peers=(m,), mode="dry-run")]
+        [
+            rule("a", peers=(p,)),
+            rule("d", peers=(m,), action="deny"),
+            rule("dry", peers=(m,), mode="dry-run"),
+        ]
     )
     assert policy.admitted_peers() == (p,)

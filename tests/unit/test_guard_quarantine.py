@@ -3,14 +3,8 @@ can be released; nothing trips unless configured."""
 
 from __future__ import annotations
 
-from proxy.guard.quarantine import (
-    DenyBurst,
-    GuardConfig,
-    Quarantine,
-    RateSpike,
-    Tripwire,
-)
 from proxy.identity import SpiffeId
+from proxy.policy.quarantine import DenyBurst, GuardConfig, Quarantine, RateSpike, Tripwire
 
 A = SpiffeId.parse("spiffe://payroll.example/agent/a")
 B = SpiffeId.parse("spiffe://payroll.example/agent/b")

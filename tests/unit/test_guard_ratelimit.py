@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.guard.ratelimit import Rate, RateError, RateLimiter, headers
+from proxy.policy.ratelimit import Rate, RateError, RateLimiter, headers
 
 
 class Clock:

@@ -24,7 +24,7 @@ from proxy.http.llhttp import LlhttpParser
 from proxy.http.wire import NEED_DATA, Body, End, Head, ParseError, ParserLimits, Role
 from tests.unit.h11_oracle import H11Oracle
 
-_BUDGET = {"smoke": 80, "ci": 1000, "fuzz": 20000}
+_BUDGET = {"smoke": 80, "ci": 1000, "long": 20000, "fuzz": 20000}
 _EXAMPLES = _BUDGET.get(os.environ.get("HYPOTHESIS_PROFILE", "smoke"), 80)
 LIMITS = ParserLimits(max_header_bytes=2048, max_headers=24)
 

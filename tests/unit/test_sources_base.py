@@ -77,3 +77,28 @@ async def test_pulse_wakes_every_waiter() -> None:
         assert woken == []
         pulse.fire()
     assert sorted(woken) == [1, 2]
+
+
+# -- the loaders' backstop ---------------------------------------------------------
+
+
+def test_loading_turns_any_exception_into_one_identity_error() -> None:
+    from proxy.identity import IdentityLoadError
+    from proxy.sources.base import loading
+
+    def buggy() -> None:
+        raise TypeError("unhashable type: 'list' -----BEGIN PRIVATE KEY----- MIGH")
+
+    with pytest.raises(IdentityLoadError) as info:
+        loading("certificate /run/svid.pem", buggy)
+    message = str(info.value)
+    assert message.startswith("certificate /run/svid.pem: unexpected TypeError")
+    assert "PRIVATE" not in message and "unhashable" not in message  # never the bug's text
+    assert isinstance(info.value.__cause__, TypeError)
+
+    def refused() -> None:
+        raise IdentityLoadError("as documented")
+
+    with pytest.raises(IdentityLoadError, match=r"^as documented$"):
+        loading("x", refused)
+    assert loading("x", lambda: 42) == 42

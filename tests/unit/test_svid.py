@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 from collections.abc import Callable
 from typing import Any
@@ -182,7 +183,23 @@ def _garbage_cases() -> list[tuple[str, bytes, str]]:
         ("DER with trailing garbage", der + b"\x00\x01", "expected a SEQUENCE"),
         ("indefinite length", b"\x30\x80" + der[2:], "length"),
         ("SEQUENCE that is not a certificate", b"\x30\x03\x02\x01\x01", "not a valid DER"),
+        # Found by tests/fuzz: cryptography raises InvalidVersion (not a
+        # ValueError) for a version field past v3.
+        ("DER version 4", _version_4(der), "not a valid X509 version"),
+        ("PEM version 4", _pem(_version_4(der)), "not a valid X509 version"),
     ]
+
+
+def _version_4(der: bytes) -> bytes:
+    """``der`` with its version field (v3, encoded 2) set to 3."""
+    at = der.index(b"\xa0\x03\x02\x01\x02") + 4
+    return der[:at] + b"\x03" + der[at + 1 :]
+
+
+def _pem(der: bytes) -> bytes:
+    body = base64.encodebytes(der).replace(b"\n", b"")
+    lines = b"\n".join(body[i : i + 64] for i in range(0, len(body), 64))
+    return b"-----BEGIN CERTIFICATE-----\n" + lines + b"\n-----END CERTIFICATE-----\n"
 
 
 GARBAGE = _garbage_cases()

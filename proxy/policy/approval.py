@@ -39,12 +39,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from proxy.agent.jsonrpc import canonical_json
 from proxy.identity import (
     ChainError,
     SpiffeId,
@@ -54,7 +52,8 @@ from proxy.identity import (
     X509Svid,
     verify_x509_svid,
 )
-from proxy.policy import SpiffePattern
+from proxy.policy.canonical import canonical_json
+from proxy.policy.peers import SpiffePattern
 
 __all__ = [
     "APPROVAL_HEADER",
@@ -94,8 +93,6 @@ ATTESTATION_UNKNOWN = "attestation_unknown"
 
 class ApprovalError(ValueError):
     """Minting refused: bad input (the message says what)."""
-
-
 
 
 def body_sha256(data: bytes) -> str:
@@ -152,6 +149,8 @@ def mint_approval(
         "exp": iat + math.floor(ttl),
         "jti": uuid.uuid4().hex,
     }
+    import jwt  # here: PyJWT costs start-up time and most sidecars never mint
+
     alg = _alg_for_key(svid.private_key)
     payload = json.dumps(claims, sort_keys=True, separators=(",", ":")).encode()
     return jwt.PyJWS().encode(
@@ -238,6 +237,8 @@ def verify_approval(
     replay: ReplayCache,
 ) -> ApprovalResult:
     """Check an approval token for this exact request; consume it when it is good."""
+    import jwt  # here: PyJWT costs start-up time and only guarded requests need it
+
     need = f"an approval token from {', '.join(p.text for p in approvers) or 'an approver'}"
     if not token:
         return _refuse(MISSING, f"this action needs {need} in the {APPROVAL_HEADER} header")
@@ -252,7 +253,9 @@ def verify_approval(
         if not isinstance(x5c, list) or not x5c or not all(isinstance(c, str) for c in x5c):
             raise ValueError("x5c must be a non-empty list of base64 certificates")
         certs = [x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in x5c]
-    except (jwt.PyJWTError, ValueError, binascii.Error) as exc:
+    # InvalidVersion is not a ValueError: a certificate whose version field is
+    # past v3 must be a refusal, not an exception out of the gate.
+    except (jwt.PyJWTError, ValueError, binascii.Error, x509.InvalidVersion) as exc:
         return _refuse(INVALID, f"malformed approval token: {exc}")
     # 2. The chain, scoped to the approver's own trust domain.
     try:
@@ -363,5 +366,3 @@ def check_high_impact(
             replay=replay,
         )
     return ApprovalResult(True, OK)
-
-

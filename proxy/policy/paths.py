@@ -1,6 +1,5 @@
-"""HTTP request matching primitives (pure): path normalisation, path
-patterns, methods, and the plain view of a rule. Decisions themselves are
-:mod:`proxy.guard.policy`'s.
+"""Request matching primitives (pure): path normalisation, path patterns
+and methods. Decisions themselves are :mod:`proxy.policy.evaluate`'s.
 
 Paths are checked after normalisation
 (:func:`normalize_path`), and requests whose path could mean something else
@@ -48,8 +47,15 @@ def _decode_unreserved(match: re.Match[str]) -> str:
 
 
 def normalize_path(target: str) -> str:
-    """The path of a request target, normalised for matching; raises BadPath."""
-    path = target.split("?", 1)[0].split("#", 1)[0]
+    """The path of a request target, normalised for matching; raises BadPath.
+    Normalising decodes only unreserved characters, so the result means the
+    same resource to any RFC 3986 reader: it is what we forward, too."""
+    if "#" in target:
+        # A fragment is never part of a request target (RFC 9112 3.2); a
+        # target that judges as one path and reaches the backend as another
+        # is how a rule gets bypassed.
+        raise BadPath("fragment in request target")
+    path = target.split("?", 1)[0]
     if not path.startswith("/"):
         raise BadPath("path must start with '/'")
     if "\\" in path:
@@ -58,6 +64,10 @@ def normalize_path(target: str) -> str:
     for segment in decoded.split("/")[1:]:
         if segment in (".", ".."):
             raise BadPath("dot segment in path")
+        # Tomcat and Spring drop path parameters before resolving dot
+        # segments, so /ok/..;/admin is /admin to them.
+        if ";" in segment and segment.split(";", 1)[0] in (".", ".."):
+            raise BadPath("dot segment with path parameters")
     return decoded
 
 
@@ -86,30 +96,24 @@ class PathPattern:
         return cls(text, parts)
 
     def matches(self, path: str) -> bool:
-        return _match(self.segments, tuple(path.split("/")[1:]))
+        return match_segments(self.segments, tuple(path.split("/")[1:]))
 
 
 @lru_cache(maxsize=4096)
-def _match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+def match_segments(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Whether path segments ``parts`` match a parsed pattern's segments."""
     if not pattern:
         return not parts
     head, rest = pattern[0], pattern[1:]
     if head == "**":
-        return any(_match(rest, parts[i:]) for i in range(len(parts) + 1))
+        return any(match_segments(rest, parts[i:]) for i in range(len(parts) + 1))
     if not parts:
         return False
     ok = fnmatch.fnmatchcase(parts[0], head) if "*" in head else parts[0] == head
-    return ok and _match(rest, parts[1:])
+    return ok and match_segments(rest, parts[1:])
 
 
 def parse_method(text: str) -> str:
     if text == "*" or _TCHAR_METHOD.match(text):
         return text
     raise PathPatternError(f"invalid HTTP method {text!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class RequestDecision:
-    allowed: bool
-    reason: str
-    rule: str | None

@@ -1,10 +1,11 @@
-"""The request policy: guard rules, how they combine, and the policy version.
+"""The request policy: how guard rules match and combine, and its version.
 
 Theory of operation. A :class:`GuardRule` *matches* a request when every
 selector it has matches: the peer (``peers``, empty = any), the HTTP method
-(``methods``, ``*`` = any), the path (``paths``, empty = any), the MCP scope
-(``tools``/``resources``/``prompts``, below) and, last, the CEL condition
-``when``. Matching rules then combine (:meth:`PolicySet.evaluate`):
+(``methods``, ``*`` = any; ``GET`` also selects ``HEAD``), the path
+(``paths``, empty = any), the MCP scope (``tools``/``resources``/``prompts``,
+below) and, last, the CEL condition ``when``. Matching rules then combine
+(:meth:`PolicySet.evaluate`):
 
 1. a condition that fails to evaluate in an enforced rule denies the request
    with reason ``policy_error``, whatever other rules say (fail closed);
@@ -52,200 +53,57 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Literal
 
-from proxy.guard.conditions import Activation, Condition, EvaluationError, Needs, merge_needs
-from proxy.guard.ratelimit import Rate
-from proxy.http.policy import PathPattern, _match
 from proxy.identity import SpiffeId
-from proxy.policy import SpiffePattern
-
-__all__ = [
-    "MCP_SCOPED_METHODS",
-    "MCP_SESSION_METHODS",
-    "GuardDecision",
-    "GuardRule",
-    "HighImpact",
-    "PolicySet",
-    "RequestFacts",
-]
-
-Action = Literal["allow", "deny"]
-Mode = Literal["enforce", "dry-run"]
-Kind = Literal["tool", "resource", "prompt"]
-
-TOOLS_CALL = "tools/call"
-RESOURCES_READ = "resources/read"
-PROMPTS_GET = "prompts/get"
-MCP_SCOPED_METHODS = frozenset({TOOLS_CALL, RESOURCES_READ, PROMPTS_GET})
-# What a client needs around the calls a scoped rule grants.
-MCP_SESSION_METHODS = frozenset(
-    {
-        "initialize",
-        "ping",
-        "server/discover",  # 2026-07-28: what the server offers, before any call
-        "tools/list",
-        "resources/list",
-        "resources/templates/list",
-        "prompts/list",
-    }
+from proxy.policy.conditions import Activation, EvaluationError, merge_needs
+from proxy.policy.paths import match_segments
+from proxy.policy.peers import SpiffePattern
+from proxy.policy.ratelimit import Rate
+from proxy.policy.rules import (
+    _KIND_METHOD,
+    _OTHER,
+    _PEER_CACHE_SIZE,
+    _PLAIN,
+    _PROMPT,
+    _RESOURCE,
+    _SCOPED_CLASS,
+    _TOOL,
+    DENIED_BY_RULE,
+    MCP_SESSION_METHODS,
+    NO_MATCHING_RULE,
+    POLICY_ERROR,
+    RULE_MATCHED,
+    UPGRADE_NOT_ALLOWED,
+    WOULD_ALLOW,
+    WOULD_DENY,
+    GuardRule,
+    HighImpact,
+    Kind,
+    RequestFacts,
+    _activation,
+    _target,
 )
-_KIND_METHOD: Mapping[str, str] = {
-    "tool": TOOLS_CALL,
-    "resource": RESOURCES_READ,
-    "prompt": PROMPTS_GET,
-}
+from proxy.policy.verdict import RequestVerdict
 
-RULE_MATCHED = "rule_matched"
-DENIED_BY_RULE = "denied_by_rule"
-NO_MATCHING_RULE = "no_matching_rule"
-POLICY_ERROR = "policy_error"
-UPGRADE_NOT_ALLOWED = "upgrade_not_allowed"
-WOULD_ALLOW = "would_allow"
-WOULD_DENY = "would_deny"
-_PEER_CACHE_SIZE = 4096
-# Classes of request, for the index: plain HTTP or MCP session traffic, another
-# MCP method, and the three scoped calls.
-_PLAIN, _OTHER, _TOOL, _RESOURCE, _PROMPT = 0, 1, 2, 3, 4
-_SCOPED_CLASS = {TOOLS_CALL: _TOOL, RESOURCES_READ: _RESOURCE, PROMPTS_GET: _PROMPT}
-
-
-
-@dataclass(frozen=True, slots=True)
-class HighImpact:
-    """Step-up for a high-impact action: a fresh SVID, an approval token, or both."""
-
-    max_svid_age: float | None = None  # seconds
-    approvers: tuple[SpiffePattern, ...] = ()
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "max_svid_age": self.max_svid_age,
-            "approvers": [p.text for p in self.approvers],
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class GuardRule:
-    name: str
-    peers: tuple[SpiffePattern, ...] = ()
-    methods: frozenset[str] = frozenset({"*"})
-    paths: tuple[PathPattern, ...] = ()
-    tools: tuple[str, ...] = ()
-    resources: tuple[str, ...] = ()
-    prompts: tuple[str, ...] = ()
-    when: Condition | None = None
-    action: Action = "allow"
-    mode: Mode = "enforce"
-    rate: Rate | None = None
-    high_impact: HighImpact | None = None
-    allow_upgrade: bool = False
-    log_args: tuple[str, ...] = ()
-    push_url_allowlist: tuple[str, ...] = ()
-
-    @property
-    def scoped(self) -> bool:
-        return bool(self.tools or self.resources or self.prompts)
-
-    def describe(self) -> dict[str, Any]:
-        """A canonical, JSON-ready description (the policy version hashes it)."""
-        return {
-            "name": self.name,
-            "peers": [p.text for p in self.peers],
-            "methods": sorted(self.methods),
-            "paths": [p.text for p in self.paths],
-            "tools": list(self.tools),
-            "resources": list(self.resources),
-            "prompts": list(self.prompts),
-            "when": self.when.text if self.when is not None else None,
-            "action": self.action,
-            "mode": self.mode,
-            "rate": [self.rate.count, self.rate.period] if self.rate else None,
-            "high_impact": self.high_impact.describe() if self.high_impact else None,
-            "allow_upgrade": self.allow_upgrade,
-            "log_args": list(self.log_args),
-            "push_url_allowlist": list(self.push_url_allowlist),
-        }
-
-
-def _target(facts: RequestFacts, cls: int) -> str | None:
-    if cls == _TOOL:
-        return facts.mcp_tool
-    if cls == _RESOURCE:
-        return facts.resource_uri
-    if cls == _PROMPT:
-        return facts.prompt_name
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class RequestFacts:
-    """What a decision may depend on. ``headers``: lowercased names.
-    ``now``: wall-clock time (timezone-aware) for ``time.*``."""
-
-    peer: SpiffeId | None
-    method: str
-    path: str  # normalised (proxy.http.policy.normalize_path)
-    now: datetime
-    svid_age_seconds: float | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-    mcp_method: str | None = None
-    mcp_tool: str | None = None
-    mcp_args: Mapping[str, Any] | None = None
-    resource_uri: str | None = None
-    prompt_name: str | None = None
-    upgrade: bool = False
-
-
-def _activation(facts: RequestFacts, needs: Needs) -> Activation:
-    def peer() -> Mapping[str, Any]:
-        # Absent facts are absent keys: a condition reading one fails (and denies).
-        out: dict[str, Any] = {}
-        if facts.peer is not None:
-            out["id"] = str(facts.peer)
-            out["trust_domain"] = facts.peer.trust_domain.name
-        if facts.svid_age_seconds is not None:
-            out["svid_age_seconds"] = float(facts.svid_age_seconds)
-        return out
-
-    def request() -> Mapping[str, Any]:
-        return {"method": facts.method, "path": facts.path, "headers": dict(facts.headers)}
-
-    def mcp() -> Mapping[str, Any]:
-        return {
-            "method": facts.mcp_method or "",
-            "tool": facts.mcp_tool or "",
-            "args": dict(facts.mcp_args or {}),
-        }
-
-    def time() -> Mapping[str, Any]:
-        now = facts.now.astimezone(UTC)
-        # weekday as CEL's getDayOfWeek: 0 = Sunday ... 6 = Saturday (UTC).
-        return {"hour": now.hour, "weekday": now.isoweekday() % 7}
-
-    return Activation({"peer": peer, "request": request, "mcp": mcp, "time": time}, needs)
-
-
-@dataclass(frozen=True, slots=True)
-class GuardDecision:
-    allowed: bool
-    reason: str
-    rule: str | None
-    policy_version: str
-    dry_run: tuple[tuple[str, str], ...] = ()  # (rule, "would_allow" | "would_deny")
-    rates: tuple[tuple[str, Rate], ...] = ()  # (rule, rate) to enforce, per peer and rule
-    high_impact: tuple[tuple[str, HighImpact], ...] = ()  # (rule, step-up) to enforce
-    log_args: tuple[str, ...] = ()  # argument names the allowing rule lets us log
-    error: str | None = None  # policy_error: what failed (also dry-run failures)
+__all__ = ["PolicySet", "policy_version"]
 
 
 class _Entry:
     """A rule prepared for one class of request: the hot loop reads plain slots."""
 
-    __slots__ = ("deny", "dry", "glob", "hi", "name", "paths", "rate", "rule", "session",
-                 "upgrade", "when")
+    __slots__ = (
+        "deny",
+        "dry",
+        "glob",
+        "hi",
+        "name",
+        "paths",
+        "rate",
+        "rule",
+        "session",
+        "upgrade",
+        "when",
+    )
 
     def __init__(self, rule: GuardRule, cls: int) -> None:
         self.rule = rule
@@ -307,6 +165,8 @@ class PolicySet:
         # Per class of request, per method (None: a method no rule names), the
         # rules that can apply, in file order.
         methods = {m for r in self.rules for m in r.methods if m != "*"}
+        if "GET" in methods:
+            methods.add("HEAD")
         self._by_class: dict[int, dict[str | None, tuple[_Entry, ...]]] = {}
         for cls in (_PLAIN, _OTHER, _TOOL, _RESOURCE, _PROMPT):
             entries = [_Entry(r, cls) for r in self.rules if _applies(r, cls)]
@@ -314,7 +174,7 @@ class PolicySet:
                 None: tuple(e for e in entries if "*" in e.rule.methods)
             }
             for m in methods:
-                index[m] = tuple(e for e in entries if m in e.rule.methods or "*" in e.rule.methods)
+                index[m] = tuple(e for e in entries if _names_method(e.rule.methods, m))
             self._by_class[cls] = index
         # (peer, method, class) -> the entries whose selectors those satisfy. A
         # pure cache (peers are few: workload identities), bounded by clearing.
@@ -364,7 +224,7 @@ class PolicySet:
                     out.setdefault(p.text, p)
         return tuple(out.values())
 
-    def evaluate(self, facts: RequestFacts) -> GuardDecision:
+    def evaluate(self, facts: RequestFacts) -> RequestVerdict:
         """Decide one request (see the module docstring); never raises for bad input."""
         cls = _class_of(facts.mcp_method)
         candidates = self._candidates(facts.peer, facts.method, cls)
@@ -432,27 +292,28 @@ class PolicySet:
         dry_t = tuple(dry) if dry else ()
         dry_err = "; ".join(dry_errors) if dry_errors else None
         if error is not None:
-            return GuardDecision(
-                False, POLICY_ERROR, error[0], self.version, dry_t, error=error[1]
+            return RequestVerdict(
+                False, POLICY_ERROR, error[0], self.version, dry_run=dry_t, detail=error[1]
             )
         if denied_by is not None:
-            return GuardDecision(
-                False, DENIED_BY_RULE, denied_by, self.version, dry_t, error=dry_err
+            return RequestVerdict(
+                False, DENIED_BY_RULE, denied_by, self.version, dry_run=dry_t, detail=dry_err
             )
         if allowed_by is not None:
-            return GuardDecision(
+            return RequestVerdict(
                 True,
                 RULE_MATCHED,
                 allowed_by.name,
                 self.version,
-                dry_t,
-                tuple(rates) if rates else (),
-                tuple(steps) if steps else (),
-                allowed_by.rule.log_args,
-                dry_err,
+                status=200,
+                dry_run=dry_t,
+                detail=dry_err,
+                rates=tuple(rates) if rates else (),
+                high_impact=tuple(steps) if steps else (),
+                log_args=allowed_by.rule.log_args,
             )
         reason = UPGRADE_NOT_ALLOWED if upgrade_refused else NO_MATCHING_RULE
-        return GuardDecision(False, reason, None, self.version, dry_t, error=dry_err)
+        return RequestVerdict(False, reason, None, self.version, dry_run=dry_t, detail=dry_err)
 
     # -- list filtering -------------------------------------------------------
 
@@ -507,6 +368,13 @@ class PolicySet:
         return [n for n in names if self.visible(facts, kind, n)]
 
 
+def _names_method(methods: frozenset[str], method: str) -> bool:
+    """Whether a rule's ``methods`` select ``method``. A server answers HEAD
+    as it answers GET, without the body (RFC 9110 9.3.2), so a rule that
+    allows GET allows HEAD; a deny rule naming HEAD still refuses it."""
+    return method in methods or "*" in methods or (method == "HEAD" and "GET" in methods)
+
+
 def _peer_matches(patterns: tuple[SpiffePattern, ...], peer: SpiffeId) -> bool:
     # A plain loop: no generator object in the hot path.
     for p in patterns:  # noqa: SIM110
@@ -518,7 +386,7 @@ def _peer_matches(patterns: tuple[SpiffePattern, ...], peer: SpiffeId) -> bool:
 def _paths_match(patterns: tuple[tuple[str, ...], ...], parts: tuple[str, ...]) -> bool:
     # A plain loop: no generator object in the hot path.
     for p in patterns:  # noqa: SIM110
-        if _match(p, parts):
+        if match_segments(p, parts):
             return True
     return False
 
@@ -527,4 +395,3 @@ def policy_version(sets: Mapping[str, PolicySet]) -> str:
     """One version for several policy sets (e.g. every listener and route of a config)."""
     canonical = json.dumps({k: v.version for k, v in sets.items()}, sort_keys=True)
     return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-

@@ -42,7 +42,6 @@ __all__ = [
     "Tripwire",
 ]
 
-QUARANTINED = "quarantined"
 # Trip reasons (audit and metrics label values).
 DENY_BURST = "deny_burst"
 RATE_SPIKE = "rate_spike"
@@ -156,7 +155,6 @@ class Quarantine:
 @dataclass(slots=True)
 class _PeerState:
     first_seen: float
-    last_seen: float
     denials: deque[float] = field(default_factory=deque)
     interval_start: float = 0.0
     count: int = 0
@@ -205,11 +203,10 @@ class Tripwire:
         if state is None:
             if len(self._peers) >= self.config.max_identities:
                 self._peers.popitem(last=False)  # idle the longest
-            state = _PeerState(first_seen=now, last_seen=now, interval_start=now)
+            state = _PeerState(first_seen=now, interval_start=now)
             self._peers[peer] = state
         else:
             self._peers.move_to_end(peer)
-            state.last_seen = now
         return state
 
     def _deny_burst(self, state: _PeerState, allowed: bool, now: float) -> tuple[str, str] | None:
@@ -254,9 +251,7 @@ class Tripwire:
             )
         return None
 
-    def _novelty(
-        self, state: _PeerState, item: str | None, now: float
-    ) -> tuple[str, str] | None:
+    def _novelty(self, state: _PeerState, item: str | None, now: float) -> tuple[str, str] | None:
         cfg = self.config
         if item is None or not (cfg.new_tool or cfg.new_path):
             return None

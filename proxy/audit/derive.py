@@ -1,0 +1,74 @@
+"""Metrics derived from audit records, so what is counted is what is recorded.
+
+A listener calls :func:`count` with the record it has just emitted; the
+dispatch is on the record's type, never on its event-name string.
+``agent_proxy_connections_total`` counts connections: one per refusal or
+open (and one for a connection that ended before it opened, such as an
+unreachable target), not opens plus closes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from proxy.audit.records import (
+    AgentCall,
+    AuditRecord,
+    ConnectionClosed,
+    ConnectionOpened,
+    ConnectionRefused,
+    HttpRequest,
+    Typed,
+    typed,
+)
+
+if TYPE_CHECKING:
+    from proxy.metrics import Metrics
+
+# Close reasons of a connection that never reached connection.open.
+_NEVER_OPENED = frozenset({"target_unreachable", "target_connect_timeout"})
+
+
+def count(metrics: Metrics, record: AuditRecord | Typed) -> None:
+    value = typed(record) if isinstance(record, AuditRecord) else record
+    if value is None:
+        return
+    facts = value.facts
+    listener, direction = facts.listener, facts.direction
+    if isinstance(value, HttpRequest | AgentCall):
+        _guard_outcomes(metrics, listener, value.extra)
+        if isinstance(value, HttpRequest):
+            duration = value.duration_ms
+            metrics.request(
+                listener,
+                direction,
+                value.decision,
+                value.reason,
+                duration / 1000 if duration is not None else None,
+                value.bytes_up,
+                value.bytes_down,
+            )
+        return  # an agent call is counted through its HTTP request
+    if isinstance(value, ConnectionOpened):
+        metrics.connection(listener, direction, "allow", value.reason)
+    elif isinstance(value, ConnectionRefused):
+        metrics.connection(listener, direction, "deny", value.reason)
+        if value.handshake_failure:
+            metrics.handshake_failure(listener, value.reason)
+    elif isinstance(value, ConnectionClosed):
+        if value.reason in _NEVER_OPENED:
+            metrics.connection(listener, direction, "deny", value.reason)
+        if value.bytes_up or value.bytes_down:
+            metrics.transferred(listener, value.bytes_up or 0, value.bytes_down or 0)
+
+
+def _guard_outcomes(metrics: Metrics, listener: str, extra: Mapping[str, Any]) -> None:
+    dry_run = extra.get("dry_run")
+    if isinstance(dry_run, list):
+        for item in dry_run:
+            if isinstance(item, dict):
+                metrics.dry_run(listener, str(item.get("rule")), str(item.get("outcome")))
+    tripped = extra.get("quarantine_reason")
+    if tripped is not None:
+        metrics.quarantined(str(tripped))

@@ -1,0 +1,235 @@
+"""Streaming one allowed exchange: the request body up, the answer down.
+
+Theory of operation. Most requests are complete when they are allowed (no
+body, or all of it already buffered): the relay sends them, then relays the
+answer in the same task, since a nursery per request costs more than the
+request. A request whose body is still arriving streams it up in one task
+while the answer streams down in another, so a large upload and an early
+answer both work; when the answer ends before the request body, reading
+the body stops (the connection then closes, so the unread rest is never
+taken for the next request).
+
+What went wrong is kept apart by side: :attr:`Relay.request_error` (the
+client's body broke, stalled, or the upstream stopped taking it),
+:attr:`Relay.upstream_error` (the answer broke, stalled or was unreadable)
+and :attr:`Relay.transport_error` (the client went away while we answered).
+The session turns those into the exchange's events and the audit record.
+
+An answer filter from an agent-protocol hook either streams (SSE, rewritten
+event by event) or holds the answer whole (JSON), which is then re-framed
+with its new length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import h11
+import trio
+
+from proxy.http.agent_hook import FilterFactory, ResponseFilter
+from proxy.http.answers import reason_phrase
+from proxy.http.conn import Downstream, Limits, Upstream, upstream_broken
+from proxy.http.exchange import Ev, Exchange, PeerError
+from proxy.http.headers import REQUEST_ID, forwardable, header_value, is_chunked
+
+BodyEvent = h11.Data | h11.EndOfMessage
+ResponseEvent = h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage
+
+
+def _filtered(step: Callable[[], bytes]) -> bytes:
+    """Run a response filter step; what cannot be filtered is not passed on."""
+    try:
+        return step()
+    except Exception as exc:  # a list answer we cannot read safely: fail closed
+        raise PeerError(502, "unfilterable_response", str(exc)) from exc
+
+
+class Relay:
+    def __init__(
+        self,
+        down: Downstream,
+        up: Upstream,
+        limits: Limits,
+        exchange: Exchange,
+        *,
+        to_send: list[BodyEvent],
+        body_complete: bool,
+        first: h11.Response | h11.InformationalResponse | None,
+        upgrade_allowed: bool,
+        filter_factory: FilterFactory | None,
+        upward: Callable[[BodyEvent], BodyEvent],
+        last_exchange: Callable[[], bool],
+    ) -> None:
+        self.down, self.up, self.limits, self.exchange = down, up, limits, exchange
+        self.outcome = exchange.outcome
+        self.to_send = to_send
+        self.body_complete = body_complete
+        self.first = first
+        self.upgrade_allowed = upgrade_allowed
+        self.filter_factory = filter_factory
+        self.upward = upward  # trailers get the header rules on their way up
+        self.last_exchange = last_exchange  # max_connection_lifetime passed: say close
+        self.request_error: PeerError | None = None
+        self.upstream_error: PeerError | None = None
+        self.transport_error = False
+        self.response_started = False
+        self.switched = False
+        self._filter: ResponseFilter | None = None
+        self._held: h11.Response | None = None  # a whole-answer filter's head, re-framed at the end
+
+    async def run(self) -> None:
+        try:
+            if self.body_complete or self.down.h11.their_state is not h11.SEND_BODY:
+                with trio.CancelScope() as scope:
+                    await self._pump_request(scope)
+                    if self.request_error is None:
+                        await self._relay_response(scope)
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump_request, nursery.cancel_scope)
+                    nursery.start_soon(self._relay_response, nursery.cancel_scope)
+        except PeerError as exc:
+            self.upstream_error = exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.transport_error = True
+            self.outcome.error = str(exc)
+        except BaseExceptionGroup as group:
+            peer, rest = group.split(PeerError)
+            if rest is not None:
+                _broken, other = rest.split((trio.BrokenResourceError, trio.ClosedResourceError))
+                if other is not None:
+                    raise other from None
+                self.transport_error = True
+            if peer is not None:
+                first = peer.exceptions[0]
+                assert isinstance(first, PeerError)
+                self.upstream_error = first
+
+    # -- up -------------------------------------------------------------------
+
+    async def _pump_request(self, cancel: trio.CancelScope) -> None:
+        up, outcome = self.up, self.outcome
+        side = "upstream_reset"
+        try:
+            for event in self.to_send:
+                up.queue(self.upward(event))
+                if isinstance(event, h11.Data):
+                    outcome.bytes_up += len(event.data)
+            if self.body_complete or self.down.h11.their_state is not h11.SEND_BODY:
+                await up.flush()
+                return
+            while True:
+                side = "client_reset"
+                event = await self.down.next_body_event(before_wait=up.flush)
+                side = "upstream_reset"
+                up.queue(self.upward(event))
+                if isinstance(event, h11.EndOfMessage):
+                    await up.flush()
+                    return
+                outcome.bytes_up += len(event.data)
+        except PeerError as exc:
+            self.request_error = exc
+            cancel.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if side == "upstream_reset":
+                self.request_error = upstream_broken(exc)
+            else:
+                self.request_error = PeerError(0, side, str(exc))
+            cancel.cancel()
+
+    # -- down -----------------------------------------------------------------
+
+    async def _relay_response(self, cancel: trio.CancelScope) -> None:
+        event: ResponseEvent | None = self.first
+        while True:
+            if event is None:
+                event = await self.up.next_event(
+                    self.limits.response_timeout, before_wait=self.down.flush
+                )
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code == 101 and self.upgrade_allowed:
+                    await self._switch(event)
+                    cancel.cancel()
+                    return
+                if event.status_code != 100:  # we answered 100-continue ourselves
+                    await self.down.send(
+                        h11.InformationalResponse(
+                            status_code=event.status_code,
+                            headers=forwardable(event.headers),
+                            reason=event.reason or reason_phrase(event.status_code),
+                        )
+                    )
+            elif isinstance(event, h11.Response):
+                self._response_head(event)
+            elif isinstance(event, h11.Data):
+                self._response_data(bytes(event.data), event)
+            else:
+                await self._response_end()
+                if self.down.h11.their_state is h11.SEND_BODY:
+                    cancel.cancel()  # answered before the request body ended: stop reading it
+                return
+            event = None
+
+    async def _switch(self, event: h11.InformationalResponse) -> None:
+        self.response_started = True
+        self.outcome.status = 101
+        await self.down.send(
+            h11.InformationalResponse(
+                status_code=101,
+                headers=forwardable(event.headers, keep_upgrade=True),
+                reason=event.reason or reason_phrase(101),
+            )
+        )
+        self.switched = True
+        self.exchange.on(Ev.SWITCHED)
+
+    def _response_head(self, event: h11.Response) -> None:
+        self.response_started = True
+        self.exchange.on(Ev.RESPONSE_HEAD)
+        outcome = self.outcome
+        outcome.status = event.status_code
+        headers = forwardable(event.headers)
+        if is_chunked(event.headers):
+            headers.append((b"transfer-encoding", b"chunked"))
+        if header_value(headers, REQUEST_ID) is None:
+            headers.append((REQUEST_ID, outcome.request_id.encode()))
+        if self.last_exchange():
+            headers.append((b"connection", b"close"))
+        headers.extend(outcome.reply_headers)
+        reason = event.reason or reason_phrase(event.status_code)
+        if self.filter_factory is not None and event.status_code == 200:
+            content_type = (header_value(event.headers, b"content-type") or b"").decode("latin-1")
+            self._filter = self.filter_factory(content_type.lower())
+            # The body changes length: re-frame it.
+            headers = [h for h in headers if h[0] != b"content-length"]
+            if self._filter.whole:
+                self._held = h11.Response(status_code=200, headers=headers, reason=reason)
+                return
+        self.down.queue(h11.Response(status_code=event.status_code, headers=headers, reason=reason))
+
+    def _response_data(self, data: bytes, event: h11.Data) -> None:
+        if self._filter is None:
+            self.outcome.bytes_down += len(data)
+            self.down.queue(event)
+            return
+        out = _filtered(partial(self._filter.feed, data))
+        self.outcome.bytes_down += len(out)  # what the client gets
+        if out:
+            self.down.queue(h11.Data(data=out))
+
+    async def _response_end(self) -> None:
+        if self._filter is not None:
+            tail = _filtered(self._filter.finish)
+            self.outcome.bytes_down += len(tail)
+            held = self._held
+            if held is not None:
+                framed = [h for h in held.headers if h[0] != b"transfer-encoding"]
+                framed.append((b"content-length", str(len(tail)).encode()))
+                self.down.queue(
+                    h11.Response(status_code=held.status_code, headers=framed, reason=held.reason)
+                )
+            if tail:
+                self.down.queue(h11.Data(data=tail))
+        await self.down.send(h11.EndOfMessage())

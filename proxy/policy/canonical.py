@@ -1,0 +1,19 @@
+"""One canonical JSON encoding (pure), for the digests approvals bind and
+the argument hashes audit records carry."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no whitespace, UTF-8: equal JSON values, equal bytes.
+
+    Stable within this project (audit digests, argument hashes). It is not
+    RFC 8785 (JCS): keys sort by code point, not UTF-16 unit, and floats use
+    Python's shortest repr.
+    """
+    return json.dumps(
+        value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+    ).encode("utf-8")

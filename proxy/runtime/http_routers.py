@@ -1,0 +1,339 @@
+"""Routing and judging HTTP requests for the HTTP listeners (no I/O).
+
+An inbound router belongs to one connection (it knows the verified peer);
+the outbound router maps the agent's request to a route by host. Both
+normalise the target (what policy judges is what the backend gets), then
+let the gate decide, or hand the agent-protocol hook the body when the
+protocol decides per call.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from collections.abc import Hashable
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import h11
+import structlog
+
+from proxy.agent.a2a import TaskOwnership
+from proxy.config import InboundConfig, OutboundConfig, RouteConfig
+from proxy.http.a2a_flow import A2aGuard
+from proxy.http.conn import Limits
+from proxy.http.exchange import PeerError, RequestOutcome
+from proxy.http.headers import XFCC, Header, header_map, header_value
+from proxy.http.mcp_flow import McpGuard
+from proxy.http.routing import Routed
+from proxy.identity import IdentityState, SpiffeId, TrustBundleSet
+from proxy.policy.approval import APPROVAL_HEADER
+from proxy.policy.evaluate import PolicySet
+from proxy.policy.gate import Gate
+from proxy.policy.paths import BadPath, normalize_path
+from proxy.policy.rules import RequestFacts
+from proxy.policy.verdict import RequestVerdict, refused
+from proxy.runtime.listener import BaseListener, Conn
+
+
+class InboundView(Protocol):
+    """What an inbound router reads from its listener, per request (a hot
+    reload swaps ``policy`` and applies at once)."""
+
+    policy: PolicySet
+    gate: Gate
+    tasks: TaskOwnership
+    strip: frozenset[bytes]
+
+    @property
+    def config(self) -> InboundConfig: ...
+
+log = structlog.get_logger("agent_proxy")
+
+
+def limits_of(config: InboundConfig | OutboundConfig) -> Limits:
+    lim = config.limits
+    return Limits(
+        max_header_bytes=lim.max_header_bytes,
+        max_headers=lim.max_headers,
+        idle_timeout=lim.idle_timeout,
+        request_timeout=lim.request_timeout,
+        response_timeout=lim.response_timeout,
+        write_timeout=config.write_timeout,
+    )
+
+
+def _origin_form(request: h11.Request) -> tuple[bytes, str | None]:
+    """(origin-form target, host from an absolute-form target if any)."""
+    target = request.target
+    if b"#" in target:
+        raise PeerError(400, "bad_path", "refused request path: fragment in request target")
+    if target.startswith(b"/"):
+        return target, None
+    text = target.decode("ascii", "replace")
+    parts = urlsplit(text)
+    if parts.scheme.lower() != "http" or not parts.netloc:
+        raise PeerError(400, "bad_request", "request target must be origin-form or http://")
+    origin = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return origin.encode("ascii"), parts.netloc.lower()
+
+
+def _normalized(origin: bytes) -> tuple[str, bytes]:
+    """(the path policy judges, the target the backend gets): the same path,
+    so what was judged is what is served; the query passes unchanged."""
+    try:
+        path = normalize_path(origin.decode("ascii"))
+    except (BadPath, UnicodeDecodeError) as exc:
+        raise PeerError(400, "bad_path", f"refused request path: {exc}") from exc
+    _, sep, query = origin.partition(b"?")
+    return path, path.encode("ascii") + sep + query
+
+
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def _gated(
+    gate: Gate,
+    policy: PolicySet,
+    request: h11.Request,
+    path: str,
+    upgrade: bool,
+    *,
+    peer: SpiffeId | None,
+    svid_age: float | None,
+    bundles: TrustBundleSet,
+    max_body: int,
+    base: Routed,
+) -> Routed:
+    """Decide with the guard; a high-impact rule makes the session hand us
+    the body's hash first (``Routed.finish``)."""
+    method = request.method.decode("ascii")
+    facts = RequestFacts(
+        peer=peer,
+        method=method,
+        path=path,
+        now=_dt.datetime.now(_dt.UTC),
+        svid_age_seconds=svid_age,
+        headers=header_map(request.headers) if policy.reads_headers else {},
+        upgrade=upgrade,
+    )
+    token_raw = header_value(request.headers, APPROVAL_HEADER.lower().encode())
+    token = token_raw.decode("ascii", "replace") if token_raw else None
+
+    def decide(body_hash: str | None, decision: RequestVerdict | None = None) -> Routed:
+        verdict = gate.check(
+            policy,
+            facts,
+            bundles=bundles,
+            approval_token=token,
+            target=path,
+            body_hash=body_hash,
+            decision=decision,
+        )
+        base.decision = verdict
+        base.allow_upgrade = verdict.allowed and upgrade
+        base.finish = None
+        return base
+
+    preview = policy.evaluate(facts)
+    needs_body = preview.allowed and any(step.approvers for _, step in preview.high_impact)
+    if needs_body:
+        base.decision = preview  # allowed so far; the gate decides with the body
+        base.max_body = max_body
+        base.finish = decide
+        return base
+    return decide(_EMPTY_SHA256, preview)
+
+
+def emit_outcome(
+    listener: BaseListener, conn: Conn, outcome: RequestOutcome, **overrides: object
+) -> None:
+    """One ``mcp.call`` record per JSON-RPC call, then the ``http.request``.
+    A verdict that quarantined the caller is also logged (the policy package
+    only reports it)."""
+    for fields in (*outcome.calls, outcome.extra):
+        if fields.get("quarantine_reason") is not None:
+            verified = conn.tls.peer.verified if conn.tls is not None else None
+            log.warning(
+                "identity quarantined",
+                peer=str(verified.spiffe_id) if verified is not None else "-",
+                reason=fields["quarantine_reason"],
+            )
+            break
+    for call in outcome.calls:
+        fields = dict(call)
+        decision, reason = str(fields.pop("decision")), str(fields.pop("reason"))
+        listener.record(
+            conn,
+            "mcp.call",
+            decision,
+            reason,
+            request_id=outcome.request_id,
+            path=outcome.path,
+            **fields,
+        )
+    listener.record(
+        conn,
+        "http.request",
+        outcome.decision,
+        outcome.reason,
+        rule=outcome.rule,
+        request_id=outcome.request_id,
+        method=outcome.method,
+        path=outcome.path,
+        status=outcome.status,
+        outcome=outcome.outcome,
+        bytes_up=outcome.bytes_up,
+        bytes_down=outcome.bytes_down,
+        duration_ms=outcome.duration_ms,
+        error=outcome.error,
+        **overrides,
+        **outcome.extra,
+    )
+
+
+class InboundRouter:
+    def __init__(
+        self,
+        listener: InboundView,
+        peer: SpiffeId,
+        svid_age: float,
+        bundles: TrustBundleSet,
+        key: Hashable,
+        xfcc: Header,
+    ) -> None:
+        self.listener = listener
+        self.peer = peer
+        self.svid_age = svid_age
+        self.bundles = bundles
+        self.key = key
+        self.xfcc = xfcc
+
+    def route(self, request: h11.Request, upgrade: bool) -> Routed:
+        if request.method == b"CONNECT":
+            return Routed(refused("connect_not_allowed"))
+        origin, _ = _origin_form(request)
+        path, target = _normalized(origin)
+        listener = self.listener
+        base = Routed(
+            refused("no_matching_rule"),
+            path=path,
+            key=self.key,
+            target=target,
+            add_headers=(self.xfcc,),
+            strip=listener.strip,
+        )
+        protocol = listener.config.protocol
+        if protocol in ("mcp", "a2a"):
+            max_body = listener.config.max_body_bytes
+            if protocol == "mcp":
+                base.hook = McpGuard(
+                    lambda: listener.policy,
+                    listener.gate,
+                    self.peer,
+                    self.svid_age,
+                    self.bundles,
+                    max_body,
+                )
+            else:
+                base.hook = A2aGuard(
+                    lambda: listener.policy,
+                    listener.gate,
+                    self.peer,
+                    self.svid_age,
+                    self.bundles,
+                    max_body,
+                    listener.tasks,
+                )
+            if request.method == b"POST":
+                return base  # decided per JSON-RPC call
+        # The policy is read per request, so a hot reload applies at once.
+        return _gated(
+            listener.gate,
+            listener.policy,
+            request,
+            path,
+            upgrade,
+            peer=self.peer,
+            svid_age=self.svid_age,
+            bundles=self.bundles,
+            max_body=listener.config.max_body_bytes,
+            base=base,
+        )
+
+
+class OutboundRouter:
+    def __init__(self, config: OutboundConfig, gate: Gate, identity: IdentityState) -> None:
+        self.gate = gate
+        self.identity = identity
+        self.tasks = TaskOwnership()
+        self.proxy_mode = config.protocol == "http-proxy"
+        self.routes = {r.host: r for r in config.routes if r.host is not None}
+        self.single = config.routes[0] if not self.proxy_mode else None
+
+    def _lookup(self, host: str | None) -> RouteConfig | None:
+        if self.single is not None:
+            return self.single
+        if not host:
+            return None
+        host = host.lower()
+        found = self.routes.get(host)
+        if found is None and host.endswith(":80"):
+            found = self.routes.get(host[:-3])
+        if found is None and ":" in host and not host.startswith("["):
+            bare = host.rsplit(":", 1)[0]
+            candidate = self.routes.get(bare)
+            # A route without a port matches the host on the default port only.
+            found = candidate if candidate is not None and host.endswith(":80") else None
+        return found
+
+    def route(self, request: h11.Request, upgrade: bool) -> Routed:
+        if request.method == b"CONNECT":
+            return Routed(refused("connect_not_allowed"))
+        origin, host = _origin_form(request)
+        if host is None:
+            raw_host = header_value(request.headers, b"host")
+            host = raw_host.decode("ascii", "replace").lower() if raw_host else None
+        route = self._lookup(host)
+        path, target = _normalized(origin)
+        if route is None or route.policy is None:
+            return Routed(refused("egress_not_allowed"), path=path, label=host)
+        base = Routed(
+            refused("no_matching_rule"),
+            path=path,
+            key=route.name,
+            target=target,
+            strip=frozenset({XFCC}),
+            label=str(route.target),
+        )
+        snapshot = self.identity.current
+        if route.protocol in ("mcp", "a2a"):
+            policy = route.policy
+            if route.protocol == "mcp":
+                base.hook = McpGuard(
+                    lambda: policy, self.gate, None, None, snapshot.bundles, route.max_body_bytes
+                )
+            else:
+                base.hook = A2aGuard(
+                    lambda: policy,
+                    self.gate,
+                    None,
+                    None,
+                    snapshot.bundles,
+                    route.max_body_bytes,
+                    self.tasks,
+                )
+            if request.method == b"POST":
+                return base  # decided per JSON-RPC call
+        return _gated(
+            self.gate,
+            route.policy,
+            request,
+            path,
+            upgrade,
+            peer=None,
+            svid_age=None,
+            bundles=snapshot.bundles,
+            max_body=route.max_body_bytes,
+            base=base,
+        )

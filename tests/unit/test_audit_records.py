@@ -1,0 +1,283 @@
+"""Typed audit records: the same JSON as today's generic records, and
+metrics derived from the values, not from event-name strings."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from proxy.audit import (
+    AgentCall,
+    AuditRecord,
+    AuditSettings,
+    ConnectionClosed,
+    ConnectionOpened,
+    ConnectionRefused,
+    ConnFacts,
+    HttpRequest,
+    parse_audit,
+    typed,
+)
+from proxy.audit.derive import count
+from proxy.config import ConfigError
+from proxy.metrics import Metrics
+from proxy.tracing import parse_tracing
+
+TS = dt.datetime(2026, 12, 1, 12, 0, 0, 123000, tzinfo=dt.UTC)
+FACTS = ConnFacts(
+    direction="inbound",
+    listener="hr-api",
+    conn_id="1-1",
+    local_id="spiffe://a.example/svc/hr",
+    peer_id="spiffe://a.example/agent/payroll",
+    peer_addr="127.0.0.1:5000",
+    target="127.0.0.1:8080",
+    rule="spiffe://a.example/agent/*",
+)
+
+
+def generic(event: str, decision: str, reason: str, **extra: object) -> AuditRecord:
+    return AuditRecord(
+        event=event,
+        direction="inbound",
+        decision="allow" if decision == "allow" else "deny",
+        reason=reason,
+        listener="hr-api",
+        conn_id="1-1",
+        rule=FACTS.rule,
+        peer_id=FACTS.peer_id,
+        local_id=FACTS.local_id,
+        peer_addr=FACTS.peer_addr,
+        target=FACTS.target,
+        ts=TS,
+        extra=extra,
+    )
+
+
+@pytest.mark.parametrize(
+    ("record", "value"),
+    [
+        (generic("connection.open", "allow", "peer_allowed"), ConnectionOpened(FACTS, ts=TS)),
+        (
+            generic("connection.refused", "deny", "untrusted_chain", error="bad chain"),
+            ConnectionRefused(FACTS, "untrusted_chain", "bad chain", TS),
+        ),
+        (
+            generic("connection.close", "allow", "closed", bytes_up=1, bytes_down=2, duration_ms=3),
+            ConnectionClosed(FACTS, "closed", bytes_up=1, bytes_down=2, duration_ms=3, ts=TS),
+        ),
+    ],
+)
+def test_typed_values_render_as_the_generic_records(record: AuditRecord, value: object) -> None:
+    assert typed(record) == value
+    assert json.dumps(value.as_dict()) == json.dumps(record.as_dict())  # type: ignore[attr-defined]
+
+
+def test_http_request_and_agent_call_round_trip() -> None:
+    request = generic(
+        "http.request",
+        "allow",
+        "rule_matched",
+        request_id="r1",
+        method="GET",
+        path="/timesheets/1",
+        status=200,
+        bytes_up=0,
+        bytes_down=10,
+        duration_ms=4,
+        policy_version="sha256:x",
+    )
+    value = typed(request)
+    assert isinstance(value, HttpRequest)
+    assert (value.method, value.status, value.extra) == ("GET", 200, {"policy_version": "sha256:x"})
+    assert value.as_dict() == request.as_dict()
+    call = typed(
+        generic(
+            "mcp.call",
+            "deny",
+            "denied_by_rule",
+            request_id="r1",
+            path="/mcp",
+            a2a_method="tasks/send",
+        )
+    )
+    assert isinstance(call, AgentCall) and call.protocol == "a2a"
+    mcp = typed(generic("mcp.call", "allow", "rule_matched", tool="read_timesheet"))
+    assert isinstance(mcp, AgentCall) and mcp.protocol == "mcp"
+
+
+def test_trace_fields_are_rendered_when_set() -> None:
+    record = AuditRecord(
+        "http.request", "inbound", "allow", "rule_matched", trace_id="a" * 32, span_id="b" * 16
+    )
+    out = record.as_dict()
+    assert (out["trace_id"], out["span_id"]) == ("a" * 32, "b" * 16)
+    assert "trace_id" not in generic("connection.open", "allow", "peer_allowed").as_dict()
+
+
+def _value(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_metrics_are_derived_from_records() -> None:
+    metrics = Metrics()
+    for record in (
+        generic("connection.open", "allow", "peer_allowed"),
+        generic("connection.close", "allow", "closed", bytes_up=5, bytes_down=7),
+        generic("connection.refused", "deny", "untrusted_chain"),
+        generic("connection.refused", "deny", "connection_limit"),
+        generic("http.request", "allow", "rule_matched", duration_ms=12, bytes_up=1, bytes_down=2),
+        generic(
+            "mcp.call", "allow", "rule_matched", dry_run=[{"rule": "r", "outcome": "would_deny"}]
+        ),
+    ):
+        count(metrics, record)
+    traffic = {"listener": "hr-api", "direction": "inbound"}
+    # One per connection: the open and the close of one connection count once.
+    assert (
+        _value(
+            metrics,
+            "agent_proxy_connections_total",
+            **traffic,
+            decision="allow",
+            reason="peer_allowed",
+        )
+        == 1
+    )
+    assert (
+        _value(
+            metrics, "agent_proxy_connections_total", **traffic, decision="allow", reason="closed"
+        )
+        is None
+    )
+    assert (
+        _value(
+            metrics,
+            "agent_proxy_handshake_failures_total",
+            listener="hr-api",
+            reason="untrusted_chain",
+        )
+        == 1
+    )
+    assert (
+        _value(
+            metrics,
+            "agent_proxy_handshake_failures_total",
+            listener="hr-api",
+            reason="connection_limit",
+        )
+        is None
+    )
+    assert (
+        _value(
+            metrics,
+            "agent_proxy_requests_total",
+            **traffic,
+            decision="allow",
+            reason="rule_matched",
+        )
+        == 1
+    )
+    assert _value(metrics, "agent_proxy_bytes_total", listener="hr-api", direction="up") == 6
+    assert (
+        _value(
+            metrics, "agent_proxy_dry_run_total", listener="hr-api", rule="r", outcome="would_deny"
+        )
+        == 1
+    )
+    # A typed value counts exactly like its generic record.
+    count(metrics, ConnectionOpened(FACTS))
+    assert (
+        _value(
+            metrics,
+            "agent_proxy_connections_total",
+            **traffic,
+            decision="allow",
+            reason="peer_allowed",
+        )
+        == 2
+    )
+
+
+def test_audit_section_defaults_and_values(tmp_path: Path) -> None:
+    assert parse_audit({}) == AuditSettings()
+    settings = parse_audit(
+        {
+            "path": "audit.jsonl",
+            "durability": "fsync",
+            "fsync_interval": "50ms",
+            "checkpoint_interval": 30,
+            "max_bytes": "100MiB",
+            "max_age": "1d",
+            "keep": 7,
+            "on_failure": "open",
+        },
+        base_dir=tmp_path,
+    )
+    assert settings == AuditSettings(
+        path=str(tmp_path / "audit.jsonl"),
+        durability="fsync",
+        fsync_interval=0.05,
+        checkpoint_interval=30.0,
+        max_bytes=100 << 20,
+        max_age=86400.0,
+        keep=7,
+        on_failure="open",
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"durability": "x"}, 'audit.durability: expected "os" or "fsync", got "x"'),
+        ({"on_failure": "maybe"}, 'audit.on_failure: expected "closed" or "open", got "maybe"'),
+        ({"durabilty": "os"}, "unknown key 'audit.durabilty' (did you mean 'durability'?)"),
+        (
+            {"max_bytes": "lots", "path": "a"},
+            "audit.max_bytes: expected bytes such as 104857600 or \"100MiB\", got 'lots'",
+        ),
+        ({"keep": -1}, "audit.keep: expected at least 0, got -1"),
+        ({"fsync_interval": "soon"}, "audit.fsync_interval: "),
+        ({"max_bytes": 1000}, "audit.max_bytes: rotation needs a file path"),
+        ({"path": ""}, 'audit.path: expected a non-empty string, got ""'),
+    ],
+)
+def test_audit_section_errors(table: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_audit(table)
+    assert str(caught.value).startswith(message)
+
+
+def test_tracing_section() -> None:
+    assert parse_tracing({}).otlp_endpoint is None
+    settings = parse_tracing({"otlp_endpoint": "http://collector:4318", "service_name": "payroll"})
+    assert settings.traces_url == "http://collector:4318/v1/traces"
+    with pytest.raises(
+        ConfigError,
+        match=re.escape('expected an http:// or https:// URL, got "collector:4318"'),
+    ):
+        parse_tracing({"otlp_endpoint": "collector:4318"})
+    with pytest.raises(ConfigError, match=re.escape("unknown key 'tracing.endpoint'")):
+        parse_tracing({"endpoint": "http://x"})
+
+
+def test_config_file_carries_the_audit_and_tracing_sections(tmp_path: Path) -> None:
+    from proxy.config import parse_config
+    from tests.unit.test_config import BASE
+
+    data = {
+        **BASE,
+        "audit": {"path": "trail/audit.jsonl", "durability": "fsync", "on_failure": "open"},
+        "tracing": {"otlp_endpoint": "http://127.0.0.1:4318"},
+    }
+    config = parse_config(data, "sidecar.toml", base_dir=tmp_path)
+    assert config.audit.path == str(tmp_path / "trail/audit.jsonl")
+    assert (config.audit.durability, config.audit.on_failure) == ("fsync", "open")
+    assert config.tracing.traces_url == "http://127.0.0.1:4318/v1/traces"
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**BASE, "audit": {"durability": "x"}}, "sidecar.toml", base_dir=tmp_path)
+    assert str(caught.value) == 'sidecar.toml: audit.durability: expected "os" or "fsync", got "x"'
