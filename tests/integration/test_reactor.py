@@ -12,7 +12,21 @@ import pytest
 import trio
 
 from proxy.runtime.reactor import Reactor, RelayResult, open_reactor
-from tests.integration.reactor_support import SockTls, read_all, reset, tcp_pair, tls_pair
+from proxy.tls import TLSStream
+from tests.integration.reactor_support import (
+    _CA,
+    CLIENT,
+    SERVER,
+    SockTls,
+    read_all,
+    reset,
+    tcp_pair,
+    tls_pair,
+)
+from tests.integration.tls_support import side
+
+CLIENT_ID = "spiffe://reactor.test/agent/client"
+SERVER_ID = "spiffe://reactor.test/svc/server"
 
 Peer = trio.SocketStream | SockTls
 KINDS = ["tls-plain", "plain-plain", "tls-tls", "plain-tls"]
@@ -230,3 +244,26 @@ async def test_cancelling_the_task_ends_the_pair() -> None:
         await target.send_all(b"after")
         assert isinstance(b, trio.SocketStream)
         assert await b.receive_some(10) == b"after"
+
+
+async def test_the_real_tls_stream_is_a_reactor_end() -> None:
+    """proxy.tls.TLSStream after its handshake (the listener's object, with
+    SPIFFE verification in the handshake) is what the reactor relays."""
+    connector, accepted = await tcp_pair()
+    server = TLSStream(accepted, side(SERVER, (_CA,), [CLIENT_ID], server=True))
+    client = TLSStream(connector, side(CLIENT, (_CA,), [SERVER_ID], server=False))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        nursery.start_soon(client.do_handshake)
+    b, target = await tcp_pair()
+    async with open_reactor() as reactor, trio.open_nursery() as nursery:
+        result, done = await start_relay(nursery, reactor, server, b)
+        await client.send_all(b"through the real stream")
+        await client.send_eof()
+        assert await read_all(target) == b"through the real stream"
+        await target.send_all(b"and back")
+        await target.send_eof()
+        assert await read_all(client) == b"and back"
+        with trio.fail_after(10):
+            await done.wait()
+    assert (result.reason, result.bytes_up, result.bytes_down) == ("closed", 23, 8)
