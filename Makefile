@@ -55,8 +55,9 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick
 
 # make fuzz : the fuzz harnesses of tests/fuzz (every parser of outside input)
-#             with many random examples; FUZZ_EXAMPLES=N per harness (default
-#             5000). make test runs the same harnesses briefly (smoke profile).
+#             and the llhttp-vs-h11 differential test, with many random examples;
+#             FUZZ_EXAMPLES=N per harness (default 5000). make test runs the same
+#             briefly (smoke profile).
 .PHONY: fuzz
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=long $(BIN)/pytest -q tests/fuzz
+	HYPOTHESIS_PROFILE=long $(BIN)/pytest -q tests/fuzz tests/unit/test_llhttp_differential.py

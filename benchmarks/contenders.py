@@ -17,6 +17,7 @@ like our audit log.
 
 from __future__ import annotations
 
+import resource
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,10 @@ class Deployment:
     client_port: int
     inbound_port: int | None
     configs: dict[str, str] = field(default_factory=dict)
+    # Where MCP tools/call requests go (ours: a pair of mcp listeners that
+    # judge each call; the peers relay them as plain HTTP): None = client_port.
+    mcp_port: int | None = None
+    startup_s: float | None = None  # spawn of the first process to the last one ready
 
 
 @dataclass(frozen=True)
@@ -138,8 +143,8 @@ def _ours_http(ctx: Context) -> Deployment:
     # the admin endpoint off (both sides would want its default port, and the
     # peers run no stats endpoint either), pool settings left at their defaults.
     ap = agent_proxy_argv()
-    p_in, p_out = free_port(), free_port()
-    dep = Deployment(procs=[], client_port=p_out, inbound_port=p_in)
+    p_in, p_out, m_in, m_out = free_port(), free_port(), free_port(), free_port()
+    dep = Deployment(procs=[], client_port=p_out, inbound_port=p_in, mcp_port=m_out)
 
     def head(side: Identity, audit: str) -> str:
         return f"""\
@@ -169,6 +174,16 @@ target = "127.0.0.1:{ctx.backend_port}"
 peers = ["{CLIENT_ID}"]
 methods = ["GET"]
 paths = ["/**"]
+
+[[inbound]]
+name = "bench-mcp-in"
+protocol = "mcp"
+listen = "127.0.0.1:{m_in}"
+target = "127.0.0.1:{ctx.backend_port}"
+
+[[inbound.rules]]
+peers = ["{CLIENT_ID}"]
+tools = ["read_*"]
 """
     client_toml = f"""{head(ctx.client_presents, "outbound-audit.jsonl")}
 [[outbound]]
@@ -181,6 +196,17 @@ target = "127.0.0.1:{p_in}"
 expect = ["{SERVER_ID}"]
 methods = ["GET"]
 paths = ["/**"]
+
+[[outbound]]
+name = "bench-mcp-out"
+protocol = "http"
+listen = "127.0.0.1:{m_out}"
+
+[[outbound.routes]]
+target = "127.0.0.1:{m_in}"
+expect = ["{SERVER_ID}"]
+protocol = "mcp"
+tools = ["read_*"]
 """
     server_cfg = _write(ctx, "ours-server.toml", server_toml, dep)
     client_cfg = _write(ctx, "ours-client.toml", client_toml, dep)
@@ -256,11 +282,12 @@ def _haproxy(mode: str) -> Callable[[Context], Deployment]:
         ids, p_in, p_out = ctx.ids, free_port(), free_port()
         dep = Deployment(procs=[], client_port=p_out, inbound_port=p_in)
         log_option = "option httplog" if mode == "http" else "option tcplog"
+        # HAProxy refuses to start unless 2 x maxconn + a few fit the file limit.
+        maxconn = min(12000, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64) // 2)
         head = f"""\
 global
     nbthread 1
-    # 2 x maxconn + a few descriptors must fit the file limit.
-    maxconn 8000
+    maxconn {maxconn}
     log stdout format raw local0 info
     # Fail loudly on a port clash instead of sharing the port with a stranger.
     noreuseport
@@ -327,7 +354,7 @@ worker_processes 1;
 pid {ctx.root / f"{name}.pid"};
 error_log {ctx.root / f"{name}-error.log"} warn;
 worker_rlimit_nofile 65536;
-events {{ worker_connections 16384; }}
+events {{ worker_connections 32768; }}
 {body}"""
 
 

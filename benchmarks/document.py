@@ -155,7 +155,17 @@ peer's leaf certificate instead (stricter than an ID match, and equally cheap).
   proxies' utime+stime from /proc/PID/stat across the wrk run divided by requests
   completed; memory is the summed PSS (/proc/PID/smaps_rollup) of every proxy process
   after {s.idle_conns} connections each made one keep-alive request and stay idle
-  (fresh processes: this workload runs first).
+  (fresh processes: this workload runs first), then the same with 10,000 connections
+  (full runs only, and no more than the file limit allows: two sockets per connection in
+  each proxy process).
+- MCP tools/call: wrk POSTs one JSON-RPC `tools/call` (MCP 2025-06-18 headers) to the
+  backend's `/mcp`, which answers a JSON-RPC result. Ours goes through a second pair of
+  listeners (`protocol = "mcp"` route and inbound listener, `tools = ["read_*"]`) that
+  parse and judge every call; the peers relay the same bytes as plain HTTP. The MCP
+  target compares ours' CPU per call with ours' CPU per plain keep-alive GET.
+- Start-up: spawn of the server-side process to the client side accepting (port open),
+  both sides started one after the other; for ours also `agent-proxy --help` and
+  `agent-proxy run` with a one-listener config until its "listening" log line (best of 3).
 - Round-robin: for each repetition, each contender is started fresh, runs every
   workload, and is stopped; medians over repetitions. Before the measurements, each
   contender is started twice more with an impostor SVID (same CA, SPIFFE ID

@@ -144,6 +144,15 @@ def _identity(d: Path, spiffe_id: str) -> Identity:
 # -- backend ------------------------------------------------------------------
 
 SMALL_PATH, MIB_PATH, GIB_PATH = "/64b", "/1m", "/1g"
+MCP_PATH = "/mcp"
+# A tools/call and the backend's answer: the same bytes through every pair.
+MCP_CALL = (
+    '{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"read_timesheet",'
+    '"arguments":{"employee":"e-1042","month":"2026-11"}}}'
+)
+MCP_RESULT = '{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"7.5h"}]}}'
+MCP_HEADERS = ("Content-Type: application/json", "Accept: application/json, text/event-stream",
+               "MCP-Protocol-Version: 2025-06-18")  # fmt: skip
 GIB = 1 << 30
 
 
@@ -205,6 +214,10 @@ http {{
 {nginx_temp_paths(root)}    server {{
         listen 127.0.0.1:{port} backlog=4096;
         root {www};
+        location = {MCP_PATH} {{
+            default_type application/json;
+            return 200 '{MCP_RESULT}';
+        }}
     }}
 }}
 """

@@ -58,17 +58,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     began = time.monotonic()
     mode = "quick" if args.quick else "full"
+    nofile = raise_nofile()
     settings = Settings(
         duration=args.duration or (2.0 if args.quick else 10.0),
         stream_bytes=(args.stream_mib or 1024) << 20,
         idle_conns=args.idle_conns,
+        # Each proxy process holds two sockets per relayed connection.
+        idle_big=0 if args.quick else min(10_000, (nofile - 200) // 2),
     )
     reps = args.reps or (1 if args.quick else 3)
     contenders = list(CONTENDERS)
     if args.only:
         keys = set(args.only.split(","))
         contenders = [c for c in contenders if c.key in keys]
-    raise_nofile()
     pinning = Pinning.choose()
     if pinning.load is not None:
         # The harness is part of the load side (it drives the stream and idle clients).

@@ -12,14 +12,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.contenders import Contender, Context, Deployment
-from benchmarks.fixtures import Backend, Identities, Identity
-from benchmarks.harness import BenchError, Pinning, Proc
+from benchmarks.fixtures import CLIENT_ID, Backend, Identities, Identity, agent_proxy_argv
+from benchmarks.harness import BenchError, Pinning, Proc, free_port
 from benchmarks.report import Results
 from benchmarks.workloads import (
     ROWS,
@@ -76,9 +78,12 @@ def deployed(
     procs: list[Proc] = []
     try:
         dep = c.build(ctx)
+        began = time.monotonic()
         for spec in dep.procs:
             procs.append(Proc(spec, d))
             procs[-1].wait_ready()
+        if procs:
+            dep.startup_s = time.monotonic() - began
         yield dep, procs
     finally:
         for p in reversed(procs):
@@ -102,7 +107,15 @@ def run_contender(run: Run, c: Contender, rep: int, unavailable: str | None) -> 
                 inbound_port=dep.inbound_port,
                 pids=lambda: [pid for p in procs for pid in p.pids()],
                 has_proxies=bool(procs),
+                mcp_port=dep.mcp_port,
             )
+            startup = (Sample(dep.startup_s) if dep.startup_s is not None
+                       else Sample(None, error="n/a (no proxy)"))  # fmt: skip
+            run.record(c.key, "startup", startup)
+            done_rows.add("startup")
+            for row_key, sample in ours_startup(run, c).items():
+                run.record(c.key, row_key, sample)
+                done_rows.add(row_key)
             for name, workload, rows in WORKLOADS:
                 out = _one_workload(run, workload, target, procs, rows)
                 for row_key, sample in out.items():
@@ -123,6 +136,64 @@ def run_contender(run: Run, c: Contender, rep: int, unavailable: str | None) -> 
         if health:
             run.notes.append(f"{c.label}, rep {rep + 1}: {health}")
             log(f"[rep {rep + 1}] {c.label}: {health}")
+
+
+def ours_startup(run: Run, c: Contender) -> dict[str, Sample]:
+    """Issue 12's start-up targets, for our HTTP sidecar only: ``--help``, and
+    ``run`` with a small config from spawn to its "listening" log line."""
+    if not (c.is_ours and c.mode == "http"):
+        return {k: Sample(None, error="n/a (ours only)") for k in ("help_s", "ready_s")}
+    argv = agent_proxy_argv()
+    helps, readies = [], []
+    for i in range(3):
+        began = time.monotonic()
+        subprocess.run([*argv, "--help"], capture_output=True, check=False, timeout=60)
+        helps.append(time.monotonic() - began)
+        readies.append(_time_to_listening(run, argv, i))
+    return {"help_s": Sample(min(helps)), "ready_s": Sample(min(readies))}
+
+
+def _time_to_listening(run: Run, argv: list[str], i: int) -> float:
+    ids, d = run.ids.server, run.root / f"startup-{i}-{time.monotonic_ns()}"
+    d.mkdir()
+    config = d / "small.toml"
+    config.write_text(f"""log_level = "info"
+
+[identity]
+source = "files"
+cert = "{ids.cert}"
+key = "{ids.key}"
+bundle = "{ids.bundle}"
+
+[admin]
+enabled = false
+
+[audit]
+path = "{d / "audit.jsonl"}"
+
+[[inbound]]
+name = "startup"
+protocol = "http"
+listen = "127.0.0.1:{free_port()}"
+target = "127.0.0.1:{run.backend.port}"
+
+[[inbound.rules]]
+peers = ["{CLIENT_ID}"]
+methods = ["GET"]
+paths = ["/**"]
+""")
+    began = time.monotonic()
+    proc = subprocess.Popen([*argv, "run", "--config", str(config)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if b"listening" in line:
+                return time.monotonic() - began
+        raise BenchError(f"agent-proxy run exited {proc.wait()} before listening")
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def ours_health(d: Path) -> str | None:

@@ -9,16 +9,27 @@ of the contender) around the wrk run that produced the request count.
 from __future__ import annotations
 
 import json
+import os
 import re
 import select
 import shlex
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.fixtures import GIB_PATH, MIB_PATH, SMALL_PATH, Identities, which
+from benchmarks.fixtures import (
+    GIB_PATH,
+    MCP_CALL,
+    MCP_HEADERS,
+    MCP_PATH,
+    MIB_PATH,
+    SMALL_PATH,
+    Identities,
+    which,
+)
 from benchmarks.harness import BenchError, Pinning, cpu_seconds, memory_kib, run_tool, taskset
 
 LUA = Path(__file__).with_name("wrk_report.lua")
@@ -44,6 +55,12 @@ ROWS: tuple[Row, ...] = (
     Row("cpu_ka", "proxy CPU per keep-alive request", "µs", False, 1),
     Row("cpu_close", "proxy CPU per new-connection request", "µs", False, 1),
     Row("mem_idle", "memory (PSS) with idle connections held", "MiB", False, 1),
+    Row("mem_idle_10k", "memory (PSS) with 10,000 idle connections held", "MiB", False, 1),
+    Row("mcp_rps", "MCP tools/call, keep-alive (ours: judged per call)", "req/s", True),
+    Row("cpu_mcp", "proxy CPU per MCP tools/call", "µs", False, 1),
+    Row("startup", "start-up, spawn to accepting (both sides)", "s", False, 2),
+    Row("help_s", "`agent-proxy --help` (ours)", "s", False, 2),
+    Row("ready_s", "`agent-proxy run` spawn to its listening line (ours)", "s", False, 2),
 )
 ROW_BY_KEY = {r.key: r for r in ROWS}
 
@@ -60,6 +77,9 @@ class Settings:
     duration: float  # seconds per wrk / s_time cell
     stream_bytes: int
     idle_conns: int
+    # Connections for the "10,000 idle" row: full runs only (it takes
+    # minutes), and capped by the file limit (run.py): 0 skips the row.
+    idle_big: int = 0
     ka_conns: int = 32
     close_conns: int = 8
     mib_conns: int = 8
@@ -73,6 +93,7 @@ class Target:
     inbound_port: int | None
     pids: Callable[[], list[int]]  # every process of the proxy pair
     has_proxies: bool
+    mcp_port: int | None = None  # where MCP calls go; None: client_port
 
 
 @dataclass
@@ -111,16 +132,18 @@ def _wrk(
     path: str,
     conns: int,
     headers: Sequence[str] = (),
+    script: Path = LUA,
+    port: int | None = None,
 ) -> tuple[dict[str, float], float | None]:
     """One wrk run; returns its summary and the proxies' CPU seconds during it."""
     s, pin, rec = env.settings, env.pinning, env.recorder
     wrk = which("wrk")
     if wrk is None:
         raise BenchError("wrk is not installed")
-    argv = [wrk, "-t1", f"-c{conns}", f"-d{s.duration:g}s", "--timeout", "10s", "-s", str(LUA)]
+    argv = [wrk, "-t1", f"-c{conns}", f"-d{s.duration:g}s", "--timeout", "10s", "-s", str(script)]
     for h in headers:
         argv += ["-H", h]
-    argv.append(f"http://127.0.0.1:{target.client_port}{path}")
+    argv.append(f"http://127.0.0.1:{port or target.client_port}{path}")
     argv = taskset(pin.load, argv)
     rec.note(kind, argv)
     pids = target.pids() if target.has_proxies else []
@@ -179,6 +202,25 @@ def new_connection(t: Target, env: Env) -> dict[str, Sample]:
     return {
         "close_rps": Sample(_rate(summary), note=_error_note(summary)),
         "cpu_close": _cpu_per_request(cpu, summary),
+    }
+
+
+def _mcp_script() -> Path:
+    """wrk's report script with a POSTed tools/call body."""
+    body = MCP_CALL.replace("\\", "\\\\").replace("'", "\\'")
+    path = Path(tempfile.gettempdir()) / f"agent-proxy-bench-mcp-{os.getpid()}.lua"
+    path.write_text(f"wrk.method = 'POST'\nwrk.body = '{body}'\n" + LUA.read_text())
+    return path
+
+
+def mcp_calls(t: Target, env: Env) -> dict[str, Sample]:
+    """JSON-RPC tools/call over keep-alive. Our pair runs mcp listeners that
+    parse and judge each call; the peers relay the same bytes as HTTP."""
+    summary, cpu = _wrk(t, env, "MCP tools/call", MCP_PATH, env.settings.ka_conns,
+                        MCP_HEADERS, _mcp_script(), t.mcp_port)  # fmt: skip
+    return {
+        "mcp_rps": Sample(_rate(summary), note=_error_note(summary)),
+        "cpu_mcp": _cpu_per_request(cpu, summary),
     }
 
 
@@ -294,12 +336,29 @@ def idle_memory(t: Target, env: Env) -> dict[str, Sample]:
         f"harness: {s.idle_conns} connections to the client side in batches of 100, one "
         f"keep-alive GET {SMALL_PATH} each, all held open; then PSS of every proxy process",
     )
+    return {"mem_idle": _idle_pss(t, s.idle_conns)}
+
+
+def idle_memory_10k(t: Target, env: Env) -> dict[str, Sample]:
+    if not t.has_proxies:
+        return {"mem_idle_10k": Sample(None, error="n/a (no proxy)")}
+    count = env.settings.idle_big
+    if not count:
+        return {"mem_idle_10k": Sample(None, error="n/a (make bench only)")}
+    env.recorder.describe("idle memory, 10,000", f"as idle memory, with {count:,} connections")
+    sample = _idle_pss(t, count)
+    if count < 10_000:
+        sample.note = f"{count:,} connections: the file limit allows no more"
+    return {"mem_idle_10k": sample}
+
+
+def _idle_pss(t: Target, count: int) -> Sample:
     request = f"GET {SMALL_PATH} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
     socks: list[socket.socket] = []
     try:
-        for first in range(0, s.idle_conns, 100):
+        for first in range(0, count, 100):
             batch = []
-            for _ in range(first, min(first + 100, s.idle_conns)):
+            for _ in range(first, min(first + 100, count)):
                 sock = socket.create_connection(("127.0.0.1", t.client_port), timeout=30)
                 socks.append(sock)
                 batch.append(sock)
@@ -318,7 +377,7 @@ def idle_memory(t: Target, env: Env) -> dict[str, Sample]:
         if readable:
             raise BenchError(f"{len(readable)} of {len(socks)} connections closed while idle")
         pss, _rss = memory_kib(t.pids())
-        return {"mem_idle": Sample(pss / 1024)}
+        return Sample(pss / 1024)
     finally:
         for sock in socks:
             sock.close()
@@ -336,8 +395,10 @@ def _readable(socks: list[socket.socket]) -> list[socket.socket]:
 # Order matters: memory is read first, on freshly started processes.
 WORKLOADS: tuple[tuple[str, Workload, tuple[str, ...]], ...] = (
     ("idle memory", idle_memory, ("mem_idle",)),
+    ("idle memory, 10,000", idle_memory_10k, ("mem_idle_10k",)),
     ("handshakes", handshakes, ("hs_rate",)),
     ("keep-alive", keepalive, ("ka_rps", "ka_p50", "ka_p99", "cpu_ka")),
+    ("MCP tools/call", mcp_calls, ("mcp_rps", "cpu_mcp")),
     ("new connection", new_connection, ("close_rps", "cpu_close")),
     ("1 MiB", mib_responses, ("mib_rps",)),
     ("bulk stream", bulk_stream, ("bulk_mbps",)),

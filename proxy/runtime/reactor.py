@@ -1,0 +1,338 @@
+"""Moving the bytes of established connection pairs: one level-triggered
+epoll reactor per process, run as a single trio task.
+
+Theory of operation: trio keeps everything that decides (accept, connect,
+handshakes, policy, deadlines, cancellation, audit); once a pair of
+sockets only has to move bytes, its task calls :meth:`Reactor.relay` and
+sleeps on an event until the pair ends. The reactor owns one epoll set in
+which every socket of every live pair stays registered for the pair's
+life (``epoll_ctl`` runs only when a socket's interest changes, never per
+wait), and trio waits on the epoll fd itself (``wait_readable``). Each
+wake-up services every ready socket once, so no pair starves another.
+
+A direction (``_Flow``: src to dst) reads into the one shared scratch
+buffer (``recv`` into it for plain sockets, ``SSL_read`` through cffi for
+TLS sockets, so no bytes object is made per read) and writes from it at
+once. Only when the destination would block are the unsent bytes copied
+out (``pending``); the source then leaves the epoll interest set
+(backpressure: at most one scratch buffer per blocked direction is held)
+and the destination is watched for writability until it drains. A TLS
+read that OpenSSL already decrypted but the socket no longer shows
+(``SSL_pending``) is retried from a ready list without waiting.
+
+Ends of input keep today's relay semantics (proxy/runtime/relay.py): EOF
+on one side (TLS close_notify, or a TCP FIN without it: *truncation*, read
+as EOF like stunnel and ghostunnel do, and reported) is passed on as a
+half-close, ``SSL_shutdown`` to a TLS destination and ``shutdown(SHUT_WR)``
+to a plain one, while the other direction keeps flowing; the pair ends
+``closed`` when both directions have. A reset or TLS error on either side
+ends the pair at once, named after the side (``client_reset``,
+``target_reset``). The connection's task ends the pair with
+``write_timeout`` when a blocked direction makes no progress for that
+long, or ``cancelled`` when trio cancels it (shutdown, lifetime,
+certificate expiry: the caller's scope says which). The reactor never
+closes a socket: the task that owns it does, after ``relay`` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import select
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+from OpenSSL._util import ffi, lib
+
+from proxy.runtime.reactor_io import EOF, Broken, End, PairIo, TlsEndpoint, ssl_error_text
+
+log = structlog.get_logger("agent_proxy")
+
+SCRATCH_BYTES = 65536
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+
+
+@dataclass
+class RelayResult:
+    """Why a pair ended and what it moved. ``bytes_up`` were read from the
+    first side (the accepted one) and sent to the second, ``bytes_down``
+    the other way. ``truncated`` names the TLS sides that ended without
+    close_notify (read as EOF)."""
+
+    reason: str = "closed"
+    bytes_up: int = 0
+    bytes_down: int = 0
+    truncated: list[str] = field(default_factory=list)
+    detail: str | None = None  # for resets: the error (a TLS alert names itself)
+    stalled: str | None = None  # for write_timeout: the side that stopped reading
+
+
+class _Flow:
+    """One direction of a pair: bytes read from ``src`` are sent to ``dst``."""
+
+    __slots__ = ("blocked_since", "done", "dst", "eof", "pending", "pending_ptr", "shut_pending",
+                 "src", "upward")  # fmt: skip
+
+    def __init__(self, src: End, dst: End, upward: bool) -> None:
+        self.src, self.dst, self.upward = src, dst, upward
+        self.pending: memoryview | None = None  # unsent bytes (a copy)
+        self.pending_ptr: Any = None
+        self.blocked_since: float | None = None
+        self.eof = False  # src ended
+        self.shut_pending = False  # the EOF still has to reach dst
+        self.done = False  # EOF passed on
+
+
+class _Pair:
+    __slots__ = ("a", "b", "done", "down", "result", "up", "wakeup")
+
+    def __init__(self, a: End, b: End, result: RelayResult) -> None:
+        self.a, self.b, self.result = a, b, result
+        self.up, self.down = _Flow(a, b, True), _Flow(b, a, False)
+        a.src_of, a.out, b.src_of, b.out = self.up, self.down, self.down, self.up
+        a.pair = b.pair = self
+        self.done = trio.Event()
+        self.wakeup = trio.Event()  # set when the owning task should look again
+
+
+class Reactor(PairIo):
+    """Use one per process through :func:`open_reactor`."""
+
+    def __init__(self, scratch_bytes: int = SCRATCH_BYTES, *, use_cffi: bool = True) -> None:
+        super().__init__(scratch_bytes, use_cffi)
+        self._epoll = select.epoll()
+        self._ends: dict[int, tuple[_Pair, End]] = {}
+        self._ready: set[int] = set()
+        self._kick: trio.Event | None = None
+
+    # -- what the rest of the process sees --------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Live pairs, registered sockets and bytes held for blocked sends."""
+        held = {id(p): p for p, _ in self._ends.values()}.values()
+        buffered = sum(len(f.pending) for p in held for f in (p.up, p.down) if f.pending)
+        return {"pairs": len(held), "sockets": len(self._ends), "buffered_bytes": buffered}
+
+    async def relay(
+        self,
+        a: trio.SocketStream | TlsEndpoint,
+        b: trio.SocketStream | TlsEndpoint,
+        *,
+        names: tuple[str, str] = ("client", "target"),
+        write_timeout: float | None = None,
+        result: RelayResult | None = None,
+    ) -> RelayResult:
+        """Move bytes between ``a`` and ``b`` until the pair ends. ``result``
+        (filled in place) still tells what moved when the caller is cancelled."""
+        pair = _Pair(End(a, names[0]), End(b, names[1]), result or RelayResult())
+        self._add(pair)
+        try:
+            while not pair.done.is_set():
+                with trio.move_on_at(_write_deadline(pair, write_timeout)):
+                    await pair.wakeup.wait()
+                if not pair.done.is_set():
+                    pair.wakeup = trio.Event()
+                    if trio.current_time() >= _write_deadline(pair, write_timeout):
+                        blocked = [f for f in (pair.up, pair.down) if f.blocked_since is not None]
+                        pair.result.stalled = min(blocked, key=_since).dst.name
+                        self._finish(pair, "write_timeout", f"no send progress in {write_timeout}s")
+        except BaseException:
+            if not pair.done.is_set():
+                self._finish(pair, "cancelled", None)
+            raise
+        return pair.result
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        epoll_fd = self._epoll.fileno()
+        while True:
+            if self._ready:
+                await trio.lowlevel.checkpoint()
+            elif not self._ends:
+                self._kick = trio.Event()
+                await self._kick.wait()  # nothing registered: sleep until a pair arrives
+                continue
+            else:
+                await trio.lowlevel.wait_readable(epoll_fd)
+            ready, self._ready = self._ready, set()
+            for fd, events in self._epoll.poll(0, 4096):
+                if fd in ready:  # one service per socket per round, reading included
+                    ready.discard(fd)
+                    events |= _IN
+                self._service(fd, events)
+            for fd in ready:
+                self._service(fd, _IN)
+
+    def close(self) -> None:
+        for pair, _ in list(self._ends.values()):
+            self._finish(pair, "cancelled", "reactor closed")
+        self._epoll.close()
+
+    # -- pairs --------------------------------------------------------------
+
+    def _add(self, pair: _Pair) -> None:
+        for end in (pair.a, pair.b):
+            self._ends[end.fd] = (pair, end)
+            end.mask = _IN
+            self._epoll.register(end.fd, _IN)
+            # OpenSSL may already hold application data read with the handshake.
+            self._ready.add(end.fd)
+        if self._kick is not None:
+            self._kick.set()
+
+    def _finish(self, pair: _Pair, reason: str, detail: str | None) -> None:
+        if pair.done.is_set():
+            return
+        pair.result.reason = reason
+        pair.result.detail = detail
+        for end in (pair.a, pair.b):
+            if self._ends.pop(end.fd, None) is not None and end.mask:
+                with contextlib.suppress(OSError, ValueError):
+                    self._epoll.unregister(end.fd)
+            self._ready.discard(end.fd)
+        pair.done.set()
+        pair.wakeup.set()
+
+    def _service(self, fd: int, events: int) -> None:
+        entry = self._ends.get(fd)
+        if entry is None:
+            return
+        pair, end = entry
+        try:
+            if events & (_IN | select.EPOLLERR | select.EPOLLHUP):
+                if end.write_wants_read:
+                    end.write_wants_read = False
+                    self._pump(end.out)
+                self._pump(end.src_of)
+            if events & _OUT and not pair.done.is_set():
+                if end.read_wants_write:
+                    end.read_wants_write = False
+                    self._pump(end.src_of)
+                self._pump(end.out)
+        except Broken as exc:
+            self._finish(pair, f"{exc.side}_reset", str(exc))
+            return
+        except Exception as exc:  # a bug of ours ends this pair, never the reactor
+            log.exception("reactor failed on a connection pair")
+            self._finish(pair, "internal_error", type(exc).__name__)
+            return
+        if pair.up.done and pair.down.done:
+            self._finish(pair, "closed", None)
+        elif not pair.done.is_set():
+            self._update(pair.a)
+            self._update(pair.b)
+
+    def _update(self, end: End) -> None:
+        """epoll interest from state: only on a change does epoll_ctl run."""
+        flow_in, flow_out = end.src_of, end.out
+        mask = 0
+        if (not flow_in.eof and flow_in.pending is None) or end.write_wants_read:
+            mask |= _IN
+        if flow_out.pending is not None or flow_out.shut_pending or end.read_wants_write:
+            mask |= _OUT
+        if mask != end.mask:
+            # A socket with no interest leaves the set: epoll would keep
+            # reporting a hang-up on it that nobody can act on yet.
+            if not mask:
+                self._epoll.unregister(end.fd)
+            elif not end.mask:
+                self._epoll.register(end.fd, mask)
+            else:
+                self._epoll.modify(end.fd, mask)
+            end.mask = mask
+
+    # -- moving bytes -------------------------------------------------------
+
+    def _pump(self, flow: _Flow) -> None:
+        if flow.done or (flow.pending is not None and not self._flush(flow)):
+            return
+        if flow.eof:
+            self._pass_eof(flow)
+            return
+        n = self._read(flow.src)
+        if n == EOF:
+            flow.eof = True
+            if flow.src.truncated:
+                flow.src.pair.result.truncated.append(flow.src.name)
+            self._pass_eof(flow)
+            return
+        if n == 0:
+            return
+        result = flow.src.pair.result
+        if flow.upward:
+            result.bytes_up += n
+        else:
+            result.bytes_down += n
+        sent = self._write(flow.dst, self._view[:n], self._cbuf, n)
+        if sent < n:
+            flow.pending = memoryview(bytes(self._view[sent:n]))
+            flow.pending_ptr = None
+            flow.blocked_since = trio.current_time()
+            flow.src.pair.wakeup.set()  # the owning task arms its write timeout
+        if flow.src.eof_seen or (flow.src.ssl is not None and lib.SSL_pending(flow.src.ssl) > 0):
+            self._ready.add(flow.src.fd)
+
+    def _flush(self, flow: _Flow) -> bool:
+        data = flow.pending
+        assert data is not None
+        if flow.dst.ssl is not None and flow.pending_ptr is None:
+            flow.pending_ptr = ffi.from_buffer(data)
+        sent = self._write(flow.dst, data, flow.pending_ptr, len(data))
+        if sent == len(data):
+            flow.pending = flow.pending_ptr = None
+            flow.blocked_since = None
+            return True
+        if sent:
+            flow.pending = data[sent:]
+            flow.pending_ptr = None
+            flow.blocked_since = trio.current_time()  # progress restarts the clock
+        return False
+
+    def _pass_eof(self, flow: _Flow) -> None:
+        dst = flow.dst
+        flow.shut_pending = False
+        if dst.ssl is None:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                if exc.errno != errno.ENOTCONN:
+                    raise Broken(dst.name, f"shutdown: {exc.strerror}") from exc
+        elif not dst.truncated:
+            # (A truncated TLS side is dead to OpenSSL: it can send nothing more.)
+            lib.ERR_clear_error()
+            ret = lib.SSL_shutdown(dst.ssl)
+            if ret < 0:
+                err = lib.SSL_get_error(dst.ssl, ret)
+                if err in (lib.SSL_ERROR_WANT_WRITE, lib.SSL_ERROR_WANT_READ):
+                    flow.shut_pending = True
+                    return
+                raise Broken(dst.name, f"close_notify failed ({ssl_error_text(err)})")
+        flow.done = True
+
+def _since(flow: _Flow) -> float:
+    return math.inf if flow.blocked_since is None else flow.blocked_since
+
+
+def _write_deadline(pair: _Pair, write_timeout: float | None) -> float:
+    if write_timeout is None:
+        return math.inf
+    blocked = [f.blocked_since for f in (pair.up, pair.down) if f.blocked_since is not None]
+    return min(blocked) + write_timeout if blocked else math.inf
+
+
+@contextlib.asynccontextmanager
+async def open_reactor(**kwargs: Any) -> AsyncIterator[Reactor]:
+    """Run a reactor for the body of the block (one per process)."""
+    reactor = Reactor(**kwargs)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run)
+            yield reactor
+            nursery.cancel_scope.cancel()
+    finally:
+        reactor.close()

@@ -1,0 +1,222 @@
+"""Reading and writing one socket of a reactor pair (see proxy/runtime/reactor.py).
+
+Plain sockets use ``readv``/``write`` on the fd; TLS sockets call OpenSSL
+through pyOpenSSL's cffi binding (``SSL_read``/``SSL_write`` on the
+connection's ``SSL*`` with one preallocated pointer into the scratch
+buffer), because pyOpenSSL's ``recv_into`` and ``send`` allocate and copy
+per call. The pyOpenSSL path stays for comparison (``use_cffi=False``).
+A TCP EOF without close_notify is *truncation*: it reads as EOF and sets
+``End.truncated``; any other error raises :class:`Broken` naming the side.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any, Protocol
+
+import trio
+from OpenSSL import SSL
+from OpenSSL._util import ffi, lib
+
+EOF = -1
+_WANT_READ, _WANT_WRITE = lib.SSL_ERROR_WANT_READ, lib.SSL_ERROR_WANT_WRITE
+_ZERO_RETURN = lib.SSL_ERROR_ZERO_RETURN
+
+
+class TlsEndpoint(Protocol):
+    """A TLS connection on a socket, handshake done (proxy.tls.TLSStream)."""
+
+    @property
+    def fileno(self) -> int: ...
+
+    @property
+    def ssl_connection(self) -> SSL.Connection: ...
+
+
+class Broken(Exception):
+    def __init__(self, side: str, detail: str) -> None:
+        super().__init__(detail)
+        self.side = side
+
+
+class End:
+    """One socket of a pair."""
+
+    __slots__ = (
+        "conn",
+        "eof_seen",
+        "fd",
+        "mask",
+        "name",
+        "out",
+        "pair",
+        "read_wants_write",
+        "shutdown",
+        "src_of",
+        "ssl",
+        "truncated",
+        "write_wants_read",
+    )
+
+    def __init__(self, endpoint: trio.SocketStream | TlsEndpoint, name: str) -> None:
+        self.name = name
+        self.conn: SSL.Connection | None = None
+        self.ssl: Any = None  # the SSL* for cffi calls
+        self.shutdown: Any = None
+        if isinstance(endpoint, trio.SocketStream):
+            self.fd = endpoint.socket.fileno()
+            self.shutdown = endpoint.socket.shutdown
+        else:
+            self.fd = endpoint.fileno
+            self.conn = endpoint.ssl_connection
+            self.ssl = self.conn._ssl  # pyOpenSSL's SSL*: cffi calls skip its per-call allocations
+        self.mask = 0
+        self.eof_seen = False  # read EOF after bytes still to deliver
+        self.read_wants_write = False
+        self.write_wants_read = False
+        self.truncated = False  # TLS: TCP EOF without close_notify
+        # Set by the reactor's pair: the flow this end feeds, the flow that
+        # feeds it, the pair itself.
+        self.src_of: Any = None
+        self.out: Any = None
+        self.pair: Any = None
+
+
+class PairIo:
+    """The byte-moving half of the reactor: one scratch buffer, shared."""
+
+    def __init__(self, scratch_bytes: int, use_cffi: bool) -> None:
+        self._scratch = bytearray(scratch_bytes)
+        self._view = memoryview(self._scratch)
+        self._cbuf = ffi.from_buffer(self._scratch)
+        self._use_cffi = use_cffi
+
+    def _read(self, end: End) -> int:
+        """Bytes read into the scratch buffer, 0 if none now, or EOF."""
+        if end.eof_seen:
+            end.eof_seen = False
+            return EOF
+        if end.ssl is None:
+            try:
+                n = os.readv(end.fd, (self._scratch,))
+            except (BlockingIOError, InterruptedError):
+                return 0
+            except OSError as exc:
+                raise Broken(end.name, exc.strerror or "read failed") from exc
+            return n or EOF
+        if not self._use_cffi:
+            return self._read_pyopenssl(end)
+        size, total, ssl = len(self._scratch), 0, end.ssl
+        while total < size:
+            got = lib.SSL_read(ssl, self._cbuf + total, size - total)
+            if got > 0:
+                total += got
+                continue
+            err = lib.SSL_get_error(ssl, got)
+            if err == _WANT_READ:
+                break
+            if err == _WANT_WRITE:
+                end.read_wants_write = True
+                break
+            if err == _ZERO_RETURN or _unexpected_eof(err):
+                if err != _ZERO_RETURN:
+                    end.truncated = True
+                lib.ERR_clear_error()
+                if total:
+                    end.eof_seen = True
+                    break
+                return EOF
+            text = ssl_error_text(err)
+            lib.ERR_clear_error()
+            raise Broken(end.name, f"TLS error while receiving: {text}")
+        return total
+
+    def _read_pyopenssl(self, end: End) -> int:
+        # The same through pyOpenSSL's recv_into, kept to measure against.
+        assert end.conn is not None
+        try:
+            return end.conn.recv_into(self._scratch) or EOF
+        except SSL.WantReadError:
+            return 0
+        except SSL.WantWriteError:
+            end.read_wants_write = True
+            return 0
+        except SSL.ZeroReturnError:
+            return EOF
+        except SSL.SysCallError as exc:
+            if exc.args and exc.args[0] != -1:
+                raise Broken(end.name, f"TLS error while receiving: {exc}") from exc
+            end.truncated = True
+            return EOF
+        except SSL.Error as exc:
+            if "unexpected eof" in str(exc).lower():
+                end.truncated = True
+                return EOF
+            raise Broken(end.name, f"TLS error while receiving: {exc}") from exc
+
+    def _write(self, end: End, data: memoryview, ptr: Any, n: int) -> int:
+        """Bytes of ``data`` sent now (0 when the socket would block)."""
+        if end.ssl is None:
+            try:
+                return os.write(end.fd, data)
+            except (BlockingIOError, InterruptedError):
+                return 0
+            except OSError as exc:
+                raise Broken(end.name, exc.strerror or "write failed") from exc
+        # Partial writes are on (pyOpenSSL's default): one call writes one
+        # record, so keep calling until all is sent or the socket is full.
+        total = 0
+        if not self._use_cffi:
+            assert end.conn is not None
+            try:
+                while total < n:
+                    total += end.conn.send(data[total:])
+            except SSL.WantWriteError:
+                pass
+            except SSL.WantReadError:
+                end.write_wants_read = True
+            except SSL.Error as exc:
+                raise Broken(end.name, f"TLS error while sending: {exc}") from exc
+            return total
+        ssl = end.ssl
+        while total < n:
+            sent = lib.SSL_write(ssl, ptr + total, n - total)
+            if sent > 0:
+                total += sent
+                continue
+            err = lib.SSL_get_error(ssl, sent)
+            if err == _WANT_WRITE:
+                break
+            if err == _WANT_READ:
+                end.write_wants_read = True
+                break
+            text = ssl_error_text(err)
+            lib.ERR_clear_error()
+            raise Broken(end.name, f"TLS error while sending: {text}")
+        return total
+
+
+def _unexpected_eof(err: int) -> bool:
+    """A TCP EOF without close_notify: OpenSSL 3 reports it as an SSL error
+    with reason "unexpected eof while reading", older ones as SYSCALL/0."""
+    if err == lib.SSL_ERROR_SYSCALL:
+        return lib.ERR_peek_error() == 0 and ffi.errno in (0, errno.EAGAIN)
+    if err == lib.SSL_ERROR_SSL:
+        reason = lib.ERR_reason_error_string(lib.ERR_peek_error())
+        return reason != ffi.NULL and b"unexpected eof" in ffi.string(reason)
+    return False
+
+
+
+def ssl_error_text(err: int) -> str:
+    code = lib.ERR_peek_error()
+    if code:
+        reason = lib.ERR_reason_error_string(code)
+        if reason != ffi.NULL:
+            return bytes(ffi.string(reason)).decode("ascii", "replace")
+    if err == lib.SSL_ERROR_SYSCALL:
+        return os.strerror(ffi.errno) if ffi.errno else "connection reset"
+    return f"SSL error {err}"
+
+
