@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import structlog
 import trio
+from cryptography import x509
 
 from proxy.audit import AuditRecord, AuditSink, Direction, rfc3339
 from proxy.audit.derive import count
@@ -292,7 +293,15 @@ class BaseListener:
         if reason == "refused_by_upstream":  # our policy allowed; the far side did not
             self.record(conn, "connection.refused", "allow", reason, outcome=reason, error=detail)
         else:
-            self.record(conn, "connection.refused", "deny", reason, outcome="denied", error=detail)
+            self.record(
+                conn,
+                "connection.refused",
+                "deny",
+                reason,
+                outcome="denied",
+                error=detail,
+                **_presented(conn.tls.peer.presented),
+            )
         return False
 
     def arm_peer_expiry(self, conn: Conn) -> None:
@@ -318,6 +327,24 @@ async def handshake_within(tls: TLSStream, timeout: float) -> tuple[str, str] | 
     if scope.cancelled_caught:
         return "handshake_timeout", f"no TLS handshake within {timeout:g}s"
     return None
+
+
+def _presented(leaf: x509.Certificate | None) -> dict[str, str]:
+    """Whose certificate OpenSSL refused (unverified: for the operator)."""
+    if leaf is None:
+        return {}
+    fields = {
+        "peer_cert_serial": format(leaf.serial_number, "x"),
+        "peer_cert_not_after": rfc3339(leaf.not_valid_after_utc),
+    }
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
+    except (x509.ExtensionNotFound, ValueError):
+        uris = []
+    if len(uris) == 1 and uris[0].startswith("spiffe://"):
+        fields["peer_id"] = uris[0]
+    return fields
 
 
 def _text(value: object) -> str | None:

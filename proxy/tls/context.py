@@ -114,7 +114,16 @@ def _utcnow() -> _dt.datetime:
 class PeerVerification:
     """Per-connection verification state; the verify callback fills it in."""
 
-    __slots__ = ("_authorize", "_bundles", "_clock", "decision", "message", "reason", "verified")
+    __slots__ = (
+        "_authorize",
+        "_bundles",
+        "_clock",
+        "decision",
+        "message",
+        "presented",
+        "reason",
+        "verified",
+    )
 
     def __init__(self, bundles: TrustBundleSet, authorize: Authorizer, clock: Clock) -> None:
         self._bundles = bundles
@@ -124,6 +133,10 @@ class PeerVerification:
         self.decision: PeerVerdict | None = None
         self.reason: str | None = None
         self.message: str | None = None
+        # The leaf the peer presented when OpenSSL refused its chain (an
+        # expired SVID, an unknown CA): not trusted, but an operator needs to
+        # know whose certificate it was (its ID, serial and notAfter).
+        self.presented: x509.Certificate | None = None
 
     def _fail(self, reason: str, message: str, error: int) -> int:
         if self.reason is None:  # keep the first, most specific failure
@@ -131,9 +144,13 @@ class PeerVerification:
             self.message = message
         return error
 
-    def openssl_failed(self, errnum: int, depth: int) -> int:
+    def openssl_failed(
+        self, errnum: int, depth: int, leaf: x509.Certificate | None = None
+    ) -> int:
         """OpenSSL refused the chain itself; its own error (and so its own
         alert) stands."""
+        if self.presented is None:
+            self.presented = leaf
         text = _X509_ERRORS.get(errnum, f"X509 verify error {errnum}")
         reason = "certificate_expired" if errnum in _TIME_ERRORS else "untrusted_chain"
         self._fail(reason, f"{text} at depth {depth}", errnum)
@@ -181,6 +198,16 @@ def _verified_chain(store_ctx: Any) -> list[x509.Certificate]:
     return [cert.to_cryptography() for cert in owned]
 
 
+def _presented_leaf(store_ctx: Any) -> x509.Certificate | None:
+    # get0_cert is the leaf being verified, borrowed: take a reference of
+    # our own before an X509 object frees it.
+    ptr = _lib.X509_STORE_CTX_get0_cert(store_ctx)
+    if ptr == _ffi.NULL:
+        return None
+    _lib.X509_up_ref(ptr)
+    return crypto.X509._from_raw_x509_ptr(ptr).to_cryptography()
+
+
 def _on_verify(ok: int, store_ctx: Any) -> int:
     """OpenSSL calls this per certificate, from the anchor down to the leaf."""
     error = _INTERNAL_ERROR
@@ -192,7 +219,9 @@ def _on_verify(ok: int, store_ctx: Any) -> int:
         if isinstance(state, PeerVerification):
             depth = _lib.X509_STORE_CTX_get_error_depth(store_ctx)
             if not ok:
-                error = state.openssl_failed(_lib.X509_STORE_CTX_get_error(store_ctx), depth)
+                error = state.openssl_failed(
+                    _lib.X509_STORE_CTX_get_error(store_ctx), depth, _presented_leaf(store_ctx)
+                )
             elif depth != 0:
                 return 1
             else:

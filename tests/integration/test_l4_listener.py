@@ -189,6 +189,10 @@ async def test_bad_clients_are_refused_and_service_continues(
     assert refused[0]["decision"] == "deny"
     if name == "wrong_peer":
         assert refused[0]["peer_id"] == "spiffe://a.org/agent/marketing"
+    if name == "expired_client":  # whose certificate it was, and when it expired
+        assert refused[0]["peer_id"] == "spiffe://a.org/agent/payroll"
+        assert refused[0]["peer_cert_serial"]
+        assert refused[0]["peer_cert_not_after"] < refused[0]["ts"]
 
 
 async def test_connection_limit(ca_a: TestCA, hr: Issued, payroll: Issued) -> None:
