@@ -30,6 +30,7 @@ the callbacks are reused for the life of the connection.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 import httptools
@@ -50,6 +51,17 @@ from proxy.http.wire import (
 )
 
 _OWS: Final = b" \t"
+# A trailer field as h11 reads one (RFC 9110 5.1, 5.5): a token, a colon,
+# a value of visible characters, obs-text and inner blanks, then CRLF.
+_VCHARS = rb"[\x21-\x7e\x80-\xff]+"
+_TRAILER_FIELD: Final = re.compile(
+    rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*"
+    + rb"((?:"
+    + _VCHARS
+    + rb"(?:[ \t]+"
+    + _VCHARS
+    + rb")*)?)[ \t]*\r\n"
+)
 
 # Message states.
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE, _UPGRADED, _CLOSED = range(7)
@@ -400,7 +412,12 @@ class LlhttpParser:
                 continue
             lf = buf.find(b"\n", pos)
             end = len(buf) if lf < 0 else lf + 1
-            self._feed_llhttp(pos, end)
+            # Trailer fields are read here, not by llhttp: it applies head
+            # rules to them (Content-Length with Transfer-Encoding is an
+            # error there) where h11 takes them as fields the relay filters.
+            trailer = chunks.state == _Chunks.TRAILER
+            if not trailer:
+                self._feed_llhttp(pos, end)
             self._pos = end
             line = chunks.line + buf[pos:end] if chunks.line else buf[pos:end]
             if lf < 0:
@@ -428,5 +445,10 @@ class LlhttpParser:
             if len(self._trailers) > limits.max_headers:
                 raise self._refuse(431, "header_too_large", "too many trailer fields")
             if line == b"\r\n":
+                self._feed_llhttp(end - 2, end)
                 self._finish_body()
                 return False
+            field = _TRAILER_FIELD.fullmatch(line)
+            if field is None:
+                raise self._refuse(400, "bad_request", "malformed trailer field")
+            self._trailers.append((field[1], field[2]))
