@@ -376,7 +376,7 @@ class Upstream:
             try:
                 event = parser.next_event()
                 if event is NEED_DATA:
-                    if self._eof:  # the parser said nothing of the end: a bug of its own
+                    if self._eof:  # closed before (or between) answers
                         raise ParseError(502, "upstream_closed", "upstream closed the connection")
                     if before_wait is not None:
                         await before_wait()
