@@ -30,6 +30,8 @@ import trio
 from proxy.http.cycle import Cycle, Side
 from proxy.http.exchange import PeerError
 from proxy.http.parsers import make_parser
+from proxy.http.streams import linger_close as linger_close  # the session and admin use it
+from proxy.http.streams import send_within, upstream_broken
 from proxy.http.wire import NEED_DATA, Body, End, Head, Header, NeedData, ParseError, ParserLimits
 from proxy.http.writer import (
     BodyWriter,
@@ -288,26 +290,6 @@ class Downstream:
         await self.stream.aclose()
 
 
-async def send_within(
-    stream: trio.abc.Stream, data: bytes, timeout: float, on_timeout: PeerError
-) -> None:
-    """``send_all`` under the write timeout."""
-    with trio.move_on_after(timeout):
-        await stream.send_all(data)
-        return
-    raise on_timeout
-
-
-def upstream_broken(exc: BaseException) -> PeerError:
-    """An upstream that broke mid-exchange. In TLS 1.3 a server judges our
-    certificate after our side of the handshake is done, so its refusal
-    arrives here, as an alert, on the first read."""
-    text = f"{exc} {exc.__cause__ or ''}"
-    if "alert" in text.lower():
-        return PeerError(502, "upstream_refused", "the upstream refused our identity (TLS alert)")
-    return PeerError(502, "upstream_reset", "the upstream connection broke")
-
-
 class Upstream:
     """A connection to the target or an upstream sidecar; we are the client.
 
@@ -411,24 +393,3 @@ class Upstream:
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
-
-
-async def linger_close(
-    stream: trio.abc.Stream, *, seconds: float = 2.0, max_bytes: int = 1 << 20
-) -> None:
-    """Half-close, then read and drop what the client still sends for a
-    moment before closing. Closing a socket with unread input makes the
-    kernel send RST, which can destroy the error response we just wrote
-    before the client reads it (RFC 9112 9.6)."""
-    try:
-        if isinstance(stream, trio.abc.HalfCloseableStream):
-            await stream.send_eof()
-        drained = 0
-        with trio.move_on_after(seconds):
-            while drained < max_bytes:
-                data = await stream.receive_some(65536)
-                if not data:
-                    break
-                drained += len(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-        pass

@@ -30,9 +30,10 @@ import trio
 
 from proxy.http.agent_hook import FilterFactory, ResponseFilter
 from proxy.http.conn import BodyEvent as BodyEvent  # the session names it from here
-from proxy.http.conn import Downstream, Limits, ResponseEvent, Upstream, upstream_broken
+from proxy.http.conn import Downstream, Limits, ResponseEvent, Upstream
 from proxy.http.exchange import Ev, Exchange, PeerError
 from proxy.http.headers import REQUEST_ID, Header, forwardable, header_value
+from proxy.http.streams import upstream_broken
 from proxy.http.wire import Body, Framing, Head
 
 
