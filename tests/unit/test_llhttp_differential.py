@@ -35,7 +35,8 @@ LIMITS = ParserLimits(max_header_bytes=2048, max_headers=24)
 STRICTER = {
     "request": re.compile(
         r"Invalid method|HTTP/1\.x|Invalid HTTP version|char in url|Invalid header value char|"
-        r"chunk extension|Chunk size overflow|Invalid character in chunk size"
+        r"chunk extension|Chunk size overflow|Invalid character in chunk size|"
+        r"CONNECT with a body"  # llhttp would ignore the body h11 reads: refused
     ),
     # h11 merges repeated equal Content-Length values, lets Transfer-Encoding
     # override Content-Length and unfolds obs-fold in responses; we answer 502
