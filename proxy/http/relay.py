@@ -153,7 +153,11 @@ class Relay:
                 headers = [(n.lower(), v) for n, v in event.headers]
                 if event.status >= 200:
                     self._response_head(event, headers)
-                elif event.status == 101 and self.upgrade_allowed:
+                elif event.status == 101:
+                    if not self.upgrade_allowed:
+                        # A switch we did not forward a request for: passing it
+                        # on would let the client speak past our parser.
+                        raise PeerError(502, "bad_upstream_response", "unrequested 101 answer")
                     await self._switch(event, headers)
                     cancel.cancel()
                     return
