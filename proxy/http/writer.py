@@ -74,16 +74,21 @@ def frame_response(
     """The fields to write for a final answer, its body framing, the length
     of a LENGTH body, and whether the connection must close after it.
     ``keep_alive``: whether the request allowed another message."""
-    out = [(n, v) for n, v in headers if n.lower() not in (b"connection", b"transfer-encoding")]
-    tokens = {
-        t.strip().lower()
-        for n, v in headers
-        if n.lower() == b"connection"
-        for t in v.split(b",")
-        if t.strip()
-    }
-    chunked = any(n.lower() == b"transfer-encoding" for n, _ in headers)
-    length = next((int(v) for n, v in headers if n.lower() == b"content-length"), None)
+    out: list[Header] = []
+    tokens: set[bytes] = set()
+    chunked = False
+    length: int | None = None
+    for name, value in headers:  # one pass: this runs for every answer
+        lowered = name.lower()
+        if lowered == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            continue
+        if lowered == b"transfer-encoding":
+            chunked = True
+            continue
+        if lowered == b"content-length" and length is None:
+            length = int(value)
+        out.append((name, value))
     close = not keep_alive or b"close" in tokens
     if status < 200 or status in _NO_BODY_STATUS:
         framing, length = Framing.NONE, 0
