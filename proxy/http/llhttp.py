@@ -30,12 +30,11 @@ the callbacks are reused for the life of the connection.
 
 from __future__ import annotations
 
-import re
 from typing import Final
 
 import httptools
 
-from proxy.http.llhttp_head import HeadRefused, request_head, response_head
+from proxy.http.llhttp_head import HeadRefused, request_head, response_head, trailer_field
 from proxy.http.wire import (
     NEED_DATA,
     Body,
@@ -51,17 +50,6 @@ from proxy.http.wire import (
 )
 
 _OWS: Final = b" \t"
-# A trailer field as h11 reads one (RFC 9110 5.1, 5.5): a token, a colon,
-# a value of visible characters, obs-text and inner blanks, then CRLF.
-_VCHARS = rb"[\x21-\x7e\x80-\xff]+"
-_TRAILER_FIELD: Final = re.compile(
-    rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*"
-    + rb"((?:"
-    + _VCHARS
-    + rb"(?:[ \t]+"
-    + _VCHARS
-    + rb")*)?)[ \t]*\r\n"
-)
 
 # Message states.
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE, _UPGRADED, _CLOSED = range(7)
@@ -448,7 +436,7 @@ class LlhttpParser:
                 self._feed_llhttp(end - 2, end)
                 self._finish_body()
                 return False
-            field = _TRAILER_FIELD.fullmatch(line)
-            if field is None:
-                raise self._refuse(400, "bad_request", "malformed trailer field")
-            self._trailers.append((field[1], field[2]))
+            try:
+                self._trailers.append(trailer_field(line))
+            except HeadRefused as exc:
+                raise self._refuse(exc.status, exc.reason, exc.message) from None
