@@ -324,11 +324,10 @@ class Upstream:
             self._body = None
             self.cycle.wrote_end()
         else:
-            framing, length = request_framing(event.headers)
-            head = request_head(event.method, event.target, event.headers.raw_items())
-            self._pending.append(head)
+            fields = event.headers.raw_items()  # a list: h11's own iteration is slow
+            framing, length, closes = request_framing(fields)
+            self._pending.append(request_head(event.method, event.target, fields))
             self._body = BodyWriter(framing, length)
-            closes = any(n == b"connection" and b"close" in v.lower() for n, v in event.headers)
             self.cycle.wrote_head(closes)
             if event.method == b"HEAD":
                 self.parser.for_head_request()

@@ -50,17 +50,20 @@ def response_head(status: int, reason: bytes, headers: Iterable[Header]) -> byte
     return _fields([b"HTTP/1.1 %d %s\r\n" % (status, reason_for(status, reason))], headers)
 
 
-def request_framing(headers: Iterable[Header]) -> tuple[Framing, int | None]:
-    """How a request we forward is framed (lower-cased names)."""
-    length: int | None = None
+def request_framing(headers: Iterable[Header]) -> tuple[Framing, int | None, bool]:
+    """How a request we forward is framed, and whether it says close."""
+    framing, close = Framing.NONE, False
+    length: int | None = 0
     for name, value in headers:
-        if name == b"transfer-encoding":
-            return Framing.CHUNKED, None
-        if name == b"content-length":
+        lowered = name.lower()
+        if lowered == b"transfer-encoding":
+            framing, length = Framing.CHUNKED, None
+        elif lowered == b"content-length" and framing is Framing.NONE:
             length = int(value)
-    if length:
-        return Framing.LENGTH, length
-    return Framing.NONE, 0
+            framing = Framing.LENGTH if length else Framing.NONE
+        elif lowered == b"connection":
+            close = close or b"close" in value.lower()
+    return framing, length, close
 
 
 def frame_response(

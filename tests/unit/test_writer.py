@@ -107,15 +107,18 @@ def test_body_writer_holds_to_the_length() -> None:
 
 
 def test_request_framing() -> None:
-    assert request_framing([(b"content-length", b"3")]) == (Framing.LENGTH, 3)
-    assert request_framing([(b"transfer-encoding", b"chunked")]) == (Framing.CHUNKED, None)
-    assert request_framing([(b"content-length", b"0")]) == (Framing.NONE, 0)
-    assert request_framing([]) == (Framing.NONE, 0)
+    assert request_framing([(b"Content-Length", b"3")]) == (Framing.LENGTH, 3, False)
+    assert request_framing([(b"transfer-encoding", b"chunked")]) == (Framing.CHUNKED, None, False)
+    chunked_too = [(b"content-length", b"3"), (b"transfer-encoding", b"chunked")]
+    assert request_framing(chunked_too) == (Framing.CHUNKED, None, False)
+    assert request_framing([(b"content-length", b"0")]) == (Framing.NONE, 0, False)
+    assert request_framing([(b"Connection", b"Close")]) == (Framing.NONE, 0, True)
+    assert request_framing([]) == (Framing.NONE, 0, False)
 
 
 def test_what_we_write_reads_back_the_same() -> None:
     headers = [(b"Host", b"h"), (b"transfer-encoding", b"chunked")]
-    framing, length = request_framing([(n.lower(), v) for n, v in headers])
+    framing, length, _ = request_framing(headers)
     body = BodyWriter(framing, length)
     wire = request_head(b"POST", b"/a?b", headers) + body.data(b"abc") + body.end([(b"t", b"1")])
     parser = H11Parser("request")
