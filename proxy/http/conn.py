@@ -1,30 +1,52 @@
-"""h11 connections over trio streams: the client-facing side (we are the
-server) and the upstream side (we are the client).
+"""HTTP/1.1 connections over trio streams: the client-facing side (we are
+the server) and the upstream side (we are the client).
 
-Theory of operation: h11 holds the protocol state; these classes only move
-bytes and apply deadlines. The client-facing side checks every request head
-and chunked body with :mod:`proxy.http.framing` before h11 interprets it.
-Errors split the h11 way: :class:`~proxy.http.exchange.PeerError` (they sent
-something wrong, went quiet or went away: answer 4xx/5xx if we still can,
-then close); anything else is ours.
+Theory of operation: a :class:`~proxy.http.wire.MessageParser` (from
+:func:`~proxy.http.parsers.make_parser`) reads the peer's messages, the
+pure :mod:`proxy.http.writer` frames ours, and a
+:class:`~proxy.http.cycle.Cycle` decides whether the connection may carry
+another exchange. These classes only move bytes and apply deadlines.
+Requests, request bodies and our own answers cross into the session as h11
+event values (``h11.Request``, ``h11.Data``, ``h11.EndOfMessage``,
+``h11.Response``): plain data the router and the answers already speak;
+no h11 state machine runs here. Upstream answers come out as the parser's
+:class:`~proxy.http.wire.Head`, :class:`~proxy.http.wire.Body` and
+:class:`~proxy.http.wire.End`. Errors split the h11 way:
+:class:`~proxy.http.exchange.PeerError` (they sent something wrong, went
+quiet or went away: answer 4xx/5xx if we still can, then close); anything
+else is ours.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import h11
 import trio
 
+from proxy.http.cycle import Cycle, Side
 from proxy.http.exchange import PeerError
-from proxy.http.framing import HeadError, HeadScanner, check_chunked_buffer, check_head
+from proxy.http.parsers import make_parser
+from proxy.http.streams import linger_close as linger_close  # the session and admin use it
+from proxy.http.streams import send_within, upstream_broken
+from proxy.http.wire import NEED_DATA, Body, End, Head, Header, NeedData, ParseError, ParserLimits
+from proxy.http.writer import (
+    BodyWriter,
+    frame_response,
+    request_framing,
+    request_head,
+    response_head,
+)
 
 _RECV = 65536
+_END = h11.EndOfMessage()  # immutable: one for every body without trailers
 
-Event = h11.Request | h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage
+BodyEvent = h11.Data | h11.EndOfMessage
+AnswerEvent = h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage
+ResponseEvent = Head | Body | End
 
 
 @dataclass(frozen=True)
@@ -38,24 +60,34 @@ class Limits:
     # that stops reading must not hold our connection (and the other side's).
     write_timeout: float = 60.0
 
+    @property
+    def parser(self) -> ParserLimits:
+        return ParserLimits(self.max_header_bytes, self.max_headers)
 
-_RESPONSE_DONE = (h11.DONE, h11.MUST_CLOSE)
+
+def _peer_error(exc: ParseError) -> PeerError:
+    return PeerError(exc.status, exc.reason, exc.message)
 
 
 class Downstream:
-    """The connection from the client (agent or peer); h11 SERVER role."""
+    """The connection from the client (agent or peer); we are the server."""
 
     def __init__(self, stream: trio.abc.Stream, limits: Limits) -> None:
         self.stream = stream
         self.limits = limits
-        self.h11 = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=limits.max_header_bytes + 1024
-        )
+        self.parser = make_parser("request", limits.parser)
+        self.cycle = Cycle()
         self.closed_by_peer = False
+        self._eof = False
+        self._method = b""  # of the request under way: a HEAD answer has no body
+        self._http10 = False
+        self._body: BodyWriter | None = None
         self._pending: list[bytes] = []
         # Called by the flush that completes a response, before its bytes
         # leave: the request's audit records reach the sink first.
         self.before_release: Callable[[], None] | None = None
+
+    # -- reading ------------------------------------------------------------
 
     async def _receive(self, timeout: float, on_timeout: PeerError) -> bytes:
         with trio.move_on_after(timeout):
@@ -64,29 +96,38 @@ class Downstream:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 # A reset (or a TLS stream that broke) is the client leaving,
                 # not a fault of ours: nothing to answer, one close record.
+                self.cycle.broken("client_reset")
                 raise PeerError(0, "client_reset", f"client connection broke: {exc}") from exc
-            self.h11.receive_data(data)
+            if data:
+                self._parse(self.parser.feed, data)
+            else:
+                self._eof = True
             return data
+        self.cycle.broken(on_timeout.reason)
         raise on_timeout
+
+    def _parse(self, step: Callable[[bytes], None], data: bytes) -> None:
+        try:
+            step(data)
+        except ParseError as exc:
+            self.cycle.broken(exc.reason)
+            raise _peer_error(exc) from exc
+
+    def _next_event(self) -> Head | Body | End | NeedData:
+        try:
+            return self.parser.next_event()
+        except ParseError as exc:
+            self.cycle.broken(exc.reason)
+            raise _peer_error(exc) from exc
 
     async def next_request(self, idle_deadline: float = math.inf) -> h11.Request | None:
         """The next request head, checked strictly; None on a clean close.
         ``idle_deadline`` (trio time) cuts the wait for a new request short."""
-        try:
-            return await self._next_request(idle_deadline)
-        except HeadError as exc:
-            raise PeerError(exc.status, exc.reason, exc.message) from exc
-
-    async def _next_request(self, idle_deadline: float) -> h11.Request | None:
-        # Bytes h11 already holds (pipelined after the last exchange) are
-        # copied out once; new bytes are scanned once each as they arrive.
-        scanner = HeadScanner(self.limits.max_header_bytes)
-        pending, closed = self.h11.trailing_data
-        started = time.monotonic() if pending else None
-        end = scanner.feed(pending) if pending else None
-        while end is None:
-            if closed:
+        started = time.monotonic() if self.parser.buffered else None
+        while (event := self._next_event()) is NEED_DATA:
+            if self._eof:
                 if started is not None:
+                    self.cycle.broken("bad_request")
                     raise PeerError(400, "bad_request", "connection closed inside a request head")
                 self.closed_by_peer = True
                 return None
@@ -96,46 +137,48 @@ class Downstream:
             else:
                 timeout = self.limits.request_timeout - (time.monotonic() - started)
                 error = PeerError(408, "request_timeout", "request head not complete in time")
-            data = await self._receive(max(timeout, 0), error)
-            if not data:
-                closed = True
-                continue
-            started = started or time.monotonic()
-            end = scanner.feed(data)
-        check_head(scanner.head, self.limits.max_header_bytes, self.limits.max_headers)
-        event = self._next_event()
-        assert isinstance(event, h11.Request)
-        return event
+            if await self._receive(max(timeout, 0), error):
+                started = started or time.monotonic()
+        assert isinstance(event, Head), event
+        self.cycle.read_head(event)
+        self._method = event.method
+        self._http10 = event.version == b"1.0"
+        # The parser checked every byte of the head already (as h11's own
+        # reader does, the event is built without a second validation).
+        return h11.Request(
+            method=event.method,
+            target=event.target,
+            headers=event.headers,
+            http_version=event.version,
+            _parsed=True,
+        )
 
-    def _next_event(self) -> Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
-        try:
-            event = self.h11.next_event()
-        except h11.RemoteProtocolError as exc:
-            status = exc.error_status_hint
-            reason = "unsupported_transfer_encoding" if status == 501 else "bad_request"
-            raise PeerError(status, reason, str(exc)) from exc
-        if isinstance(event, h11.ConnectionClosed):
-            raise PeerError(400, "bad_request", "connection closed inside a request")
-        return event  # type: ignore[return-value]
+    @property
+    def body_pending(self) -> bool:
+        """The request's body (or its end) has not been read yet."""
+        return self.cycle.reading is Side.BODY
 
-    def buffered_body_event(self) -> h11.Data | h11.EndOfMessage | None:
-        """A body event h11 can produce from what is already buffered."""
+    def buffered_body_event(self) -> BodyEvent | None:
+        """A body event the parser can produce from what is already buffered."""
         event = self._next_event()
-        if event is h11.NEED_DATA:
-            if self.h11.their_state is h11.SEND_BODY:
-                check_chunked_or_raise(self.h11)
+        if event is NEED_DATA:
             return None
-        assert isinstance(event, (h11.Data, h11.EndOfMessage)), event
-        return event
+        if isinstance(event, Body):
+            self.cycle.read_body()
+            return h11.Data(data=event.data)
+        assert isinstance(event, End), event
+        self.cycle.read_end()
+        return h11.EndOfMessage(headers=event.trailers) if event.trailers else _END
 
     async def next_body_event(
         self, before_wait: Callable[[], Awaitable[None]] | None = None
-    ) -> h11.Data | h11.EndOfMessage:
+    ) -> BodyEvent:
         while True:
             event = self.buffered_body_event()
             if event is not None:
                 return event
-            if self.h11.trailing_data[1]:
+            if self._eof:
+                self.cycle.broken("bad_request")
                 raise PeerError(400, "bad_request", "connection closed inside a request body")
             if before_wait is not None:
                 await before_wait()
@@ -147,10 +190,9 @@ class Downstream:
     async def read_whole_body(self, limit: int) -> bytes:
         """The whole request body (a decision that binds its hash, or an
         agent protocol's calls); over ``limit`` is a 413."""
-        if self.h11.they_are_waiting_for_100_continue:
-            await self.send(
-                h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
-            )
+        if self.cycle.expect_continue:
+            self.queue_informational(100, b"Continue", ())
+            await self.flush()
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -159,6 +201,7 @@ class Downstream:
                 return b"".join(chunks)
             size += len(event.data)
             if size > limit:
+                self.cycle.broken("body_too_large")
                 raise PeerError(413, "body_too_large", f"request body over {limit} bytes")
             chunks.append(bytes(event.data))
 
@@ -173,19 +216,52 @@ class Downstream:
             pass
         return False
 
-    def queue(
-        self, event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage
-    ) -> None:
+    # -- writing ------------------------------------------------------------
+
+    def queue_informational(self, status: int, reason: bytes, headers: Iterable[Header]) -> None:
+        self._pending.append(response_head(status, reason, headers))
+        self.cycle.wrote_informational(status)
+
+    def queue_response(self, status: int, reason: bytes, headers: list[Header]) -> None:
+        """Our answer's head, framed for this client (see :mod:`proxy.http.writer`)."""
+        fields, framing, length, close = frame_response(
+            status,
+            headers,
+            head_request=self._method == b"HEAD",
+            client_http10=self._http10,
+            keep_alive=self.cycle.close_reason is None,
+        )
+        self._pending.append(response_head(status, reason, fields))
+        self._body = BodyWriter(framing, length)
+        self.cycle.wrote_head(close)
+
+    def queue_data(self, data: bytes) -> None:
+        assert self._body is not None, "body before head"
+        if data:
+            self._pending.append(self._body.data(data))
+
+    def queue_end(self) -> None:
+        assert self._body is not None, "end before head"
+        self._pending.append(self._body.end())
+        self._body = None
+        self.cycle.wrote_end()
+
+    def queue(self, event: AnswerEvent) -> None:
         """Serialise ``event`` now, send it with the next :meth:`flush`. One
         write per burst instead of per event: on loopback each send is a
         syscall that also runs the receiver's TCP stack."""
-        data = self.h11.send(event)
-        if data:
-            self._pending.append(data)
+        if isinstance(event, h11.Data):
+            self.queue_data(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            self.queue_end()
+        elif isinstance(event, h11.Response):
+            self.queue_response(event.status_code, event.reason, list(event.headers.raw_items()))
+        else:
+            self.queue_informational(event.status_code, event.reason, event.headers.raw_items())
 
     async def flush(self) -> None:
         if self._pending:
-            if self.before_release is not None and self.h11.our_state in _RESPONSE_DONE:
+            if self.before_release is not None and self.cycle.answered:
                 self.before_release()
             data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
             self._pending.clear()
@@ -196,50 +272,26 @@ class Downstream:
                 PeerError(0, "write_timeout", "the client stopped reading"),
             )
 
-    async def send(
-        self, event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage
-    ) -> None:
+    async def send(self, event: AnswerEvent) -> None:
         self.queue(event)
         await self.flush()
 
+    # -- between exchanges --------------------------------------------------
+
     def reusable(self) -> bool:
-        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+        return self.cycle.reusable
+
+    def start_next_cycle(self) -> None:
+        self.cycle.next_cycle()
+        self.parser.start_next_cycle()
+        self._method = b""
 
     async def aclose(self) -> None:
         await self.stream.aclose()
 
 
-async def send_within(
-    stream: trio.abc.Stream, data: bytes, timeout: float, on_timeout: PeerError
-) -> None:
-    """``send_all`` under the write timeout."""
-    with trio.move_on_after(timeout):
-        await stream.send_all(data)
-        return
-    raise on_timeout
-
-
-def check_chunked_or_raise(conn: h11.Connection) -> None:
-    pending = conn.trailing_data[0]
-    if pending:
-        try:
-            check_chunked_buffer(pending)
-        except HeadError as exc:
-            raise PeerError(exc.status, exc.reason, exc.message) from exc
-
-
-def upstream_broken(exc: BaseException) -> PeerError:
-    """An upstream that broke mid-exchange. In TLS 1.3 a server judges our
-    certificate after our side of the handshake is done, so its refusal
-    arrives here, as an alert, on the first read."""
-    text = f"{exc} {exc.__cause__ or ''}"
-    if "alert" in text.lower():
-        return PeerError(502, "upstream_refused", "the upstream refused our identity (TLS alert)")
-    return PeerError(502, "upstream_reset", "the upstream connection broke")
-
-
 class Upstream:
-    """A connection to the target or an upstream sidecar; h11 CLIENT role.
+    """A connection to the target or an upstream sidecar; we are the client.
 
     Pooled between requests: ``key`` says which pool it belongs to.
     """
@@ -248,9 +300,8 @@ class Upstream:
         self.stream = stream
         self.key = key
         self.limits = limits
-        self.h11 = h11.Connection(
-            h11.CLIENT, max_incomplete_event_size=limits.max_header_bytes + 1024
-        )
+        self.parser = make_parser("response", limits.parser)
+        self.cycle = Cycle()
         self.created = time.monotonic()
         self.last_used = self.created
         self.expires_at = math.inf  # trio time: peer certificate expiry or max lifetime
@@ -258,12 +309,28 @@ class Upstream:
         self.peer_id: str | None = None
         self.peer_serial: str | None = None
         self.peer_not_after: str | None = None
+        self._eof = False
+        self._body: BodyWriter | None = None
         self._pending: list[bytes] = []
 
     def queue(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> None:
-        data = self.h11.send(event)
-        if data:
-            self._pending.append(data)
+        if isinstance(event, h11.Data):
+            assert self._body is not None, "body before head"
+            if event.data:
+                self._pending.append(self._body.data(bytes(event.data)))
+        elif isinstance(event, h11.EndOfMessage):
+            assert self._body is not None, "end before head"
+            self._pending.append(self._body.end(event.headers.raw_items()))
+            self._body = None
+            self.cycle.wrote_end()
+        else:
+            fields = event.headers.raw_items()  # a list: h11's own iteration is slow
+            framing, length, closes = request_framing(fields)
+            self._pending.append(request_head(event.method, event.target, fields))
+            self._body = BodyWriter(framing, length)
+            self.cycle.wrote_head(closes)
+            if event.method == b"HEAD":
+                self.parser.for_head_request()
 
     async def flush(self) -> None:
         if self._pending:
@@ -282,54 +349,46 @@ class Upstream:
 
     async def next_event(
         self, timeout: float, before_wait: Callable[[], Awaitable[None]] | None = None
-    ) -> h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage:
+    ) -> ResponseEvent:
         """The next response event; ``before_wait`` runs before any network
         wait (the caller flushes what it queued for the client)."""
+        parser = self.parser
         while True:
             try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise PeerError(502, "bad_upstream_response", str(exc)) from exc
-            if event is h11.NEED_DATA:
-                if before_wait is not None:
-                    await before_wait()
-                with trio.move_on_after(timeout):
-                    try:
-                        data = await self.stream.receive_some(_RECV)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                        raise upstream_broken(exc) from exc
-                    self.h11.receive_data(bytes(data))
-                    continue
-                raise PeerError(504, "upstream_timeout", "upstream did not answer in time")
-            if isinstance(event, h11.ConnectionClosed):
-                raise PeerError(502, "upstream_closed", "upstream closed the connection")
-            assert not isinstance(event, h11.Request) and event is not h11.PAUSED
-            return event  # type: ignore[return-value]
+                event = parser.next_event()
+                if event is NEED_DATA:
+                    if self._eof:  # closed before (or between) answers
+                        raise ParseError(502, "upstream_closed", "upstream closed the connection")
+                    if before_wait is not None:
+                        await before_wait()
+                    with trio.move_on_after(timeout):
+                        try:
+                            data = await self.stream.receive_some(_RECV)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                            self.cycle.broken("upstream_reset")
+                            raise upstream_broken(exc) from exc
+                        self._eof = not data
+                        parser.feed(bytes(data))
+                        continue
+                    self.cycle.broken("upstream_timeout")
+                    raise PeerError(504, "upstream_timeout", "upstream did not answer in time")
+            except ParseError as exc:
+                self.cycle.broken(exc.reason)
+                raise _peer_error(exc) from exc
+            if isinstance(event, Head):
+                if event.status >= 200 or event.status == 101:
+                    self.cycle.read_head(event)
+            elif isinstance(event, End):
+                self.cycle.read_end()
+            return event
 
     def reusable(self) -> bool:
-        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+        return self.cycle.reusable
+
+    def start_next_cycle(self) -> None:
+        self.cycle.next_cycle()
+        self.parser.start_next_cycle()
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
-
-
-async def linger_close(
-    stream: trio.abc.Stream, *, seconds: float = 2.0, max_bytes: int = 1 << 20
-) -> None:
-    """Half-close, then read and drop what the client still sends for a
-    moment before closing. Closing a socket with unread input makes the
-    kernel send RST, which can destroy the error response we just wrote
-    before the client reads it (RFC 9112 9.6)."""
-    try:
-        if isinstance(stream, trio.abc.HalfCloseableStream):
-            await stream.send_eof()
-        drained = 0
-        with trio.move_on_after(seconds):
-            while drained < max_bytes:
-                data = await stream.receive_some(65536)
-                if not data:
-                    break
-                drained += len(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-        pass

@@ -34,7 +34,7 @@ from typing import Final
 
 import httptools
 
-from proxy.http.llhttp_head import HeadRefused, request_head, response_head
+from proxy.http.llhttp_head import HeadRefused, request_head, response_head, trailer_field
 from proxy.http.wire import (
     NEED_DATA,
     Body,
@@ -400,7 +400,12 @@ class LlhttpParser:
                 continue
             lf = buf.find(b"\n", pos)
             end = len(buf) if lf < 0 else lf + 1
-            self._feed_llhttp(pos, end)
+            # Trailer fields are read here, not by llhttp: it applies head
+            # rules to them (Content-Length with Transfer-Encoding is an
+            # error there) where h11 takes them as fields the relay filters.
+            trailer = chunks.state == _Chunks.TRAILER
+            if not trailer:
+                self._feed_llhttp(pos, end)
             self._pos = end
             line = chunks.line + buf[pos:end] if chunks.line else buf[pos:end]
             if lf < 0:
@@ -428,5 +433,10 @@ class LlhttpParser:
             if len(self._trailers) > limits.max_headers:
                 raise self._refuse(431, "header_too_large", "too many trailer fields")
             if line == b"\r\n":
+                self._feed_llhttp(end - 2, end)
                 self._finish_body()
                 return False
+            try:
+                self._trailers.append(trailer_field(line))
+            except HeadRefused as exc:
+                raise self._refuse(exc.status, exc.reason, exc.message) from None

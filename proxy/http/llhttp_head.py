@@ -15,6 +15,17 @@ _REQUEST_LINE: Final = re.compile(
 )
 _STATUS_LINE: Final = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
 _OWS: Final = b" \t"
+# A trailer field as h11 reads one (RFC 9110 5.1, 5.5): a token, a colon,
+# a value of visible characters, obs-text and inner blanks, then CRLF.
+_VCHARS = rb"[\x21-\x7e\x80-\xff]+"
+_TRAILER_FIELD: Final = re.compile(
+    rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*"
+    + rb"((?:"
+    + _VCHARS
+    + rb"(?:[ \t]+"
+    + _VCHARS
+    + rb")*)?)[ \t]*\r\n"
+)
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 _FRAMING_FIELDS: Final = frozenset(
     {b"content-length", b"transfer-encoding", b"connection", b"host", b"upgrade", b"expect"}
@@ -126,3 +137,11 @@ def _frame(head: Head, request: bool, head_request: bool) -> bool:
         head.framing = Framing.UNTIL_CLOSE
         head.keep_alive = False
     return expect
+
+
+def trailer_field(line: bytes) -> Header:
+    """One trailer line (CRLF included) as a field, checked as h11 checks one."""
+    field = _TRAILER_FIELD.fullmatch(line)
+    if field is None:
+        raise HeadRefused(400, "bad_request", "malformed trailer field")
+    return field[1], field[2]

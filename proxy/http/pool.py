@@ -97,7 +97,7 @@ class UpstreamPool:
             and len(idle) < self.max_idle_per_key
             and trio.current_time() < up.expires_at
         ):
-            up.h11.start_next_cycle()
+            up.start_next_cycle()
             up.last_used = time.monotonic()
             idle.append(up)
             async with self._freed:

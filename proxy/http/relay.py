@@ -29,13 +29,12 @@ import h11
 import trio
 
 from proxy.http.agent_hook import FilterFactory, ResponseFilter
-from proxy.http.answers import reason_phrase
-from proxy.http.conn import Downstream, Limits, Upstream, upstream_broken
+from proxy.http.conn import BodyEvent as BodyEvent  # the session names it from here
+from proxy.http.conn import Downstream, Limits, ResponseEvent, Upstream
 from proxy.http.exchange import Ev, Exchange, PeerError
-from proxy.http.headers import REQUEST_ID, forwardable, header_value, is_chunked
-
-BodyEvent = h11.Data | h11.EndOfMessage
-ResponseEvent = h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage
+from proxy.http.headers import REQUEST_ID, Header, forwardable, header_value
+from proxy.http.streams import upstream_broken
+from proxy.http.wire import Body, Framing, Head
 
 
 def _filtered(step: Callable[[], bytes]) -> bytes:
@@ -56,7 +55,7 @@ class Relay:
         *,
         to_send: list[BodyEvent],
         body_complete: bool,
-        first: h11.Response | h11.InformationalResponse | None,
+        first: Head | None,
         upgrade_allowed: bool,
         filter_factory: FilterFactory | None,
         upward: Callable[[BodyEvent], BodyEvent],
@@ -77,11 +76,12 @@ class Relay:
         self.response_started = False
         self.switched = False
         self._filter: ResponseFilter | None = None
-        self._held: h11.Response | None = None  # a whole-answer filter's head, re-framed at the end
+        # A whole-answer filter's head (status, reason, fields), re-framed at the end.
+        self._held: tuple[int, bytes, list[Header]] | None = None
 
     async def run(self) -> None:
         try:
-            if self.body_complete or self.down.h11.their_state is not h11.SEND_BODY:
+            if self.body_complete or not self.down.body_pending:
                 with trio.CancelScope() as scope:
                     await self._pump_request(scope)
                     if self.request_error is None:
@@ -117,7 +117,7 @@ class Relay:
                 up.queue(self.upward(event))
                 if isinstance(event, h11.Data):
                     outcome.bytes_up += len(event.data)
-            if self.body_complete or self.down.h11.their_state is not h11.SEND_BODY:
+            if self.body_complete or not self.down.body_pending:
                 await up.flush()
                 return
             while True:
@@ -148,88 +148,83 @@ class Relay:
                 event = await self.up.next_event(
                     self.limits.response_timeout, before_wait=self.down.flush
                 )
-            if isinstance(event, h11.InformationalResponse):
-                if event.status_code == 101 and self.upgrade_allowed:
-                    await self._switch(event)
+            if isinstance(event, Head):
+                # Names lower-cased once: the header rules match on them.
+                headers = [(n.lower(), v) for n, v in event.headers]
+                if event.status >= 200:
+                    self._response_head(event, headers)
+                elif event.status == 101:
+                    if not self.upgrade_allowed:
+                        # A switch we did not forward a request for: passing it
+                        # on would let the client speak past our parser.
+                        raise PeerError(502, "bad_upstream_response", "unrequested 101 answer")
+                    await self._switch(event, headers)
                     cancel.cancel()
                     return
-                if event.status_code != 100:  # we answered 100-continue ourselves
-                    await self.down.send(
-                        h11.InformationalResponse(
-                            status_code=event.status_code,
-                            headers=forwardable(event.headers),
-                            reason=event.reason or reason_phrase(event.status_code),
-                        )
-                    )
-            elif isinstance(event, h11.Response):
-                self._response_head(event)
-            elif isinstance(event, h11.Data):
-                self._response_data(bytes(event.data), event)
+                elif event.status != 100:  # we answered 100-continue ourselves
+                    self.down.queue_informational(event.status, event.reason, forwardable(headers))
+                    await self.down.flush()
+            elif isinstance(event, Body):
+                self._response_data(event.data)
             else:
                 await self._response_end()
-                if self.down.h11.their_state is h11.SEND_BODY:
+                if self.down.body_pending:
                     cancel.cancel()  # answered before the request body ended: stop reading it
                 return
             event = None
 
-    async def _switch(self, event: h11.InformationalResponse) -> None:
+    async def _switch(self, event: Head, headers: list[Header]) -> None:
         self.response_started = True
         self.outcome.status = 101
-        await self.down.send(
-            h11.InformationalResponse(
-                status_code=101,
-                headers=forwardable(event.headers, keep_upgrade=True),
-                reason=event.reason or reason_phrase(101),
-            )
-        )
+        self.down.queue_informational(101, event.reason, forwardable(headers, keep_upgrade=True))
+        await self.down.flush()
         self.switched = True
         self.exchange.on(Ev.SWITCHED)
 
-    def _response_head(self, event: h11.Response) -> None:
+    def _response_head(self, event: Head, received: list[Header]) -> None:
         self.response_started = True
         self.exchange.on(Ev.RESPONSE_HEAD)
         outcome = self.outcome
-        outcome.status = event.status_code
-        headers = forwardable(event.headers)
-        if is_chunked(event.headers):
-            headers.append((b"transfer-encoding", b"chunked"))
+        outcome.status = event.status
+        headers = forwardable(received)
+        if event.framing is Framing.CHUNKED or event.framing is Framing.UNTIL_CLOSE:
+            # Re-chunked (or read until close) for the client: no length.
+            headers = [h for h in headers if h[0] != b"content-length"]
         if header_value(headers, REQUEST_ID) is None:
             headers.append((REQUEST_ID, outcome.request_id.encode()))
         if self.last_exchange():
             headers.append((b"connection", b"close"))
         headers.extend(outcome.reply_headers)
-        reason = event.reason or reason_phrase(event.status_code)
-        if self.filter_factory is not None and event.status_code == 200:
-            content_type = (header_value(event.headers, b"content-type") or b"").decode("latin-1")
+        if self.filter_factory is not None and event.status == 200:
+            content_type = (header_value(received, b"content-type") or b"").decode("latin-1")
             self._filter = self.filter_factory(content_type.lower())
             # The body changes length: re-frame it.
             headers = [h for h in headers if h[0] != b"content-length"]
             if self._filter.whole:
-                self._held = h11.Response(status_code=200, headers=headers, reason=reason)
+                self._held = (200, event.reason, headers)
                 return
-        self.down.queue(h11.Response(status_code=event.status_code, headers=headers, reason=reason))
+        self.down.queue_response(event.status, event.reason, headers)
 
-    def _response_data(self, data: bytes, event: h11.Data) -> None:
+    def _response_data(self, data: bytes) -> None:
         if self._filter is None:
             self.outcome.bytes_down += len(data)
-            self.down.queue(event)
+            self.down.queue_data(data)
             return
         out = _filtered(partial(self._filter.feed, data))
         self.outcome.bytes_down += len(out)  # what the client gets
         if out:
-            self.down.queue(h11.Data(data=out))
+            self.down.queue_data(out)
 
     async def _response_end(self) -> None:
         if self._filter is not None:
             tail = _filtered(self._filter.finish)
             self.outcome.bytes_down += len(tail)
-            held = self._held
-            if held is not None:
-                framed = [h for h in held.headers if h[0] != b"transfer-encoding"]
+            if self._held is not None:
+                status, reason, held = self._held
+                framed = [h for h in held if h[0] != b"transfer-encoding"]
                 framed.append((b"content-length", str(len(tail)).encode()))
-                self.down.queue(
-                    h11.Response(status_code=held.status_code, headers=framed, reason=held.reason)
-                )
+                self.down.queue_response(status, reason, framed)
             if tail:
-                self.down.queue(h11.Data(data=tail))
-        await self.down.send(h11.EndOfMessage())
+                self.down.queue_data(tail)
+        self.down.queue_end()
+        await self.down.flush()

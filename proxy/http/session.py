@@ -108,7 +108,7 @@ class HttpSession:
 
     async def run(self) -> None:
         clean = await self._run()
-        if not clean and self.down.h11.our_state in (h11.MUST_CLOSE, h11.DONE):
+        if not clean and self.down.cycle.answered:
             # We answered and are ending the connection: let the answer land.
             await linger_close(self.down.stream)
 
@@ -146,7 +146,7 @@ class HttpSession:
                 x.on(Ev.KEEP if keep else Ev.CLOSE)
             if not keep:
                 return False
-            self.down.h11.start_next_cycle()
+            self.down.start_next_cycle()
 
     def _emit(self, x: Exchange, span: Span) -> None:
         """Emit the request's records (the listener commits them), once: from
@@ -206,7 +206,7 @@ class HttpSession:
         extra: Sequence[Header] = (),
     ) -> None:
         outcome.status = status
-        if not status or self.down.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        if not status or not self.down.cycle.may_answer:
             return  # the client left, or a response is already under way
         head, body = error_answer(outcome, status, message, close=close, extra=tuple(extra))
         try:
@@ -264,7 +264,7 @@ class HttpSession:
             outcome.failed(exc)
             await self.refuse(x, exc.status, exc.message, close=True)
             return
-        body_pending = self.down.h11.their_state is h11.SEND_BODY
+        body_pending = self.down.body_pending
         prefetched: list[BodyEvent] = []
         filter_factory: FilterFactory | None = None
         if routed.hook is not None and routed.decision.reason != "connect_not_allowed":
@@ -322,14 +322,14 @@ class HttpSession:
         body_complete = not body_pending or bool(
             prefetched and isinstance(prefetched[-1], h11.EndOfMessage)
         )
-        if self.down.h11.their_state is not h11.SEND_BODY:
+        if not self.down.body_pending:
             body_complete = True
         # The upstream continues our span, not the client's: same trace id.
         routed.strip = routed.strip | TRACE_FIELDS
         routed.add_headers = (*routed.add_headers, *outgoing(span.context))
         upstream_request = upstream_request_for(request, routed, upgrade, generated_id, outcome)
         self._strip = routed.strip
-        expect_continue = self.down.h11.they_are_waiting_for_100_continue
+        expect_continue = self.down.cycle.expect_continue
         try:
             up, first = await start_upstream(
                 self.pool,

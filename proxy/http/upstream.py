@@ -7,12 +7,12 @@ from collections.abc import Awaitable, Callable, Hashable
 import h11
 import trio
 
-from proxy.http.conn import Downstream, Upstream
+from proxy.http.conn import BodyEvent, Downstream, Upstream
 from proxy.http.exchange import PeerError, RequestOutcome
 from proxy.http.pool import UpstreamPool
 from proxy.http.routing import UpstreamFailure
+from proxy.http.wire import Head
 
-BodyEvent = h11.Data | h11.EndOfMessage
 # Moves raw bytes both ways until either side ends; (bytes up, bytes down).
 # The runtime supplies it (its relay keeps half-close and the write timeout).
 RawRelay = Callable[[trio.abc.Stream, trio.abc.Stream], Awaitable[tuple[int, int]]]
@@ -26,7 +26,7 @@ async def start_upstream(
     body_complete: bool,
     outcome: RequestOutcome,
     response_timeout: float,
-) -> tuple[Upstream, h11.Response | h11.InformationalResponse | None]:
+) -> tuple[Upstream, Head | None]:
     """Send the head; with a complete small body, also send it and read the
     first response event, so a stale pooled connection can be retried once
     on a fresh one without the client noticing."""
@@ -42,7 +42,8 @@ async def start_upstream(
                     outcome.bytes_up += len(event.data)
             await up.flush()
             first = await up.next_event(response_timeout)
-            assert isinstance(first, (h11.Response, h11.InformationalResponse))
+            if not isinstance(first, Head):  # a body before any head: not HTTP
+                raise PeerError(502, "bad_upstream_response", "upstream answer without a head")
             return up, first
         except (trio.BrokenResourceError, trio.ClosedResourceError, PeerError) as exc:
             await pool.discard(up)
@@ -67,9 +68,9 @@ async def tunnel(
     raw_relay: RawRelay | None,
 ) -> None:
     """After a 101 the connection is no longer HTTP: relay raw bytes,
-    starting with whatever either h11 had buffered past the handshake."""
-    leftover_down = down.h11.trailing_data[0]
-    leftover_up = up.h11.trailing_data[0]
+    starting with whatever either parser had buffered past the handshake."""
+    leftover_down = down.parser.buffered
+    leftover_up = up.parser.buffered
     try:
         if leftover_down:
             await up.stream.send_all(leftover_down)

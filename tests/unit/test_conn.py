@@ -1,0 +1,111 @@
+"""The client and upstream connections on the parser seam, over trio memory
+streams against an origin that answers with raw bytes (no sockets): framing
+re-decided for the client, and when either connection may be reused."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import trio
+import trio.testing
+
+from proxy.http.conn import Downstream, Limits, Upstream
+from proxy.http.exchange import RequestOutcome
+from proxy.http.pool import UpstreamPool
+from proxy.http.session import HttpSession
+from tests.unit.test_exchange import PathRouter
+
+
+async def raw_origin(stream: trio.abc.Stream, answer: bytes, heads: list[bytes]) -> None:
+    """Reads request heads (no bodies) and answers each with ``answer``;
+    closes after it when the answer is framed by the close."""
+    buffer = b""
+    while True:
+        while b"\r\n\r\n" not in buffer:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buffer += data
+        head, buffer = buffer.split(b"\r\n\r\n", 1)
+        heads.append(head)
+        await stream.send_all(answer)
+        if b"content-length" not in answer.lower():
+            await stream.aclose()
+            return
+
+
+async def session_against(raw: bytes, answer: bytes) -> tuple[bytes, list[RequestOutcome], int]:
+    """What the client got, the records, and how many upstream connections."""
+    limits = Limits()
+    client, server = trio.testing.memory_stream_pair()
+    records: list[RequestOutcome] = []
+    heads: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+
+        async def connect(key: Hashable) -> Upstream:
+            ours, theirs = trio.testing.memory_stream_pair()
+            nursery.start_soon(raw_origin, theirs, answer, heads)
+            return Upstream(ours, key, limits)
+
+        pool = UpstreamPool(connect)
+        session = HttpSession(
+            Downstream(server, limits), PathRouter(), pool, limits, records.append
+        )
+
+        async def serve() -> None:
+            await session.run()
+            await server.aclose()
+
+        nursery.start_soon(serve)
+        await client.send_all(raw)
+        await client.send_eof()
+        received = b""
+        with trio.fail_after(10):
+            while data := await client.receive_some(65536):
+                received += data
+        nursery.cancel_scope.cancel()
+    return received, records, pool.connects
+
+
+GET = b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+
+
+async def test_keep_alive_reuses_both_connections() -> None:
+    raw, records, connects = await session_against(GET * 3, OK)
+    assert raw.count(b"HTTP/1.1 200 OK\r\n") == 3 and raw.endswith(b"hi")
+    assert connects == 1  # the upstream was pooled and reused
+    assert [r.outcome for r in records] == ["served"] * 3
+
+
+async def test_an_answer_read_until_close_is_chunked_for_the_client() -> None:
+    raw, records, connects = await session_against(GET * 2, b"HTTP/1.1 200 OK\r\n\r\nstream")
+    first, _, rest = raw.partition(b"0\r\n\r\n")
+    assert b"Transfer-Encoding: chunked\r\n" in first and first.endswith(b"6\r\nstream\r\n")
+    # The client connection stays; the upstream one could not be pooled.
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert connects == 2 and len(records) == 2
+
+
+async def test_an_http10_client_gets_close_and_the_connection_ends() -> None:
+    raw, records, _ = await session_against(b"GET /ok HTTP/1.0\r\nHost: x\r\n\r\n" + GET, OK)
+    assert raw.count(b"HTTP/1.1 200 OK\r\n") == 1  # the second request is never read
+    assert b"\r\nConnection: close\r\n" in raw and raw.endswith(b"hi")
+    assert len(records) == 1
+
+
+async def test_connection_close_from_the_client_ends_after_the_answer() -> None:
+    raw, records, _ = await session_against(
+        b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" + GET, OK
+    )
+    assert raw.count(b"HTTP/1.1 200 OK\r\n") == 1 and b"\r\nConnection: close\r\n" in raw
+    assert len(records) == 1
+
+
+async def test_an_unrequested_101_never_reaches_the_client() -> None:
+    raw, records, _ = await session_against(
+        GET, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nRAW"
+    )
+    assert raw.startswith(b"HTTP/1.1 502 ") and b"101" not in raw.split(b"\r\n")[0]
+    assert b"RAW" not in raw
+    assert records[0].reason == "bad_upstream_response"
