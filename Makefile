@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest demo venv clean certs
+.PHONY: test lint typecheck pytest demo venv clean certs sslyze
 
 venv: $(STAMP)
 
@@ -19,13 +19,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install $$quiet -e '.[test]'
 	@touch $(STAMP)
 
+# sslyze (the TLS scanner of tests/integration/test_tls_sslyze.py) pins an
+# older cryptography than ours, so it gets a tool venv of its own.
+SSLYZE := $(VENV)/tools/sslyze
+sslyze: $(SSLYZE)/.installed
+$(SSLYZE)/.installed:
+	@echo "installing sslyze into $(SSLYZE)..."
+	@test -x $(SSLYZE)/bin/python || $(PYTHON) -m venv $(SSLYZE)
+	@if test -t 1; then quiet=; else quiet=--quiet; fi; \
+	$(SSLYZE)/bin/python -m pip install $$quiet 'sslyze>=6.3,<7'
+	@touch $@
+
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests $(wildcard benchmarks)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict proxy
 
-pytest: $(STAMP)
+pytest: $(STAMP) $(SSLYZE)/.installed
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest

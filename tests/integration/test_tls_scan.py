@@ -1,9 +1,10 @@
 """A TLS scan of the inbound listener with ``openssl s_client`` as the
 scanner (issue 12, "Keep it found").
 
-sslyze was the first choice, but it pins ``cryptography<47`` and this project
-runs a newer one, so it cannot share the test environment. The matrix below
-covers what its scan reports for a server like ours: protocol versions
+sslyze pins ``cryptography<47`` and this project runs a newer one, so it
+cannot share the test environment; it runs from a tool venv in
+``test_tls_sslyze.py``. This matrix covers what its scan reports for a server
+like ours, with a second scanner (OpenSSL's): protocol versions
 (nothing below TLS 1.2; TLS 1.2 only when configured), every TLS 1.2 cipher
 and TLS 1.3 suite the scanner's OpenSSL knows (only ECDHE + AEAD accepted,
 which also rules out ROBOT: no RSA key exchange), no compression, RFC 5746
