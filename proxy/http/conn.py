@@ -309,6 +309,7 @@ class Upstream:
         self.peer_id: str | None = None
         self.peer_serial: str | None = None
         self.peer_not_after: str | None = None
+        self.peer_addr: str | None = None  # host:port the connection went to
         self._eof = False
         self._body: BodyWriter | None = None
         self._pending: list[bytes] = []

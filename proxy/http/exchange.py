@@ -139,6 +139,7 @@ class RequestOutcome:
     upstream_peer: str | None = None
     upstream_serial: str | None = None
     upstream_not_after: str | None = None
+    upstream_addr: str | None = None
     error: str | None = None
     target: str | None = None
     outcome: str = ""  # what happened (served, denied...), next to the policy's decision

@@ -357,7 +357,7 @@ class HttpSession:
             return
         x.on(Ev.UPSTREAM_READY)
         outcome.upstream_peer, outcome.upstream_serial = up.peer_id, up.peer_serial
-        outcome.upstream_not_after = up.peer_not_after
+        outcome.upstream_not_after, outcome.upstream_addr = up.peer_not_after, up.peer_addr
         if expect_continue and not body_complete and first is None:
             await self.down.send(CONTINUE)
         run = Relay(

@@ -43,6 +43,7 @@ from proxy.http.routing import UpstreamFailure
 from proxy.http.session import HttpSession
 from proxy.identity import IdentitySnapshot, IdentityState, SideCache, SpiffeId
 from proxy.identity.jwt_svid import JwtBundleSet
+from proxy.netaddr import format_sockaddr
 from proxy.policy import PeerDecision, SpiffePattern, decide_peer
 from proxy.policy.evaluate import PolicySet
 from proxy.policy.gate import Gate, svid_age_seconds
@@ -287,8 +288,11 @@ class HttpOutboundListener(BaseListener):
         stream = await connect_tcp(route.target, self.config.connect_timeout)
         if isinstance(stream, tuple):
             raise UpstreamFailure(502, stream[0], stream[1])
+        peer_addr = format_sockaddr(stream.socket.getpeername())
         if isinstance(side, DnsSide):
-            return await self._connect_dns(stream, side, key)
+            up = await self._connect_dns(stream, side, key)
+            up.peer_addr = peer_addr
+            return up
         tls = TLSStream(stream, side)
         failure = await handshake_within(tls, self.handshake_timeout)
         verified = tls.peer.verified
@@ -304,6 +308,7 @@ class HttpOutboundListener(BaseListener):
             )
         assert verified is not None
         up = Upstream(tls, key, self.limits)
+        up.peer_addr = peer_addr
         # Continuous authentication for pooled connections: never reuse one
         # past its upstream's certificate or max_connection_lifetime.
         not_after = min(cert.not_valid_after_utc for cert in verified.chain)
@@ -369,6 +374,7 @@ class HttpOutboundListener(BaseListener):
             peer_id=outcome.upstream_peer,
             peer_cert_serial=outcome.upstream_serial,
             peer_cert_not_after=outcome.upstream_not_after,
+            peer_addr=outcome.upstream_addr,
             target=outcome.target or self.target_label,
         )
 

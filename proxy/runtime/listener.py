@@ -156,7 +156,8 @@ class BaseListener:
             rule=rule,
             peer_id=peer_id,
             local_id=conn.snapshot.local_id,
-            peer_addr=conn.peer_addr,
+            # Outbound requests name the upstream they went to.
+            peer_addr=_text(extra.pop("peer_addr", None)) or conn.peer_addr,
             target=str(extra.pop("target", self.target_label)),
             peer_cert_serial=serial,
             peer_cert_not_after=not_after,

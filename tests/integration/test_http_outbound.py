@@ -39,9 +39,11 @@ class Pair:
         out_audit: MemoryAudit,
         proxy_port: int,
         outbound: Any,
+        upstream_port: int = 0,
     ) -> None:
         self.backend, self.in_audit, self.out_audit = backend, in_audit, out_audit
         self.proxy_port, self.outbound = proxy_port, outbound
+        self.upstream_port = upstream_port  # the inbound sidecar the routes go to
 
     async def request(
         self, raw: bytes, method: bytes = b"GET"
@@ -100,7 +102,7 @@ async def _pair(
     outbound, out_port = await start_outbound(
         nursery, issued=payroll, cas=(ca,), protocol="http-proxy", routes=routes, audit=out_audit
     )
-    return Pair(backend, in_audit, out_audit, out_port, outbound)
+    return Pair(backend, in_audit, out_audit, out_port, outbound, in_port)
 
 
 async def test_forward_proxy_request_reaches_upstream(
@@ -121,6 +123,9 @@ async def test_forward_proxy_request_reaches_upstream(
     [record] = pair.out_requests()
     assert record["decision"] == "allow" and record["peer_id"] == HR
     assert record["direction"] == "outbound" and record["path"] == "/timesheets/2026"
+    # peer_addr names the upstream this request went to; the agent is client_addr.
+    assert record["peer_addr"] == f"127.0.0.1:{pair.upstream_port}"
+    assert record["client_addr"].startswith("127.0.0.1:")
     assert json.loads(body)["target"] == "/timesheets/2026?x=1"
 
 
