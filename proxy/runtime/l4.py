@@ -179,12 +179,13 @@ class L4Listener(BaseListener):
         if USE_REACTOR and self.reactor is None:
             # Not handed the process's reactor (run in-process on its own):
             # run one in the handler nursery, so it outlives every relay.
-            handlers.start_soon(self._own_reactor)
+            await handlers.start(self._own_reactor)
         await super().serve(handlers, task_status)
 
-    async def _own_reactor(self) -> None:
+    async def _own_reactor(self, task_status: trio.TaskStatus[None]) -> None:
         async with open_reactor() as reactor:
             self.reactor = reactor
+            task_status.started()
             try:
                 await trio.sleep_forever()
             finally:
