@@ -26,8 +26,12 @@ from proxy.netaddr import HostPort, format_sockaddr
 from proxy.policy import SpiffePattern, decide_peer
 from proxy.policy.evaluate import PolicySet
 from proxy.runtime.listener import BaseListener, Conn, ms_since
+from proxy.runtime.reactor import Reactor, RelayResult, open_reactor
 from proxy.runtime.relay import RelayStats, relay
 from proxy.tls import TlsSide, TLSStream, TlsVersion, build_side, peer_alert
+
+# The trio relay instead of the process's epoll reactor (a fallback switch).
+USE_REACTOR = True
 
 
 @dataclass(frozen=True)
@@ -67,10 +71,21 @@ _OUTCOMES = {
 }
 
 
-def _outcome(reason: str, stats: RelayStats) -> str:
+def _outcome(reason: str, stalled: str | None) -> str:
     if reason == "write_timeout":
-        return "client_error" if stats.stalled == "client" else "upstream_error"
+        return "client_error" if stalled == "client" else "upstream_error"
     return _OUTCOMES.get(reason, "served")
+
+
+@dataclass
+class _Ended:
+    """How a relay ended, whichever engine moved the bytes."""
+
+    reason: str
+    error: str | None
+    stalled: str | None
+    bytes_up: int
+    bytes_down: int
 
 
 class L4Listener(BaseListener):
@@ -156,8 +171,93 @@ class L4Listener(BaseListener):
         self.record(conn, "connection.open", "allow", "peer_allowed")
         await self._relay(conn, stream, conn.tls)
 
-    async def _relay(self, conn: Conn, accepted: trio.abc.Stream, far: trio.abc.Stream) -> None:
+    async def serve(
+        self,
+        handlers: trio.Nursery,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        if USE_REACTOR and self.reactor is None:
+            # Not handed the process's reactor (run in-process on its own):
+            # run one in the handler nursery, so it outlives every relay.
+            await handlers.start(self._own_reactor)
+        await super().serve(handlers, task_status)
+
+    async def _own_reactor(self, task_status: trio.TaskStatus[None]) -> None:
+        async with open_reactor() as reactor:
+            self.reactor = reactor
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.reactor = None
+
+    async def _relay(
+        self,
+        conn: Conn,
+        accepted: trio.SocketStream | TLSStream,
+        far: trio.SocketStream | TLSStream,
+    ) -> None:
         # The close record is written even when shutdown cancels the relay.
+        ended = _Ended("closed", None, None, 0, 0)
+        try:
+            reactor = self.reactor if USE_REACTOR else None
+            if reactor is None:
+                await self._trio_relay(conn, accepted, far, ended)
+            else:
+                await self._reactor_relay(reactor, conn, accepted, far, ended)
+        finally:
+            self.record(
+                conn,
+                "connection.close",
+                "allow",
+                ended.reason,
+                outcome=_outcome(ended.reason, ended.stalled),
+                error=ended.error,
+                bytes_up=ended.bytes_up,
+                bytes_down=ended.bytes_down,
+                duration_ms=ms_since(conn.started),
+            )
+
+    async def _reactor_relay(
+        self,
+        reactor: Reactor,
+        conn: Conn,
+        accepted: trio.SocketStream | TLSStream,
+        far: trio.SocketStream | TLSStream,
+        ended: _Ended,
+    ) -> None:
+        result = RelayResult()
+        try:
+            await reactor.relay(
+                accepted, far, write_timeout=self.config.write_timeout, result=result
+            )
+        finally:
+            reason, error = result.reason, result.detail
+            if reason == "cancelled":
+                reason, error = conn.end_reason(), None
+            elif reason == "write_timeout":
+                error = f"the {result.stalled} read nothing for {self.config.write_timeout:g}s"
+            elif (
+                reason == "target_reset"
+                and self.direction == "outbound"
+                and result.bytes_down == 0
+                and "alert" in (error or "").lower()
+            ):
+                # Nothing came back yet: the upstream's alert judged us.
+                reason, error = "refused_by_upstream", f"upstream refused us: {error}"
+            for stream, name in ((accepted, "client"), (far, "target")):
+                if isinstance(stream, TLSStream):
+                    # The reactor drove OpenSSL: the stream's close must know.
+                    stream.released(
+                        broken=result.reason == f"{name}_reset",
+                        truncated=name in result.truncated,
+                    )
+            ended.reason, ended.error, ended.stalled = reason, error, result.stalled
+            ended.bytes_up, ended.bytes_down = result.bytes_up, result.bytes_down
+
+    async def _trio_relay(
+        self, conn: Conn, accepted: trio.abc.Stream, far: trio.abc.Stream, ended: _Ended
+    ) -> None:
         stats = RelayStats()
         finished = False
         try:
@@ -171,14 +271,5 @@ class L4Listener(BaseListener):
                 if alert is not None and stats.bytes_down == 0:
                     # Nothing came back yet: the upstream's alert judged us.
                     reason, error = "refused_by_upstream", f"upstream refused us: {alert}"
-            self.record(
-                conn,
-                "connection.close",
-                "allow",
-                reason,
-                outcome=_outcome(reason, stats),
-                error=error,
-                bytes_up=stats.bytes_up,
-                bytes_down=stats.bytes_down,
-                duration_ms=ms_since(conn.started),
-            )
+            ended.reason, ended.error, ended.stalled = reason, error, stats.stalled
+            ended.bytes_up, ended.bytes_down = stats.bytes_up, stats.bytes_down

@@ -29,6 +29,7 @@ from proxy.errors import UsageError
 from proxy.identity import IdentitySnapshot, IdentityState
 from proxy.metrics import Metrics
 from proxy.netaddr import HostPort, format_sockaddr
+from proxy.runtime.reactor import Reactor
 from proxy.tls import TLSHandshakeError, TLSStream
 from proxy.tracing.hop import UNTRACED
 
@@ -117,6 +118,7 @@ class BaseListener:
         self.bound: list[str] = []
         self.metrics: Metrics | None = None
         self.tracer = UNTRACED  # the plan sets the process's tracer
+        self.reactor: Reactor | None = None  # the process's, for established TCP pairs
         # How the operator named this listener, for a bind error ("--listen").
         self.origin: str | None = None
 

@@ -36,7 +36,9 @@ reactor): after ``do_handshake``, ``fileno`` and ``ssl_connection`` are the
 socket and the OpenSSL connection to drive, while no task is inside this
 stream's methods. OpenSSL may hold decrypted bytes that the socket no
 longer shows as readable: call ``ssl_connection.pending()`` (or just read)
-before waiting for readability.
+before waiting for readability. When it hands the connection back, it
+calls :meth:`TLSStream.released` with what it saw, so ``aclose`` neither
+sends a second close_notify nor writes to a connection that broke.
 """
 
 from __future__ import annotations
@@ -114,6 +116,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
         """The OpenSSL connection on ``fileno`` (for a reactor, after the
         handshake; see the module doc)."""
         return self._conn
+
+    def released(self, *, broken: bool, truncated: bool) -> None:
+        """A reactor stopped driving ``ssl_connection``: what it saw there.
+        (A close_notify it sent shows in OpenSSL's own shutdown state.)"""
+        self._broken = self._broken or broken
+        self.truncated = self.truncated or truncated
 
     # -- plumbing ---------------------------------------------------------
 
@@ -332,6 +340,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 and not self._eof_sent
                 and not self._write_pending
                 and self._sock.fileno() == self._fd
+                and not self._conn.get_shutdown() & SSL.SENT_SHUTDOWN
             ):
                 self._eof_sent = True
                 # Best effort: the socket may be full or already broken.
