@@ -13,18 +13,33 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 from proxy.credentials.build import CredentialSetupError, JwtSvidSource
 from proxy.credentials.config import InboundJwtConfig
 from proxy.credentials.devjwt import DevJwtAuthority, DevJwtError
 from proxy.credentials.jwt_bundles import JwtBundleWatcher, load_jwt_bundles
 from proxy.devca import CA_CERT_FILE, DevCA, DevCAError
-from proxy.identity import BundleError
+from proxy.identity import BundleError, SpiffeId
 from proxy.identity.jwt_svid import JwtBundleSet
 
-if TYPE_CHECKING:
-    from proxy.config.schema import IdentityConfig
+
+class IdentityConfig(Protocol):
+    """What this module reads of the sidecar's identity settings (config's
+    IdentityConfig has these): credentials depend on values, not on config."""
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def endpoint(self) -> str | None: ...
+
+    @property
+    def state_dir(self) -> Path | None: ...
+
+    @property
+    def spiffe_id(self) -> SpiffeId | None: ...
 
 __all__ = ["InboundJwtBundles", "inbound_jwt_bundles", "jwt_svid_source"]
 

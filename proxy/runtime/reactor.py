@@ -47,9 +47,17 @@ from typing import Any
 
 import structlog
 import trio
-from OpenSSL._util import ffi, lib
 
-from proxy.runtime.reactor_io import EOF, Broken, End, PairIo, TlsEndpoint, ssl_error_text
+from proxy.tls.raw_io import (
+    EOF,
+    Broken,
+    End,
+    PairIo,
+    TlsEndpoint,
+    pin,
+    send_close_notify,
+    ssl_pending,
+)
 
 log = structlog.get_logger("agent_proxy")
 
@@ -274,14 +282,14 @@ class Reactor(PairIo):
             flow.pending_ptr = None
             flow.blocked_since = trio.current_time()
             flow.src.pair.wakeup.set()  # the owning task arms its write timeout
-        if flow.src.eof_seen or (flow.src.ssl is not None and lib.SSL_pending(flow.src.ssl) > 0):
+        if flow.src.eof_seen or (flow.src.ssl is not None and ssl_pending(flow.src.ssl) > 0):
             self._ready.add(flow.src.fd)
 
     def _flush(self, flow: _Flow) -> bool:
         data = flow.pending
         assert data is not None
         if flow.dst.ssl is not None and flow.pending_ptr is None:
-            flow.pending_ptr = ffi.from_buffer(data)
+            flow.pending_ptr = pin(data)
         sent = self._write(flow.dst, data, flow.pending_ptr, len(data))
         if sent == len(data):
             flow.pending = flow.pending_ptr = None
@@ -302,16 +310,10 @@ class Reactor(PairIo):
             except OSError as exc:
                 if exc.errno != errno.ENOTCONN:
                     raise Broken(dst.name, f"shutdown: {exc.strerror}") from exc
-        elif not dst.truncated:
-            # (A truncated TLS side is dead to OpenSSL: it can send nothing more.)
-            lib.ERR_clear_error()
-            ret = lib.SSL_shutdown(dst.ssl)
-            if ret < 0:
-                err = lib.SSL_get_error(dst.ssl, ret)
-                if err in (lib.SSL_ERROR_WANT_WRITE, lib.SSL_ERROR_WANT_READ):
-                    flow.shut_pending = True
-                    return
-                raise Broken(dst.name, f"close_notify failed ({ssl_error_text(err)})")
+        # (A truncated TLS side is dead to OpenSSL: it can send nothing more.)
+        elif not dst.truncated and not send_close_notify(dst.ssl, dst.name):
+            flow.shut_pending = True
+            return
         flow.done = True
 
 def _since(flow: _Flow) -> float:

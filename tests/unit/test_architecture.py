@@ -89,13 +89,6 @@ TABLE: dict[str, Row] = {
 # Known violations, to be removed (ARCHITECTURE.md, "Known violations"):
 # (importing module, imported module prefix) -> why it is wrong and the fix.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    # Type-only, but a config type in credentials: pass the values instead.
-    ("proxy.credentials.sources", "proxy.config.schema"): "reads IdentityConfig: pass values",
-    # The reactor moves established TLS bytes with SSL_read/SSL_write through
-    # pyOpenSSL's cffi binding; those primitives belong in tls (a raw-I/O
-    # module the reactor calls), so that OpenSSL stays inside tls.
-    ("proxy.runtime.reactor", "OpenSSL"): "SSL error codes and ERR_* through cffi",
-    ("proxy.runtime.reactor_io", "OpenSSL"): "SSL_read/SSL_write through cffi",
 }
 
 _STDLIB = frozenset(sys.stdlib_module_names)

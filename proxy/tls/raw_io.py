@@ -220,3 +220,24 @@ def ssl_error_text(err: int) -> str:
     return f"SSL error {err}"
 
 
+def ssl_pending(ssl: Any) -> int:
+    """Bytes OpenSSL has decrypted but not handed out (no fd readiness shows them)."""
+    return int(lib.SSL_pending(ssl))
+
+
+def pin(data: memoryview) -> Any:
+    """A cffi pointer to ``data`` for SSL_write, kept while a write is pending."""
+    return ffi.from_buffer(data)
+
+
+def send_close_notify(ssl: Any, name: str) -> bool:
+    """SSL_shutdown once: True when close_notify is out, False when OpenSSL
+    must wait for the socket; Broken on failure."""
+    lib.ERR_clear_error()
+    ret = lib.SSL_shutdown(ssl)
+    if ret < 0:
+        err = lib.SSL_get_error(ssl, ret)
+        if err in (lib.SSL_ERROR_WANT_WRITE, lib.SSL_ERROR_WANT_READ):
+            return False
+        raise Broken(name, f"close_notify failed ({ssl_error_text(err)})")
+    return True
