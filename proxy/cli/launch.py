@@ -394,6 +394,11 @@ def _launch(args: argparse.Namespace) -> int:
         if ready_timeout <= 0:
             raise UsageError("--ready-timeout must be greater than zero")
     user = resolve_user(args.user, args.group, os.geteuid())
-    config = load_config(args.config)
+    # The same plan and identity checks as check-config and run: a bad file
+    # is one line and exit 2 here, before any process starts.
+    from proxy.runtime.plan import build_plan, check_identity
+
+    config = build_plan(load_config(args.config)).config
+    check_identity(config)
     logs.configure(config.log_level)
     return _Launch(config, str(args.config), command, user, ready_timeout).run()

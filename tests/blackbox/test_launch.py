@@ -310,6 +310,23 @@ def test_user_flag_needs_root(
     assert "need root" in err
 
 
+def test_an_identity_that_does_not_load_is_refused_before_any_process_starts(
+    ident: Identity, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # launch runs the same plan and identity checks as check-config: a key
+    # that is not the certificate's is one line and exit 2, and neither the
+    # sidecar nor the agent is started (the agent would create the marker).
+    from proxy.cli import main
+
+    ident.key.write_bytes(TestCA.create("a.org").issue(AGENT_ID).key_pem())
+    marker = tmp_path / "agent-ran"
+    status = main(["launch", "--config", str(ident.config), "--", "touch", str(marker)])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "identity" in err
+    assert not marker.exists()
+
+
 # The agent tries to read each file it is given. /bin/sh, not Python: the
 # test's interpreter may live where the other user cannot reach it.
 READ_FILES_AGENT = [
