@@ -108,9 +108,33 @@ def configure(level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=True,
     )
+
+
+class _StderrLogger:
+    """Writes each line to whatever ``sys.stderr`` is when it writes.
+
+    Binding the stream at configure time (structlog's WriteLoggerFactory)
+    keeps writing to a stream someone has since replaced and closed (a
+    supervisor redirecting us, an embedding test harness), and every log
+    call then raises. A closed or broken stderr must never take a
+    connection down either, so such a write is dropped."""
+
+    def msg(self, message: str) -> None:
+        try:
+            stream = sys.stderr
+            stream.write(message + "\n")
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _stderr_logger(*_args: Any) -> _StderrLogger:
+    return _StderrLogger()
 
 
 def render_event(event: Mapping[str, Any]) -> str:
