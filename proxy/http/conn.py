@@ -31,7 +31,7 @@ from proxy.http.cycle import Cycle, Side
 from proxy.http.exchange import PeerError
 from proxy.http.parsers import make_parser
 from proxy.http.streams import linger_close as linger_close  # the session and admin use it
-from proxy.http.streams import send_within, upstream_broken
+from proxy.http.streams import receive_within, send_within, upstream_broken
 from proxy.http.wire import NEED_DATA, Body, End, Head, Header, NeedData, ParseError, ParserLimits
 from proxy.http.writer import (
     BodyWriter,
@@ -43,6 +43,7 @@ from proxy.http.writer import (
 
 _RECV = 65536
 _END = h11.EndOfMessage()  # immutable: one for every body without trailers
+_UPSTREAM_TIMEOUT = PeerError(504, "upstream_timeout", "upstream did not answer in time")
 
 BodyEvent = h11.Data | h11.EndOfMessage
 AnswerEvent = h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage
@@ -90,21 +91,21 @@ class Downstream:
     # -- reading ------------------------------------------------------------
 
     async def _receive(self, timeout: float, on_timeout: PeerError) -> bytes:
-        with trio.move_on_after(timeout):
-            try:
-                data = bytes(await self.stream.receive_some(_RECV))
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                # A reset (or a TLS stream that broke) is the client leaving,
-                # not a fault of ours: nothing to answer, one close record.
-                self.cycle.broken("client_reset")
-                raise PeerError(0, "client_reset", f"client connection broke: {exc}") from exc
-            if data:
-                self._parse(self.parser.feed, data)
-            else:
-                self._eof = True
-            return data
-        self.cycle.broken(on_timeout.reason)
-        raise on_timeout
+        try:
+            data = await receive_within(self.stream, _RECV, timeout, on_timeout)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # A reset (or a TLS stream that broke) is the client leaving,
+            # not a fault of ours: nothing to answer, one close record.
+            self.cycle.broken("client_reset")
+            raise PeerError(0, "client_reset", f"client connection broke: {exc}") from exc
+        except PeerError:
+            self.cycle.broken(on_timeout.reason)
+            raise
+        if data:
+            self._parse(self.parser.feed, data)
+        else:
+            self._eof = True
+        return data
 
     def _parse(self, step: Callable[[bytes], None], data: bytes) -> None:
         try:
@@ -362,17 +363,19 @@ class Upstream:
                         raise ParseError(502, "upstream_closed", "upstream closed the connection")
                     if before_wait is not None:
                         await before_wait()
-                    with trio.move_on_after(timeout):
-                        try:
-                            data = await self.stream.receive_some(_RECV)
-                        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                            self.cycle.broken("upstream_reset")
-                            raise upstream_broken(exc) from exc
-                        self._eof = not data
-                        parser.feed(bytes(data))
-                        continue
-                    self.cycle.broken("upstream_timeout")
-                    raise PeerError(504, "upstream_timeout", "upstream did not answer in time")
+                    try:
+                        data = await receive_within(self.stream, _RECV, timeout, _UPSTREAM_TIMEOUT)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        self.cycle.broken("upstream_reset")
+                        raise upstream_broken(exc) from exc
+                    except PeerError:
+                        self.cycle.broken("upstream_timeout")
+                        raise PeerError(
+                            504, "upstream_timeout", "upstream did not answer in time"
+                        ) from None
+                    self._eof = not data
+                    parser.feed(data)
+                    continue
             except ParseError as exc:
                 self.cycle.broken(exc.reason)
                 raise _peer_error(exc) from exc

@@ -8,6 +8,7 @@ the body first.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -57,10 +58,29 @@ def upstream_request_for(
     )
     if is_chunked(request.headers):
         headers.append((b"transfer-encoding", b"chunked"))
+    # The client's fields passed the parser's strict checks already; what we
+    # add (identity, trace context, credentials from a token endpoint) and
+    # the target we built are checked here, once, as h11 would check them.
+    _check_ours(routed.target, routed.add_headers)
     headers.extend(routed.add_headers)
     if generated_id:
         headers.append((REQUEST_ID, outcome.request_id.encode()))
-    return h11.Request(method=request.method, target=routed.target, headers=headers)
+    return h11.Request(method=request.method, target=routed.target, headers=headers, _parsed=True)
+
+
+# RFC 9110 section 5.1 (token) and 5.5 (field-value), RFC 9112 section 3.2.
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VCHAR = rb"[\x21-\x7e\x80-\xff]"
+_FIELD_VALUE = re.compile(rb"(?:%s(?:[\t\x20-\x7e\x80-\xff]*%s)?)?" % (_VCHAR, _VCHAR))
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+
+
+def _check_ours(target: bytes, fields: Sequence[Header]) -> None:
+    if not _TARGET.fullmatch(target):
+        raise h11.LocalProtocolError(f"illegal request target {target!r}")
+    for name, value in fields:
+        if not _FIELD_NAME.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+            raise h11.LocalProtocolError(f"illegal header field {name!r}: {value!r}")
 
 
 class Router(Protocol):

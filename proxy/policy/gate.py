@@ -65,7 +65,8 @@ class Gate:
         if decision is None:  # callers that already decided pass it in
             decision = policy.evaluate(facts)
         result = self._apply(decision, facts, bundles, approval_token, target, body_hash)
-        result = dataclasses.replace(result, policy_version=version)
+        if result.policy_version != version:  # replace() is not free: once per request
+            result = dataclasses.replace(result, policy_version=version)
         if peer is not None and self.config.enabled:
             seen = facts.mcp_tool or facts.resource_uri or facts.prompt_name or facts.path
             event = self.tripwire.observe(peer, result.allowed, seen)
@@ -87,7 +88,11 @@ class Gate:
         body_hash: str | None,
     ) -> RequestVerdict:
         # What the gate enforced is done: the verdict no longer carries it.
-        decided = dataclasses.replace(decision, rates=(), high_impact=())
+        decided = (
+            dataclasses.replace(decision, rates=(), high_impact=())
+            if decision.rates or decision.high_impact
+            else decision
+        )
         if not decision.allowed:
             return dataclasses.replace(decided, status=403)
         peer_key = str(facts.peer) if facts.peer is not None else "-"

@@ -123,6 +123,62 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._broken = self._broken or broken
         self.truncated = self.truncated or truncated
 
+    # -- without waiting (the HTTP hot path: proxy.http.streams) -----------
+
+    def send_now(self, data: bytes) -> int:
+        """Send what OpenSSL and the socket take at once, without waiting or
+        a checkpoint; how many bytes of ``data`` went. After a short count
+        the caller continues with :meth:`send_all` from that offset, which
+        repeats the record OpenSSL may hold part of (the retry SSL_write
+        wants; pyOpenSSL sets ACCEPT_MOVING_WRITE_BUFFER)."""
+        if (
+            self._sending
+            or self._eof_sent
+            or not self._handshake_done
+            or self._closed
+            or self._broken
+            or self._sock.fileno() != self._fd
+        ):
+            return 0
+        view = memoryview(data)
+        sent = 0
+        while sent < len(view):
+            try:
+                sent += self._conn.send(view[sent : sent + _SEND_CHUNK])
+            except (SSL.WantWriteError, SSL.WantReadError):
+                self._write_pending = True
+                break
+            except SSL.Error:
+                break  # send_all repeats the call and reports the error
+        else:
+            self._write_pending = False
+        return sent
+
+    def receive_now(self, max_bytes: int) -> bytes | None:
+        """What OpenSSL has or the socket gives at once (``b""`` at the end),
+        or None when that would mean waiting: then the caller awaits
+        :meth:`receive_some`. No checkpoint; errors as ``receive_some``."""
+        if (
+            self._receiving
+            or not self._handshake_done
+            or self._closed
+            or self._broken
+            or self.truncated
+            or self._sock.fileno() != self._fd
+        ):
+            return None
+        try:
+            return self._conn.recv(max_bytes)
+        except (SSL.WantReadError, SSL.WantWriteError):
+            return None
+        except SSL.ZeroReturnError:
+            return b""
+        except SSL.Error as exc:
+            if not _is_unexpected_eof(exc):
+                raise self._broke("receiving", exc) from exc
+            self.truncated = True
+            return b""
+
     # -- plumbing ---------------------------------------------------------
 
     def _check_usable(self) -> None:

@@ -1,0 +1,141 @@
+"""The HTTP path's send and receive without a cancel scope when they need
+not wait (proxy.http.streams), over real loopback TCP and real mutual TLS:
+the bytes are the same as through trio's own calls, a reset is still a
+broken stream (never a clean end), a stalled peer still hits the deadline,
+and a connection whose peers never make it wait still lets others run."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+from proxy.http.exchange import PeerError
+from proxy.http.streams import receive_within, send_within
+from proxy.tls import TlsSide, TLSStream
+from tests.integration.tls_support import side
+from tests.pki import TestCA
+
+_TIMEOUT = PeerError(0, "write_timeout", "stalled")
+
+
+@pytest.fixture(scope="module")
+def sides(ca_a: TestCA) -> tuple[TlsSide, TlsSide]:
+    server = side(
+        ca_a.issue("spiffe://a.org/svc/hr"), (ca_a,), ["spiffe://a.org/agent/*"], server=True
+    )
+    client = side(
+        ca_a.issue("spiffe://a.org/agent/payroll"), (ca_a,), ["spiffe://a.org/svc/hr"], server=False
+    )
+    return server, client
+
+
+async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    try:
+        port = listeners[0].socket.getsockname()[1]
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        server = await listeners[0].accept()
+    finally:
+        await listeners[0].aclose()
+    return client, server
+
+
+async def _tls_pair(sides: tuple[TlsSide, TlsSide]) -> tuple[TLSStream, TLSStream]:
+    client_tcp, server_tcp = await _tcp_pair()
+    server, client = TLSStream(server_tcp, sides[0]), TLSStream(client_tcp, sides[1])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        nursery.start_soon(client.do_handshake)
+    return client, server
+
+
+async def _exchange(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
+    """Small and large messages both ways, byte for byte."""
+    for size in (1, 100, 70_000, 3_000_000):
+        payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+        got = bytearray()
+
+        async def read(into: bytearray = got, want: int = size) -> None:
+            while len(into) < want:
+                data = await receive_within(b, 65536, 10, _TIMEOUT)
+                assert data, "early end"
+                into += data
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await send_within(a, payload, 10, _TIMEOUT)
+        assert bytes(got) == payload
+
+
+async def test_plain_tcp_bytes_arrive_unchanged() -> None:
+    a, b = await _tcp_pair()
+    await _exchange(a, b)
+    await _exchange(b, a)
+    await a.aclose()
+    assert await receive_within(b, 100, 10, _TIMEOUT) == b""
+    await b.aclose()
+
+
+async def test_tls_bytes_arrive_unchanged(sides: tuple[TlsSide, TlsSide]) -> None:
+    a, b = await _tls_pair(sides)
+    await _exchange(a, b)
+    await _exchange(b, a)
+    await a.aclose()
+    assert await receive_within(b, 100, 10, _TIMEOUT) == b""
+    assert not b.truncated
+    await b.aclose()
+
+
+async def test_a_reset_is_a_broken_stream_not_an_end() -> None:
+    a, b = await _tcp_pair()
+    await send_within(b, b"hello", 10, _TIMEOUT)
+    await trio.testing.wait_all_tasks_blocked()
+    # SO_LINGER 0: close sends RST, and our unread "hello" makes sure of it.
+    a.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    a.socket.close()
+    with trio.fail_after(10):
+        while True:
+            try:
+                data = await receive_within(b, 100, 10, _TIMEOUT)
+            except trio.BrokenResourceError:
+                break
+            assert data, "a reset was read as a clean end of stream"
+    await b.aclose()
+
+
+async def test_a_peer_that_stops_reading_hits_the_write_deadline(
+    sides: tuple[TlsSide, TlsSide], autojump_clock: trio.testing.MockClock
+) -> None:
+    a, b = await _tls_pair(sides)
+    with pytest.raises(PeerError) as caught:
+        while True:  # b never reads: the buffers fill, then the 60 s deadline
+            await send_within(a, b"x" * 65536, 60, _TIMEOUT)
+    assert caught.value.reason == "write_timeout"
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_a_peer_that_never_makes_us_wait_does_not_starve_others() -> None:
+    """Every receive is served from the kernel at once (no wait, no
+    cancel scope): other tasks must still run between them."""
+    a, b = await _tcp_pair()
+    await send_within(a, b"x" * 20_000, 10, _TIMEOUT)  # fits the buffers
+    await trio.testing.wait_all_tasks_blocked()
+    other_ran = trio.Event()
+    reads_before_other = 0
+
+    async def other() -> None:
+        other_ran.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        while not other_ran.is_set():
+            assert await receive_within(b, 1, 10, _TIMEOUT) == b"x"
+            reads_before_other += 1
+            assert reads_before_other < 1000, "the fast path never yielded"
+    await a.aclose()
+    await b.aclose()
