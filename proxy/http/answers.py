@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 
-import h11
-
 from proxy.http.exchange import RequestOutcome
 from proxy.http.headers import REQUEST_ID, Header
+from proxy.http.wire import Answer
 
-CONTINUE = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+CONTINUE = Answer(100, b"Continue", [])
 
 
 def reason_phrase(status: int) -> bytes:
@@ -25,7 +24,7 @@ def reason_phrase(status: int) -> bytes:
 
 def error_answer(
     outcome: RequestOutcome, status: int, message: str, *, close: bool, extra: tuple[Header, ...]
-) -> tuple[h11.Response, bytes]:
+) -> tuple[Answer, bytes]:
     """Our JSON error answer: its head and body."""
     body = json.dumps(
         {"error": message, "reason": outcome.reason, "request_id": outcome.request_id},
@@ -39,10 +38,10 @@ def error_answer(
     ]
     if close:
         headers.append((b"connection", b"close"))
-    return h11.Response(status_code=status, headers=headers, reason=reason_phrase(status)), body
+    return Answer(status, reason_phrase(status), headers), body
 
 
-def json_answer(outcome: RequestOutcome, status: int, body: bytes) -> h11.Response:
+def json_answer(outcome: RequestOutcome, status: int, body: bytes) -> Answer:
     """The head of an answer in an agent protocol's own terms (a JSON-RPC error)."""
     headers: list[Header] = [(REQUEST_ID, outcome.request_id.encode()), *outcome.reply_headers]
     if body:
@@ -52,7 +51,7 @@ def json_answer(outcome: RequestOutcome, status: int, body: bytes) -> h11.Respon
         ]
     else:
         headers.append((b"content-length", b"0"))
-    return h11.Response(status_code=status, headers=headers, reason=reason_phrase(status))
+    return Answer(status, reason_phrase(status), headers)
 
 
 def path_only(target: bytes) -> str:

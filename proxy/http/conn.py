@@ -6,12 +6,13 @@ Theory of operation: a :class:`~proxy.http.wire.MessageParser` (from
 pure :mod:`proxy.http.writer` frames ours, and a
 :class:`~proxy.http.cycle.Cycle` decides whether the connection may carry
 another exchange. These classes only move bytes and apply deadlines.
-Requests, request bodies and our own answers cross into the session as h11
-event values (``h11.Request``, ``h11.Data``, ``h11.EndOfMessage``,
-``h11.Response``): plain data the router and the answers already speak;
-no h11 state machine runs here. Upstream answers come out as the parser's
-:class:`~proxy.http.wire.Head`, :class:`~proxy.http.wire.Body` and
-:class:`~proxy.http.wire.End`. Errors split the h11 way:
+Requests cross into the session as :class:`~proxy.http.wire.Request`,
+bodies as the parser's :class:`~proxy.http.wire.Body` and
+:class:`~proxy.http.wire.End`, our own answers as
+:class:`~proxy.http.wire.Answer`: plain values of the parser seam, no h11
+on this path (h11 is the admin endpoint's server and the parsers' oracle).
+Upstream answers come out as the parser's :class:`~proxy.http.wire.Head`,
+``Body`` and ``End``. Errors split the h11 way:
 :class:`~proxy.http.exchange.PeerError` (they sent something wrong, went
 quiet or went away: answer 4xx/5xx if we still can, then close); anything
 else is ours.
@@ -24,7 +25,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-import h11
 import trio
 
 from proxy.http.cycle import Cycle, Side
@@ -32,7 +32,19 @@ from proxy.http.exchange import PeerError
 from proxy.http.parsers import make_parser
 from proxy.http.streams import linger_close as linger_close  # the session and admin use it
 from proxy.http.streams import receive_within, send_within, upstream_broken
-from proxy.http.wire import NEED_DATA, Body, End, Head, Header, NeedData, ParseError, ParserLimits
+from proxy.http.wire import (
+    NEED_DATA,
+    Answer,
+    Body,
+    End,
+    Fields,
+    Head,
+    Header,
+    NeedData,
+    ParseError,
+    ParserLimits,
+    Request,
+)
 from proxy.http.writer import (
     BodyWriter,
     frame_response,
@@ -42,11 +54,10 @@ from proxy.http.writer import (
 )
 
 _RECV = 65536
-_END = h11.EndOfMessage()  # immutable: one for every body without trailers
 _UPSTREAM_TIMEOUT = PeerError(504, "upstream_timeout", "upstream did not answer in time")
 
-BodyEvent = h11.Data | h11.EndOfMessage
-AnswerEvent = h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage
+BodyEvent = Body | End
+AnswerEvent = Answer | Body | End
 ResponseEvent = Head | Body | End
 
 
@@ -121,7 +132,7 @@ class Downstream:
             self.cycle.broken(exc.reason)
             raise _peer_error(exc) from exc
 
-    async def next_request(self, idle_deadline: float = math.inf) -> h11.Request | None:
+    async def next_request(self, idle_deadline: float = math.inf) -> Request | None:
         """The next request head, checked strictly; None on a clean close.
         ``idle_deadline`` (trio time) cuts the wait for a new request short."""
         started = time.monotonic() if self.parser.buffered else None
@@ -144,15 +155,8 @@ class Downstream:
         self.cycle.read_head(event)
         self._method = event.method
         self._http10 = event.version == b"1.0"
-        # The parser checked every byte of the head already (as h11's own
-        # reader does, the event is built without a second validation).
-        return h11.Request(
-            method=event.method,
-            target=event.target,
-            headers=event.headers,
-            http_version=event.version,
-            _parsed=True,
-        )
+        # The parser checked every byte of the head already.
+        return Request(event.method, event.target, Fields(event.headers), event.version)
 
     @property
     def body_pending(self) -> bool:
@@ -166,10 +170,10 @@ class Downstream:
             return None
         if isinstance(event, Body):
             self.cycle.read_body()
-            return h11.Data(data=event.data)
+            return event
         assert isinstance(event, End), event
         self.cycle.read_end()
-        return h11.EndOfMessage(headers=event.trailers) if event.trailers else _END
+        return event
 
     async def next_body_event(
         self, before_wait: Callable[[], Awaitable[None]] | None = None
@@ -198,7 +202,7 @@ class Downstream:
         size = 0
         while True:
             event = await self.next_body_event()
-            if isinstance(event, h11.EndOfMessage):
+            if isinstance(event, End):
                 return b"".join(chunks)
             size += len(event.data)
             if size > limit:
@@ -211,7 +215,7 @@ class Downstream:
         all of it is buffered): a refusal can then keep the connection."""
         try:
             while (event := self.buffered_body_event()) is not None:
-                if isinstance(event, h11.EndOfMessage):
+                if isinstance(event, End):
                     return True
         except PeerError:
             pass
@@ -251,14 +255,14 @@ class Downstream:
         """Serialise ``event`` now, send it with the next :meth:`flush`. One
         write per burst instead of per event: on loopback each send is a
         syscall that also runs the receiver's TCP stack."""
-        if isinstance(event, h11.Data):
-            self.queue_data(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
+        if isinstance(event, Body):
+            self.queue_data(event.data)
+        elif isinstance(event, End):
             self.queue_end()
-        elif isinstance(event, h11.Response):
-            self.queue_response(event.status_code, event.reason, list(event.headers.raw_items()))
+        elif event.status >= 200:
+            self.queue_response(event.status, event.reason, list(event.headers))
         else:
-            self.queue_informational(event.status_code, event.reason, event.headers.raw_items())
+            self.queue_informational(event.status, event.reason, event.headers)
 
     async def flush(self) -> None:
         if self._pending:
@@ -315,18 +319,18 @@ class Upstream:
         self._body: BodyWriter | None = None
         self._pending: list[bytes] = []
 
-    def queue(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> None:
-        if isinstance(event, h11.Data):
+    def queue(self, event: Request | Body | End) -> None:
+        if isinstance(event, Body):
             assert self._body is not None, "body before head"
             if event.data:
-                self._pending.append(self._body.data(bytes(event.data)))
-        elif isinstance(event, h11.EndOfMessage):
+                self._pending.append(self._body.data(event.data))
+        elif isinstance(event, End):
             assert self._body is not None, "end before head"
-            self._pending.append(self._body.end(event.headers.raw_items()))
+            self._pending.append(self._body.end(event.trailers))
             self._body = None
             self.cycle.wrote_end()
         else:
-            fields = event.headers.raw_items()  # a list: h11's own iteration is slow
+            fields = event.headers.raw_items()
             framing, length, closes = request_framing(fields)
             self._pending.append(request_head(event.method, event.target, fields))
             self._body = BodyWriter(framing, length)
@@ -345,7 +349,7 @@ class Upstream:
                 PeerError(504, "upstream_write_timeout", "the upstream stopped reading"),
             )
 
-    async def send(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> None:
+    async def send(self, event: Request | Body | End) -> None:
         self.queue(event)
         await self.flush()
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import h11
-
 from proxy.http.agent_hook import FilterFactory
 from proxy.http.answers import json_answer
 from proxy.http.exchange import Ev, Exchange, PeerError
 from proxy.http.headers import header_map
 from proxy.http.relay import BodyEvent
 from proxy.http.routing import Routed
+from proxy.http.wire import Body, End, Request
 from proxy.policy.verdict import RequestVerdict
 
 if TYPE_CHECKING:
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
 
 
 async def hooked_request(
-    session: HttpSession, request: h11.Request, routed: Routed, x: Exchange, body_pending: bool
+    session: HttpSession, request: Request, routed: Routed, x: Exchange, body_pending: bool
 ) -> tuple[list[BodyEvent], FilterFactory | None] | None:
     """Judge a request through the agent-protocol hook. None when we
     answered it ourselves, else the body to forward and the filter for
@@ -61,9 +60,9 @@ async def hooked_request(
         outcome.bytes_up, outcome.bytes_down = len(body), len(verdict.body)
         session.down.queue(json_answer(outcome, verdict.status, verdict.body))
         if verdict.body:
-            session.down.queue(h11.Data(data=verdict.body))
+            session.down.queue(Body(verdict.body))
         try:
-            await session.down.send(h11.EndOfMessage())
+            await session.down.send(End())
         except PeerError as exc:  # the client left or stopped reading
             outcome.error = exc.message
             x.on(Ev.CLOSE)
@@ -72,6 +71,6 @@ async def hooked_request(
         return None
     x.on(Ev.BODY_READ)
     routed.decision = RequestVerdict(True, verdict.reason, verdict.rule, status=200)
-    events: list[BodyEvent] = [h11.Data(data=body)] if body else []
-    events.append(h11.EndOfMessage())
+    events: list[BodyEvent] = [Body(body)] if body else []
+    events.append(End())
     return events, hook.answer_filter(verdict, headers, path)

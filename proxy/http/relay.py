@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-import h11
 import trio
 
 from proxy.http.agent_hook import FilterFactory, ResponseFilter
@@ -34,7 +33,7 @@ from proxy.http.conn import Downstream, Limits, ResponseEvent, Upstream
 from proxy.http.exchange import Ev, Exchange, PeerError
 from proxy.http.headers import REQUEST_ID, Header, forwardable, header_value
 from proxy.http.streams import upstream_broken
-from proxy.http.wire import Body, Framing, Head
+from proxy.http.wire import Body, End, Framing, Head
 
 
 def _filtered(step: Callable[[], bytes]) -> bytes:
@@ -115,7 +114,7 @@ class Relay:
         try:
             for event in self.to_send:
                 up.queue(self.upward(event))
-                if isinstance(event, h11.Data):
+                if isinstance(event, Body):
                     outcome.bytes_up += len(event.data)
             if self.body_complete or not self.down.body_pending:
                 await up.flush()
@@ -125,7 +124,7 @@ class Relay:
                 event = await self.down.next_body_event(before_wait=up.flush)
                 side = "upstream_reset"
                 up.queue(self.upward(event))
-                if isinstance(event, h11.EndOfMessage):
+                if isinstance(event, End):
                     await up.flush()
                     return
                 outcome.bytes_up += len(event.data)

@@ -13,11 +13,11 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import h11
-
 from proxy.http.agent_hook import AgentHook
 from proxy.http.exchange import RequestOutcome
 from proxy.http.headers import REQUEST_ID, Header, forwardable, is_chunked
+from proxy.http.wire import Fields, Request
+from proxy.http.writer import WriteError
 from proxy.policy.verdict import RequestVerdict
 
 
@@ -42,12 +42,12 @@ class Routed:
 
 
 def upstream_request_for(
-    request: h11.Request,
+    request: Request,
     routed: Routed,
     upgrade: bool,
     generated_id: bool,
     outcome: RequestOutcome,
-) -> h11.Request:
+) -> Request:
     """The request head the upstream gets: hop-by-hop and identity fields
     gone, ours added, the normalised target that policy judged."""
     headers = forwardable(
@@ -65,7 +65,7 @@ def upstream_request_for(
     headers.extend(routed.add_headers)
     if generated_id:
         headers.append((REQUEST_ID, outcome.request_id.encode()))
-    return h11.Request(method=request.method, target=routed.target, headers=headers, _parsed=True)
+    return Request(request.method, routed.target, Fields(headers))
 
 
 # RFC 9110 section 5.1 (token) and 5.5 (field-value), RFC 9112 section 3.2.
@@ -77,14 +77,14 @@ _TARGET = re.compile(rb"[\x21-\x7e]+")
 
 def _check_ours(target: bytes, fields: Sequence[Header]) -> None:
     if not _TARGET.fullmatch(target):
-        raise h11.LocalProtocolError(f"illegal request target {target!r}")
+        raise WriteError(f"illegal request target {target!r}")
     for name, value in fields:
         if not _FIELD_NAME.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
-            raise h11.LocalProtocolError(f"illegal header field {name!r}: {value!r}")
+            raise WriteError(f"illegal header field {name!r}: {value!r}")
 
 
 class Router(Protocol):
-    def route(self, request: h11.Request, upgrade: bool) -> Routed: ...
+    def route(self, request: Request, upgrade: bool) -> Routed: ...
 
 
 class UpstreamFailure(Exception):

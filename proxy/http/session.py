@@ -35,7 +35,6 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
-import h11
 import trio
 
 from proxy.http.agent_hook import FilterFactory
@@ -63,6 +62,7 @@ from proxy.http.pool import UpstreamPool
 from proxy.http.relay import BodyEvent, Relay
 from proxy.http.routing import Routed, Router, UpstreamFailure, upstream_request_for
 from proxy.http.upstream import RawRelay, start_upstream, tunnel
+from proxy.http.wire import Body, End, Request
 from proxy.tracing.context import outgoing
 from proxy.tracing.export import Span, Tracer
 from proxy.tracing.hop import TRACE_FIELDS, Hop, record_ids
@@ -212,19 +212,18 @@ class HttpSession:
         try:
             self.down.queue(head)
             if self._method != b"HEAD":
-                self.down.queue(h11.Data(data=body))
-            await self.down.send(h11.EndOfMessage())
+                self.down.queue(Body(body))
+            await self.down.send(End())
         except (
             trio.BrokenResourceError,
             trio.ClosedResourceError,
-            h11.LocalProtocolError,
             PeerError,  # write_timeout: the client does not read its answer
         ):
             pass
 
     # -- one exchange -----------------------------------------------------
 
-    async def _exchange(self, request: h11.Request) -> Exchange:
+    async def _exchange(self, request: Request) -> Exchange:
         request_id, generated = request_id_from(request.headers)
         self._method = request.method
         self._strip = frozenset()
@@ -252,7 +251,7 @@ class HttpSession:
         return x
 
     async def _judge_and_forward(
-        self, request: h11.Request, x: Exchange, generated_id: bool, span: Span
+        self, request: Request, x: Exchange, generated_id: bool, span: Span
     ) -> None:
         outcome = x.outcome
         upgrade = header_value(request.headers, b"upgrade") is not None or (
@@ -284,8 +283,8 @@ class HttpSession:
                 return
             x.on(Ev.BODY_READ)
             routed = routed.finish(hashlib.sha256(body).hexdigest())
-            prefetched = [h11.Data(data=body)] if body else []
-            prefetched.append(h11.EndOfMessage())
+            prefetched = [Body(body)] if body else []
+            prefetched.append(End())
             body_pending = False
         outcome.path = routed.path or outcome.path
         outcome.target = routed.label
@@ -305,7 +304,7 @@ class HttpSession:
                 if event is None:
                     break
                 prefetched.append(event)
-                if isinstance(event, h11.EndOfMessage):
+                if isinstance(event, End):
                     break
         except PeerError as exc:
             outcome.decision = "deny"
@@ -319,9 +318,7 @@ class HttpSession:
             outcome.error = "the high-impact decision could not be made durable"
             await self.refuse(x, 503, "audit trail unavailable", close=True)
             return
-        body_complete = not body_pending or bool(
-            prefetched and isinstance(prefetched[-1], h11.EndOfMessage)
-        )
+        body_complete = not body_pending or bool(prefetched and isinstance(prefetched[-1], End))
         if not self.down.body_pending:
             body_complete = True
         # The upstream continues our span, not the client's: same trace id.
@@ -414,6 +411,6 @@ class HttpSession:
     def _upward(self, event: BodyEvent) -> BodyEvent:
         """A request body event as it goes upstream: trailers get the header
         rules, and nothing that frames, routes or identifies passes there."""
-        if isinstance(event, h11.EndOfMessage) and event.headers:
-            return h11.EndOfMessage(headers=trailer_fields(event.headers, strip=self._strip))
+        if isinstance(event, End) and event.trailers:
+            return End(trailer_fields(event.trailers, strip=self._strip))
         return event

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Hashable
 
-import h11
 import trio
 
 from proxy.http.conn import BodyEvent, Downstream, Upstream
 from proxy.http.exchange import PeerError, RequestOutcome
 from proxy.http.pool import UpstreamPool
 from proxy.http.routing import UpstreamFailure
-from proxy.http.wire import Head
+from proxy.http.wire import Body, Head, Request
 
 # Moves raw bytes both ways until either side ends; (bytes up, bytes down).
 # The runtime supplies it (its relay keeps half-close and the write timeout).
@@ -21,7 +20,7 @@ RawRelay = Callable[[trio.abc.Stream, trio.abc.Stream], Awaitable[tuple[int, int
 async def start_upstream(
     pool: UpstreamPool,
     key: Hashable | None,
-    request: h11.Request,
+    request: Request,
     prefetched: list[BodyEvent],
     body_complete: bool,
     outcome: RequestOutcome,
@@ -38,7 +37,7 @@ async def start_upstream(
                 return up, None  # the relay sends the head with the body
             for event in prefetched:
                 up.queue(event)
-                if isinstance(event, h11.Data):
+                if isinstance(event, Body):
                     outcome.bytes_up += len(event.data)
             await up.flush()
             first = await up.next_event(response_timeout)

@@ -66,6 +66,45 @@ class End:
     trailers: list[Header] = field(default_factory=list)
 
 
+class Fields(list[Header]):
+    """A message's fields as ``(lower-cased name, value)`` pairs, in order:
+    how rules and helpers read them (as h11's ``Headers`` iterate, without
+    its per-item cost). :meth:`raw_items` keeps the names as received, for
+    the bytes a relay writes."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: list[Header]) -> None:
+        super().__init__([(name.lower(), value) for name, value in raw])
+        self._raw = raw
+
+    def raw_items(self) -> list[Header]:
+        return self._raw
+
+
+@dataclass(slots=True)
+class Request:
+    """A request head as the session, the routers and the upstream writer
+    use it: already checked by the parser (or built by us and checked where
+    we add to it, :func:`proxy.http.routing.upstream_request_for`)."""
+
+    method: bytes
+    target: bytes
+    headers: Fields
+    http_version: bytes = b"1.1"
+
+
+@dataclass(slots=True)
+class Answer:
+    """The head of an answer we give ourselves (an error, a denial, an
+    agent protocol's verdict, ``100 Continue``); the client's framing is
+    decided when it is written (:func:`proxy.http.writer.frame_response`)."""
+
+    status: int
+    reason: bytes
+    headers: list[Header]
+
+
 class NeedData(enum.Enum):
     """The parser needs more bytes before it can say anything more."""
 

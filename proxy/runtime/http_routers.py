@@ -16,7 +16,6 @@ from collections.abc import Hashable
 from typing import Protocol
 from urllib.parse import urlsplit
 
-import h11
 import structlog
 
 from proxy.agent.a2a import TaskOwnership
@@ -29,6 +28,7 @@ from proxy.http.exchange import PeerError, RequestOutcome
 from proxy.http.headers import XFCC, Header, header_map, header_value
 from proxy.http.mcp_flow import McpGuard
 from proxy.http.routing import Routed
+from proxy.http.wire import Request
 from proxy.identity import IdentityState, SpiffeId, TrustBundleSet
 from proxy.identity.jwt_svid import MISSING, JwtBundleSet, JwtSvidError, authenticate_bearer
 from proxy.policy.approval import APPROVAL_HEADER
@@ -91,7 +91,7 @@ async def decision_durable(listener: BaseListener, conn: Conn, outcome: RequestO
     return await listener.audit.durable()
 
 
-def _origin_form(request: h11.Request) -> tuple[bytes, str | None]:
+def _origin_form(request: Request) -> tuple[bytes, str | None]:
     """(origin-form target, host from an absolute-form target if any)."""
     target = request.target
     if b"#" in target:
@@ -123,7 +123,7 @@ _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 def _gated(
     gate: Gate,
     policy: PolicySet,
-    request: h11.Request,
+    request: Request,
     path: str,
     upgrade: bool,
     *,
@@ -249,7 +249,7 @@ class InboundRouter:
         self.key = key
         self.xfcc = xfcc
 
-    def route(self, request: h11.Request, upgrade: bool) -> Routed:
+    def route(self, request: Request, upgrade: bool) -> Routed:
         if request.method == b"CONNECT":
             return Routed(refused("connect_not_allowed"))
         origin, _ = _origin_form(request)
@@ -359,7 +359,7 @@ class OutboundRouter:
             found = candidate if candidate is not None and host.endswith(":80") else None
         return found
 
-    def route(self, request: h11.Request, upgrade: bool) -> Routed:
+    def route(self, request: Request, upgrade: bool) -> Routed:
         if request.method == b"CONNECT":
             return Routed(refused("connect_not_allowed"))
         origin, host = _origin_form(request)
