@@ -31,6 +31,9 @@ _NEVER_OPENED = frozenset({"target_unreachable", "target_connect_timeout"})
 
 
 def count(metrics: Metrics, record: AuditRecord | Typed) -> None:
+    if isinstance(record, AuditRecord) and record.event == "http.request":
+        _http_request(metrics, record)  # every request: skip building the typed value
+        return
     value = typed(record) if isinstance(record, AuditRecord) else record
     if value is None:
         return
@@ -61,6 +64,27 @@ def count(metrics: Metrics, record: AuditRecord | Typed) -> None:
             metrics.connection(listener, direction, "deny", value.reason)
         if value.bytes_up or value.bytes_down:
             metrics.transferred(listener, value.bytes_up or 0, value.bytes_down or 0)
+
+
+def _http_request(metrics: Metrics, record: AuditRecord) -> None:
+    """What :func:`count` does with ``typed(record)`` for an ``http.request``
+    record, read from the record's fields as :func:`typed` reads them."""
+    extra = record.extra
+    _guard_outcomes(metrics, record.listener, extra)
+    duration = _int(extra.get("duration_ms"))
+    metrics.request(
+        record.listener,
+        record.direction,
+        record.decision,
+        record.reason,
+        duration / 1000 if duration is not None else None,
+        _int(extra.get("bytes_up")) or 0,
+        _int(extra.get("bytes_down")) or 0,
+    )
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _guard_outcomes(metrics: Metrics, listener: str, extra: Mapping[str, Any]) -> None:

@@ -74,11 +74,16 @@ class UpstreamPool:
                     await self._close(up)
                     continue
                 self.reuses += 1
-                await trio.lowlevel.checkpoint()
+                # No schedule point here: the send that follows at once has
+                # its own (proxy.http.streams).
                 return up, True
             if self._open.get(key, 0) < self.max_per_key:
                 break
             async with self._freed:
+                # Taking the lock may have let others run: look again before
+                # parking, as _notify wakes only tasks already parked.
+                if self._idle.get(key) or self._open.get(key, 0) < self.max_per_key:
+                    continue
                 await self._freed.wait()
         self._open[key] = self._open.get(key, 0) + 1
         try:
@@ -100,8 +105,7 @@ class UpstreamPool:
             up.start_next_cycle()
             up.last_used = time.monotonic()
             idle.append(up)
-            async with self._freed:
-                self._freed.notify()
+            await self._notify()
             return
         await self._close(up)
 
@@ -114,8 +118,14 @@ class UpstreamPool:
 
     async def _release_slot(self, key: Hashable) -> None:
         self._open[key] = max(0, self._open.get(key, 0) - 1)
-        async with self._freed:
-            self._freed.notify()
+        await self._notify()
+
+    async def _notify(self) -> None:
+        """Wake one task waiting for a free connection, if any waits: taking
+        the condition's lock costs a schedule point per exchange otherwise."""
+        if self._freed.statistics().tasks_waiting:
+            async with self._freed:
+                self._freed.notify()
 
     async def sweep_forever(self) -> None:
         """Close idle connections past their time, so they do not pile up."""

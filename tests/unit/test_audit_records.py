@@ -293,3 +293,34 @@ def test_config_file_carries_the_audit_and_tracing_sections(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as caught:
         parse_config({**BASE, "audit": {"durability": "x"}}, "sidecar.toml", base_dir=tmp_path)
     assert str(caught.value) == 'sidecar.toml: audit.durability: expected "os" or "fsync", got "x"'
+
+
+def test_an_http_request_counts_the_same_as_its_typed_value() -> None:
+    """count() reads an http.request record directly (no typed value per
+    request); it must count exactly what the typed value counts."""
+    record = generic(
+        "http.request",
+        "deny",
+        "rate_limited",
+        duration_ms=40,
+        bytes_up=3,
+        bytes_down=9,
+        dry_run=[{"rule": "r", "outcome": "would_allow"}],
+        quarantine_reason="deny_burst",
+    )
+    direct, via_typed = Metrics(), Metrics()
+    count(direct, record)
+    value = typed(record)
+    assert value is not None
+    count(via_typed, value)
+
+    def samples(m: Metrics) -> list[tuple[str, tuple[tuple[str, str], ...], float]]:
+        return sorted(
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for family in m.registry.collect()
+            for s in family.samples
+            if s.name.startswith("agent_proxy_") and "svid" not in s.name
+        )
+
+    assert samples(direct) == samples(via_typed)
+    assert any(name == "agent_proxy_requests_total" for name, _, _ in samples(direct))
