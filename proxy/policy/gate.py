@@ -140,6 +140,8 @@ class Gate:
                     status=403,
                     detail=f"{rule_name}: {approval.detail}",
                 )
+        if decided.status == 200 and not extra and decided.headers == () and decided.detail is None:
+            return decided  # nothing to change: no copy per request
         return dataclasses.replace(decided, status=200, headers=tuple(extra), detail=None)
 
 

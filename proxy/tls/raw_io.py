@@ -112,6 +112,13 @@ class PairIo:
             got = lib.SSL_read(ssl, self._cbuf + total, size - total)
             if got > 0:
                 total += got
+                # A record short of the maximum is most likely all there is
+                # (a request, an answer): another SSL_read would only cost a
+                # read() that says EAGAIN. Level-triggered epoll reports the
+                # socket again if more came; decrypted leftovers show in
+                # SSL_pending (the reactor retries those from its ready list).
+                if got < _MAX_PLAINTEXT and not lib.SSL_pending(ssl):
+                    break
                 continue
             err = lib.SSL_get_error(ssl, got)
             if err == _WANT_READ:
@@ -195,6 +202,11 @@ class PairIo:
             lib.ERR_clear_error()
             raise Broken(end.name, f"TLS error while sending: {text}")
         return total
+
+
+# TLS's largest record payload (RFC 8446 section 5.1): a full one suggests a
+# bulk stream with more records already in the socket.
+_MAX_PLAINTEXT = 16384
 
 
 def _unexpected_eof(err: int) -> bool:
