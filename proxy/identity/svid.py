@@ -27,6 +27,7 @@ library's message might echo.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -90,6 +91,11 @@ def _extension(cert: x509.Certificate, kind: type[_ExtT]) -> x509.Extension[_Ext
         raise SvidError(f"certificate has a malformed extension: {exc}") from exc
 
 
+# The SVID rules are a pure function of a certificate's bytes, and a peer
+# presents the same SVID on every connection until it rotates: remember the
+# answer (x509.Certificate hashes and compares by its DER). Failures raise
+# and are never cached; the bound keeps hostile variety cheap.
+@functools.lru_cache(maxsize=256)
 def validate_leaf(cert: x509.Certificate) -> SpiffeId:
     """Check the X509-SVID leaf rules and return the leaf's SPIFFE ID."""
     san = _extension(cert, x509.SubjectAlternativeName)
@@ -144,6 +150,7 @@ def validate_leaf(cert: x509.Certificate) -> SpiffeId:
     return spiffe_id
 
 
+@functools.lru_cache(maxsize=256)
 def validate_signing_cert(cert: x509.Certificate) -> None:
     """Check that ``cert`` may sign SVIDs: cA=true and keyCertSign."""
     constraints = _extension(cert, x509.BasicConstraints)

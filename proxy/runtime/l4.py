@@ -16,6 +16,8 @@ our policy said): ``served``, ``denied``, ``refused_by_upstream``,
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import socket
 from dataclasses import dataclass
 
 import trio
@@ -53,10 +55,33 @@ async def connect_tcp(target: HostPort, timeout: float) -> trio.SocketStream | t
     """A TCP connection, or (reason, detail) saying why not."""
     with trio.move_on_after(timeout):
         try:
-            return await trio.open_tcp_stream(target.host, target.port)
+            family = _literal_family(target.host)
+            if family is None:  # a name: resolve, and happy eyeballs over its addresses
+                return await trio.open_tcp_stream(target.host, target.port)
+            return await _connect_literal(family, target.host, target.port)
         except OSError as exc:
             return "target_unreachable", str(exc.strerror or exc)
     return "target_connect_timeout", f"no connection within {timeout:g}s"
+
+
+def _literal_family(host: str) -> int | None:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return socket.AF_INET6 if address.version == 6 else socket.AF_INET
+
+
+async def _connect_literal(family: int, host: str, port: int) -> trio.SocketStream:
+    """One address, one connect: trio's open_tcp_stream would still run its
+    happy-eyeballs nursery for it (a tenth of a new connection's CPU here)."""
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)  # sets TCP_NODELAY, as open_tcp_stream does
 
 
 # Why a relay ended -> what happened, for the record's ``outcome``.

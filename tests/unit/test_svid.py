@@ -114,6 +114,22 @@ def test_invalid_leaf(
     assert info.value.reason == "invalid_svid"
 
 
+def test_leaf_answers_are_remembered_by_the_certificates_bytes(ca: TestCA) -> None:
+    """A peer presents the same SVID on every connection: the rules run once
+    per certificate (by DER), and a refusal is never remembered as a pass."""
+    leaf = ca.issue(ID)
+    validate_leaf(leaf.cert)
+    hits = validate_leaf.cache_info().hits
+    again = x509.load_der_x509_certificate(_der(leaf.cert))  # a new object, same bytes
+    assert again is not leaf.cert
+    assert validate_leaf(again) == SpiffeId.parse(ID)
+    assert validate_leaf.cache_info().hits == hits + 1
+    bad = ca.issue(None)
+    for _ in range(2):
+        with pytest.raises(SvidError):
+            validate_leaf(bad.cert)
+
+
 # --- signing certificate rules --------------------------------------------------
 
 SIGNING_CASES: list[tuple[str, Callable[[TestCA], x509.Certificate], str | None]] = [
