@@ -31,7 +31,7 @@ from proxy.http.cycle import Cycle, Side
 from proxy.http.exchange import PeerError
 from proxy.http.parsers import make_parser
 from proxy.http.streams import linger_close as linger_close  # the session and admin use it
-from proxy.http.streams import receive_within, send_within, upstream_broken
+from proxy.http.streams import nothing_unread, receive_within, send_within, upstream_broken
 from proxy.http.wire import (
     NEED_DATA,
     Answer,
@@ -285,6 +285,18 @@ class Downstream:
 
     def reusable(self) -> bool:
         return self.cycle.reusable
+
+    def may_close_at_once(self) -> bool:
+        """The client said close, all it sent is read, and nothing more
+        waits: closing cannot reset our answer away, so no lingering close
+        (which costs a half-close and a wait for the client's EOF)."""
+        cycle = self.cycle
+        return (
+            cycle.peer_said_close
+            and cycle.reading is Side.DONE
+            and not self.parser.buffered
+            and nothing_unread(self.stream)
+        )
 
     def start_next_cycle(self) -> None:
         self.cycle.next_cycle()

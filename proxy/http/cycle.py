@@ -35,7 +35,8 @@ class CycleError(Exception):
 
 
 class Cycle:
-    __slots__ = ("close_reason", "expect_continue", "reading", "switched", "writing")
+    __slots__ = ("close_reason", "expect_continue", "peer_said_close", "reading", "switched",
+                 "writing")  # fmt: skip
 
     def __init__(self) -> None:
         self.reading = Side.IDLE
@@ -43,6 +44,7 @@ class Cycle:
         self.close_reason: str | None = None  # set once: the connection must end
         self.switched = False
         self.expect_continue = False
+        self.peer_said_close = False  # the peer's own head ended the connection
 
     # -- what happened -------------------------------------------------------
 
@@ -50,6 +52,7 @@ class Cycle:
         # Even an empty body has its end still to read (as h11 has it).
         self.reading = Side.BODY
         if not head.keep_alive:
+            self.peer_said_close = True
             self.must_close("no keep-alive" if head.version == b"1.1" else "HTTP/1.0")
         if head.framing is Framing.UNTIL_CLOSE:
             self.must_close("body read until close")

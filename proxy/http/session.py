@@ -108,7 +108,7 @@ class HttpSession:
 
     async def run(self) -> None:
         clean = await self._run()
-        if not clean and self.down.cycle.answered:
+        if not clean and self.down.cycle.answered and not self.down.may_close_at_once():
             # We answered and are ending the connection: let the answer land.
             await linger_close(self.down.stream)
 

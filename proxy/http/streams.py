@@ -102,6 +102,16 @@ def upstream_broken(exc: BaseException) -> PeerError:
     return PeerError(502, "upstream_reset", "the upstream connection broke")
 
 
+def nothing_unread(stream: trio.abc.Stream) -> bool:
+    """Whether closing ``stream`` now cannot reset: no input waits unread
+    (or the peer has already ended its side). Reads without waiting; what
+    it reads is dropped, as a lingering close would drop it."""
+    try:
+        return _receive_now(stream, 65536) in (None, b"")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return True  # gone already: nothing left to protect
+
+
 async def linger_close(
     stream: trio.abc.Stream, *, seconds: float = 2.0, max_bytes: int = 1 << 20
 ) -> None:

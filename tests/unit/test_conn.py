@@ -109,3 +109,51 @@ async def test_an_unrequested_101_never_reaches_the_client() -> None:
     assert raw.startswith(b"HTTP/1.1 502 ") and b"101" not in raw.split(b"\r\n")[0]
     assert b"RAW" not in raw
     assert records[0].reason == "bad_upstream_response"
+
+
+async def _session_ends_before_the_client_closes(raw: bytes) -> bool:
+    """Send ``raw`` and keep our side open: does the session end by itself
+    (no lingering close waiting for the client's EOF)?"""
+    limits = Limits()
+    client, server = trio.testing.memory_stream_pair()
+    ended = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def connect(key: Hashable) -> Upstream:
+            ours, theirs = trio.testing.memory_stream_pair()
+            nursery.start_soon(raw_origin, theirs, OK, [])
+            return Upstream(ours, key, limits)
+
+        session = HttpSession(
+            Downstream(server, limits), PathRouter(), UpstreamPool(connect), limits, lambda _: None
+        )
+
+        async def serve() -> None:
+            await session.run()
+            ended.set()
+
+        nursery.start_soon(serve)
+        await client.send_all(raw)
+        received = b""
+        with trio.fail_after(10):
+            while b"hi" not in received:
+                received += await client.receive_some(65536)
+        await trio.testing.wait_all_tasks_blocked()
+        result = ended.is_set()
+        nursery.cancel_scope.cancel()
+    return result
+
+
+async def test_a_client_that_said_close_is_not_lingered_on() -> None:
+    """All it sent is read and it promised nothing more: we close at once."""
+    assert await _session_ends_before_the_client_closes(
+        b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+
+
+async def test_unread_bytes_after_a_close_still_get_a_lingering_close() -> None:
+    """Bytes past the request would make closing send RST, which can destroy
+    our answer before the client reads it: drain first (RFC 9112 9.6)."""
+    assert not await _session_ends_before_the_client_closes(
+        b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET /more"
+    )
