@@ -36,6 +36,7 @@ with. Full handshakes only.
 from __future__ import annotations
 
 import datetime as _dt
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -195,7 +196,27 @@ def _verified_chain(store_ctx: Any) -> list[x509.Certificate]:
         ]
     finally:
         _lib.sk_X509_free(stack)
-    return [cert.to_cryptography() for cert in owned]
+    return [_shared(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)) for cert in owned]
+
+
+# A peer presents the same chain on every connection until it rotates, and
+# each connection keeps its verified chain for its life: one certificate
+# object per distinct DER (bounded, most recent kept) instead of a parse and
+# a copy per handshake. Certificates are immutable; equal DER, equal value.
+_SHARED: OrderedDict[bytes, x509.Certificate] = OrderedDict()
+_SHARED_MAX = 512
+
+
+def _shared(der: bytes) -> x509.Certificate:
+    cert = _SHARED.get(der)
+    if cert is None:
+        cert = x509.load_der_x509_certificate(der)
+        _SHARED[der] = cert
+        if len(_SHARED) > _SHARED_MAX:
+            _SHARED.popitem(last=False)
+    else:
+        _SHARED.move_to_end(der)
+    return cert
 
 
 def _presented_leaf(store_ctx: Any) -> x509.Certificate | None:
