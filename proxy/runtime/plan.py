@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -37,8 +38,6 @@ from proxy.errors import UsageError, find_exception
 from proxy.identity import IdentityState
 from proxy.metrics import Metrics
 from proxy.policy.gate import Gate
-from proxy.runtime.admin import AdminServer
-from proxy.runtime.gate import install_guard_routes
 from proxy.runtime.http_listeners import HttpInboundListener, HttpOutboundListener
 from proxy.runtime.l4 import L4Config, L4Listener
 from proxy.runtime.listener import BaseListener
@@ -47,6 +46,9 @@ from proxy.runtime.serve import run_until_signalled
 from proxy.sources.base import IdentityLoadError, IdentitySource
 from proxy.tracing import Tracer
 from proxy.tracing.export import TracingCollector
+
+if TYPE_CHECKING:
+    from proxy.runtime.admin import AdminServer
 
 __all__ = [
     "Readiness",
@@ -243,8 +245,11 @@ async def _serve(
     register_audit_metrics(metrics.registry, audit)
     if tracer.enabled:
         metrics.registry.register(TracingCollector(tracer))
-    admin = None
+    admin: AdminServer | None = None
     if config.admin.listen is not None:
+        # Here, not at the top: h11 and the admin routes only when enabled.
+        from proxy.runtime.admin import AdminServer
+
         admin = AdminServer(config.admin.listen, metrics, readiness)
         admin.origin = plan.origins.get("admin")
     async with trio.open_nursery() as nursery:
@@ -260,6 +265,8 @@ async def _serve(
         metrics.watch_identity(state, source.stats)
         gate = Gate(config.guard)
         if admin is not None:
+            from proxy.runtime.gate import install_guard_routes
+
             install_guard_routes(admin, gate)
         try:
             listeners = build_listeners(config, state, audit, gate)
