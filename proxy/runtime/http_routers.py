@@ -23,11 +23,9 @@ from proxy.agent.a2a import TaskOwnership
 from proxy.config import InboundConfig, OutboundConfig, RouteConfig
 from proxy.credentials.egress import dns_audit_fields, with_route_credential
 from proxy.credentials.provider import CredentialProvider
-from proxy.http.a2a_flow import A2aGuard
 from proxy.http.conn import Limits
 from proxy.http.exchange import PeerError, RequestOutcome
 from proxy.http.headers import XFCC, Header, header_map, header_value
-from proxy.http.mcp_flow import McpGuard
 from proxy.http.routing import Routed
 from proxy.identity import IdentityState, SpiffeId, TrustBundleSet
 from proxy.identity.jwt_svid import MISSING, JwtBundleSet, JwtSvidError, authenticate_bearer
@@ -287,7 +285,11 @@ class InboundRouter:
         protocol = listener.config.protocol
         if protocol in ("mcp", "a2a"):
             max_body = listener.config.max_body_bytes
+            # The agent-protocol flows are imported here, not at the top: a
+            # sidecar without MCP or A2A listeners never loads them (start-up).
             if protocol == "mcp":
+                from proxy.http.mcp_flow import McpGuard
+
                 base.hook = McpGuard(
                     lambda: listener.policy,
                     listener.gate,
@@ -298,6 +300,8 @@ class InboundRouter:
                     peer_auth=auth,
                 )
             else:
+                from proxy.http.a2a_flow import A2aGuard
+
                 base.hook = A2aGuard(
                     lambda: listener.policy,
                     listener.gate,
@@ -381,11 +385,15 @@ class OutboundRouter:
         snapshot = self.identity.current
         if route.protocol in ("mcp", "a2a"):
             policy = route.policy
-            if route.protocol == "mcp":
+            if route.protocol == "mcp":  # imported here, as in the inbound router
+                from proxy.http.mcp_flow import McpGuard
+
                 base.hook = McpGuard(
                     lambda: policy, self.gate, None, None, snapshot.bundles, route.max_body_bytes
                 )
             else:
+                from proxy.http.a2a_flow import A2aGuard
+
                 base.hook = A2aGuard(
                     lambda: policy,
                     self.gate,
