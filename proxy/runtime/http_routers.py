@@ -13,7 +13,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 from collections.abc import Hashable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 import h11
@@ -21,8 +21,6 @@ import structlog
 
 from proxy.agent.a2a import TaskOwnership
 from proxy.config import InboundConfig, OutboundConfig, RouteConfig
-from proxy.credentials.egress import dns_audit_fields, with_route_credential
-from proxy.credentials.provider import CredentialProvider
 from proxy.http.conn import Limits
 from proxy.http.exchange import PeerError, RequestOutcome
 from proxy.http.headers import XFCC, Header, header_map, header_value
@@ -36,6 +34,9 @@ from proxy.policy.paths import BadPath, normalize_path
 from proxy.policy.rules import RequestFacts
 from proxy.policy.verdict import RequestVerdict, refused
 from proxy.runtime.listener import BaseListener, Conn
+
+if TYPE_CHECKING:
+    from proxy.credentials.provider import CredentialProvider
 
 
 class InboundView(Protocol):
@@ -328,7 +329,12 @@ class InboundRouter:
             base=base,
             peer_auth=auth,
         )
-        return with_route_credential(routed, None, jwt_fields) if jwt_fields else routed
+        if not jwt_fields:
+            return routed
+        # Imported here, not at the top, as in OutboundRouter._finish.
+        from proxy.credentials.egress import with_route_credential
+
+        return with_route_credential(routed, None, jwt_fields)
 
 
 class OutboundRouter:
@@ -422,6 +428,12 @@ class OutboundRouter:
     def _finish(self, route: RouteConfig, routed: Routed, *, hooked: bool = False) -> Routed:
         """The route's credential (after policy allowed) and upstream audit fields."""
         provider = self.providers.get(route.name)
+        if provider is None and route.upstream_tls.mode != "dns":
+            return routed  # dns_audit_fields would be empty
+        # Imported here, not at the top: a sidecar without credentials or DNS
+        # upstreams never loads the credential code (start-up time).
+        from proxy.credentials.egress import dns_audit_fields, with_route_credential
+
         fields = dns_audit_fields(route.upstream_tls)
         if provider is None and not fields:
             return routed

@@ -33,7 +33,6 @@ import trio
 from proxy.audit import AuditSink, rfc3339
 from proxy.audit.exposition import register as register_audit_metrics
 from proxy.config import Config, InboundConfig, OutboundConfig
-from proxy.credentials.metrics import CredentialCollector
 from proxy.errors import UsageError, find_exception
 from proxy.identity import IdentityState
 from proxy.metrics import Metrics
@@ -278,6 +277,8 @@ async def _serve(
             listener.origin = plan.origins.get(listener.name)
         providers = [p for lst in listeners for p in getattr(lst, "providers", {}).values()]
         if providers:
+            from proxy.credentials.metrics import CredentialCollector
+
             metrics.register(CredentialCollector(lambda: providers))
         _publish_policy(gate, metrics, config)
         reloader = ConfigReloader(plan.reload, config, listeners, metrics, watch=plan.watch)
