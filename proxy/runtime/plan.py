@@ -241,9 +241,9 @@ async def _serve(
     config = plan.config
     readiness = Readiness()
     readiness.audit = audit
-    register_audit_metrics(metrics.registry, audit)
+    register_audit_metrics(metrics, audit)
     if tracer.enabled:
-        metrics.registry.register(TracingCollector(tracer))
+        metrics.register(TracingCollector(tracer))
     admin: AdminServer | None = None
     if config.admin.listen is not None:
         # Here, not at the top: h11 and the admin routes only when enabled.
