@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any, Literal
 
 from proxy.errors import UsageError
@@ -28,6 +29,7 @@ __all__ = [
     "add_format_flag",
     "configure",
     "current_format",
+    "import_structlog",
     "render_event",
     "select_format",
 ]
@@ -75,12 +77,60 @@ def current_format() -> Format:
         return "json"
 
 
-def _renderer(fmt: Format) -> Any:
-    import structlog  # here, not at the top: ``agent-proxy --help`` needs none of it
+def import_structlog() -> ModuleType:
+    """structlog, imported the first time without rich.
 
+    Why: when rich is installed (typer and the CEL package bring it),
+    ``import structlog`` imports it for the console renderer's tracebacks:
+    some 70 modules, about a tenth of ``run``'s start-up before the first
+    listener binds, and JSON logs never use it. So rich is unimportable only while
+    structlog is first imported, and importable again right after (a CEL
+    condition may still import it). :func:`_exception_formatter` finishes
+    structlog's rich support when the console format is chosen, so the
+    console renders exactly as it would have. The CLI calls this before it
+    imports a command's module; an importer that comes first (a test, the
+    demo) gets structlog as it always was."""
+    if "structlog" not in sys.modules and "rich" not in sys.modules:
+        sys.modules["rich"] = None  # type: ignore[assignment]  # "import rich" raises ImportError
+        try:
+            import structlog
+        finally:
+            if sys.modules.get("rich", ...) is None:
+                del sys.modules["rich"]
+    import structlog
+
+    return structlog
+
+
+def _renderer(fmt: Format) -> Any:
+    # Here, not at the top: ``agent-proxy --help`` needs none of it.
+    structlog = import_structlog()
     if fmt == "console":
-        return structlog.dev.ConsoleRenderer(colors=_colors())
+        colors = _colors()
+        return structlog.dev.ConsoleRenderer(
+            colors=colors, exception_formatter=_exception_formatter(colors)
+        )
     return structlog.processors.JSONRenderer()
+
+
+def _exception_formatter(colors: bool) -> Any:
+    """The console renderer's default exception formatter: rich's traceback
+    when rich is installed, structlog's plain one otherwise."""
+    dev = import_structlog().dev
+    if dev.rich is None:  # imported without rich: finish that import if rich is there
+        try:
+            import rich
+            from rich.console import Console
+            from rich.traceback import Traceback
+        except ImportError:
+            pass
+        else:
+            dev.rich, dev.Console, dev.Traceback = rich, Console, Traceback
+            # structlog's own defaults with rich: rich_traceback, rich_monochrome_traceback.
+            if colors:
+                return dev.RichTracebackFormatter()
+            return dev.RichTracebackFormatter(color_system=None)
+    return dev.default_exception_formatter if colors else dev.default_monochrome_exception_formatter
 
 
 def _colors() -> bool:
@@ -91,8 +141,7 @@ def _colors() -> bool:
 def configure(level: str = "info") -> None:
     import logging
 
-    import structlog
-
+    structlog = import_structlog()
     fmt = current_format()
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,

@@ -25,14 +25,18 @@ from __future__ import annotations
 import bisect
 import datetime as _dt
 from collections.abc import Iterable, Sequence
-from typing import Protocol
-
-from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.identity import IdentitySnapshot, IdentityState
+
+# prometheus_client is imported at scrape time, not here: only the registry
+# and the families come from it, the hot path adds to plain dicts, and a
+# sidecar should not load it (with its http.server and email modules)
+# before its listeners bind, nor at all with the admin endpoint off.
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import Collector
 
 __all__ = ["DURATION_BUCKETS", "Metrics"]
 
@@ -66,6 +70,8 @@ class _Counter:
         self.values[key] = self.values.get(key, 0.0) + amount
 
     def family(self) -> Metric:
+        from prometheus_client.core import CounterMetricFamily
+
         base = self.name.removesuffix("_total")
         out = CounterMetricFamily(base, self.doc, labels=self.labels)
         for key, value in self.values.items():
@@ -75,6 +81,8 @@ class _Counter:
 
 class _Gauge(_Counter):
     def family(self) -> Metric:
+        from prometheus_client.core import GaugeMetricFamily
+
         out = GaugeMetricFamily(self.name, self.doc, labels=self.labels)
         for key, value in self.values.items():
             out.add_metric(list(key), value)
@@ -102,6 +110,8 @@ class _Histogram:
         total[0] += value
 
     def family(self) -> Metric:
+        from prometheus_client.core import HistogramMetricFamily
+
         out = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
         for key, (counts, total) in self.series.items():
             running = 0
@@ -131,6 +141,8 @@ class _Identity:
         self.reloads: ReloadCounts | None = None
 
     def families(self) -> Iterable[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         expiry = GaugeMetricFamily(
             "agent_proxy_svid_expiry_timestamp_seconds",
             "When our current X509-SVID expires (its notAfter), in Unix time.",
@@ -166,7 +178,9 @@ class _Families:
 class Metrics:
     """All of the sidecar's metrics; cheap to update, rendered on scrape."""
 
-    CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+    # prometheus_client's CONTENT_TYPE_PLAIN_0_0_4 (tests/unit/test_metrics.py
+    # checks they agree), written out so the class needs no import.
+    CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
     def __init__(self) -> None:
         traffic: Sequence[str] = ("listener", "direction", "decision", "reason")
@@ -220,8 +234,8 @@ class Metrics:
             "The policy version in force (the value audit records carry), as a label.",
             ("version",),
         )
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(
+        self._registry: CollectorRegistry | None = None
+        self._collectors: list[Collector] = [
             _Families(
                 (
                     self._connections,
@@ -237,7 +251,7 @@ class Metrics:
                 ),
                 self._identity,
             )
-        )
+        ]
 
     # -- hot path ---------------------------------------------------------
 
@@ -288,10 +302,27 @@ class Metrics:
     def _identity_swapped(self, snapshot: IdentitySnapshot) -> None:
         self._identity.not_after = snapshot.svid.not_after
 
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The private registry, made on first use (a scrape) with every
+        collector registered so far."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            # auto_describe=False: registering asks a collector nothing (ours
+            # have no describe()), so registering late changes nothing.
+            self._registry = CollectorRegistry(auto_describe=False)
+            for collector in self._collectors:
+                self._registry.register(collector)
+        return self._registry
+
     def register(self, collector: Collector) -> None:
-        """Export another area's families (credentials, tracing), read at
-        scrape time; metrics itself depends on none of them."""
-        self.registry.register(collector)
+        """Export another area's families (audit, credentials, tracing),
+        read at scrape time; metrics itself depends on none of them."""
+        if self._registry is None:
+            self._collectors.append(collector)
+        else:
+            self._registry.register(collector)
 
     def set_policy_version(self, version: str) -> None:
         """An info metric: one series, value 1, for the version in force."""
@@ -305,4 +336,6 @@ class Metrics:
 
     def render(self) -> bytes:
         """The text exposition format 0.0.4 (:attr:`CONTENT_TYPE`)."""
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry)

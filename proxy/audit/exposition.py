@@ -1,20 +1,26 @@
 """The sink's own metrics, on the sidecar's private Prometheus registry.
 
-``register(metrics.registry, sink)`` adds a collector read at scrape time:
-no work on the hot path, and proxy/metrics.py needs no change.
+``register(metrics, sink)`` (or a ``CollectorRegistry``) adds a collector
+read at scrape time: no work on the hot path, and proxy/metrics.py needs no
+change. prometheus_client is imported at scrape time, as metrics does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
-
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import Collector
+
     from proxy.audit.sink import AuditSink
+
+
+class Registers(Protocol):
+    """Where collectors go: proxy.metrics.Metrics, or a CollectorRegistry."""
+
+    def register(self, collector: Collector) -> None: ...
 
 
 class AuditCollector:
@@ -22,6 +28,8 @@ class AuditCollector:
         self.sink = sink
 
     def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         sink = self.sink
         errors = CounterMetricFamily(
             "agent_proxy_audit_errors", "Audit writes that failed (ENOSPC, EIO, file removed...)."
@@ -43,5 +51,5 @@ class AuditCollector:
         return (errors, dropped, written, healthy)
 
 
-def register(registry: CollectorRegistry, sink: AuditSink) -> None:
+def register(registry: Registers, sink: AuditSink) -> None:
     registry.register(AuditCollector(sink))

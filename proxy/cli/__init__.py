@@ -86,6 +86,8 @@ def build_parser(only: str | None = "*") -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     word = _command_word(args_in)
+    if word in COMMANDS:
+        logs.import_structlog()  # before the command's modules import it (rich stays out)
     parser = build_parser(word if word in COMMANDS else None)
     args = parser.parse_args(args_in)
     try:

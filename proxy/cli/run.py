@@ -18,7 +18,7 @@ from typing import Any
 
 from proxy import logs
 from proxy.cli.envflags import EnvFlag, env_help, fill_from_env
-from proxy.config import load_config, summarize
+from proxy.config import load_config
 from proxy.runtime.plan import build_plan, check_identity, run_plan
 
 _RUN_FLAGS = (EnvFlag("config", "--config", required=True),)
@@ -55,6 +55,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from proxy.config import summarize  # here: ``run`` needs no summary
+
     plan = build_plan(load_config(args.file))
     check_identity(plan.config)
     sys.stdout.write(summarize(plan.config).rstrip("\n") + "\n")

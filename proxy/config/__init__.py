@@ -17,7 +17,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.config.listeners import check_unique, inbound_section, outbound_section
 from proxy.config.schema import (
@@ -46,10 +46,12 @@ from proxy.config.sections import (
     identity_section,
     tracing_section,
 )
-from proxy.config.summary import summarize
 from proxy.config.walker import Ctx, Table
 from proxy.policy.evaluate import PolicySet, policy_version
 from proxy.policy.quarantine import GuardConfig
+
+if TYPE_CHECKING:
+    from proxy.config.summary import summarize
 
 __all__ = [
     "DEFAULT_ADMIN",
@@ -73,6 +75,15 @@ __all__ = [
     "parse_config",
     "summarize",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # check-config's summary, imported when used: ``run`` never needs it.
+    if name == "summarize":
+        from proxy.config.summary import summarize
+
+        return summarize
+    raise AttributeError(f"module 'proxy.config' has no attribute {name!r}")
 
 
 def load_config(path: str | Path) -> Config:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from proxy.agent.a2a import normalize_method as normalize_a2a_method
-from proxy.agent.a2a_push import validate_push_allowlist_entry
 from proxy.config.walker import Table
 from proxy.policy import PatternError, SpiffePattern
 from proxy.policy.conditions import ConditionError, compile_condition
@@ -97,6 +95,8 @@ def _high_impact(t: Table) -> HighImpact | None:
 
 def _push_urls(t: Table) -> tuple[str, ...]:
     values = t.strings("push_url_allowlist", required=False, nonempty=False)
+    if values:  # here, not at the top: only an A2A config loads the A2A code
+        from proxy.agent.a2a_push import validate_push_allowlist_entry
     for i, value in enumerate(values):
         # The matcher's own parser: an entry it cannot read would never match.
         try:
@@ -130,6 +130,8 @@ def guard_rule(
     if protocol == "a2a" and rt.has("a2a_methods"):
         # Method allowlists name v0.3 or v1.0 methods; both normalise to the
         # v1.0 name the relay puts in mcp.method, so one list covers both.
+        from proxy.agent.a2a import normalize_method as normalize_a2a_method
+
         names = []
         for i, name in enumerate(rt.strings("a2a_methods")):
             normal = normalize_a2a_method(name)

@@ -20,14 +20,17 @@ Seams for the runtime (each a plain call):
 - metrics: :class:`~proxy.credentials.metrics.CredentialCollector`.
 """
 
-from proxy.credentials.headers import with_credential
-from proxy.credentials.provider import (
-    REASON,
-    Credential,
-    CredentialFetchError,
-    CredentialProvider,
-    CredentialUnavailable,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.credentials.headers import with_credential
+    from proxy.credentials.provider import (
+        REASON,
+        Credential,
+        CredentialFetchError,
+        CredentialProvider,
+        CredentialUnavailable,
+    )
 
 __all__ = [
     "REASON",
@@ -37,3 +40,20 @@ __all__ = [
     "CredentialUnavailable",
     "with_credential",
 ]
+
+# Imported on first use, not with the package: the config parser imports
+# proxy.credentials.config, and a sidecar without credentials should not
+# load the provider (trio, structlog, JWT-SVIDs) for it before listening.
+_PROVIDER = frozenset(__all__) - {"with_credential"}
+
+
+def __getattr__(name: str) -> object:
+    if name == "with_credential":
+        from proxy.credentials import headers
+
+        return headers.with_credential
+    if name in _PROVIDER:
+        from proxy.credentials import provider
+
+        return getattr(provider, name)
+    raise AttributeError(f"module 'proxy.credentials' has no attribute {name!r}")

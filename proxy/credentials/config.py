@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from proxy.credentials.token_endpoint import parse_token_url
 from proxy.identity import SpiffeIdError, TrustDomain
 from proxy.tls.dns import SYSTEM_TRUST, DnsTlsError, check_server_name
 
@@ -226,6 +225,10 @@ def parse_credential(rt: Table) -> CredentialConfig | None:
     elif kind == "file":
         out["path"] = ct.path_value("path")
     else:
+        # Here, not at the top: the token endpoint client (h11, trio, the
+        # provider) only for a config with an OAuth credential.
+        from proxy.credentials.token_endpoint import parse_token_url
+
         url = ct.string("token_url", nonempty=True)
         try:
             parse_token_url(url)

@@ -1,7 +1,7 @@
 """Prometheus families for the routes' credentials, read at scrape time.
 
 Register :class:`CredentialCollector` on the sidecar's private registry
-(``Metrics.registry.register(...)``); it reads the providers' counters when
+(``Metrics.register(...)``); it reads the providers' counters when
 scraped, so the request path only adds to plain ints. Labels are the route
 name and the credential type (both from the config, so bounded); no value
 ever carries a token, only counts and the seconds left on the current one.

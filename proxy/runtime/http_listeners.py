@@ -24,14 +24,13 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 from collections.abc import Callable, Hashable
-from functools import partial
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, cast
 
 import structlog
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from proxy.agent.a2a import TaskOwnership
 from proxy.audit import AuditSink, rfc3339
 from proxy.config import IdentityConfig, InboundConfig, OutboundConfig, RouteConfig
 from proxy.credentials.config import CredentialConfig
@@ -42,7 +41,6 @@ from proxy.http.pool import UpstreamPool
 from proxy.http.routing import UpstreamFailure
 from proxy.http.session import HttpSession
 from proxy.identity import IdentitySnapshot, IdentityState, SideCache, SpiffeId
-from proxy.identity.jwt_svid import JwtBundleSet
 from proxy.netaddr import format_sockaddr
 from proxy.policy import PeerDecision, SpiffePattern, decide_peer
 from proxy.policy.evaluate import PolicySet
@@ -64,9 +62,11 @@ from proxy.tls.dns import DnsSide, verified_upstream
 if TYPE_CHECKING:
     # Imported where a config uses them: the fetchers and JWT bundle
     # sources pull in gRPC and PyJWT, which a plain sidecar never loads.
+    from proxy.agent.a2a import TaskOwnership
     from proxy.credentials.build import JwtSvidSource
     from proxy.credentials.provider import CredentialProvider
     from proxy.credentials.sources import InboundJwtBundles
+    from proxy.identity.jwt_svid import JwtBundleSet
 
 log = structlog.get_logger("agent_proxy")
 
@@ -111,7 +111,6 @@ class HttpInboundListener(BaseListener):
         self.limits = limits_of(config)
         self.strip = frozenset(fold(h.encode()) for h in config.identity_headers) | {XFCC}
         self.gate = gate or Gate(GuardConfig())
-        self.tasks = TaskOwnership()  # A2A: who created which task
         self.set_policy(config.guard)
         self._jwt: InboundJwtBundles | None = None
         if config.jwt_svid is not None:
@@ -152,8 +151,20 @@ class HttpInboundListener(BaseListener):
         self.policy = policy
         self.admitted: tuple[SpiffePattern, ...] = policy.admitted_peers()
 
+    @cached_property
+    def tasks(self) -> TaskOwnership:
+        """A2A: who created which task. Made on first use, not with the
+        listener: only an A2A listener loads the A2A code (start-up time)."""
+        from proxy.agent.a2a import TaskOwnership
+
+        return TaskOwnership()
+
     def jwt_bundles(self) -> JwtBundleSet:
-        return self._jwt.current() if self._jwt is not None else JwtBundleSet()
+        if self._jwt is not None:
+            return self._jwt.current()
+        from proxy.identity.jwt_svid import JwtBundleSet  # only with jwt_svid configured
+
+        return JwtBundleSet()
 
     async def background(self) -> None:
         async with trio.open_nursery() as nursery:

@@ -13,24 +13,19 @@ import dataclasses
 import datetime as _dt
 import hashlib
 from collections.abc import Hashable
-from typing import Protocol
+from functools import cached_property
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 import structlog
 
-from proxy.agent.a2a import TaskOwnership
 from proxy.config import InboundConfig, OutboundConfig, RouteConfig
-from proxy.credentials.egress import dns_audit_fields, with_route_credential
-from proxy.credentials.provider import CredentialProvider
-from proxy.http.a2a_flow import A2aGuard
 from proxy.http.conn import Limits
 from proxy.http.exchange import PeerError, RequestOutcome
 from proxy.http.headers import XFCC, Header, header_map, header_value
-from proxy.http.mcp_flow import McpGuard
 from proxy.http.routing import Routed
 from proxy.http.wire import Request
 from proxy.identity import IdentityState, SpiffeId, TrustBundleSet
-from proxy.identity.jwt_svid import MISSING, JwtBundleSet, JwtSvidError, authenticate_bearer
 from proxy.policy.approval import APPROVAL_HEADER
 from proxy.policy.evaluate import PolicySet
 from proxy.policy.gate import Gate
@@ -39,6 +34,11 @@ from proxy.policy.rules import RequestFacts
 from proxy.policy.verdict import RequestVerdict, refused
 from proxy.runtime.listener import BaseListener, Conn
 
+if TYPE_CHECKING:
+    from proxy.agent.a2a import TaskOwnership
+    from proxy.credentials.provider import CredentialProvider
+    from proxy.identity.jwt_svid import JwtBundleSet, JwtSvidError
+
 
 class InboundView(Protocol):
     """What an inbound router reads from its listener, per request (a hot
@@ -46,11 +46,13 @@ class InboundView(Protocol):
 
     policy: PolicySet
     gate: Gate
-    tasks: TaskOwnership
     strip: frozenset[bytes]
 
     @property
     def config(self) -> InboundConfig: ...
+
+    @property
+    def tasks(self) -> TaskOwnership: ...
 
     def jwt_bundles(self) -> JwtBundleSet:
         """The JWT bundles inbound ``jwt_svid`` validates with, now."""
@@ -226,6 +228,8 @@ def emit_outcome(
 def _bearer_refused(error: JwtSvidError) -> RequestVerdict:
     """401 with the challenge RFC 6750 3 asks for (no error code when
     the request carried no token at all)."""
+    from proxy.identity.jwt_svid import MISSING
+
     challenge = "Bearer" if error.reason == MISSING else 'Bearer error="invalid_token"'
     return dataclasses.replace(
         refused(error.reason, 401, str(error)), headers=(("www-authenticate", challenge),)
@@ -260,6 +264,9 @@ class InboundRouter:
         jwt_fields: dict[str, object] = {}
         jwt = listener.config.jwt_svid
         if jwt is not None:
+            # Imported here: only a listener with jwt_svid loads it (start-up time).
+            from proxy.identity.jwt_svid import JwtSvidError, authenticate_bearer
+
             # The caller is who the JWT-SVID says, not the L7 hop that
             # holds the mTLS connection; the header is stripped either way.
             proof = authenticate_bearer(
@@ -286,6 +293,11 @@ class InboundRouter:
         )
         protocol = listener.config.protocol
         if protocol in ("mcp", "a2a"):
+            # Imported here, not at the top: only MCP and A2A listeners load
+            # the agent-protocol code (start-up time).
+            from proxy.http.a2a_flow import A2aGuard
+            from proxy.http.mcp_flow import McpGuard
+
             max_body = listener.config.max_body_bytes
             if protocol == "mcp":
                 base.hook = McpGuard(
@@ -324,7 +336,11 @@ class InboundRouter:
             base=base,
             peer_auth=auth,
         )
-        return with_route_credential(routed, None, jwt_fields) if jwt_fields else routed
+        if not jwt_fields:
+            return routed
+        from proxy.credentials.egress import with_route_credential  # as in _finish
+
+        return with_route_credential(routed, None, jwt_fields)
 
 
 class OutboundRouter:
@@ -338,10 +354,16 @@ class OutboundRouter:
         self.gate = gate
         self.providers = providers or {}
         self.identity = identity
-        self.tasks = TaskOwnership()
         self.proxy_mode = config.protocol == "http-proxy"
         self.routes = {r.host: r for r in config.routes if r.host is not None}
         self.single = config.routes[0] if not self.proxy_mode else None
+
+    @cached_property
+    def tasks(self) -> TaskOwnership:
+        """A2A: who created which task (made on first use, as the listener's)."""
+        from proxy.agent.a2a import TaskOwnership
+
+        return TaskOwnership()
 
     def _lookup(self, host: str | None) -> RouteConfig | None:
         if self.single is not None:
@@ -380,6 +402,9 @@ class OutboundRouter:
         )
         snapshot = self.identity.current
         if route.protocol in ("mcp", "a2a"):
+            from proxy.http.a2a_flow import A2aGuard  # here, as in InboundRouter
+            from proxy.http.mcp_flow import McpGuard
+
             policy = route.policy
             if route.protocol == "mcp":
                 base.hook = McpGuard(
@@ -414,7 +439,10 @@ class OutboundRouter:
     def _finish(self, route: RouteConfig, routed: Routed, *, hooked: bool = False) -> Routed:
         """The route's credential (after policy allowed) and upstream audit fields."""
         provider = self.providers.get(route.name)
+        if provider is None and route.upstream_tls.mode != "dns":
+            return routed  # nothing to add: no credential, no DNS audit fields
+        # Imported here: only credentials and DNS upstreams load it (start-up time).
+        from proxy.credentials.egress import dns_audit_fields, with_route_credential
+
         fields = dns_audit_fields(route.upstream_tls)
-        if provider is None and not fields:
-            return routed
         return with_route_credential(routed, provider, fields, hooked=hooked)

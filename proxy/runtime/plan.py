@@ -26,19 +26,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from proxy.audit import AuditSink, rfc3339
 from proxy.audit.exposition import register as register_audit_metrics
 from proxy.config import Config, InboundConfig, OutboundConfig
-from proxy.credentials.metrics import CredentialCollector
 from proxy.errors import UsageError, find_exception
 from proxy.identity import IdentityState
 from proxy.metrics import Metrics
 from proxy.policy.gate import Gate
-from proxy.runtime.admin import AdminServer
-from proxy.runtime.gate import install_guard_routes
 from proxy.runtime.http_listeners import HttpInboundListener, HttpOutboundListener
 from proxy.runtime.l4 import L4Config, L4Listener
 from proxy.runtime.listener import BaseListener
@@ -47,6 +45,9 @@ from proxy.runtime.serve import run_until_signalled
 from proxy.sources.base import IdentityLoadError, IdentitySource
 from proxy.tracing import Tracer
 from proxy.tracing.export import TracingCollector
+
+if TYPE_CHECKING:
+    from proxy.runtime.admin import AdminServer
 
 __all__ = [
     "Readiness",
@@ -240,11 +241,14 @@ async def _serve(
     config = plan.config
     readiness = Readiness()
     readiness.audit = audit
-    register_audit_metrics(metrics.registry, audit)
+    register_audit_metrics(metrics, audit)
     if tracer.enabled:
-        metrics.registry.register(TracingCollector(tracer))
-    admin = None
+        metrics.register(TracingCollector(tracer))
+    admin: AdminServer | None = None
     if config.admin.listen is not None:
+        # Here, not at the top: h11 and the admin routes only when enabled.
+        from proxy.runtime.admin import AdminServer
+
         admin = AdminServer(config.admin.listen, metrics, readiness)
         admin.origin = plan.origins.get("admin")
     async with trio.open_nursery() as nursery:
@@ -260,6 +264,8 @@ async def _serve(
         metrics.watch_identity(state, source.stats)
         gate = Gate(config.guard)
         if admin is not None:
+            from proxy.runtime.gate import install_guard_routes
+
             install_guard_routes(admin, gate)
         try:
             listeners = build_listeners(config, state, audit, gate)
@@ -271,6 +277,8 @@ async def _serve(
             listener.origin = plan.origins.get(listener.name)
         providers = [p for lst in listeners for p in getattr(lst, "providers", {}).values()]
         if providers:
+            from proxy.credentials.metrics import CredentialCollector
+
             metrics.register(CredentialCollector(lambda: providers))
         _publish_policy(gate, metrics, config)
         reloader = ConfigReloader(plan.reload, config, listeners, metrics, watch=plan.watch)

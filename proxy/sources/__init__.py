@@ -20,7 +20,6 @@ from proxy.sources.base import (
     SourceStats,
     lifetime_remaining_fraction,
 )
-from proxy.sources.dev import DEV_WARNING, DevSource
 from proxy.sources.files import FilesSource, load_snapshot_from_files
 
 __all__ = [
@@ -42,9 +41,11 @@ __all__ = [
 ]
 
 # The Workload API source pulls in grpc and protobuf (a large share of the
-# start-up time); import it only when one of its names is used.
+# start-up time), the dev source the embedded CA; import each only when one
+# of its names is used.
 _WORKLOAD_API = frozenset({"ENDPOINT_ENV", "WorkloadApiSource", "parse_endpoint",
                            "snapshot_from_response"})
+_DEV = frozenset({"DEV_WARNING", "DevSource"})
 
 
 def __getattr__(name: str) -> object:
@@ -52,4 +53,8 @@ def __getattr__(name: str) -> object:
         from proxy.sources import workload_api
 
         return getattr(workload_api, name)
+    if name in _DEV:
+        from proxy.sources import dev
+
+        return getattr(dev, name)
     raise AttributeError(f"module 'proxy.sources' has no attribute {name!r}")

@@ -52,7 +52,7 @@ TABLE: dict[str, Row] = {
     "durations": row(),
     "netaddr": row(),
     "fileutil": row(),
-    "logs": row("", "structlog"),
+    "logs": row("", "structlog rich"),
     "notify": row(),
     "identity": row("", "cryptography jwt"),
     "devca": row("identity devca_files", "cryptography"),

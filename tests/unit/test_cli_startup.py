@@ -148,3 +148,44 @@ def test_the_run_command_leaves_grpc_protobuf_jwt_and_cel_for_who_needs_them() -
     modules = json.loads(out)
     lazy = ("grpc", "google.protobuf", "jwt", "cel")
     assert [m for m in modules if any(m == h or m.startswith(h + ".") for h in lazy)] == []
+
+
+# Loaded only by a config (or a command) that uses them; a plain HTTP
+# sidecar with files identity and admin off needs none before listening.
+NOT_FOR_A_SMALL_RUN = ("rich", "prometheus_client", "grpc", "google.protobuf", "jwt", "cel",
+                       "proxy.devca", "proxy.sources.dev", "proxy.agent", "proxy.http.mcp_flow",
+                       "proxy.http.a2a_flow", "proxy.credentials.provider",
+                       "proxy.credentials.token_endpoint", "proxy.identity.jwt_svid",
+                       "proxy.runtime.admin", "proxy.config.summary")  # fmt: skip
+
+
+def test_the_run_command_imports_no_code_for_features_a_small_config_lacks() -> None:
+    modules = _modules_after("run", "--help")
+    assert "proxy.cli.run" in modules and "structlog" in modules
+    lazy = NOT_FOR_A_SMALL_RUN
+    assert [m for m in modules if any(m == h or m.startswith(h + ".") for h in lazy)] == []
+
+
+_CONSOLE_TRACEBACK = """
+import sys
+from proxy import logs
+logs.import_structlog()  # as the CLI does: structlog first imported without rich
+assert "rich" not in sys.modules
+logs.select_format("console", {})
+logs.configure("info")
+try:
+    1 / 0
+except ZeroDivisionError:
+    logs.import_structlog().get_logger("t").exception("it broke")
+"""
+
+
+def test_the_console_format_still_renders_rich_tracebacks() -> None:
+    # structlog was imported with rich hidden; choosing the console format
+    # gives the traceback structlog renders with rich, as before.
+    done = subprocess.run(
+        [sys.executable, "-c", _CONSOLE_TRACEBACK], capture_output=True, text=True, check=True
+    )
+    assert "it broke" in done.stderr
+    assert "Traceback (most recent call last)" in done.stderr and "╭" in done.stderr
+    assert "ZeroDivisionError" in done.stderr

@@ -158,3 +158,24 @@ def test_registries_are_private() -> None:
 
 def test_content_type_is_text_0_0_4() -> None:
     assert Metrics.CONTENT_TYPE == "text/plain; version=0.0.4; charset=utf-8"
+    # Written out in proxy.metrics so the class needs no import: the same value.
+    from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
+
+    assert Metrics.CONTENT_TYPE == CONTENT_TYPE_PLAIN_0_0_4
+
+
+def test_collectors_registered_before_the_registry_exists_are_scraped() -> None:
+    # The registry is made on first use (a scrape); what was registered
+    # before it (the audit sink's, tracing's collectors) is in it.
+    class One:
+        def collect(self) -> list[object]:
+            from prometheus_client.core import GaugeMetricFamily
+
+            g = GaugeMetricFamily("agent_proxy_test_early", "registered early")
+            g.add_metric([], 1.0)
+            return [g]
+
+    metrics = Metrics()
+    metrics.register(One())  # type: ignore[arg-type]
+    assert b"agent_proxy_test_early 1.0" in metrics.render()
+    assert metrics.registry.get_sample_value("agent_proxy_test_early") == 1.0
