@@ -181,6 +181,18 @@ def _has_surrogate(text: str) -> bool:
     return _SURROGATE.search(text) is not None
 
 
+# A lone surrogate can only come from a \uD800-\uDFFF escape (the text itself
+# decoded from UTF-8), and nesting can only be as deep as the brackets in the
+# text. Most bodies have neither: the walk over the parsed tree is skipped.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _may_fail_tree_checks(text: str) -> bool:
+    return (
+        text.count("{") + text.count("[") > MAX_DEPTH or _SURROGATE_ESCAPE.search(text) is not None
+    )
+
+
 def _check_tree(value: Any) -> None:
     """Depth and string checks, iteratively (no recursion on hostile input)."""
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -221,7 +233,8 @@ def decode_json(body: bytes | str, *, max_bytes: int) -> Any:
             parse_constant=_no_constant,
             parse_float=_finite_float,
         )
-        _check_tree(value)
+        if _may_fail_tree_checks(text):
+            _check_tree(value)
     except _Refused as exc:
         raise JsonRpcError(PARSE_ERROR, f"Parse error: {exc}") from None
     except RecursionError:

@@ -4,10 +4,11 @@ a body it accepts can be serialised again (audit hashes, filtered lists)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from proxy.agent.jsonrpc import JsonRpcError, JsonRpcMessage, args_sha256, dumps, parse_message
@@ -63,3 +64,32 @@ def test_an_overflowing_float_is_a_parse_error() -> None:
     with pytest.raises(JsonRpcError) as info:
         parse_message(INF_ARGUMENT, max_bytes=1 << 16, allow_batch=False)
     assert "out of range" in str(info.value)
+
+
+@given(
+    st.recursive(
+        st.none()
+        | st.integers()
+        | st.text(alphabet=st.characters(min_codepoint=0xD7F0, max_codepoint=0xE010)),
+        lambda children: (
+            st.lists(children, max_size=3)
+            | st.dictionaries(st.text(max_size=3), children, max_size=3)
+        ),
+        max_leaves=300,
+    )
+)
+@example(functools.reduce(lambda inner, _: [inner], range(130), 0))
+@example({"k": "\ud800"})
+@example({"\udfff": 1})
+def test_the_tree_walk_is_skipped_only_when_it_cannot_refuse(value: object) -> None:
+    """decode_json skips the depth and surrogate walk when the text shows no
+    surrogate escape and too few brackets: that must never let through what
+    the walk refuses."""
+    from proxy.agent.jsonrpc import _check_tree, _may_fail_tree_checks, _Refused
+
+    text = json.dumps(value)  # ensure_ascii: lone surrogates become \udXXX escapes
+    parsed = json.loads(text)
+    try:
+        _check_tree(parsed)
+    except _Refused:
+        assert _may_fail_tree_checks(text)
