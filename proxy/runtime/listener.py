@@ -74,6 +74,9 @@ class Conn:
     cert_deadline: float = math.inf
     lifetime_deadline: float = math.inf
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # The verified peer's (id, serial, notAfter) as records write them: the
+    # same for every record of the connection, so rendered once.
+    peer_fields: tuple[str, str, str] | None = None
 
     def end_reason(self) -> str:
         """Why a cancelled connection ended, for its close record."""
@@ -127,11 +130,15 @@ class BaseListener:
     def record(self, conn: Conn, event: str, decision: str, reason: str, **extra: object) -> None:
         peer_id = serial = not_after = rule = None
         if conn.tls is not None:
-            verified = conn.tls.peer.verified
-            if verified is not None:
-                peer_id = str(verified.spiffe_id)
-                serial = verified.serial_hex
-                not_after = rfc3339(verified.not_after)
+            fields = conn.peer_fields
+            if fields is None and (verified := conn.tls.peer.verified) is not None:
+                fields = conn.peer_fields = (
+                    str(verified.spiffe_id),
+                    verified.serial_hex,
+                    rfc3339(verified.not_after),
+                )
+            if fields is not None:
+                peer_id, serial, not_after = fields
             peer_decision = conn.tls.peer.decision
             if peer_decision is not None and peer_decision.allowed:
                 rule = peer_decision.rule
