@@ -103,6 +103,13 @@ def _direct(ctx: Context) -> Deployment:
 # -- ours -----------------------------------------------------------------------
 
 
+def _connection_cap() -> int:
+    """Our listeners' max_connections here: HAProxy's maxconn budget (two
+    descriptors per relayed connection within the file limit), so the
+    10,000-idle row measures memory, not our default cap of 4,096."""
+    return min(12000, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64) // 2)
+
+
 def _ours_tcp(ctx: Context) -> Deployment:
     ap = agent_proxy_argv()
     ids, p_in, p_out = ctx.ids, free_port(), free_port()
@@ -112,6 +119,7 @@ def _ours_tcp(ctx: Context) -> Deployment:
         "--cert", str(ctx.server_presents.cert), "--key", str(ctx.server_presents.key),
         "--bundle", str(ids.server.bundle), "--allow", CLIENT_ID,
         "--audit-log", str(ctx.root / "inbound-audit.jsonl"), "--log-level", "warning",
+        "--max-connections", str(_connection_cap()),
     ]  # fmt: skip
     outbound = [
         *ap, "outbound", "--name", "bench-out",
@@ -119,6 +127,7 @@ def _ours_tcp(ctx: Context) -> Deployment:
         "--cert", str(ctx.client_presents.cert), "--key", str(ctx.client_presents.key),
         "--bundle", str(ids.client.bundle), "--expect", SERVER_ID,
         "--audit-log", str(ctx.root / "outbound-audit.jsonl"), "--log-level", "warning",
+        "--max-connections", str(_connection_cap()),
     ]  # fmt: skip
     cpus = ctx.pinning.proxy
     return Deployment(
@@ -163,12 +172,14 @@ enabled = false
 path = "{ctx.root / audit}"
 """
 
+    cap = _connection_cap()
     server_toml = f"""{head(ctx.server_presents, "inbound-audit.jsonl")}
 [[inbound]]
 name = "bench-in"
 protocol = "http"
 listen = "127.0.0.1:{p_in}"
 target = "127.0.0.1:{ctx.backend_port}"
+max_connections = {cap}
 
 [[inbound.rules]]
 peers = ["{CLIENT_ID}"]
@@ -190,6 +201,7 @@ tools = ["read_*"]
 name = "bench-out"
 protocol = "http"
 listen = "127.0.0.1:{p_out}"
+max_connections = {cap}
 
 [[outbound.routes]]
 target = "127.0.0.1:{p_in}"
