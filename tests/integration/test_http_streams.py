@@ -15,8 +15,8 @@ import trio.testing
 
 from proxy.http.exchange import PeerError
 from proxy.http.streams import receive_within, send_within
-from proxy.tls import TlsSide, TLSStream
-from tests.integration.tls_support import side
+from proxy.tls import TlsSide
+from tests.integration.tls_support import hr_and_payroll, tcp_pair, tls_pair
 from tests.pki import TestCA
 
 _TIMEOUT = PeerError(0, "write_timeout", "stalled")
@@ -24,33 +24,7 @@ _TIMEOUT = PeerError(0, "write_timeout", "stalled")
 
 @pytest.fixture(scope="module")
 def sides(ca_a: TestCA) -> tuple[TlsSide, TlsSide]:
-    server = side(
-        ca_a.issue("spiffe://a.org/svc/hr"), (ca_a,), ["spiffe://a.org/agent/*"], server=True
-    )
-    client = side(
-        ca_a.issue("spiffe://a.org/agent/payroll"), (ca_a,), ["spiffe://a.org/svc/hr"], server=False
-    )
-    return server, client
-
-
-async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    try:
-        port = listeners[0].socket.getsockname()[1]
-        client = await trio.open_tcp_stream("127.0.0.1", port)
-        server = await listeners[0].accept()
-    finally:
-        await listeners[0].aclose()
-    return client, server
-
-
-async def _tls_pair(sides: tuple[TlsSide, TlsSide]) -> tuple[TLSStream, TLSStream]:
-    client_tcp, server_tcp = await _tcp_pair()
-    server, client = TLSStream(server_tcp, sides[0]), TLSStream(client_tcp, sides[1])
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.do_handshake)
-        nursery.start_soon(client.do_handshake)
-    return client, server
+    return hr_and_payroll(ca_a)
 
 
 async def _exchange(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
@@ -72,7 +46,7 @@ async def _exchange(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
 
 
 async def test_plain_tcp_bytes_arrive_unchanged() -> None:
-    a, b = await _tcp_pair()
+    a, b = await tcp_pair()
     await _exchange(a, b)
     await _exchange(b, a)
     await a.aclose()
@@ -81,7 +55,7 @@ async def test_plain_tcp_bytes_arrive_unchanged() -> None:
 
 
 async def test_tls_bytes_arrive_unchanged(sides: tuple[TlsSide, TlsSide]) -> None:
-    a, b = await _tls_pair(sides)
+    a, b = await tls_pair(sides)
     await _exchange(a, b)
     await _exchange(b, a)
     await a.aclose()
@@ -91,7 +65,7 @@ async def test_tls_bytes_arrive_unchanged(sides: tuple[TlsSide, TlsSide]) -> Non
 
 
 async def test_a_reset_is_a_broken_stream_not_an_end() -> None:
-    a, b = await _tcp_pair()
+    a, b = await tcp_pair()
     await send_within(b, b"hello", 10, _TIMEOUT)
     await trio.testing.wait_all_tasks_blocked()
     # SO_LINGER 0: close sends RST, and our unread "hello" makes sure of it.
@@ -110,7 +84,7 @@ async def test_a_reset_is_a_broken_stream_not_an_end() -> None:
 async def test_a_peer_that_stops_reading_hits_the_write_deadline(
     sides: tuple[TlsSide, TlsSide], autojump_clock: trio.testing.MockClock
 ) -> None:
-    a, b = await _tls_pair(sides)
+    a, b = await tls_pair(sides)
     with pytest.raises(PeerError) as caught:
         while True:  # b never reads: the buffers fill, then the 60 s deadline
             await send_within(a, b"x" * 65536, 60, _TIMEOUT)
@@ -122,7 +96,7 @@ async def test_a_peer_that_stops_reading_hits_the_write_deadline(
 async def test_a_peer_that_never_makes_us_wait_does_not_starve_others() -> None:
     """Every receive is served from the kernel at once (no wait, no
     cancel scope): other tasks must still run between them."""
-    a, b = await _tcp_pair()
+    a, b = await tcp_pair()
     await send_within(a, b"x" * 20_000, 10, _TIMEOUT)  # fits the buffers
     await trio.testing.wait_all_tasks_blocked()
     other_ran = trio.Event()

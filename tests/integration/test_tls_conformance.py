@@ -17,35 +17,19 @@ import trio
 import trio.testing
 
 from proxy.tls import TlsSide, TLSStream
-from tests.integration.tls_support import side
+from tests.integration.tls_support import hr_and_payroll, tls_pair
 from tests.pki import TestCA
 
 
 @pytest.fixture(scope="module")
 def sides(ca_a: TestCA) -> tuple[TlsSide, TlsSide]:
-    server = side(
-        ca_a.issue("spiffe://a.org/svc/hr"), (ca_a,), ["spiffe://a.org/agent/*"], server=True
-    )
-    client = side(
-        ca_a.issue("spiffe://a.org/agent/payroll"), (ca_a,), ["spiffe://a.org/svc/hr"], server=False
-    )
-    return server, client
+    return hr_and_payroll(ca_a)
 
 
 async def _connected_pair(
     server_side: TlsSide, client_side: TlsSide
 ) -> tuple[TLSStream, TLSStream]:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    try:
-        port = listeners[0].socket.getsockname()[1]
-        client = TLSStream(await trio.open_tcp_stream("127.0.0.1", port), client_side)
-        server = TLSStream(await listeners[0].accept(), server_side)
-    finally:
-        await listeners[0].aclose()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.do_handshake)
-        nursery.start_soon(client.do_handshake)
-    return client, server
+    return await tls_pair((server_side, client_side))
 
 
 async def test_tls_stream_is_a_half_closeable_stream(sides: tuple[TlsSide, TlsSide]) -> None:

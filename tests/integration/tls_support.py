@@ -20,7 +20,7 @@ from proxy.identity import (
 from proxy.netaddr import HostPort
 from proxy.policy import decide_peer, parse_patterns
 from proxy.runtime.l4 import L4Config, L4Listener
-from proxy.tls import TlsSide, build_side
+from proxy.tls import TlsSide, TLSStream, build_side
 from tests.pki import Issued, TestCA
 
 
@@ -49,6 +49,38 @@ def side(
         server=server,
         min_version=min_version,
     )
+
+
+def hr_and_payroll(ca: TestCA) -> tuple[TlsSide, TlsSide]:
+    """(server, client): spiffe://a.org/svc/hr admitting agents, and the
+    payroll agent expecting hr; for stream-level tests over real TLS."""
+    server = side(ca.issue("spiffe://a.org/svc/hr"), (ca,), ["spiffe://a.org/agent/*"], server=True)
+    client = side(
+        ca.issue("spiffe://a.org/agent/payroll"), (ca,), ["spiffe://a.org/svc/hr"], server=False
+    )
+    return server, client
+
+
+async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """(client, server) TCP streams on loopback."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    try:
+        port = listeners[0].socket.getsockname()[1]
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        server = await listeners[0].accept()
+    finally:
+        await listeners[0].aclose()
+    return client, server
+
+
+async def tls_pair(sides: tuple[TlsSide, TlsSide]) -> tuple[TLSStream, TLSStream]:
+    """(client, server) TLS streams on loopback, handshakes done."""
+    client_tcp, server_tcp = await tcp_pair()
+    server, client = TLSStream(server_tcp, sides[0]), TLSStream(client_tcp, sides[1])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        nursery.start_soon(client.do_handshake)
+    return client, server
 
 
 class MemoryAudit:
