@@ -381,6 +381,21 @@ def _idle_pss(t: Target, count: int) -> Sample:
     finally:
         for sock in socks:
             sock.close()
+        _settle(t.pids())
+
+
+def _settle(pids: list[int], *, quiet: float = 0.02, longest: float = 120.0) -> None:
+    """Wait until the proxies are idle again (under ``quiet`` of a core for a
+    second): closing thousands of connections keeps a slow closer busy for a
+    while, and the next row (handshakes) would measure that instead."""
+    deadline = time.monotonic() + longest
+    last = cpu_seconds(pids)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = cpu_seconds(pids)
+        if now - last < quiet:
+            return
+        last = now
 
 
 def _readable(socks: list[socket.socket]) -> list[socket.socket]:
