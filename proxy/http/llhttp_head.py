@@ -10,22 +10,19 @@ from typing import Final
 
 from proxy.http.wire import Framing, Head, Header
 
-_REQUEST_LINE: Final = re.compile(
-    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])"
-)
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # RFC 9110 5.6.2
+_TARGET = rb"[\x21-\x7e]+"
+_REQUEST_LINE: Final = re.compile(rb"(" + _TOKEN + rb") (" + _TARGET + rb") HTTP/([0-9]\.[0-9])")
 _STATUS_LINE: Final = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
 _OWS: Final = b" \t"
 # A trailer field as h11 reads one (RFC 9110 5.1, 5.5): a token, a colon,
 # a value of visible characters, obs-text and inner blanks, then CRLF.
 _VCHARS = rb"[\x21-\x7e\x80-\xff]+"
-_TRAILER_FIELD: Final = re.compile(
-    rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*"
-    + rb"((?:"
-    + _VCHARS
-    + rb"(?:[ \t]+"
-    + _VCHARS
-    + rb")*)?)[ \t]*\r\n"
-)
+_FIELD_VALUE = rb"(?:" + _VCHARS + rb"(?:[ \t]+" + _VCHARS + rb")*)?"
+_TRAILER_FIELD: Final = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _FIELD_VALUE + rb")[ \t]*\r\n")
+_NAME_ONLY: Final = re.compile(_TOKEN)
+_VALUE_ONLY: Final = re.compile(_FIELD_VALUE)
+_TARGET_ONLY: Final = re.compile(_TARGET)
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 _FRAMING_FIELDS: Final = frozenset(
     {b"content-length", b"transfer-encoding", b"connection", b"host", b"upgrade", b"expect"}
@@ -145,3 +142,13 @@ def trailer_field(line: bytes) -> Header:
     if field is None:
         raise HeadRefused(400, "bad_request", "malformed trailer field")
     return field[1], field[2]
+
+
+def writable_field(name: bytes, value: bytes) -> bool:
+    """Whether a field we add ourselves passes the grammar we hold a peer's
+    fields to (no surrounding blanks: we write the value as given)."""
+    return bool(_NAME_ONLY.fullmatch(name) and _VALUE_ONLY.fullmatch(value))
+
+
+def writable_target(target: bytes) -> bool:
+    return _TARGET_ONLY.fullmatch(target) is not None

@@ -8,7 +8,6 @@ the body first.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -16,6 +15,7 @@ from typing import Protocol
 from proxy.http.agent_hook import AgentHook
 from proxy.http.exchange import RequestOutcome
 from proxy.http.headers import REQUEST_ID, Header, forwardable, is_chunked
+from proxy.http.llhttp_head import writable_field, writable_target
 from proxy.http.wire import Fields, Request
 from proxy.http.writer import WriteError
 from proxy.policy.verdict import RequestVerdict
@@ -68,18 +68,11 @@ def upstream_request_for(
     return Request(request.method, routed.target, Fields(headers))
 
 
-# RFC 9110 section 5.1 (token) and 5.5 (field-value), RFC 9112 section 3.2.
-_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_VCHAR = rb"[\x21-\x7e\x80-\xff]"
-_FIELD_VALUE = re.compile(rb"(?:%s(?:[\t\x20-\x7e\x80-\xff]*%s)?)?" % (_VCHAR, _VCHAR))
-_TARGET = re.compile(rb"[\x21-\x7e]+")
-
-
 def _check_ours(target: bytes, fields: Sequence[Header]) -> None:
-    if not _TARGET.fullmatch(target):
+    if not writable_target(target):
         raise WriteError(f"illegal request target {target!r}")
     for name, value in fields:
-        if not _FIELD_NAME.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+        if not writable_field(name, value):
             raise WriteError(f"illegal header field {name!r}: {value!r}")
 
 
