@@ -56,6 +56,7 @@ class UpstreamPool:
         self._idle: dict[Hashable, deque[Upstream]] = {}
         self._open: dict[Hashable, int] = {}
         self._freed = trio.Condition()
+        self._waiting = 0  # tasks parked in _freed.wait()
         self.connects = 0
         self.reuses = 0
 
@@ -84,7 +85,11 @@ class UpstreamPool:
                 # parking, as _notify wakes only tasks already parked.
                 if self._idle.get(key) or self._open.get(key, 0) < self.max_per_key:
                     continue
-                await self._freed.wait()
+                self._waiting += 1
+                try:
+                    await self._freed.wait()
+                finally:
+                    self._waiting -= 1
         self._open[key] = self._open.get(key, 0) + 1
         try:
             up = await self._connect(key)
@@ -123,7 +128,7 @@ class UpstreamPool:
     async def _notify(self) -> None:
         """Wake one task waiting for a free connection, if any waits: taking
         the condition's lock costs a schedule point per exchange otherwise."""
-        if self._freed.statistics().tasks_waiting:
+        if self._waiting:  # statistics() would build two objects per exchange
             async with self._freed:
                 self._freed.notify()
 
