@@ -4,7 +4,7 @@ re-decided for the client, and when either connection may be reused."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import trio
 import trio.testing
@@ -34,23 +34,33 @@ async def raw_origin(stream: trio.abc.Stream, answer: bytes, heads: list[bytes])
             return
 
 
+def _session(
+    nursery: trio.Nursery,
+    server: trio.abc.Stream,
+    answer: bytes,
+    heads: list[bytes],
+    emit: Callable[[RequestOutcome], None],
+) -> HttpSession:
+    """A session on ``server`` whose upstreams are raw_origin answering ``answer``."""
+    limits = Limits()
+
+    async def connect(key: Hashable) -> Upstream:
+        ours, theirs = trio.testing.memory_stream_pair()
+        nursery.start_soon(raw_origin, theirs, answer, heads)
+        return Upstream(ours, key, limits)
+
+    pool = UpstreamPool(connect)
+    return HttpSession(Downstream(server, limits), PathRouter(), pool, limits, emit)
+
+
 async def session_against(raw: bytes, answer: bytes) -> tuple[bytes, list[RequestOutcome], int]:
     """What the client got, the records, and how many upstream connections."""
-    limits = Limits()
     client, server = trio.testing.memory_stream_pair()
     records: list[RequestOutcome] = []
     heads: list[bytes] = []
     async with trio.open_nursery() as nursery:
-
-        async def connect(key: Hashable) -> Upstream:
-            ours, theirs = trio.testing.memory_stream_pair()
-            nursery.start_soon(raw_origin, theirs, answer, heads)
-            return Upstream(ours, key, limits)
-
-        pool = UpstreamPool(connect)
-        session = HttpSession(
-            Downstream(server, limits), PathRouter(), pool, limits, records.append
-        )
+        session = _session(nursery, server, answer, heads, records.append)
+        pool = session.pool
 
         async def serve() -> None:
             await session.run()
@@ -114,19 +124,10 @@ async def test_an_unrequested_101_never_reaches_the_client() -> None:
 async def _session_ends_before_the_client_closes(raw: bytes) -> bool:
     """Send ``raw`` and keep our side open: does the session end by itself
     (no lingering close waiting for the client's EOF)?"""
-    limits = Limits()
     client, server = trio.testing.memory_stream_pair()
     ended = trio.Event()
     async with trio.open_nursery() as nursery:
-
-        async def connect(key: Hashable) -> Upstream:
-            ours, theirs = trio.testing.memory_stream_pair()
-            nursery.start_soon(raw_origin, theirs, OK, [])
-            return Upstream(ours, key, limits)
-
-        session = HttpSession(
-            Downstream(server, limits), PathRouter(), UpstreamPool(connect), limits, lambda _: None
-        )
+        session = _session(nursery, server, OK, [], lambda _: None)
 
         async def serve() -> None:
             await session.run()
