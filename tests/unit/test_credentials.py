@@ -146,6 +146,19 @@ def write(path: Path, text: str) -> None:
     os.replace(tmp, path)  # a new inode, as secret managers write
 
 
+def _value(provider: CredentialProvider) -> bytes | None:
+    try:
+        return provider.current().value
+    except CredentialUnavailable:
+        return None
+
+
+async def _until(condition: Callable[[], bool], mock_seconds: float = 3600) -> None:
+    with trio.fail_after(mock_seconds):
+        while not condition():
+            await trio.sleep(1)
+
+
 async def test_file_secret_incident_is_logged_once_and_recovers(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -162,13 +175,16 @@ async def test_file_secret_incident_is_logged_once_and_recovers(
             nursery.start_soon(provider.run)
             with pytest.raises(CredentialUnavailable):
                 await provider.credential()
-            await trio.sleep(300)
+            # The file is read on a worker thread, and the autojump clock
+            # moves while it runs: wait for what the retries produce, not
+            # for a fixed span of mock time.
+            await _until(lambda: provider.failures >= 5)
             assert provider.failures >= 5
             write(path, "key-one\n")
-            await trio.sleep(61)  # the longest backoff
+            await _until(lambda: _value(provider) == b"key-one")  # within the longest backoff
             assert (await provider.credential()).value == b"key-one"
             write(path, "key-two-longer\n")
-            await trio.sleep(3)
+            await _until(lambda: _value(provider) == b"key-two-longer")
             assert (await provider.credential()).value == b"key-two-longer"
             nursery.cancel_scope.cancel()
     levels = [e["log_level"] for e in logs]
