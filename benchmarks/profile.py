@@ -1,7 +1,9 @@
 """Where the proxy pair spends its CPU: ``python -m benchmarks.profile``.
 
 Deploys one contender (default ours-http) against the nginx backend, drives
-it with wrk (keep-alive, 64 B responses) and samples every proxy process
+it with wrk (keep-alive, 64 B responses; ``--close`` for a new connection
+per request, ``--mcp`` for JSON-RPC tools/call through the MCP listeners)
+and samples every proxy process
 with py-spy (``pip install py-spy``) for the same seconds. Prints the top
 frames by own time and by total time for each process, and keeps the raw
 collapsed stacks (flamegraph input) in ``--out``.
@@ -18,10 +20,17 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.contenders import CONTENDERS
-from benchmarks.fixtures import SMALL_PATH, make_backend, make_identities, which
+from benchmarks.fixtures import (
+    MCP_HEADERS,
+    MCP_PATH,
+    SMALL_PATH,
+    make_backend,
+    make_identities,
+    which,
+)
 from benchmarks.harness import BenchError, Pinning, Proc, free_port, raise_nofile, taskset
 from benchmarks.session import Run, deployed
-from benchmarks.workloads import LUA, Settings
+from benchmarks.workloads import LUA, Settings, mcp_script
 
 _LINE = re.compile(r":\d+\)$")
 _PACKAGE = re.compile(r"\((?:.*/site-packages/|.*/lib/python3\.\d+/)?([^/]+)")
@@ -57,6 +66,9 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--conns", type=int, default=32)
     p.add_argument("--top", type=int, default=25)
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--close", action="store_true", help="Connection: close on every request")
+    shape.add_argument("--mcp", action="store_true", help="POST tools/call to the MCP listeners")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "agent-proxy-profile")
     args = p.parse_args()
     py_spy, wrk = which("py-spy") or shutil.which("py-spy"), which("wrk")
@@ -75,9 +87,18 @@ def main() -> int:
         try:
             backend_proc.wait_ready()
             with deployed(run, contender, root / "deploy") as (dep, procs):
-                url = f"http://127.0.0.1:{dep.client_port}{SMALL_PATH}"
+                headers: tuple[str, ...] = ()
+                script, url = LUA, f"http://127.0.0.1:{dep.client_port}{SMALL_PATH}"
+                if args.close:
+                    headers = ("Connection: close",)
+                elif args.mcp:
+                    if dep.mcp_port is None:
+                        raise BenchError(f"{args.contender} has no MCP listeners")
+                    headers, script = MCP_HEADERS, mcp_script()
+                    url = f"http://127.0.0.1:{dep.mcp_port}{MCP_PATH}"
+                extra = [arg for h in headers for arg in ("-H", h)]
                 # Warm up (pools, first handshakes) before sampling.
-                subprocess.run(taskset(pinning.load, [wrk, "-t1", "-c4", "-d1s", url]),
+                subprocess.run(taskset(pinning.load, [wrk, "-t1", "-c4", "-d1s", *extra, url]),
                                capture_output=True, check=False)  # fmt: skip
                 spies = []
                 for proc in procs:
@@ -89,7 +110,7 @@ def main() -> int:
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     )))  # fmt: skip
                 wrk_argv = [wrk, "-t1", f"-c{args.conns}", f"-d{int(args.seconds)}s", "-s",
-                            str(LUA), url]  # fmt: skip
+                            str(script), *extra, url]  # fmt: skip
                 done = subprocess.run(taskset(pinning.load, wrk_argv), capture_output=True,
                                       text=True, check=False)  # fmt: skip
                 for _, _, spy in spies:

@@ -205,7 +205,7 @@ def new_connection(t: Target, env: Env) -> dict[str, Sample]:
     }
 
 
-def _mcp_script() -> Path:
+def mcp_script() -> Path:
     """wrk's report script with a POSTed tools/call body."""
     body = MCP_CALL.replace("\\", "\\\\").replace("'", "\\'")
     path = Path(tempfile.gettempdir()) / f"agent-proxy-bench-mcp-{os.getpid()}.lua"
@@ -217,7 +217,7 @@ def mcp_calls(t: Target, env: Env) -> dict[str, Sample]:
     """JSON-RPC tools/call over keep-alive. Our pair runs mcp listeners that
     parse and judge each call; the peers relay the same bytes as HTTP."""
     summary, cpu = _wrk(t, env, "MCP tools/call", MCP_PATH, env.settings.ka_conns,
-                        MCP_HEADERS, _mcp_script(), t.mcp_port)  # fmt: skip
+                        MCP_HEADERS, mcp_script(), t.mcp_port)  # fmt: skip
     return {
         "mcp_rps": Sample(_rate(summary), note=_error_note(summary)),
         "cpu_mcp": _cpu_per_request(cpu, summary),
