@@ -31,9 +31,17 @@ _NEVER_OPENED = frozenset({"target_unreachable", "target_connect_timeout"})
 
 
 def count(metrics: Metrics, record: AuditRecord | Typed) -> None:
-    if isinstance(record, AuditRecord) and record.event == "http.request":
-        _http_request(metrics, record)  # every request: skip building the typed value
-        return
+    if isinstance(record, AuditRecord):
+        # Every request and every agent call: skip building the typed value.
+        if record.event == "http.request":
+            _http_request(metrics, record)
+            return
+        if record.event == "mcp.call":
+            # What an AgentCall counts: its guard outcomes (the call itself
+            # is counted through its HTTP request). typed() leaves both keys
+            # in the value's extra as they are in the record's.
+            _guard_outcomes(metrics, record.listener, record.extra)
+            return
     value = typed(record) if isinstance(record, AuditRecord) else record
     if value is None:
         return

@@ -295,11 +295,12 @@ def test_config_file_carries_the_audit_and_tracing_sections(tmp_path: Path) -> N
     assert str(caught.value) == 'sidecar.toml: audit.durability: expected "os" or "fsync", got "x"'
 
 
-def test_an_http_request_counts_the_same_as_its_typed_value() -> None:
-    """count() reads an http.request record directly (no typed value per
-    request); it must count exactly what the typed value counts."""
+@pytest.mark.parametrize("event", ["http.request", "mcp.call"])
+def test_a_request_or_call_counts_the_same_as_its_typed_value(event: str) -> None:
+    """count() reads http.request and mcp.call records directly (no typed
+    value per request); it must count exactly what the typed value counts."""
     record = generic(
-        "http.request",
+        event,
         "deny",
         "rate_limited",
         duration_ms=40,
@@ -323,4 +324,9 @@ def test_an_http_request_counts_the_same_as_its_typed_value() -> None:
         )
 
     assert samples(direct) == samples(via_typed)
-    assert any(name == "agent_proxy_requests_total" for name, _, _ in samples(direct))
+    counted = {name for name, _, _ in samples(direct)}
+    assert {"agent_proxy_quarantines_total", "agent_proxy_dry_run_total"} <= counted
+    if event == "http.request":
+        assert "agent_proxy_requests_total" in counted
+    else:
+        assert "agent_proxy_requests_total" not in counted
