@@ -14,6 +14,10 @@ def canonical_json(value: Any) -> bytes:
     RFC 8785 (JCS): keys sort by code point, not UTF-16 unit, and floats use
     Python's shortest repr.
     """
-    return json.dumps(
-        value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-    ).encode("utf-8")
+    return _CANONICAL.encode(value).encode("utf-8")
+
+
+# Built once (json.dumps with options builds an encoder per call).
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+)
