@@ -31,7 +31,7 @@ versions with SEP-2549 caching hints it is marked ``cacheScope: "private"``
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from proxy.agent.jsonrpc import (
@@ -133,10 +133,21 @@ def supports_cache_scope(version: str) -> bool:
     return is_2026(version)
 
 
-def _lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    # The caller passes one value per name; a repeated header must already be
-    # refused or joined (a joined "a, b" never matches a body value: fails closed).
-    return {name.lower(): value for name, value in headers.items()}
+class LowerHeaders(dict[str, str]):
+    """Request headers with lower-cased names, as :func:`lower_headers`
+    made them: every later check reads them as they are."""
+
+
+def lower_headers(headers: Mapping[str, str]) -> LowerHeaders:
+    """Names lower-cased, once per request (a LowerHeaders comes back as is).
+
+    The caller passes one value per name; a repeated header must already be
+    refused or joined (a joined "a, b" never matches a body value: fails closed).
+    """
+    if isinstance(headers, LowerHeaders):
+        return headers
+    return LowerHeaders({name.lower(): value for name, value in headers.items()})
+
 
 
 def _meta_version(message: JsonRpcMessage) -> str | None:
@@ -176,7 +187,7 @@ def detect_version(
     the session's negotiated version; else 2025-03-26, as the spec says.
     ``message`` is None for a GET.
     """
-    lower = _lower_headers(headers)
+    lower = lower_headers(headers)
     header = lower.get(PROTOCOL_VERSION_HEADER)
     messages: tuple[JsonRpcMessage, ...] = ()
     if isinstance(message, ParsedBody):
@@ -294,20 +305,29 @@ def _call(message: JsonRpcMessage, version: str, session_id: str | None) -> McpC
     if method is not None and message.params is not None and not isinstance(message.params, dict):
         # MCP params are always an object; positional params mean nothing here.
         raise JsonRpcError(INVALID_PARAMS, "Invalid params: params must be an object", message.id)
-    call = McpCall(message.kind, method, message.id, version, message, session_id=session_id)
+    kind, msg_id = message.kind, message.id
+    # Built once with its targets (a dataclasses.replace per call costs more
+    # than the rest of this function).
     if method == "tools/call":
-        return replace(
-            call, tool=_param_str(message, "name"), arguments=_param_object(message, "arguments")
-        )
+        return McpCall(
+            kind, method, msg_id, version, message,
+            tool=_param_str(message, "name"),
+            arguments=_param_object(message, "arguments"),
+            session_id=session_id,
+        )  # fmt: skip
     if method == "prompts/get":
-        return replace(
-            call,
+        return McpCall(
+            kind, method, msg_id, version, message,
             prompt_name=_param_str(message, "name"),
             arguments=_param_object(message, "arguments"),
-        )
+            session_id=session_id,
+        )  # fmt: skip
     if method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
-        return replace(call, resource_uri=_param_str(message, "uri"))
-    return call
+        return McpCall(
+            kind, method, msg_id, version, message,
+            resource_uri=_param_str(message, "uri"), session_id=session_id,
+        )  # fmt: skip
+    return McpCall(kind, method, msg_id, version, message, session_id=session_id)
 
 
 def extract_calls(
@@ -328,7 +348,7 @@ def extract_calls(
         if any(m.method == "initialize" for m in parsed.messages):
             raise JsonRpcError(INVALID_REQUEST, "initialize must not be part of a batch")
     modern = is_2026(version)
-    session_id = None if modern else _lower_headers(headers).get(SESSION_ID_HEADER)
+    session_id = None if modern else lower_headers(headers).get(SESSION_ID_HEADER)
     calls = []
     for message in parsed.messages:
         if modern and message.is_response:

@@ -22,9 +22,9 @@ from proxy.agent.mcp import (
     NAME_HEADER,
     PROTOCOL_VERSION_HEADER,
     McpCall,
-    _lower_headers,
     _meta_version,
     is_2026,
+    lower_headers,
 )
 
 _BASE64_PREFIX, _BASE64_SUFFIX = "=?base64?", "?="
@@ -70,7 +70,7 @@ def check_mirrored_headers(call: McpCall, headers: Mapping[str, str]) -> JsonRpc
     """
     if not is_2026(call.version) or call.method is None:
         return None
-    lower = _lower_headers(headers)
+    lower = lower_headers(headers)
     meta = _meta_version(call.message)
     header_version = lower.get(PROTOCOL_VERSION_HEADER)
     # 2026-07-28 defines no client notifications over HTTP and no header rules

@@ -95,6 +95,7 @@ class McpGuard:
         return lambda ctype: ResponseFilter({}, policy, version, ctype, infer=True)
 
     def judge(self, body: bytes, headers: dict[str, str], path: str) -> Verdict:
+        headers = mcp.lower_headers(headers)  # once, for every check below
         try:
             parsed = parse_message(body, max_bytes=self.max_body, allow_batch=True)
             calls = mcp.extract_calls(parsed, headers, None)
