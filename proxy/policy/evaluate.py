@@ -224,8 +224,13 @@ class PolicySet:
                     out.setdefault(p.text, p)
         return tuple(out.values())
 
-    def evaluate(self, facts: RequestFacts) -> RequestVerdict:
-        """Decide one request (see the module docstring); never raises for bad input."""
+    def evaluate(self, facts: RequestFacts, version: str | None = None) -> RequestVerdict:
+        """Decide one request (see the module docstring); never raises for bad input.
+
+        ``version`` is the policy version the verdict carries (the gate's
+        config-wide one); this rule set's own hash by default.
+        """
+        version = version or self.version
         cls = _class_of(facts.mcp_method)
         candidates = self._candidates(facts.peer, facts.method, cls)
         parts = tuple(facts.path.split("/")[1:])
@@ -293,18 +298,18 @@ class PolicySet:
         dry_err = "; ".join(dry_errors) if dry_errors else None
         if error is not None:
             return RequestVerdict(
-                False, POLICY_ERROR, error[0], self.version, dry_run=dry_t, detail=error[1]
+                False, POLICY_ERROR, error[0], version, dry_run=dry_t, detail=error[1]
             )
         if denied_by is not None:
             return RequestVerdict(
-                False, DENIED_BY_RULE, denied_by, self.version, dry_run=dry_t, detail=dry_err
+                False, DENIED_BY_RULE, denied_by, version, dry_run=dry_t, detail=dry_err
             )
         if allowed_by is not None:
             return RequestVerdict(
                 True,
                 RULE_MATCHED,
                 allowed_by.name,
-                self.version,
+                version,
                 status=200,
                 dry_run=dry_t,
                 detail=dry_err,
@@ -313,7 +318,7 @@ class PolicySet:
                 log_args=allowed_by.rule.log_args,
             )
         reason = UPGRADE_NOT_ALLOWED if upgrade_refused else NO_MATCHING_RULE
-        return RequestVerdict(False, reason, None, self.version, dry_run=dry_t, detail=dry_err)
+        return RequestVerdict(False, reason, None, version, dry_run=dry_t, detail=dry_err)
 
     # -- list filtering -------------------------------------------------------
 

@@ -63,7 +63,7 @@ class Gate:
                 False, "quarantined", None, version, detail="this identity is quarantined"
             )
         if decision is None:  # callers that already decided pass it in
-            decision = policy.evaluate(facts)
+            decision = policy.evaluate(facts, version)  # no replace() for the version
         result = self._apply(decision, facts, bundles, approval_token, target, body_hash)
         if result.policy_version != version:  # replace() is not free: once per request
             result = dataclasses.replace(result, policy_version=version)

@@ -167,7 +167,7 @@ def _gated(
         base.finish = None
         return base
 
-    preview = policy.evaluate(facts)
+    preview = policy.evaluate(facts, gate.policy_version)
     base.high_impact = preview.allowed and bool(preview.high_impact)
     needs_body = preview.allowed and any(step.approvers for _, step in preview.high_impact)
     if needs_body:
