@@ -21,6 +21,7 @@ from benchmarks.report import (
     targets_table,
 )
 from benchmarks.session import Run
+from benchmarks.workloads import WARMUP_S
 
 
 def _first_line(argv: Sequence[str]) -> str:
@@ -149,7 +150,8 @@ peer's leaf certificate instead (stricter than an ID match, and equally cheap).
 - HTTP-mode peers pool their mTLS connections (HAProxy `http-reuse always`, nginx
   upstream `keepalive 64`); TCP-mode pairs open one mTLS connection per client connection.
 - Rows: wrk `-t1` (keep-alive: {s.ka_conns} connections; `Connection: close`:
-  {s.close_conns}; 1 MiB: {s.mib_conns}), p50/p99 from wrk's latency histogram; the bulk
+  {s.close_conns}; 1 MiB: {s.mib_conns}), each after an unmeasured {WARMUP_S:g} s run of the
+  same load (pools and caches filled), p50/p99 from wrk's latency histogram; the bulk
   stream is one GET read by a Python client; handshakes are `openssl s_time -new` against
   the server-side proxy, divided by the measured wall time; CPU per request is the
   proxies' utime+stime from /proc/PID/stat across the wrk run divided by requests
