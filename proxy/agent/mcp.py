@@ -305,29 +305,24 @@ def _call(message: JsonRpcMessage, version: str, session_id: str | None) -> McpC
     if method is not None and message.params is not None and not isinstance(message.params, dict):
         # MCP params are always an object; positional params mean nothing here.
         raise JsonRpcError(INVALID_PARAMS, "Invalid params: params must be an object", message.id)
-    kind, msg_id = message.kind, message.id
-    # Built once with its targets (a dataclasses.replace per call costs more
+    # One McpCall with its targets (a dataclasses.replace per call cost more
     # than the rest of this function).
+    targets: dict[str, Any] = {}
     if method == "tools/call":
-        return McpCall(
-            kind, method, msg_id, version, message,
-            tool=_param_str(message, "name"),
-            arguments=_param_object(message, "arguments"),
-            session_id=session_id,
-        )  # fmt: skip
-    if method == "prompts/get":
-        return McpCall(
-            kind, method, msg_id, version, message,
-            prompt_name=_param_str(message, "name"),
-            arguments=_param_object(message, "arguments"),
-            session_id=session_id,
-        )  # fmt: skip
-    if method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
-        return McpCall(
-            kind, method, msg_id, version, message,
-            resource_uri=_param_str(message, "uri"), session_id=session_id,
-        )  # fmt: skip
-    return McpCall(kind, method, msg_id, version, message, session_id=session_id)
+        targets = {
+            "tool": _param_str(message, "name"),
+            "arguments": _param_object(message, "arguments"),
+        }
+    elif method == "prompts/get":
+        targets = {
+            "prompt_name": _param_str(message, "name"),
+            "arguments": _param_object(message, "arguments"),
+        }
+    elif method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
+        targets = {"resource_uri": _param_str(message, "uri")}
+    return McpCall(
+        message.kind, method, message.id, version, message, session_id=session_id, **targets
+    )
 
 
 def extract_calls(
