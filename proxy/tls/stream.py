@@ -49,6 +49,7 @@ import os
 
 import trio
 from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
 
 from proxy.tls.context import TlsSide
 
@@ -232,26 +233,57 @@ class TLSStream(trio.abc.HalfCloseableStream):
     async def do_handshake(self) -> None:
         """Run the handshake; the caller puts the deadline around it."""
         self._check_usable()
-        async with self._handshake_lock:
-            if self._handshake_done:
-                await trio.lowlevel.checkpoint()
-                return
-            while True:
-                self._check_socket()
-                try:
-                    self._conn.do_handshake()
-                    break
-                except SSL.WantReadError:
-                    await self._wait(readable=True)
-                except SSL.WantWriteError:
-                    await self._wait(readable=False)
-                except SSL.Error as exc:
-                    self._broken = True
-                    if self.peer.reason is not None:
-                        raise TLSHandshakeError(self.peer.reason, self.peer.message or "") from exc
-                    reason, message = _classify_ssl_error(exc)
-                    raise TLSHandshakeError(reason, message) from exc
-            self._handshake_done = True
+        await trio.lowlevel.checkpoint_if_cancelled()
+        lock = self._handshake_lock
+        try:
+            # Uncontended (the usual case): no scheduling round for the lock;
+            # the waits for the peer's flights are the checkpoint.
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        waited = False
+        try:
+            if not self._handshake_done:
+                waited = await self._handshake_loop()
+        finally:
+            lock.release()
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _handshake_loop(self) -> bool:
+        """SSL_do_handshake until done; whether it waited for the socket.
+        Called through cffi as raw_io does: pyOpenSSL's wrapper raises (and
+        we catch) an exception for every "want read"."""
+        ssl = self._conn._ssl
+        waited = False
+        while True:
+            self._check_socket()
+            ret = _lib.SSL_do_handshake(ssl)
+            if ret == 1:
+                break
+            err = _lib.SSL_get_error(ssl, ret)
+            waited = True
+            if err == _lib.SSL_ERROR_WANT_READ:
+                await self._wait(readable=True)
+                continue
+            if err == _lib.SSL_ERROR_WANT_WRITE:
+                await self._wait(readable=False)
+                continue
+            try:
+                # pyOpenSSL turns the failure into the SSL.Error it would
+                # have raised (the same text: _classify_ssl_error reads it).
+                self._conn._raise_ssl_error(ssl, ret)
+            except SSL.Error as exc:
+                self._broken = True
+                if self.peer.reason is not None:
+                    raise TLSHandshakeError(self.peer.reason, self.peer.message or "") from exc
+                reason, message = _classify_ssl_error(exc)
+                raise TLSHandshakeError(reason, message) from exc
+            # (SSL_get_error said failure; pyOpenSSL found nothing to raise.)
+            self._broken = True
+            raise TLSHandshakeError("tls_error", f"TLS handshake failed: SSL error {err}")
+        self._handshake_done = True
+        return waited
 
     # -- Stream API -------------------------------------------------------
 
@@ -385,8 +417,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._sending = False
 
     async def aclose(self) -> None:
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+    def close_now(self) -> None:
+        """``aclose`` without its checkpoint, for an owner that is done with
+        the connection: nothing in a close waits (close_notify is one
+        non-blocking attempt), so it needs no deadline and no shield."""
         if self._closed:
-            await trio.lowlevel.checkpoint()
             return
         self._closed = True
         try:
@@ -404,7 +442,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     self._conn.shutdown()
             self._discard_unread()
         finally:
-            await self.transport.aclose()
+            self._sock.close()
 
     def _discard_unread(self) -> None:
         """Read what already arrived and nobody will read. Closing a socket
