@@ -95,7 +95,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._sock = transport.socket
         self._fd = self._sock.fileno()
         self._conn, self.peer = side.new_connection(self._sock)
-        self._handshake_lock = trio.Lock()
+        self._handshaking = False
+        self._handshake_ended: trio.Event | None = None
         self._read_wait: trio.Event | None = None
         self._write_wait: trio.Event | None = None
         self._receiving = False
@@ -234,19 +235,24 @@ class TLSStream(trio.abc.HalfCloseableStream):
         """Run the handshake; the caller puts the deadline around it."""
         self._check_usable()
         await trio.lowlevel.checkpoint_if_cancelled()
-        lock = self._handshake_lock
-        try:
-            # Uncontended (the usual case): no scheduling round for the lock;
-            # the waits for the peer's flights are the checkpoint.
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
         waited = False
-        try:
-            if not self._handshake_done:
-                waited = await self._handshake_loop()
-        finally:
-            lock.release()
+        # The receiver and the sender may both start it: one runs it, the
+        # other waits for it to end (an Event made only then: contention is
+        # rare, and a lock per connection cost a scheduling round to take).
+        while self._handshaking:
+            if self._handshake_ended is None:
+                self._handshake_ended = trio.Event()
+            await self._handshake_ended.wait()
+            waited = True
+        if not self._handshake_done:
+            self._handshaking = True
+            try:
+                waited = await self._handshake_loop() or waited
+            finally:
+                self._handshaking = False
+                ended, self._handshake_ended = self._handshake_ended, None
+                if ended is not None:
+                    ended.set()
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
