@@ -52,6 +52,8 @@ from OpenSSL import SSL
 from OpenSSL._util import lib as _lib
 
 from proxy.tls.context import TlsSide
+from proxy.tls.raw_io import classify_handshake_error as _classify_ssl_error
+from proxy.tls.raw_io import is_unexpected_eof as _is_unexpected_eof
 
 _RECV_CHUNK = 65536
 _SEND_CHUNK = 262144
@@ -63,28 +65,6 @@ class TLSHandshakeError(trio.BrokenResourceError):
         super().__init__(message)
         self.reason = reason
         self.message = message
-
-
-def _is_unexpected_eof(exc: SSL.Error) -> bool:
-    # OpenSSL 3+ reports a TCP EOF without close_notify as an SSL error;
-    # pyOpenSSL reports older ones as SysCallError(-1, "Unexpected EOF").
-    if isinstance(exc, SSL.SysCallError):
-        return bool(exc.args) and exc.args[0] == -1
-    return "unexpected eof" in str(exc).lower()
-
-
-def _classify_ssl_error(exc: SSL.Error) -> tuple[str, str]:
-    text = str(exc)
-    lowered = text.lower()
-    if "peer did not return a certificate" in lowered or "certificate required" in lowered:
-        return "no_peer_certificate", "peer presented no certificate"
-    if "unsupported protocol" in lowered or "protocol version" in lowered:
-        return "tls_version_refused", "peer offered no TLS version we accept"
-    if "wrong version number" in lowered or "http request" in lowered or "packet length" in lowered:
-        return "tls_error", "peer did not speak TLS"
-    if isinstance(exc, SSL.SysCallError) or _is_unexpected_eof(exc):
-        return "tls_error", "connection closed during the TLS handshake"
-    return "tls_error", f"TLS handshake failed: {text}"
 
 
 class TLSStream(trio.abc.HalfCloseableStream):
@@ -275,18 +255,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if err == _lib.SSL_ERROR_WANT_WRITE:
                 await self._wait(readable=False)
                 continue
-            try:
-                # pyOpenSSL turns the failure into the SSL.Error it would
-                # have raised (the same text: _classify_ssl_error reads it).
+            self._broken = True
+            try:  # pyOpenSSL's own SSL.Error for it: _classify_ssl_error reads its text
                 self._conn._raise_ssl_error(ssl, ret)
             except SSL.Error as exc:
-                self._broken = True
                 if self.peer.reason is not None:
                     raise TLSHandshakeError(self.peer.reason, self.peer.message or "") from exc
-                reason, message = _classify_ssl_error(exc)
-                raise TLSHandshakeError(reason, message) from exc
-            # (SSL_get_error said failure; pyOpenSSL found nothing to raise.)
-            self._broken = True
+                raise TLSHandshakeError(*_classify_ssl_error(exc)) from exc
             raise TLSHandshakeError("tls_error", f"TLS handshake failed: SSL error {err}")
         self._handshake_done = True
         return waited
