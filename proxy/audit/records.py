@@ -31,21 +31,25 @@ Direction = Literal["inbound", "outbound"]
 Verdict = Literal["allow", "deny"]
 AgentProtocol = Literal["mcp", "a2a"]
 
-_second_cache: tuple[int, str] = (-1, "")
+# Two seconds remembered: the record's own time and the one other moment a
+# connection's records carry (the peer certificate's notAfter) alternate, and
+# one slot would miss on every call.
+_second_cache: tuple[int, str, int, str] = (-1, "", -1, "")
 
 
 def rfc3339(moment: _dt.datetime) -> str:
     """RFC 3339 in UTC with millisecond precision and a ``Z`` suffix.
 
-    strftime runs once per second, not once per record: on the hot path
-    every request writes at least one record."""
+    strftime runs once per distinct second, not once per record: on the hot
+    path every request writes at least one record."""
     global _second_cache
     utc = moment if moment.tzinfo is _dt.UTC else moment.astimezone(_dt.UTC)
-    second = int(utc.timestamp())
-    cached_second, prefix = _second_cache
-    if second != cached_second:
-        prefix = utc.strftime("%Y-%m-%dT%H:%M:%S.")
-        _second_cache = (second, prefix)
+    second = int(utc.timestamp() // 1)  # floor: before 1970 too
+    first, prefix, other, other_prefix = _second_cache
+    if second != first:
+        prefix = other_prefix if second == other else utc.strftime("%Y-%m-%dT%H:%M:%S.")
+        # Most recent first: the next record's time is most likely this one.
+        _second_cache = (second, prefix, first, _second_cache[1])
     return f"{prefix}{utc.microsecond // 1000:03d}Z"
 
 

@@ -16,9 +16,13 @@ our policy said): ``served``, ``denied``, ``refused_by_upstream``,
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -55,10 +59,10 @@ async def connect_tcp(target: HostPort, timeout: float) -> trio.SocketStream | t
     """A TCP connection, or (reason, detail) saying why not."""
     with trio.move_on_after(timeout):
         try:
-            family = _literal_family(target.host)
-            if family is None:  # a name: resolve, and happy eyeballs over its addresses
+            literal = _literal_address(target.host, target.port)
+            if literal is None:  # a name: resolve, and happy eyeballs over its addresses
                 return await trio.open_tcp_stream(target.host, target.port)
-            return await _connect_literal(family, target.host, target.port)
+            return await _connect_literal(*literal)
         except OSError as exc:
             return "target_unreachable", str(exc.strerror or exc)
     return "target_connect_timeout", f"no connection within {timeout:g}s"
@@ -72,16 +76,49 @@ def _literal_family(host: str) -> int | None:
     return socket.AF_INET6 if address.version == 6 else socket.AF_INET
 
 
-async def _connect_literal(family: int, host: str, port: int) -> trio.SocketStream:
-    """One address, one connect: trio's open_tcp_stream would still run its
-    happy-eyeballs nursery for it (a tenth of a new connection's CPU here)."""
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+@functools.lru_cache(maxsize=64)
+def _literal_address(host: str, port: int) -> tuple[int, tuple[Any, ...]] | None:
+    """(family, sockaddr) of a literal address, or None for a name. A
+    listener dials the same target on every connection: parsed once, and
+    the sockaddr is the one trio's connect would build (numeric getaddrinfo),
+    so error texts stay the same."""
+    family = _literal_family(host)
+    if family is None:
+        return None
     try:
-        await sock.connect((host, port))
+        socket.inet_pton(family, host)
+    except OSError:  # a scoped IPv6 literal ("fe80::1%eth0"): trio resolves it
+        flags = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+        if family == socket.AF_INET6:
+            flags |= socket.AI_V4MAPPED
+        info = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, flags)
+        return family, tuple(info[0][4])
+    return family, (host, port)
+
+
+async def _connect_literal(family: int, address: tuple[Any, ...]) -> trio.SocketStream:
+    """One address, one connect: trio's open_tcp_stream would still run its
+    happy-eyeballs nursery for it (a tenth of a new connection's CPU here),
+    and trio's socket connect resolves the address again on every call."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    raw = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        raw.setblocking(False)
+        err = raw.connect_ex(address)
+        if err == errno.EINPROGRESS:
+            await trio.lowlevel.wait_writable(raw)
+            err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:  # the same text as trio's connect
+                raise OSError(err, f"Error connecting to {address!r}: {os.strerror(err)}")
+        elif err:
+            raise OSError(err, os.strerror(err))
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
     except BaseException:
-        sock.close()
+        raw.close()
         raise
-    return trio.SocketStream(sock)  # sets TCP_NODELAY, as open_tcp_stream does
+    # SocketStream sets TCP_NODELAY, as open_tcp_stream does.
+    return trio.SocketStream(trio.socket.from_stdlib_socket(raw))
 
 
 # Why a relay ended -> what happened, for the record's ``outcome``.
@@ -171,8 +208,12 @@ class L4Listener(BaseListener):
             )
             return
         self.record(conn, "connection.open", "allow", "peer_allowed")
-        async with target:
+        try:
             await self._relay(conn, conn.tls, target)
+        finally:
+            # As ``async with target`` without aclose's checkpoint: the
+            # handler is ending, and nothing in a close waits.
+            target.socket.close()
 
     async def _outbound(self, stream: trio.SocketStream, conn: Conn, side: TlsSide) -> None:
         # For outbound the TLS peer is the upstream; the agent is the client.

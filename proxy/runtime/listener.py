@@ -16,6 +16,7 @@ import errno
 import itertools
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -37,11 +38,16 @@ log = structlog.get_logger("agent_proxy")
 
 # Accept errors that mean "out of resources right now", not "listener dead".
 _TRANSIENT_ACCEPT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# What trio's SocketListener.accept skips: one connection failed, not the listener.
+_IGNORABLE_ACCEPT = {
+    getattr(errno, name)
+    for name in (
+        "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT",
+        "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH",
+    )
+    if hasattr(errno, name)
+}  # fmt: skip
 _conn_counter = itertools.count(1)
-
-
-# How long a close may spend sending close_notify to a peer that reads nothing.
-_CLOSE_NOTIFY_TIMEOUT = 1.0
 
 
 class ListenError(UsageError):
@@ -214,21 +220,39 @@ class BaseListener:
         """Per-listener housekeeping (pool sweeping); runs while accepting."""
 
     async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
+        # Accepts on a duplicate of the listening socket's fd (the same open
+        # file, so the same queue and non-blocking mode): every connection
+        # already queued is taken in one wake-up, where trio's accept() takes
+        # one and then yields to the scheduler (a round per connection).
         async with listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno in _TRANSIENT_ACCEPT:
-                        log.error(
-                            "accept failed; backing off",
-                            listener=self.name,
-                            error=os.strerror(exc.errno or 0),
-                        )
-                        await trio.sleep(0.1)
-                        continue
-                    raise
-                handlers.start_soon(self._handle, stream)
+            sock = socket.socket(fileno=os.dup(listener.socket.fileno()))
+            try:
+                sock.setblocking(False)
+                while True:
+                    await trio.lowlevel.wait_readable(sock)
+                    while True:
+                        try:
+                            accepted, _ = sock.accept()
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        except OSError as exc:
+                            if exc.errno in _IGNORABLE_ACCEPT:
+                                continue  # that connection is gone; the next may be there
+                            if exc.errno in _TRANSIENT_ACCEPT:
+                                log.error(
+                                    "accept failed; backing off",
+                                    listener=self.name,
+                                    error=os.strerror(exc.errno or 0),
+                                )
+                                await trio.sleep(0.1)
+                                break
+                            raise
+                        # SocketStream sets TCP_NODELAY, as trio's accept() does.
+                        stream = trio.SocketStream(trio.socket.from_stdlib_socket(accepted))
+                        handlers.start_soon(self._handle, stream)
+            finally:
+                trio.lowlevel.notify_closing(sock)  # trio forgets the fd before it is reused
+                sock.close()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
@@ -270,14 +294,14 @@ class BaseListener:
             self.active -= 1
             if self.metrics is not None:
                 self.metrics.active(self.name, -1)
-            with trio.CancelScope(shield=True):
-                # TLS first: close_notify must reach the peer before the
-                # socket under it closes. Bounded: a peer that reads nothing
-                # cannot hold the close.
-                if conn.tls is not None:
-                    with trio.move_on_after(_CLOSE_NOTIFY_TIMEOUT):
-                        await conn.tls.aclose()
-                await stream.aclose()
+            # TLS first: close_notify must reach the peer before the socket
+            # under it closes. Nothing here waits (close_notify is one
+            # non-blocking attempt), so a peer that reads nothing cannot hold
+            # the close and a cancelled handler still closes everything:
+            # no shield, no deadline, no checkpoint at the handler's end.
+            if conn.tls is not None:
+                conn.tls.close_now()
+            stream.socket.close()
 
     async def handle(self, stream: trio.SocketStream, conn: Conn) -> None:
         raise NotImplementedError

@@ -141,8 +141,12 @@ class Reactor(PairIo):
         self._add(pair)
         try:
             while not pair.done.is_set():
-                with trio.move_on_at(_write_deadline(pair, write_timeout)):
+                deadline = _write_deadline(pair, write_timeout)
+                if deadline == math.inf:  # nothing blocked: no scope to arm
                     await pair.wakeup.wait()
+                else:
+                    with trio.move_on_at(deadline):
+                        await pair.wakeup.wait()
                 if not pair.done.is_set():
                     pair.wakeup = trio.Event()
                     if trio.current_time() >= _write_deadline(pair, write_timeout):
@@ -188,8 +192,11 @@ class Reactor(PairIo):
             self._ends[end.fd] = (pair, end)
             end.mask = _IN
             self._epoll.register(end.fd, _IN)
-            # OpenSSL may already hold application data read with the handshake.
-            self._ready.add(end.fd)
+            # OpenSSL may already hold application data read with the
+            # handshake; a plain socket's bytes are the kernel's, and
+            # level-triggered epoll reports them.
+            if end.ssl is not None:
+                self._ready.add(end.fd)
         if self._kick is not None:
             self._kick.set()
 

@@ -253,3 +253,28 @@ def send_close_notify(ssl: Any, name: str) -> bool:
             return False
         raise Broken(name, f"close_notify failed ({ssl_error_text(err)})")
     return True
+
+
+# -- pyOpenSSL's errors (proxy.tls.stream's calls) ------------------------------
+
+
+def is_unexpected_eof(exc: SSL.Error) -> bool:
+    # OpenSSL 3+ reports a TCP EOF without close_notify as an SSL error;
+    # pyOpenSSL reports older ones as SysCallError(-1, "Unexpected EOF").
+    if isinstance(exc, SSL.SysCallError):
+        return bool(exc.args) and exc.args[0] == -1
+    return "unexpected eof" in str(exc).lower()
+
+
+def classify_handshake_error(exc: SSL.Error) -> tuple[str, str]:
+    text = str(exc)
+    lowered = text.lower()
+    if "peer did not return a certificate" in lowered or "certificate required" in lowered:
+        return "no_peer_certificate", "peer presented no certificate"
+    if "unsupported protocol" in lowered or "protocol version" in lowered:
+        return "tls_version_refused", "peer offered no TLS version we accept"
+    if "wrong version number" in lowered or "http request" in lowered or "packet length" in lowered:
+        return "tls_error", "peer did not speak TLS"
+    if isinstance(exc, SSL.SysCallError) or is_unexpected_eof(exc):
+        return "tls_error", "connection closed during the TLS handshake"
+    return "tls_error", f"TLS handshake failed: {text}"

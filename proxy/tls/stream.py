@@ -49,8 +49,11 @@ import os
 
 import trio
 from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
 
 from proxy.tls.context import TlsSide
+from proxy.tls.raw_io import classify_handshake_error as _classify_ssl_error
+from proxy.tls.raw_io import is_unexpected_eof as _is_unexpected_eof
 
 _RECV_CHUNK = 65536
 _SEND_CHUNK = 262144
@@ -64,28 +67,6 @@ class TLSHandshakeError(trio.BrokenResourceError):
         self.message = message
 
 
-def _is_unexpected_eof(exc: SSL.Error) -> bool:
-    # OpenSSL 3+ reports a TCP EOF without close_notify as an SSL error;
-    # pyOpenSSL reports older ones as SysCallError(-1, "Unexpected EOF").
-    if isinstance(exc, SSL.SysCallError):
-        return bool(exc.args) and exc.args[0] == -1
-    return "unexpected eof" in str(exc).lower()
-
-
-def _classify_ssl_error(exc: SSL.Error) -> tuple[str, str]:
-    text = str(exc)
-    lowered = text.lower()
-    if "peer did not return a certificate" in lowered or "certificate required" in lowered:
-        return "no_peer_certificate", "peer presented no certificate"
-    if "unsupported protocol" in lowered or "protocol version" in lowered:
-        return "tls_version_refused", "peer offered no TLS version we accept"
-    if "wrong version number" in lowered or "http request" in lowered or "packet length" in lowered:
-        return "tls_error", "peer did not speak TLS"
-    if isinstance(exc, SSL.SysCallError) or _is_unexpected_eof(exc):
-        return "tls_error", "connection closed during the TLS handshake"
-    return "tls_error", f"TLS handshake failed: {text}"
-
-
 class TLSStream(trio.abc.HalfCloseableStream):
     """TLS over ``transport``'s socket, verified by ``side`` in the handshake."""
 
@@ -94,7 +75,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._sock = transport.socket
         self._fd = self._sock.fileno()
         self._conn, self.peer = side.new_connection(self._sock)
-        self._handshake_lock = trio.Lock()
+        self._handshaking = False
+        self._handshake_ended: trio.Event | None = None
         self._read_wait: trio.Event | None = None
         self._write_wait: trio.Event | None = None
         self._receiving = False
@@ -232,26 +214,57 @@ class TLSStream(trio.abc.HalfCloseableStream):
     async def do_handshake(self) -> None:
         """Run the handshake; the caller puts the deadline around it."""
         self._check_usable()
-        async with self._handshake_lock:
-            if self._handshake_done:
-                await trio.lowlevel.checkpoint()
-                return
-            while True:
-                self._check_socket()
-                try:
-                    self._conn.do_handshake()
-                    break
-                except SSL.WantReadError:
-                    await self._wait(readable=True)
-                except SSL.WantWriteError:
-                    await self._wait(readable=False)
-                except SSL.Error as exc:
-                    self._broken = True
-                    if self.peer.reason is not None:
-                        raise TLSHandshakeError(self.peer.reason, self.peer.message or "") from exc
-                    reason, message = _classify_ssl_error(exc)
-                    raise TLSHandshakeError(reason, message) from exc
-            self._handshake_done = True
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        # The receiver and the sender may both start it: one runs it, the
+        # other waits for it to end (an Event made only then: contention is
+        # rare, and a lock per connection cost a scheduling round to take).
+        while self._handshaking:
+            if self._handshake_ended is None:
+                self._handshake_ended = trio.Event()
+            await self._handshake_ended.wait()
+            waited = True
+        if not self._handshake_done:
+            self._handshaking = True
+            try:
+                waited = await self._handshake_loop() or waited
+            finally:
+                self._handshaking = False
+                ended, self._handshake_ended = self._handshake_ended, None
+                if ended is not None:
+                    ended.set()
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _handshake_loop(self) -> bool:
+        """SSL_do_handshake until done; whether it waited for the socket.
+        Called through cffi as raw_io does: pyOpenSSL's wrapper raises (and
+        we catch) an exception for every "want read"."""
+        ssl = self._conn._ssl
+        waited = False
+        while True:
+            self._check_socket()
+            ret = _lib.SSL_do_handshake(ssl)
+            if ret == 1:
+                break
+            err = _lib.SSL_get_error(ssl, ret)
+            waited = True
+            if err == _lib.SSL_ERROR_WANT_READ:
+                await self._wait(readable=True)
+                continue
+            if err == _lib.SSL_ERROR_WANT_WRITE:
+                await self._wait(readable=False)
+                continue
+            self._broken = True
+            try:  # pyOpenSSL's own SSL.Error for it: _classify_ssl_error reads its text
+                self._conn._raise_ssl_error(ssl, ret)
+            except SSL.Error as exc:
+                if self.peer.reason is not None:
+                    raise TLSHandshakeError(self.peer.reason, self.peer.message or "") from exc
+                raise TLSHandshakeError(*_classify_ssl_error(exc)) from exc
+            raise TLSHandshakeError("tls_error", f"TLS handshake failed: SSL error {err}")
+        self._handshake_done = True
+        return waited
 
     # -- Stream API -------------------------------------------------------
 
@@ -385,8 +398,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._sending = False
 
     async def aclose(self) -> None:
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+    def close_now(self) -> None:
+        """``aclose`` without its checkpoint, for an owner that is done with
+        the connection: nothing in a close waits (close_notify is one
+        non-blocking attempt), so it needs no deadline and no shield."""
         if self._closed:
-            await trio.lowlevel.checkpoint()
             return
         self._closed = True
         try:
@@ -404,7 +423,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     self._conn.shutdown()
             self._discard_unread()
         finally:
-            await self.transport.aclose()
+            self._sock.close()
 
     def _discard_unread(self) -> None:
         """Read what already arrived and nobody will read. Closing a socket

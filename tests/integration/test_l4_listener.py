@@ -290,3 +290,43 @@ async def test_outbound_pair_end_to_end(
     deny = [r for r in out if r["event"] == "connection.refused"]
     assert deny and deny[0]["reason"] == "peer_not_allowed"
     assert deny[0]["peer_id"] == "spiffe://a.org/svc/hr"
+
+
+async def test_queued_connections_are_all_served_and_the_port_closes_with_the_listener(
+    ca_a: TestCA, hr: Issued, payroll: Issued
+) -> None:
+    # The accept loop takes every queued connection in one wake-up, on a
+    # duplicate of the listening fd: stopping the listener must close both.
+    import socket
+
+    audit = MemoryAudit()
+    async with trio.open_nursery() as outer:
+        echo_port = await start_echo(outer)
+        async with trio.open_nursery() as nursery:
+            _, port = await start_listener(
+                nursery,
+                nursery,
+                direction="inbound",
+                issued=hr,
+                cas=(ca_a,),
+                patterns=["spiffe://a.org/agent/*"],
+                target=("127.0.0.1", echo_port),
+                audit=audit,
+            )
+            ctx = _client_ssl(payroll, ca_a)
+            got: list[bytes] = []
+
+            async def one(i: int) -> None:
+                got.append(await _tls_roundtrip(port, ctx, b"req %d" % i))
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as clients:
+                    for i in range(12):  # connects queue up before the loop runs
+                        clients.start_soon(one, i)
+                while sum(r["event"] == "connection.close" for r in audit.records()) < 12:
+                    await trio.sleep(0)  # yield to the handlers; no wall-clock wait
+            nursery.cancel_scope.cancel()
+        assert sorted(got) == sorted(b"req %d" % i for i in range(12))
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
+        outer.cancel_scope.cancel()

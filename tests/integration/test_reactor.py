@@ -267,3 +267,32 @@ async def test_the_real_tls_stream_is_a_reactor_end() -> None:
         with trio.fail_after(10):
             await done.wait()
     assert (result.reason, result.bytes_up, result.bytes_down) == ("closed", 23, 8)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_bytes_that_arrived_before_the_relay_are_moved(kind: str) -> None:
+    """A request already in a socket (or in OpenSSL) when the pair is added
+    is relayed without any new readiness: epoll reports a plain socket's
+    kernel bytes, the ready list covers OpenSSL's."""
+    client, a, b, target = await layout(kind)
+    await client.send_all(b"early request")
+    await target.send_all(b"early answer")
+    # Loopback delivers at once: the bytes wait in the sockets before the pair exists.
+    assert _readable(a) and _readable(b)
+    async with open_reactor() as reactor, trio.open_nursery() as nursery:
+        result, done = await start_relay(nursery, reactor, a, b)
+        with trio.fail_after(10):
+            assert await target.receive_some(100) == b"early request"
+            assert await client.receive_some(100) == b"early answer"
+        await client.send_eof()
+        await target.send_eof()
+        with trio.fail_after(10):
+            await done.wait()
+    assert (result.reason, result.bytes_up, result.bytes_down) == ("closed", 13, 12)
+
+
+def _readable(end: Peer) -> bool:
+    import select
+
+    fd = end.socket.fileno() if isinstance(end, trio.SocketStream) else end.stream.socket.fileno()
+    return bool(select.select([fd], [], [], 0)[0])

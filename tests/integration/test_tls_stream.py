@@ -6,6 +6,7 @@ import ssl
 
 import pytest
 import trio
+import trio.testing
 
 from proxy.tls import TLSHandshakeError, TLSStream
 from tests.integration.tls_support import side
@@ -242,3 +243,71 @@ async def test_reactor_handles_after_the_handshake(ca_a: TestCA, ids) -> None:  
         assert server.ssl_connection.recv(100) == b"direct"
         await client.aclose()
         await server.aclose()
+
+
+async def test_concurrent_first_uses_share_one_handshake(ca_a: TestCA, ids) -> None:  # type: ignore[no-untyped-def]
+    # The receiver and the sender may both start the handshake: the second
+    # waits for the first (the lock) and then finds it done.
+    s = side(ids["server"], (ca_a,), ["spiffe://a.org/**"], server=True)
+    c = side(ids["client"], (ca_a,), ["spiffe://a.org/**"], server=False)
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        got: list[bytes] = []
+
+        async def echo() -> None:
+            await server.send_all(await server.receive_some())
+
+        async def receive() -> None:
+            got.append(await client.receive_some())
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(echo)
+                inner.start_soon(receive)
+                inner.start_soon(client.send_all, b"ping")
+        assert got == [b"ping"]
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_a_handshake_waiting_on_a_failed_one_is_broken(ca_a: TestCA, ids) -> None:  # type: ignore[no-untyped-def]
+    s = side(ids["server"], (ca_a,), ["spiffe://a.org/**"], server=True)
+    c = side(ids["client"], (ca_a,), ["spiffe://a.org/**"], server=False)
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        client.transport.socket.close()  # type: ignore[attr-defined]  # mid-handshake
+        errors: list[BaseException] = []
+
+        async def shake() -> None:
+            try:
+                await server.do_handshake()
+            except trio.BrokenResourceError as exc:
+                errors.append(exc)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(shake)
+                inner.start_soon(shake)
+        assert [type(e) for e in errors] == [TLSHandshakeError, trio.BrokenResourceError]
+        assert isinstance(errors[0], TLSHandshakeError)
+        assert errors[0].reason == "tls_error"
+        await server.aclose()
+        await client.aclose()
+
+
+async def test_close_now_sends_close_notify_and_closes_the_socket(ca_a: TestCA, ids) -> None:  # type: ignore[no-untyped-def]
+    s = side(ids["server"], (ca_a,), ["spiffe://a.org/**"], server=True)
+    c = side(ids["client"], (ca_a,), ["spiffe://a.org/**"], server=False)
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        assert await _handshake_both(server, client) == {}
+        server.close_now()
+        assert server.transport.socket.fileno() == -1  # type: ignore[attr-defined]
+        server.close_now()  # a second close does nothing
+        with trio.testing.assert_checkpoints():
+            await server.aclose()
+        assert await client.receive_some() == b""
+        assert not client.truncated  # close_notify, not a bare FIN
+        with pytest.raises(trio.ClosedResourceError):
+            await server.receive_some()
+        await client.aclose()

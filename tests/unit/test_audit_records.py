@@ -330,3 +330,24 @@ def test_a_request_or_call_counts_the_same_as_its_typed_value(event: str) -> Non
         assert "agent_proxy_requests_total" in counted
     else:
         assert "agent_proxy_requests_total" not in counted
+
+
+def test_rfc3339_renders_each_moment_of_an_alternating_pair() -> None:
+    # A connection's records alternate their own time with the peer
+    # certificate's notAfter; the cache of rendered seconds must never hand
+    # one moment the other's second.
+    from proxy.audit.records import rfc3339
+
+    moments = [
+        dt.datetime(2026, 3, 1, 12, 0, 5, 123456, tzinfo=dt.UTC),
+        dt.datetime(2027, 1, 31, 23, 59, 59, tzinfo=dt.UTC),
+        dt.datetime(2026, 3, 1, 12, 0, 5, 999000, tzinfo=dt.UTC),
+        dt.datetime(2026, 3, 1, 12, 0, 6, 1000, tzinfo=dt.UTC),
+        dt.datetime(1969, 12, 31, 23, 59, 59, 500000, tzinfo=dt.UTC),
+        dt.datetime(1970, 1, 1, 0, 0, 0, 500000, tzinfo=dt.UTC),
+        dt.datetime(2026, 3, 1, 13, 0, 5, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+    ]
+    for moment in moments * 3 + moments[::-1] * 2:
+        utc = moment.astimezone(dt.UTC)
+        expected = utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+        assert rfc3339(moment) == expected
