@@ -48,6 +48,9 @@ _IGNORABLE_ACCEPT = {
     if hasattr(errno, name)
 }  # fmt: skip
 _conn_counter = itertools.count(1)
+# Connections taken per wake-up at most (HAProxy's tune.maxaccept is 64 too):
+# a storm of connects must not keep the reactor and the handlers waiting.
+_ACCEPT_BATCH = 64
 
 
 class ListenError(UsageError):
@@ -221,16 +224,17 @@ class BaseListener:
 
     async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
         # Accepts on a duplicate of the listening socket's fd (the same open
-        # file, so the same queue and non-blocking mode): every connection
-        # already queued is taken in one wake-up, where trio's accept() takes
-        # one and then yields to the scheduler (a round per connection).
+        # file, so the same queue and non-blocking mode): up to a batch of
+        # the connections already queued is taken in one wake-up, where
+        # trio's accept() takes one and then yields to the scheduler (a
+        # round per connection).
         async with listener:
             sock = socket.socket(fileno=os.dup(listener.socket.fileno()))
             try:
                 sock.setblocking(False)
                 while True:
                     await trio.lowlevel.wait_readable(sock)
-                    while True:
+                    for _ in range(_ACCEPT_BATCH):
                         try:
                             accepted, _ = sock.accept()
                         except (BlockingIOError, InterruptedError):
