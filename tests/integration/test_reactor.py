@@ -11,7 +11,7 @@ import os
 import pytest
 import trio
 
-from proxy.runtime.reactor import Reactor, RelayResult, open_reactor
+from proxy.runtime.reactor import SCRATCH_BYTES, Reactor, RelayResult, open_reactor
 from proxy.tls import TLSStream
 from tests.integration.reactor_support import (
     _CA,
@@ -173,7 +173,7 @@ async def test_backpressure_holds_at_most_one_buffer(kind: str) -> None:
         nursery.start_soon(send)
         await wait_for(lambda: reactor.stats()["buffered_bytes"] > 0, "a blocked send")
         held = reactor.stats()["buffered_bytes"]
-        assert 0 < held <= 65536
+        assert 0 < held <= SCRATCH_BYTES
         assert not sending.is_set()  # the kernel buffers are full: the client is held back
         assert await read_all(target) == data
         await target.send_eof()
