@@ -46,6 +46,12 @@ from proxy.http.headers import Header
 
 
 class State(enum.Enum):
+    # Members are singletons compared by identity, so identity hashing is
+    # exact; Enum's own __hash__ (hash of the name) is a Python call, and
+    # every Exchange.on looks up a (State, Ev) key: two per event, six or
+    # more events per request.
+    __hash__ = object.__hash__
+
     IDLE = "idle"
     ROUTING = "routing"
     BUFFERING = "buffering"
@@ -59,6 +65,8 @@ class State(enum.Enum):
 
 
 class Ev(enum.Enum):
+    __hash__ = object.__hash__  # as State's
+
     REQUEST_HEAD = "request_head"  # a complete, strictly checked request head
     NEED_BODY = "need_body"  # the verdict needs the whole body first
     BODY_READ = "body_read"  # ...and here it is
