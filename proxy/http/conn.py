@@ -54,7 +54,14 @@ from proxy.http.writer import (
 )
 
 _RECV = 65536
+# What a wait raises when its deadline passes (receive_within and
+# send_within raise a fresh copy): built once, not per request.
 _UPSTREAM_TIMEOUT = PeerError(504, "upstream_timeout", "upstream did not answer in time")
+_UPSTREAM_WRITE_TIMEOUT = PeerError(504, "upstream_write_timeout", "the upstream stopped reading")
+_WRITE_TIMEOUT = PeerError(0, "write_timeout", "the client stopped reading")
+_IDLE_TIMEOUT = PeerError(0, "idle_timeout", "idle connection closed")
+_REQUEST_TIMEOUT = PeerError(408, "request_timeout", "request head not complete in time")
+_BODY_TIMEOUT = PeerError(408, "request_timeout", "request body stalled")
 
 BodyEvent = Body | End
 AnswerEvent = Answer | Body | End
@@ -145,10 +152,10 @@ class Downstream:
                 return None
             if started is None:
                 timeout = min(self.limits.idle_timeout, idle_deadline - trio.current_time())
-                error = PeerError(0, "idle_timeout", "idle connection closed")
+                error = _IDLE_TIMEOUT
             else:
                 timeout = self.limits.request_timeout - (time.monotonic() - started)
-                error = PeerError(408, "request_timeout", "request head not complete in time")
+                error = _REQUEST_TIMEOUT
             if await self._receive(max(timeout, 0), error):
                 started = started or time.monotonic()
         assert isinstance(event, Head), event
@@ -187,10 +194,7 @@ class Downstream:
                 raise PeerError(400, "bad_request", "connection closed inside a request body")
             if before_wait is not None:
                 await before_wait()
-            await self._receive(
-                self.limits.request_timeout,
-                PeerError(408, "request_timeout", "request body stalled"),
-            )
+            await self._receive(self.limits.request_timeout, _BODY_TIMEOUT)
 
     async def read_whole_body(self, limit: int) -> bytes:
         """The whole request body (a decision that binds its hash, or an
@@ -270,12 +274,7 @@ class Downstream:
                 self.before_release()
             data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
             self._pending.clear()
-            await send_within(
-                self.stream,
-                data,
-                self.limits.write_timeout,
-                PeerError(0, "write_timeout", "the client stopped reading"),
-            )
+            await send_within(self.stream, data, self.limits.write_timeout, _WRITE_TIMEOUT)
 
     async def send(self, event: AnswerEvent) -> None:
         self.queue(event)
@@ -355,10 +354,7 @@ class Upstream:
             data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
             self._pending.clear()
             await send_within(
-                self.stream,
-                data,
-                self.limits.write_timeout,
-                PeerError(504, "upstream_write_timeout", "the upstream stopped reading"),
+                self.stream, data, self.limits.write_timeout, _UPSTREAM_WRITE_TIMEOUT
             )
 
     async def send(self, event: Request | Body | End) -> None:
@@ -386,9 +382,7 @@ class Upstream:
                         raise upstream_broken(exc) from exc
                     except PeerError:
                         self.cycle.broken("upstream_timeout")
-                        raise PeerError(
-                            504, "upstream_timeout", "upstream did not answer in time"
-                        ) from None
+                        raise
                     self._eof = not data
                     parser.feed(data)
                     continue

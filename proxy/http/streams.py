@@ -65,7 +65,8 @@ def _receive_now(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:
 async def send_within(
     stream: trio.abc.Stream, data: bytes, timeout: float, on_timeout: PeerError
 ) -> None:
-    """``send_all`` under the write timeout."""
+    """``send_all`` under the write timeout; a new exception like
+    ``on_timeout`` when it passes."""
     await trio.lowlevel.checkpoint_if_cancelled()
     sent = _send_now(stream, data)
     if sent == len(data):
@@ -74,14 +75,15 @@ async def send_within(
     with trio.move_on_after(timeout):
         await stream.send_all(memoryview(data)[sent:])
         return
-    raise on_timeout
+    raise _fresh(on_timeout)
 
 
 async def receive_within(
     stream: trio.abc.Stream, max_bytes: int, timeout: float, on_timeout: PeerError
 ) -> bytes:
-    """``receive_some`` under a deadline; ``on_timeout`` when it passes.
-    Transport errors pass through (the caller names them)."""
+    """``receive_some`` under a deadline; a new exception like
+    ``on_timeout`` when it passes. Transport errors pass through (the
+    caller names them)."""
     await trio.lowlevel.checkpoint_if_cancelled()
     data = _receive_now(stream, max_bytes)
     if data is not None:
@@ -89,7 +91,15 @@ async def receive_within(
         return data
     with trio.move_on_after(timeout):
         return bytes(await stream.receive_some(max_bytes))
-    raise on_timeout
+    raise _fresh(on_timeout)
+
+
+def _fresh(error: PeerError) -> PeerError:
+    """A new exception each time: callers pass one constant per kind of
+    timeout, and raising the same instance again would chain each raise's
+    traceback onto the last, keeping every timed-out connection's frames
+    (and with them its streams and buffers) alive for good."""
+    return PeerError(error.status, error.reason, error.message)
 
 
 def upstream_broken(exc: BaseException) -> PeerError:

@@ -93,6 +93,29 @@ async def test_a_peer_that_stops_reading_hits_the_write_deadline(
     await b.aclose()
 
 
+async def test_each_timeout_is_a_new_exception_that_keeps_nothing_alive(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Callers pass one constant per kind of timeout. Raising that instance
+    itself would chain every raise's traceback onto the last, and with it
+    the frames, streams and buffers of every connection that ever timed
+    out: a leak that grows with each stalled peer."""
+    a, b = await tcp_pair()
+    raised = []
+    for _ in range(3):
+        with pytest.raises(PeerError) as caught:
+            await receive_within(b, 100, 5, _TIMEOUT)  # a never sends
+        raised.append(caught.value)
+    assert all(e is not _TIMEOUT for e in raised)
+    assert [(e.status, e.reason, e.message) for e in raised] == [
+        (_TIMEOUT.status, _TIMEOUT.reason, _TIMEOUT.message)
+    ] * 3
+    assert len({id(e) for e in raised}) == 3
+    assert _TIMEOUT.__traceback__ is None
+    await a.aclose()
+    await b.aclose()
+
+
 async def test_a_peer_that_never_makes_us_wait_does_not_starve_others() -> None:
     """Every receive is served from the kernel at once (no wait, no
     cancel scope): other tasks must still run between them."""

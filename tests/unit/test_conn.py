@@ -4,13 +4,16 @@ re-decided for the client, and when either connection may be reused."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable, Hashable
 
+import pytest
 import trio
 import trio.testing
 
 from proxy.http.conn import Downstream, Limits, Upstream
-from proxy.http.exchange import RequestOutcome
+from proxy.http.exchange import PeerError, RequestOutcome
 from proxy.http.pool import UpstreamPool
 from proxy.http.session import HttpSession
 from tests.unit.test_exchange import PathRouter
@@ -158,3 +161,22 @@ async def test_unread_bytes_after_a_close_still_get_a_lingering_close() -> None:
     assert not await _session_ends_before_the_client_closes(
         b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET /more"
     )
+
+
+async def test_an_upstream_that_timed_out_is_not_kept_alive(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Each upstream timeout is a 504 of its own: once the connection is
+    dropped nothing holds it (a shared exception raised again and again
+    kept every timed-out connection's frames, and so the connection)."""
+    refs = []
+    for _ in range(3):
+        ours, theirs = trio.testing.memory_stream_pair()
+        up = Upstream(ours, "k", Limits(response_timeout=5))
+        with pytest.raises(PeerError) as caught:
+            await up.next_event(up.limits.response_timeout)  # theirs never answers
+        assert (caught.value.status, caught.value.reason) == (504, "upstream_timeout")
+        refs.append(weakref.ref(up))
+        del up, ours, theirs, caught
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
