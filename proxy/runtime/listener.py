@@ -27,7 +27,7 @@ from cryptography import x509
 from proxy.audit import AuditRecord, AuditSink, Direction, rfc3339
 from proxy.audit.derive import count
 from proxy.errors import UsageError
-from proxy.identity import IdentitySnapshot, IdentityState
+from proxy.identity import IdentitySnapshot, IdentityState, VerifiedSvid
 from proxy.metrics import Metrics
 from proxy.netaddr import HostPort, format_sockaddr
 from proxy.runtime.reactor import Reactor
@@ -133,6 +133,7 @@ class BaseListener:
         self.reactor: Reactor | None = None  # the process's, for established TCP pairs
         # How the operator named this listener, for a bind error ("--listen").
         self.origin: str | None = None
+        self._peer_memo: tuple[VerifiedSvid, tuple[str, str, str], _dt.datetime] | None = None
 
     # -- audit ------------------------------------------------------------
 
@@ -141,11 +142,7 @@ class BaseListener:
         if conn.tls is not None:
             fields = conn.peer_fields
             if fields is None and (verified := conn.tls.peer.verified) is not None:
-                fields = conn.peer_fields = (
-                    str(verified.spiffe_id),
-                    verified.serial_hex,
-                    rfc3339(verified.not_after),
-                )
+                fields = conn.peer_fields = self._peer_view(verified)[0]
             if fields is not None:
                 peer_id, serial, not_after = fields
             peer_decision = conn.tls.peer.decision
@@ -342,6 +339,20 @@ class BaseListener:
             )
         return False
 
+    def _peer_view(self, verified: VerifiedSvid) -> tuple[tuple[str, str, str], _dt.datetime]:
+        """What records write of a verified peer, and when its chain expires.
+        Handshakes that present the same chain share one VerifiedSvid
+        (proxy.tls.context.PathCache), so the last one's view is kept: an
+        identity check (the memo holds the object, so its id stays its own)
+        instead of rendering the same fields on every connection."""
+        memo = self._peer_memo
+        if memo is not None and memo[0] is verified:
+            return memo[1], memo[2]
+        fields = (str(verified.spiffe_id), verified.serial_hex, rfc3339(verified.not_after))
+        not_after = min(cert.not_valid_after_utc for cert in verified.chain)
+        self._peer_memo = (verified, fields, not_after)
+        return fields, not_after
+
     def arm_peer_expiry(self, conn: Conn) -> None:
         """Close the connection the moment the peer's certificate (or any
         certificate in its verified chain) expires."""
@@ -349,7 +360,7 @@ class BaseListener:
         verified = conn.tls.peer.verified
         if verified is None:
             return
-        not_after = min(cert.not_valid_after_utc for cert in verified.chain)
+        not_after = self._peer_view(verified)[1]
         remaining = (not_after - _dt.datetime.now(_dt.UTC)).total_seconds()
         conn.cert_deadline = trio.current_time() + max(0.0, remaining)
         conn.scope.deadline = min(conn.scope.deadline, conn.cert_deadline)
