@@ -233,7 +233,7 @@ class BaseListener:
                     await trio.lowlevel.wait_readable(sock)
                     for _ in range(_ACCEPT_BATCH):
                         try:
-                            accepted, _ = sock.accept()
+                            accepted, address = sock.accept()
                         except (BlockingIOError, InterruptedError):
                             break
                         except OSError as exc:
@@ -250,16 +250,13 @@ class BaseListener:
                             raise
                         # SocketStream sets TCP_NODELAY, as trio's accept() does.
                         stream = trio.SocketStream(trio.socket.from_stdlib_socket(accepted))
-                        handlers.start_soon(self._handle, stream)
+                        # accept() has the peer's address: no getpeername per connection.
+                        handlers.start_soon(self._handle, stream, format_sockaddr(address))
             finally:
                 trio.lowlevel.notify_closing(sock)  # trio forgets the fd before it is reused
                 sock.close()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        try:
-            peer_addr: str | None = format_sockaddr(stream.socket.getpeername())
-        except OSError:
-            peer_addr = None
+    async def _handle(self, stream: trio.SocketStream, peer_addr: str | None) -> None:
         conn = Conn(new_conn_id(), self.identity.current, peer_addr, started=time.monotonic())
         refusal = None
         if self.active >= self.max_connections:
