@@ -18,6 +18,7 @@ are key-safe.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,8 +51,9 @@ class IdentitySnapshot:
     svid: X509Svid
     bundles: TrustBundleSet
 
-    @property
+    @functools.cached_property
     def local_id(self) -> str:
+        """Rendered once per snapshot: every audit record carries it."""
         return str(self.svid.spiffe_id)
 
     def expired(self, now: _dt.datetime) -> bool:

@@ -322,11 +322,13 @@ class X509Svid:
     # repr=False: no private key in any log line, ever (invariant 1).
     private_key: SvidPrivateKey = field(repr=False, compare=False)
 
-    @property
+    # Cached (the certificate is immutable): every accepted connection asks
+    # whether our SVID expired, and cryptography builds a new datetime per read.
+    @functools.cached_property
     def not_before(self) -> dt.datetime:
         return self.leaf.not_valid_before_utc
 
-    @property
+    @functools.cached_property
     def not_after(self) -> dt.datetime:
         return self.leaf.not_valid_after_utc
 

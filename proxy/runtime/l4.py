@@ -20,6 +20,7 @@ import errno
 import functools
 import ipaddress
 import os
+import select
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -57,14 +58,17 @@ class L4Config:
 
 async def connect_tcp(target: HostPort, timeout: float) -> trio.SocketStream | tuple[str, str]:
     """A TCP connection, or (reason, detail) saying why not."""
-    with trio.move_on_after(timeout):
-        try:
-            literal = _literal_address(target.host, target.port)
-            if literal is None:  # a name: resolve, and happy eyeballs over its addresses
+    try:
+        literal = _literal_address(target.host, target.port)
+        if literal is not None:
+            stream = await _connect_literal(*literal, timeout)
+            if stream is not None:
+                return stream
+        else:  # a name: resolve, and happy eyeballs over its addresses
+            with trio.move_on_after(timeout):
                 return await trio.open_tcp_stream(target.host, target.port)
-            return await _connect_literal(*literal)
-        except OSError as exc:
-            return "target_unreachable", str(exc.strerror or exc)
+    except OSError as exc:
+        return "target_unreachable", str(exc.strerror or exc)
     return "target_connect_timeout", f"no connection within {timeout:g}s"
 
 
@@ -96,24 +100,51 @@ def _literal_address(host: str, port: int) -> tuple[int, tuple[Any, ...]] | None
     return family, (host, port)
 
 
-async def _connect_literal(family: int, address: tuple[Any, ...]) -> trio.SocketStream:
-    """One address, one connect: trio's open_tcp_stream would still run its
-    happy-eyeballs nursery for it (a tenth of a new connection's CPU here),
-    and trio's socket connect resolves the address again on every call."""
+# One poll object for every "has this connect finished?" probe: register,
+# poll(0), unregister cost no syscall but the poll itself (and, unlike
+# select, any fd number works).
+_PROBE = select.poll()
+
+
+def _connected_now(raw: socket.socket) -> bool:
+    fd = raw.fileno()
+    _PROBE.register(fd, select.POLLOUT)
+    try:
+        return bool(_PROBE.poll(0))
+    finally:
+        _PROBE.unregister(fd)
+
+
+async def _connect_literal(
+    family: int, address: tuple[Any, ...], timeout: float
+) -> trio.SocketStream | None:
+    """One address, one connect (None: no connection within ``timeout``).
+    trio's open_tcp_stream would still run its happy-eyeballs nursery for
+    it (a tenth of a new connection's CPU here), and trio's socket connect
+    resolves the address again on every call. A loopback connect (the
+    local target, a sidecar beside us) has completed by the time
+    connect() returns EINPROGRESS: one poll(0) sees that, so neither a
+    deadline scope nor a wait for writability (epoll_ctl twice, a
+    scheduler round) is spent on it. Only a connect still in progress
+    waits, under ``timeout``. No schedule point when none was needed: the
+    caller's next step (a handshake, the relay) has its own."""
     await trio.lowlevel.checkpoint_if_cancelled()
     raw = socket.socket(family, socket.SOCK_STREAM)
     try:
         raw.setblocking(False)
         err = raw.connect_ex(address)
         if err == errno.EINPROGRESS:
-            await trio.lowlevel.wait_writable(raw)
+            if not _connected_now(raw):
+                with trio.move_on_after(timeout):
+                    await trio.lowlevel.wait_writable(raw)
+                if not _connected_now(raw):  # the deadline, not the connect, ended the wait
+                    raw.close()
+                    return None
             err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:  # the same text as trio's connect
                 raise OSError(err, f"Error connecting to {address!r}: {os.strerror(err)}")
         elif err:
             raise OSError(err, os.strerror(err))
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
     except BaseException:
         raw.close()
         raise

@@ -27,7 +27,7 @@ from cryptography import x509
 from proxy.audit import AuditRecord, AuditSink, Direction, rfc3339
 from proxy.audit.derive import count
 from proxy.errors import UsageError
-from proxy.identity import IdentitySnapshot, IdentityState
+from proxy.identity import IdentitySnapshot, IdentityState, VerifiedSvid
 from proxy.metrics import Metrics
 from proxy.netaddr import HostPort, format_sockaddr
 from proxy.runtime.reactor import Reactor
@@ -133,6 +133,7 @@ class BaseListener:
         self.reactor: Reactor | None = None  # the process's, for established TCP pairs
         # How the operator named this listener, for a bind error ("--listen").
         self.origin: str | None = None
+        self._peer_memo: tuple[VerifiedSvid, tuple[str, str, str], _dt.datetime] | None = None
 
     # -- audit ------------------------------------------------------------
 
@@ -141,11 +142,7 @@ class BaseListener:
         if conn.tls is not None:
             fields = conn.peer_fields
             if fields is None and (verified := conn.tls.peer.verified) is not None:
-                fields = conn.peer_fields = (
-                    str(verified.spiffe_id),
-                    verified.serial_hex,
-                    rfc3339(verified.not_after),
-                )
+                fields = conn.peer_fields = self._peer_view(verified)[0]
             if fields is not None:
                 peer_id, serial, not_after = fields
             peer_decision = conn.tls.peer.decision
@@ -236,7 +233,7 @@ class BaseListener:
                     await trio.lowlevel.wait_readable(sock)
                     for _ in range(_ACCEPT_BATCH):
                         try:
-                            accepted, _ = sock.accept()
+                            accepted, address = sock.accept()
                         except (BlockingIOError, InterruptedError):
                             break
                         except OSError as exc:
@@ -253,16 +250,13 @@ class BaseListener:
                             raise
                         # SocketStream sets TCP_NODELAY, as trio's accept() does.
                         stream = trio.SocketStream(trio.socket.from_stdlib_socket(accepted))
-                        handlers.start_soon(self._handle, stream)
+                        # accept() has the peer's address: no getpeername per connection.
+                        handlers.start_soon(self._handle, stream, format_sockaddr(address))
             finally:
                 trio.lowlevel.notify_closing(sock)  # trio forgets the fd before it is reused
                 sock.close()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        try:
-            peer_addr: str | None = format_sockaddr(stream.socket.getpeername())
-        except OSError:
-            peer_addr = None
+    async def _handle(self, stream: trio.SocketStream, peer_addr: str | None) -> None:
         conn = Conn(new_conn_id(), self.identity.current, peer_addr, started=time.monotonic())
         refusal = None
         if self.active >= self.max_connections:
@@ -342,6 +336,20 @@ class BaseListener:
             )
         return False
 
+    def _peer_view(self, verified: VerifiedSvid) -> tuple[tuple[str, str, str], _dt.datetime]:
+        """What records write of a verified peer, and when its chain expires.
+        Handshakes that present the same chain share one VerifiedSvid
+        (proxy.tls.context.PathCache), so the last one's view is kept: an
+        identity check (the memo holds the object, so its id stays its own)
+        instead of rendering the same fields on every connection."""
+        memo = self._peer_memo
+        if memo is not None and memo[0] is verified:
+            return memo[1], memo[2]
+        fields = (str(verified.spiffe_id), verified.serial_hex, rfc3339(verified.not_after))
+        not_after = min(cert.not_valid_after_utc for cert in verified.chain)
+        self._peer_memo = (verified, fields, not_after)
+        return fields, not_after
+
     def arm_peer_expiry(self, conn: Conn) -> None:
         """Close the connection the moment the peer's certificate (or any
         certificate in its verified chain) expires."""
@@ -349,7 +357,7 @@ class BaseListener:
         verified = conn.tls.peer.verified
         if verified is None:
             return
-        not_after = min(cert.not_valid_after_utc for cert in verified.chain)
+        not_after = self._peer_view(verified)[1]
         remaining = (not_after - _dt.datetime.now(_dt.UTC)).total_seconds()
         conn.cert_deadline = trio.current_time() + max(0.0, remaining)
         conn.scope.deadline = min(conn.scope.deadline, conn.cert_deadline)

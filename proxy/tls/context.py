@@ -12,7 +12,10 @@ bundle of the leaf's *own* trust domain only. Then the connection policy
 (inbound allowlist or outbound expected IDs) runs. Any failure returns
 False from the callback, so the peer gets a TLS alert and the handshake
 fails; the reason is kept on the per-connection :class:`PeerVerification`
-for the audit record.
+for the audit record. A path that passed the SPIFFE rules is remembered
+per side with its validity window (:class:`PathCache`): the next handshake
+that presents the same DER skips re-parsing and re-checking it, never
+OpenSSL's own chain verification nor the connection policy.
 
 The alert the peer receives says why (issue 12, item 28). OpenSSL derives it
 from the X509 verify error left in the store context (``ssl_x509err2alert``
@@ -38,7 +41,7 @@ from __future__ import annotations
 import datetime as _dt
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from cryptography import x509
@@ -119,6 +122,7 @@ class PeerVerification:
         "_authorize",
         "_bundles",
         "_clock",
+        "_paths",
         "decision",
         "message",
         "presented",
@@ -126,10 +130,17 @@ class PeerVerification:
         "verified",
     )
 
-    def __init__(self, bundles: TrustBundleSet, authorize: Authorizer, clock: Clock) -> None:
+    def __init__(
+        self,
+        bundles: TrustBundleSet,
+        authorize: Authorizer,
+        clock: Clock,
+        paths: PathCache | None = None,
+    ) -> None:
         self._bundles = bundles
         self._authorize = authorize
         self._clock = clock
+        self._paths = paths if paths is not None else PathCache()
         self.verified: VerifiedSvid | None = None
         self.decision: PeerVerdict | None = None
         self.reason: str | None = None
@@ -157,17 +168,25 @@ class PeerVerification:
         self._fail(reason, f"{text} at depth {depth}", errnum)
         return errnum
 
-    def judge_leaf(self, chain: list[x509.Certificate]) -> int:
-        """The path OpenSSL built (leaf first) passed its checks: apply the
-        SPIFFE rules and the connection policy. X509_V_OK or the error to set."""
+    def judge_leaf(self, path: bytes, ends: list[int]) -> int:
+        """The path OpenSSL built (``path``: the DER of each certificate,
+        leaf first, concatenated; ``ends``: where each one ends) passed its
+        checks: apply the SPIFFE rules and the connection policy. X509_V_OK
+        or the error to set."""
         try:
             now = self._clock()
-            # OpenSSL has verified this path; when its anchor is in the leaf's
-            # own trust domain bundle only the SPIFFE rules remain. Anything
-            # else (a cross-domain anchor) gets the full scoped verification.
-            verified = accept_verified_path(chain, self._bundles, now) or verify_x509_svid(
-                chain[0], chain[1:], self._bundles, now
-            )
+            verified = self._paths.get(path, now)
+            if verified is None:
+                chain = _certificates(path, ends)
+                # OpenSSL has verified this path; when its anchor is in the
+                # leaf's own trust domain bundle only the SPIFFE rules remain.
+                # Anything else (a cross-domain anchor) gets the full scoped
+                # verification, every time (never remembered).
+                verified = accept_verified_path(chain, self._bundles, now)
+                if verified is not None:
+                    self._paths.put(path, verified)
+                else:
+                    verified = verify_x509_svid(chain[0], chain[1:], self._bundles, now)
         except ChainError as exc:
             return self._fail(
                 exc.reason, str(exc), _REFUSAL_ERRORS.get(exc.reason, _INTERNAL_ERROR)
@@ -182,21 +201,81 @@ class PeerVerification:
         return _OK
 
 
-def _verified_chain(store_ctx: Any) -> list[x509.Certificate]:
-    # As pyOpenSSL's X509StoreContext.get_verified_chain: get1_chain returns
-    # owned references, each handed to an X509 object; then the bare stack
-    # is freed.
+class PathCache:
+    """Verified paths of one side (one bundle set), by their DER.
+
+    A peer presents the same chain on every connection until it rotates,
+    and :func:`accept_verified_path` is a pure function of the path, the
+    side's bundles and the time; the time enters only as "inside every
+    certificate's validity period", i.e. between the latest notBefore and
+    the earliest notAfter of the path. So a path that passed is remembered
+    with that window and, while ``now`` is inside it, passes again without
+    being parsed or checked again: the answer would be the same. Outside
+    the window the full check runs (and names the expired certificate).
+    Failures and cross-domain paths are never remembered. OpenSSL still
+    verifies every signature of every handshake before this is consulted;
+    the connection policy runs on every handshake. One cache per TlsSide:
+    a rotation (new bundles) starts an empty one. Bounded: the oldest
+    entry goes first.
+    """
+
+    __slots__ = ("_entries",)
+    MAX = 256
+
+    def __init__(self) -> None:
+        self._entries: dict[bytes, tuple[VerifiedSvid, _dt.datetime, _dt.datetime]] = {}
+
+    def get(self, path: bytes, now: _dt.datetime) -> VerifiedSvid | None:
+        entry = self._entries.get(path)
+        if entry is None:
+            return None
+        verified, not_before, not_after = entry
+        if not_before <= now <= not_after:
+            return verified
+        del self._entries[path]
+        return None
+
+    def put(self, path: bytes, verified: VerifiedSvid) -> None:
+        if len(self._entries) >= self.MAX:
+            del self._entries[next(iter(self._entries))]
+        not_before = max(cert.not_valid_before_utc for cert in verified.chain)
+        not_after = min(cert.not_valid_after_utc for cert in verified.chain)
+        self._entries[path] = (verified, not_before, not_after)
+
+
+def _certificates(path: bytes, ends: list[int]) -> list[x509.Certificate]:
+    start, chain = 0, []
+    for end in ends:
+        chain.append(_shared(path[start:end]))
+        start = end
+    return chain
+
+
+def _verified_chain(store_ctx: Any) -> tuple[bytes, list[int]]:
+    """The chain OpenSSL built, leaf first, as its certificates' DER one
+    after the other and where each ends. get1_chain returns owned
+    references: each is freed here, then the bare stack. One memory BIO
+    takes every certificate (no certificate object is made for this)."""
     stack = _lib.X509_STORE_CTX_get1_chain(store_ctx)
     if stack == _ffi.NULL:
         raise ValueError("OpenSSL returned no verified chain")
+    bio = _lib.BIO_new(_lib.BIO_s_mem())
     try:
-        owned = [
-            crypto.X509._from_raw_x509_ptr(_lib.sk_X509_value(stack, i))
-            for i in range(_lib.sk_X509_num(stack))
-        ]
+        if bio == _ffi.NULL:
+            raise MemoryError("cannot allocate a memory BIO")
+        data = _ffi.new("char **")
+        ends = []
+        for i in range(_lib.sk_X509_num(stack)):
+            if _lib.i2d_X509_bio(bio, _lib.sk_X509_value(stack, i)) != 1:
+                raise ValueError("cannot encode a certificate of the verified chain")
+            ends.append(_lib.BIO_get_mem_data(bio, data))
+        return _ffi.buffer(data[0], ends[-1] if ends else 0)[:], ends
     finally:
+        if bio != _ffi.NULL:
+            _lib.BIO_free(bio)
+        for i in range(_lib.sk_X509_num(stack)):
+            _lib.X509_free(_lib.sk_X509_value(stack, i))
         _lib.sk_X509_free(stack)
-    return [_shared(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)) for cert in owned]
 
 
 # A peer presents the same chain on every connection until it rotates, and
@@ -246,7 +325,7 @@ def _on_verify(ok: int, store_ctx: Any) -> int:
             elif depth != 0:
                 return 1
             else:
-                error = state.judge_leaf(_verified_chain(store_ctx))
+                error = state.judge_leaf(*_verified_chain(store_ctx))
     except Exception as exc:  # an exception must never escape into OpenSSL
         if isinstance(state, PeerVerification):
             state._fail("invalid_svid", f"cannot check peer certificate: {exc}", _INTERNAL_ERROR)
@@ -271,12 +350,13 @@ class TlsSide:
     authorize: Authorizer
     server: bool
     clock: Clock = _utcnow
+    paths: PathCache = field(default_factory=PathCache, compare=False, repr=False)
 
     def new_connection(self, sock: Any) -> tuple[SSL.Connection, PeerVerification]:
         """An SSL.Connection on ``sock`` (anything with ``fileno()``): OpenSSL
         reads and writes the socket itself."""
         conn = SSL.Connection(self.context, sock)
-        state = PeerVerification(self.bundles, self.authorize, self.clock)
+        state = PeerVerification(self.bundles, self.authorize, self.clock, self.paths)
         conn.set_app_data(state)
         if self.server:
             conn.set_accept_state()

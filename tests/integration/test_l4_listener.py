@@ -331,3 +331,41 @@ async def test_queued_connections_are_all_served_and_the_port_closes_with_the_li
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
         outer.cancel_scope.cancel()
+
+
+async def test_peers_that_alternate_keep_their_own_identity_in_records(
+    ca_a: TestCA, hr: Issued, payroll: Issued
+) -> None:
+    # A listener keeps the rendered view of the last verified peer (shared
+    # across handshakes of one chain): a different peer between two of the
+    # same one must still get its own id, serial and expiry.
+    billing = ca_a.issue("spiffe://a.org/agent/billing")
+    audit = MemoryAudit()
+    order = [payroll, payroll, billing, payroll]
+    names = {id(payroll): "spiffe://a.org/agent/payroll", id(billing): "spiffe://a.org/agent/billing"}
+    async with trio.open_nursery() as nursery:
+        echo_port = await start_echo(nursery)
+        _, port = await start_listener(
+            nursery,
+            nursery,
+            direction="inbound",
+            issued=hr,
+            cas=(ca_a,),
+            patterns=["spiffe://a.org/agent/*"],
+            target=("127.0.0.1", echo_port),
+            audit=audit,
+        )
+        for n, peer in enumerate(order, start=1):
+            assert await _tls_roundtrip(port, _client_ssl(peer, ca_a), b"x") == b"x"
+            with trio.fail_after(5):
+                while sum(r["event"] == "connection.close" for r in audit.records()) < n:
+                    await trio.sleep(0)  # yield to the handler task; no wall-clock wait
+        nursery.cancel_scope.cancel()
+    records = [r for r in audit.records() if r["event"] in ("connection.open", "connection.close")]
+    assert len(records) == 2 * len(order)
+    for peer, pair in zip(order, zip(records[::2], records[1::2], strict=True), strict=True):
+        for record in pair:
+            assert record["peer_id"] == names[id(peer)]
+            assert record["peer_cert_serial"] == format(peer.cert.serial_number, "x")
+            expected = peer.cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%S")
+            assert record["peer_cert_not_after"].startswith(expected)
