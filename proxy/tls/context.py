@@ -215,15 +215,18 @@ class PathCache:
     Failures and cross-domain paths are never remembered. OpenSSL still
     verifies every signature of every handshake before this is consulted;
     the connection policy runs on every handshake. One cache per TlsSide:
-    a rotation (new bundles) starts an empty one. Bounded: the oldest
-    entry goes first.
+    a rotation (new bundles) starts an empty one, and a side cannot be
+    given another's (``TlsSide.paths`` is not an init field). Bounded: the
+    least recently used entry goes first.
     """
 
     __slots__ = ("_entries",)
     MAX = 256
 
     def __init__(self) -> None:
-        self._entries: dict[bytes, tuple[VerifiedSvid, _dt.datetime, _dt.datetime]] = {}
+        self._entries: OrderedDict[bytes, tuple[VerifiedSvid, _dt.datetime, _dt.datetime]] = (
+            OrderedDict()
+        )
 
     def get(self, path: bytes, now: _dt.datetime) -> VerifiedSvid | None:
         entry = self._entries.get(path)
@@ -231,13 +234,14 @@ class PathCache:
             return None
         verified, not_before, not_after = entry
         if not_before <= now <= not_after:
+            self._entries.move_to_end(path)
             return verified
         del self._entries[path]
         return None
 
     def put(self, path: bytes, verified: VerifiedSvid) -> None:
         if len(self._entries) >= self.MAX:
-            del self._entries[next(iter(self._entries))]
+            self._entries.popitem(last=False)
         not_before = max(cert.not_valid_before_utc for cert in verified.chain)
         not_after = min(cert.not_valid_after_utc for cert in verified.chain)
         self._entries[path] = (verified, not_before, not_after)
@@ -262,11 +266,13 @@ def _verified_chain(store_ctx: Any) -> tuple[bytes, list[int]]:
     bio = _lib.BIO_new(_lib.BIO_s_mem())
     try:
         if bio == _ffi.NULL:
+            _lib.ERR_clear_error()  # no stale entry in a later pyOpenSSL error
             raise MemoryError("cannot allocate a memory BIO")
         data = _ffi.new("char **")
         ends = []
         for i in range(_lib.sk_X509_num(stack)):
             if _lib.i2d_X509_bio(bio, _lib.sk_X509_value(stack, i)) != 1:
+                _lib.ERR_clear_error()
                 raise ValueError("cannot encode a certificate of the verified chain")
             ends.append(_lib.BIO_get_mem_data(bio, data))
         return _ffi.buffer(data[0], ends[-1] if ends else 0)[:], ends
@@ -350,7 +356,9 @@ class TlsSide:
     authorize: Authorizer
     server: bool
     clock: Clock = _utcnow
-    paths: PathCache = field(default_factory=PathCache, compare=False, repr=False)
+    # Not an init field: verdicts made under one bundle set must never reach
+    # a side built (or replace()d) with another.
+    paths: PathCache = field(default_factory=PathCache, init=False, compare=False, repr=False)
 
     def new_connection(self, sock: Any) -> tuple[SSL.Connection, PeerVerification]:
         """An SSL.Connection on ``sock`` (anything with ``fileno()``): OpenSSL

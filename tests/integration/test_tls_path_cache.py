@@ -129,3 +129,41 @@ async def test_a_cross_domain_forgery_is_refused_on_every_handshake(
         _, failed = await _handshake(server_side, client_side)
         assert isinstance(failed, TLSHandshakeError)
         assert failed.reason == "untrusted_chain"
+
+
+def test_a_side_built_from_another_never_inherits_its_verdicts(ca_a: TestCA) -> None:
+    """Verdicts hold for one bundle set only: a side made from another with
+    ``dataclasses.replace`` (new bundles, say) starts with an empty cache,
+    and the cache is not a constructor argument at all."""
+    import dataclasses
+
+    import pytest
+
+    side = _side(ca_a.issue(f"spiffe://{ca_a.trust_domain}/payroll"), (ca_a,), [["*"]], server=True)
+    other = dataclasses.replace(side)
+    assert other.paths is not side.paths
+    with pytest.raises(TypeError):
+        TlsSide(  # type: ignore[call-arg]
+            context=side.context,
+            bundles=side.bundles,
+            authorize=side.authorize,
+            server=True,
+            paths=side.paths,
+        )
+
+
+def test_the_cache_keeps_the_paths_in_use_and_drops_the_least_recent(ca_a: TestCA) -> None:
+    from proxy.identity.verify import verify_x509_svid
+    from proxy.tls.context import PathCache
+
+    leaf = ca_a.issue(f"spiffe://{ca_a.trust_domain}/payroll")
+    now = dt.datetime.now(dt.UTC)
+    verified = verify_x509_svid(leaf.cert, [], snapshot(leaf, ca_a).bundles, now)
+    cache = PathCache()
+    for i in range(PathCache.MAX):
+        cache.put(b"path-%d" % i, verified)
+    assert cache.get(b"path-0", now) is verified  # in use: now the most recent
+    cache.put(b"one more", verified)
+    assert cache.get(b"path-0", now) is verified
+    assert cache.get(b"path-1", now) is None  # the least recently used went
+    assert cache.get(b"one more", now) is verified
