@@ -108,11 +108,14 @@ _PROBE = select.poll()
 
 def _connected_now(raw: socket.socket) -> bool:
     fd = raw.fileno()
-    _PROBE.register(fd, select.POLLOUT)
     try:
-        return bool(_PROBE.poll(0))
+        _PROBE.register(fd, select.POLLOUT)
+        # Only this fd's answer counts: a registration left behind must not
+        # make another connect look finished.
+        return any(ready == fd for ready, _ in _PROBE.poll(0))
     finally:
-        _PROBE.unregister(fd)
+        with contextlib.suppress(KeyError):
+            _PROBE.unregister(fd)
 
 
 async def _connect_literal(
