@@ -40,6 +40,7 @@ from proxy.policy.gate import Gate
 from proxy.runtime.http_listeners import HttpInboundListener, HttpOutboundListener
 from proxy.runtime.l4 import L4Config, L4Listener
 from proxy.runtime.listener import BaseListener
+from proxy.runtime.memory import release_forever
 from proxy.runtime.reload import ConfigReloader
 from proxy.runtime.serve import run_until_signalled
 from proxy.sources.base import IdentityLoadError, IdentitySource
@@ -294,7 +295,12 @@ async def _serve(
         await run_until_signalled(
             listeners,
             drain_timeout=config.drain_timeout,
-            background=[partial(source.run, state), audit.flush_forever, reloader.watch],
+            background=[
+                partial(source.run, state),
+                audit.flush_forever,
+                reloader.watch,
+                release_forever,  # the heap back to the system after a burst
+            ],
             on_hup=hup,
             on_ready=ready,
         )
