@@ -366,7 +366,7 @@ def parse_message(body: bytes | str, *, max_bytes: int, allow_batch: bool) -> Pa
         if not value:
             raise _invalid(None, "an empty batch")
         return ParsedBody(tuple(validate_message(item) for item in value), is_batch=True)
-    return ParsedBody((validate_message(value),), is_batch=False)
+    return ParsedBody((validate_message(value),), False)  # positional: a keyword costs 0.1 us
 
 
 # -- encoding -------------------------------------------------------------------
