@@ -149,7 +149,6 @@ def lower_headers(headers: Mapping[str, str]) -> LowerHeaders:
     return LowerHeaders({name.lower(): value for name, value in headers.items()})
 
 
-
 def _meta_version(message: JsonRpcMessage) -> str | None:
     params = message.params
     if not isinstance(params, dict):
@@ -187,20 +186,30 @@ def detect_version(
     the session's negotiated version; else 2025-03-26, as the spec says.
     ``message`` is None for a GET.
     """
-    lower = lower_headers(headers)
-    header = lower.get(PROTOCOL_VERSION_HEADER)
     messages: tuple[JsonRpcMessage, ...] = ()
     if isinstance(message, ParsedBody):
         messages = message.messages
     elif message is not None:
         messages = (message,)
-    first_id = messages[0].id if len(messages) == 1 else None
+    return _detect(lower_headers(headers), messages, session_version)
 
-    metas = [(m, v) for m in messages if (v := _meta_version(m)) is not None]
-    if metas:
-        if len(messages) != 1:
+
+def _detect(
+    lower: LowerHeaders, messages: tuple[JsonRpcMessage, ...], session_version: str | None
+) -> str:
+    header = lower.get(PROTOCOL_VERSION_HEADER)
+    single = len(messages) == 1
+    first_id = messages[0].id if single else None
+    if single:
+        meta = _meta_version(messages[0])
+    else:
+        # Every message's _meta is read (one may be malformed) before a batch
+        # carrying any is refused.
+        metas = [v for m in messages if (v := _meta_version(m)) is not None]
+        if metas:
             raise JsonRpcError(INVALID_REQUEST, "2026-07-28 requests cannot be batched")
-        meta = metas[0][1]
+        meta = None
+    if meta is not None:
         if header is not None and header.strip() != meta:
             raise JsonRpcError(
                 HEADER_MISMATCH,
@@ -220,7 +229,7 @@ def detect_version(
                 first_id,
             )
         return version
-    if len(messages) == 1 and messages[0].method == "initialize":
+    if single and messages[0].method == "initialize":
         params = messages[0].params
         requested = params.get("protocolVersion") if isinstance(params, dict) else None
         if isinstance(requested, str) and requested in LEGACY_VERSIONS:
@@ -307,21 +316,28 @@ def _call(message: JsonRpcMessage, version: str, session_id: str | None) -> McpC
         raise JsonRpcError(INVALID_PARAMS, "Invalid params: params must be an object", message.id)
     # One McpCall with its targets (a dataclasses.replace per call cost more
     # than the rest of this function).
-    targets: dict[str, Any] = {}
+    tool = resource_uri = prompt_name = None
+    arguments: dict[str, Any] = {}
     if method == "tools/call":
-        targets = {
-            "tool": _param_str(message, "name"),
-            "arguments": _param_object(message, "arguments"),
-        }
+        tool = _param_str(message, "name")
+        arguments = _param_object(message, "arguments")
     elif method == "prompts/get":
-        targets = {
-            "prompt_name": _param_str(message, "name"),
-            "arguments": _param_object(message, "arguments"),
-        }
+        prompt_name = _param_str(message, "name")
+        arguments = _param_object(message, "arguments")
     elif method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
-        targets = {"resource_uri": _param_str(message, "uri")}
+        resource_uri = _param_str(message, "uri")
+    # Positional: keywords cost a third more in a frozen dataclass's __init__.
     return McpCall(
-        message.kind, method, message.id, version, message, session_id=session_id, **targets
+        message.kind,
+        method,
+        message.id,
+        version,
+        message,
+        tool,
+        arguments,
+        resource_uri,
+        prompt_name,
+        session_id,
     )
 
 
@@ -334,7 +350,8 @@ def extract_calls(
     a response from the client in 2026-07-28 (which forbids them), and
     tools/call, prompts/get or resources/read without their string target.
     """
-    version = detect_version(headers, parsed, session_version)
+    lower = lower_headers(headers)
+    version = _detect(lower, parsed.messages, session_version)
     if parsed.is_batch:
         if not batches_allowed(version):
             raise JsonRpcError(
@@ -342,8 +359,8 @@ def extract_calls(
             )
         if any(m.method == "initialize" for m in parsed.messages):
             raise JsonRpcError(INVALID_REQUEST, "initialize must not be part of a batch")
-    modern = is_2026(version)
-    session_id = None if modern else lower_headers(headers).get(SESSION_ID_HEADER)
+    modern = version in MODERN_VERSIONS  # is_2026
+    session_id = None if modern else lower.get(SESSION_ID_HEADER)
     calls = []
     for message in parsed.messages:
         if modern and message.is_response:
@@ -356,7 +373,7 @@ def pending_list_requests(calls: list[McpCall]) -> dict[IdKey, str]:
     """id key -> method for the list requests among ``calls`` (to filter their answers)."""
     pending: dict[IdKey, str] = {}
     for call in calls:
-        key = call.id_key
-        if call.method is not None and call.method in LIST_METHODS and key is not None:
-            pending[key] = call.method
+        method = call.method
+        if method is not None and method in LIST_METHODS and call.id is not None:
+            pending[id_key(call.id)] = method
     return pending

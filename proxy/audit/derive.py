@@ -40,7 +40,9 @@ def count(metrics: Metrics, record: AuditRecord | Typed) -> None:
             # What an AgentCall counts: its guard outcomes (the call itself
             # is counted through its HTTP request). typed() leaves both keys
             # in the value's extra as they are in the record's.
-            _guard_outcomes(metrics, record.listener, record.extra)
+            extra = record.extra
+            if "dry_run" in extra or "quarantine_reason" in extra:  # rarely: skip the call
+                _guard_outcomes(metrics, record.listener, extra)
             return
     value = typed(record) if isinstance(record, AuditRecord) else record
     if value is None:
@@ -78,7 +80,8 @@ def _http_request(metrics: Metrics, record: AuditRecord) -> None:
     """What :func:`count` does with ``typed(record)`` for an ``http.request``
     record, read from the record's fields as :func:`typed` reads them."""
     extra = record.extra
-    _guard_outcomes(metrics, record.listener, extra)
+    if "dry_run" in extra or "quarantine_reason" in extra:  # as for mcp.call above
+        _guard_outcomes(metrics, record.listener, extra)
     duration = _int(extra.get("duration_ms"))
     metrics.request(
         record.listener,

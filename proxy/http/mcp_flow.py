@@ -106,8 +106,9 @@ class McpGuard:
         answers: list[bytes] = []
         policy = self.policy()
         denied_any = False
+        modern = mcp.is_2026(version)
         for call in calls:
-            if mcp.is_2026(version) and call.method is not None:
+            if modern and call.method is not None:
                 mismatch = mcp_headers.check_mirrored_headers(call, headers)
                 if mismatch is not None:
                     refused = {
@@ -216,11 +217,15 @@ class McpGuard:
         return mcp_answers.denied(call.id, reason)
 
 
+_APPROVAL_HEADER = APPROVAL_HEADER.lower()
+
+
 def _approval_token(call: mcp.McpCall, headers: dict[str, str]) -> str | None:
-    meta = call.params.get("_meta")
+    params = call.message.params  # McpCall.params, without the property call
+    meta = params.get("_meta") if isinstance(params, dict) else None
     if isinstance(meta, dict) and isinstance(meta.get(APPROVAL_META_KEY), str):
         return str(meta[APPROVAL_META_KEY])
-    return headers.get(APPROVAL_HEADER.lower())
+    return headers.get(_APPROVAL_HEADER)
 
 
 class ResponseFilter:

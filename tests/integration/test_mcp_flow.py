@@ -218,6 +218,11 @@ async def test_forbidden_argument_never_reaches_the_server(ca_a: TestCA, hr: Iss
     assert [c["decision"] for c in calls] == ["deny", "allow"]
     assert calls[0]["rule"] == "payment-cap" and calls[1]["rule"] == "payroll-tools"
     assert len(calls[0]["args_sha256"]) == 64 and calls[0]["protocol_version"]
+    requests = [r for r in audit.records() if r["event"] == "http.request"]
+    assert [(r["decision"], r["rule"]) for r in requests] == [
+        ("deny", "payment-cap"),
+        ("allow", "payroll-tools"),
+    ]
 
     # Argument values are never logged: no record holds the amounts as
     # values (hex ids and hashes may contain the digits by chance).
@@ -300,3 +305,20 @@ async def test_replayed_list_on_get_is_filtered_too(ca_a: TestCA, hr: Issued) ->
     doc = json.loads(body.split("data: ", 1)[1].split("\n")[0])
     assert [t["name"] for t in doc["result"]["tools"]] == ["read_timesheet", "issue_payment"]
     assert doc["result"]["nextCursor"] == "p2"
+
+
+def test_forwarded_bodies_share_one_allowed_verdict_per_reason_and_rule() -> None:
+    # hooked_request reuses allowed verdicts (they are immutable); each must
+    # still say exactly the reason and rule it was asked for.
+    from proxy.http import hooked
+
+    first = hooked._allowed("rule_matched", "a")
+    assert (first.allowed, first.reason, first.rule) == (True, "rule_matched", "a")
+    assert first.status == 200 and first.headers == () and first.audit_fields() == {}
+    assert hooked._allowed("rule_matched", "a") is first
+    assert hooked._allowed("rule_matched", "b").rule == "b"
+    assert hooked._allowed("dry_run", "a").reason == "dry_run"
+    for i in range(2000):  # bounded: reloads with new rule names cannot grow it
+        hooked._allowed("rule_matched", f"r{i}")
+    assert len(hooked._ALLOWED) <= 1024
+    assert hooked._allowed("rule_matched", "a").rule == "a"

@@ -351,3 +351,27 @@ def test_rfc3339_renders_each_moment_of_an_alternating_pair() -> None:
         utc = moment.astimezone(dt.UTC)
         expected = utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
         assert rfc3339(moment) == expected
+
+
+def test_audit_record_init_sets_every_field_and_stays_frozen() -> None:
+    # AuditRecord's own __init__ sets the slots by position; a field added,
+    # removed or moved without it would land a value in the wrong slot.
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(AuditRecord)]
+    values: dict[str, object] = {name: f"value of {name}" for name in names}
+    values["ts"] = dt.datetime(2026, 3, 1, 12, 0, 5, tzinfo=dt.UTC)
+    values["extra"] = {"k": "v"}
+    record = AuditRecord(**values)  # type: ignore[arg-type]
+    assert {name: getattr(record, name) for name in names} == values
+    positional = AuditRecord(*values.values())  # type: ignore[arg-type]
+    assert positional == record
+    assert dataclasses.replace(record, reason="other").reason == "other"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.reason = "changed"  # type: ignore[misc]
+    # The defaults: a fresh extra and the time of making.
+    before = dt.datetime.now(dt.UTC)
+    bare = AuditRecord("e", "inbound", "allow", "r")
+    assert bare.extra == {} and bare.extra is not AuditRecord("e", "inbound", "allow", "r").extra
+    assert before <= bare.ts <= dt.datetime.now(dt.UTC)
+    assert (bare.listener, bare.rule, bare.trace_id, bare.span_id) == ("", None, None, None)
