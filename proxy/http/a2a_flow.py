@@ -101,6 +101,7 @@ class A2aGuard:
             rule=result.rule,
             calls=[entry],
             headers=list(result.headers),
+            policy_version=result.policy_version,
         )
         if not result.allowed:
             return self._deny(verdict, entry, denied(message.id, result.reason))

@@ -29,6 +29,7 @@ class Judgement:
     reason: str = "rule_matched"
     rule: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)  # for the client either way
+    policy_version: str = ""  # the rules' version the calls were judged under
 
 
 class ResponseFilter(Protocol):

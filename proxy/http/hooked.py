@@ -70,23 +70,36 @@ async def hooked_request(
         x.on(Ev.ANSWERED)
         return None
     x.on(Ev.BODY_READ)
-    routed.decision = _allowed(verdict.reason, verdict.rule)
+    # The session answers with the decision's own fields (RateLimit and
+    # RateLimit-Policy of a rule with a rate), as for plain HTTP: they
+    # belong on a forwarded call's answer too, not only on our refusal.
+    # The http.request record names the policy version that judged the
+    # calls, as a plain request's names the one that judged it.
+    version = verdict.policy_version or routed.decision.policy_version
+    if verdict.headers:
+        quota = tuple(verdict.headers)
+        routed.decision = RequestVerdict(
+            True, verdict.reason, verdict.rule, version, status=200, headers=quota
+        )
+    else:
+        routed.decision = _allowed(verdict.reason, verdict.rule, version)
     events: list[BodyEvent] = [Body(body)] if body else []
     events.append(End())
     return events, hook.answer_filter(verdict, headers, path)
 
 
-# Verdicts are immutable, so one allowed verdict per (reason, rule) serves
-# every forwarded body: building a RequestVerdict cost a microsecond per
-# request. Rule names change only with the config; the bound keeps reloads
-# from growing it.
-_ALLOWED: dict[tuple[str, str | None], RequestVerdict] = {}
+# Verdicts are immutable, so one allowed verdict per (reason, rule, policy
+# version) serves every forwarded body: building a RequestVerdict cost a
+# microsecond per request. Rules and versions change only with the config;
+# the bound keeps reloads from growing it.
+_ALLOWED: dict[tuple[str, str | None, str], RequestVerdict] = {}
 
 
-def _allowed(reason: str, rule: str | None) -> RequestVerdict:
-    verdict = _ALLOWED.get((reason, rule))
+def _allowed(reason: str, rule: str | None, version: str) -> RequestVerdict:
+    key = (reason, rule, version)
+    verdict = _ALLOWED.get(key)
     if verdict is None:
         if len(_ALLOWED) >= 1024:
             _ALLOWED.clear()
-        verdict = _ALLOWED[(reason, rule)] = RequestVerdict(True, reason, rule, status=200)
+        verdict = _ALLOWED[key] = RequestVerdict(True, reason, rule, version, status=200)
     return verdict

@@ -163,6 +163,7 @@ class McpGuard:
                 }
             verdict.calls.append(entry)
             verdict.headers.extend(result.headers)
+            verdict.policy_version = result.policy_version
             if result.allowed:
                 verdict.rule = verdict.rule or result.rule
                 continue

@@ -141,6 +141,13 @@ async def test_method_policy_covers_both_name_generations(ca_a: TestCA, hr: Issu
     assert [m["method"] for m in server.seen] == ["message/send", "SendMessage"]
     calls = [r for r in audit.records() if r["event"] == "mcp.call"]
     assert [c["a2a_method"] for c in calls[:3]] == ["SendMessage", "SendMessage", "CancelTask"]
+    # A forwarded call's http.request record names the policy version, as
+    # its mcp.call record and a plain request's record do.
+    forwarded = [
+        r for r in audit.records() if r["event"] == "http.request" and r["decision"] == "allow"
+    ]
+    assert len(forwarded) == 2
+    assert all(r["policy_version"] == calls[0]["policy_version"] for r in forwarded)
 
 
 async def test_a_task_belongs_to_the_identity_that_created_it(ca_a: TestCA, hr: Issued) -> None:

@@ -123,7 +123,7 @@ async def _post(
 
 
 async def _setup(
-    nursery: trio.Nursery, hr: Issued, ca: TestCA
+    nursery: trio.Nursery, hr: Issued, ca: TestCA, rules: list[dict[str, Any]] = RULES
 ) -> tuple[int, FixtureServer, MemoryAudit]:
     server = FixtureServer()
     listeners = await nursery.start(trio.serve_tcp, server.handle, 0)
@@ -137,7 +137,7 @@ async def _setup(
                     "listen": "127.0.0.1:0",
                     "protocol": "mcp",
                     "target": f"127.0.0.1:{server.port}",
-                    "rules": RULES,
+                    "rules": rules,
                 }
             ],
         }
@@ -309,16 +309,55 @@ async def test_replayed_list_on_get_is_filtered_too(ca_a: TestCA, hr: Issued) ->
 
 def test_forwarded_bodies_share_one_allowed_verdict_per_reason_and_rule() -> None:
     # hooked_request reuses allowed verdicts (they are immutable); each must
-    # still say exactly the reason and rule it was asked for.
+    # still say exactly the reason, rule and policy version it was asked for.
     from proxy.http import hooked
 
-    first = hooked._allowed("rule_matched", "a")
+    first = hooked._allowed("rule_matched", "a", "")
     assert (first.allowed, first.reason, first.rule) == (True, "rule_matched", "a")
     assert first.status == 200 and first.headers == () and first.audit_fields() == {}
-    assert hooked._allowed("rule_matched", "a") is first
-    assert hooked._allowed("rule_matched", "b").rule == "b"
-    assert hooked._allowed("dry_run", "a").reason == "dry_run"
+    assert hooked._allowed("rule_matched", "a", "") is first
+    assert hooked._allowed("rule_matched", "b", "").rule == "b"
+    assert hooked._allowed("dry_run", "a", "").reason == "dry_run"
+    reloaded = hooked._allowed("rule_matched", "a", "sha256:v2")
+    assert reloaded is not first and reloaded.audit_fields() == {"policy_version": "sha256:v2"}
     for i in range(2000):  # bounded: reloads with new rule names cannot grow it
-        hooked._allowed("rule_matched", f"r{i}")
+        hooked._allowed("rule_matched", f"r{i}", "")
     assert len(hooked._ALLOWED) <= 1024
-    assert hooked._allowed("rule_matched", "a").rule == "a"
+    assert hooked._allowed("rule_matched", "a", "").rule == "a"
+
+
+async def test_the_request_record_of_a_forwarded_call_names_its_policy_version(
+    ca_a: TestCA, hr: Issued
+) -> None:
+    async with trio.open_nursery() as nursery:
+        port, _server, audit = await _setup(nursery, hr, ca_a)
+        status, _, _ = await _post(port, ca_a.issue(PAYROLL), _call(1, "read_timesheet", {}))
+        nursery.cancel_scope.cancel()
+    assert status == 200
+    records = {r["event"]: r for r in audit.records()}
+    version = records["mcp.call"]["policy_version"]
+    assert version.startswith("sha256:")
+    assert records["http.request"]["policy_version"] == version
+
+
+async def test_an_allowed_call_carries_its_rate_quota_as_plain_http_does(
+    ca_a: TestCA, hr: Issued
+) -> None:
+    """RFC 9110 fields of our own (RateLimit, RateLimit-Policy) reach the
+    client on every answer of a rate-limited rule: the forwarded ones too,
+    not only our refusal."""
+    rules = [
+        {"name": "pay-tools", "peers": [PAYROLL], "tools": ["read_timesheet"], "rate": "2/minute"}
+    ]
+    async with trio.open_nursery() as nursery:
+        port, server, _ = await _setup(nursery, hr, ca_a, rules)
+        payroll = ca_a.issue(PAYROLL)
+        results = [await _post(port, payroll, _call(i, "read_timesheet", {})) for i in range(3)]
+        nursery.cancel_scope.cancel()
+    assert ["error" in json.loads(body) for _, _, body in results] == [False, False, True]
+    for status, headers, _ in results:
+        assert status == 200
+        assert headers["ratelimit-policy"] == '"pay-tools";q=2;w=60'
+        assert headers["ratelimit"].startswith('"pay-tools";r=')
+    assert "retry-after" in results[2][1]
+    assert len(server.calls) == 2
