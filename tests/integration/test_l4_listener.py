@@ -15,6 +15,23 @@ from tests.integration.tls_support import MemoryAudit, start_echo, start_listene
 from tests.pki import Issued, TestCA
 
 
+async def _agents_to_echo(
+    nursery: trio.Nursery, hr: Issued, ca_a: TestCA, echo_port: int, audit: MemoryAudit
+) -> int:
+    """An inbound listener as hr, for any agent of a.org, in front of the echo server."""
+    _, port = await start_listener(
+        nursery,
+        nursery,
+        direction="inbound",
+        issued=hr,
+        cas=(ca_a,),
+        patterns=["spiffe://a.org/agent/*"],
+        target=("127.0.0.1", echo_port),
+        audit=audit,
+    )
+    return port
+
+
 def _client_ssl(issued: Issued | None, ca: TestCA, **kw: Any) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
@@ -57,16 +74,7 @@ async def test_inbound_relays_and_audits(ca_a: TestCA, hr: Issued, payroll: Issu
     audit = MemoryAudit()
     async with trio.open_nursery() as nursery:
         echo_port = await start_echo(nursery)
-        _, port = await start_listener(
-            nursery,
-            nursery,
-            direction="inbound",
-            issued=hr,
-            cas=(ca_a,),
-            patterns=["spiffe://a.org/agent/*"],
-            target=("127.0.0.1", echo_port),
-            audit=audit,
-        )
+        port = await _agents_to_echo(nursery, hr, ca_a, echo_port, audit)
         got = await _tls_roundtrip(port, _client_ssl(payroll, ca_a), b"hello through the pair")
         assert got == b"hello through the pair"
         with trio.fail_after(5):
@@ -304,16 +312,7 @@ async def test_queued_connections_are_all_served_and_the_port_closes_with_the_li
     async with trio.open_nursery() as outer:
         echo_port = await start_echo(outer)
         async with trio.open_nursery() as nursery:
-            _, port = await start_listener(
-                nursery,
-                nursery,
-                direction="inbound",
-                issued=hr,
-                cas=(ca_a,),
-                patterns=["spiffe://a.org/agent/*"],
-                target=("127.0.0.1", echo_port),
-                audit=audit,
-            )
+            port = await _agents_to_echo(nursery, hr, ca_a, echo_port, audit)
             ctx = _client_ssl(payroll, ca_a)
             got: list[bytes] = []
 
@@ -345,16 +344,7 @@ async def test_peers_that_alternate_keep_their_own_identity_in_records(
     names = {id(payroll): "spiffe://a.org/agent/payroll", id(billing): "spiffe://a.org/agent/billing"}
     async with trio.open_nursery() as nursery:
         echo_port = await start_echo(nursery)
-        _, port = await start_listener(
-            nursery,
-            nursery,
-            direction="inbound",
-            issued=hr,
-            cas=(ca_a,),
-            patterns=["spiffe://a.org/agent/*"],
-            target=("127.0.0.1", echo_port),
-            audit=audit,
-        )
+        port = await _agents_to_echo(nursery, hr, ca_a, echo_port, audit)
         for n, peer in enumerate(order, start=1):
             assert await _tls_roundtrip(port, _client_ssl(peer, ca_a), b"x") == b"x"
             with trio.fail_after(5):
