@@ -44,6 +44,7 @@ from proxy.http.wire import (
     ParseError,
     ParserLimits,
     Request,
+    lowered,
 )
 from proxy.http.writer import (
     BodyWriter,
@@ -163,7 +164,9 @@ class Downstream:
         self._method = event.method
         self._http10 = event.version == b"1.0"
         # The parser checked every byte of the head already.
-        return Request(event.method, event.target, Fields(event.headers), event.version)
+        return Request(
+            event.method, event.target, Fields(lowered(event), event.headers), event.version
+        )
 
     @property
     def body_pending(self) -> bool:
@@ -231,14 +234,18 @@ class Downstream:
         self._pending.append(response_head(status, reason, headers))
         self.cycle.wrote_informational(status)
 
-    def queue_response(self, status: int, reason: bytes, headers: list[Header]) -> None:
-        """Our answer's head, framed for this client (see :mod:`proxy.http.writer`)."""
+    def queue_response(
+        self, status: int, reason: bytes, headers: list[Header], *, lowered: bool = False
+    ) -> None:
+        """Our answer's head, framed for this client (see :mod:`proxy.http.writer`);
+        ``lowered``: every name in ``headers`` is lower-case already."""
         fields, framing, length, close = frame_response(
             status,
             headers,
             head_request=self._method == b"HEAD",
             client_http10=self._http10,
             keep_alive=self.cycle.close_reason is None,
+            names_lowered=lowered,
         )
         self._pending.append(response_head(status, reason, fields))
         self._body = BodyWriter(framing, length)
@@ -342,7 +349,7 @@ class Upstream:
             self.cycle.wrote_end()
         else:
             fields = event.headers.raw_items()
-            framing, length, closes = request_framing(fields)
+            framing, length, closes = request_framing(event.headers, names_lowered=True)
             self._pending.append(request_head(event.method, event.target, fields))
             self._body = BodyWriter(framing, length)
             self.cycle.wrote_head(closes)

@@ -34,7 +34,7 @@ from proxy.http.conn import Downstream, Limits, ResponseEvent, Upstream
 from proxy.http.exchange import Ev, Exchange, PeerError
 from proxy.http.headers import REQUEST_ID, Header, forwardable, header_value
 from proxy.http.streams import upstream_broken
-from proxy.http.wire import Body, End, Framing, Head
+from proxy.http.wire import Body, End, Framing, Head, lowered
 
 
 def _filtered(step: Callable[[], bytes]) -> bytes:
@@ -166,8 +166,8 @@ class Relay:
                     self.limits.response_timeout, before_wait=self.down.flush
                 )
             if isinstance(event, Head):
-                # Names lower-cased once: the header rules match on them.
-                headers = [(n.lower(), v) for n, v in event.headers]
+                # Names lower-cased once, by the parser: the header rules match on them.
+                headers = lowered(event)
                 if event.status >= 200:
                     self._response_head(event, headers)
                 elif event.status == 101:
@@ -220,7 +220,9 @@ class Relay:
             if self._filter.whole:
                 self._held = (200, event.reason, headers)
                 return
-        self.down.queue_response(event.status, event.reason, headers)
+        # Every name is lower-case unless a rule's reply headers were added.
+        lower = not outcome.reply_headers
+        self.down.queue_response(event.status, event.reason, headers, lowered=lower)
 
     def _response_data(self, data: bytes) -> None:
         if self._filter is None:

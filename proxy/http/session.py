@@ -323,8 +323,9 @@ class HttpSession:
             body_complete = True
         # The upstream continues our span, not the client's: same trace id.
         routed.strip = routed.strip | TRACE_FIELDS
-        routed.add_headers = (*routed.add_headers, *outgoing(span.context))
-        upstream_request = upstream_request_for(request, routed, upgrade, generated_id, outcome)
+        upstream_request = upstream_request_for(
+            request, routed, upgrade, generated_id, outcome, outgoing(span.context)
+        )
         self._strip = routed.strip
         expect_continue = self.down.cycle.expect_continue
         try:

@@ -117,14 +117,17 @@ def new_trace(sampled: bool = True) -> TraceContext:
     return TraceContext(new_trace_id(), new_span_id(), SAMPLED if sampled else 0)
 
 
-def incoming(headers: Iterable[tuple[bytes, bytes]]) -> TraceContext | None:
+def incoming(
+    headers: Iterable[tuple[bytes, bytes]], *, names_lowered: bool = False
+) -> TraceContext | None:
     """The caller's trace context from request headers; None when absent or
     invalid (then a new trace starts). Two ``traceparent`` headers are
-    ambiguous, hence invalid."""
+    ambiguous, hence invalid. ``names_lowered``: the names are lower-case
+    already (a request's fields), not lowered again."""
     parents: list[bytes] = []
     states: list[bytes] = []
     for name, value in headers:
-        lowered = name.lower()
+        lowered = name if names_lowered else name.lower()
         if lowered == b"traceparent":
             parents.append(value)
         elif lowered == b"tracestate":
@@ -134,7 +137,9 @@ def incoming(headers: Iterable[tuple[bytes, bytes]]) -> TraceContext | None:
     parent = parse_traceparent(parents[0])
     if parent is None:
         return None
-    state = parse_tracestate(states) if states else ()
+    if not states:
+        return parent  # tracestate () already
+    state = parse_tracestate(states)
     return TraceContext(parent.trace_id, parent.span_id, parent.flags, state or ())
 
 

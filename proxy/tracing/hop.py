@@ -36,8 +36,10 @@ class Hop:
     peer_id: str | None = None  # inbound: the verified caller (outbound: per request)
 
     def start(self, method: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> Span:
+        """``headers``: the request's fields, names lower-case (as
+        :class:`~proxy.http.wire.Fields` has them)."""
         return self.tracer.start_span(
-            method or "HTTP", server=self.server, parent=incoming(headers)
+            method or "HTTP", server=self.server, parent=incoming(headers, names_lowered=True)
         )
 
     def end(
