@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -152,7 +153,9 @@ class Downstream:
                 self.closed_by_peer = True
                 return None
             if started is None:
-                timeout = min(self.limits.idle_timeout, idle_deadline - trio.current_time())
+                timeout = self.limits.idle_timeout
+                if idle_deadline < math.inf:  # else no clock to read
+                    timeout = min(timeout, idle_deadline - trio.current_time())
                 error = _IDLE_TIMEOUT
             else:
                 timeout = self.limits.request_timeout - (time.monotonic() - started)
@@ -164,9 +167,8 @@ class Downstream:
         self._method = event.method
         self._http10 = event.version == b"1.0"
         # The parser checked every byte of the head already.
-        return Request(
-            event.method, event.target, Fields(lowered(event), event.headers), event.version
-        )
+        fields = Fields(lowered(event), event.headers)
+        return Request(event.method, event.target, fields, event.version, event.names)
 
     @property
     def body_pending(self) -> bool:
@@ -333,6 +335,8 @@ class Upstream:
         self.peer_serial: str | None = None
         self.peer_not_after: str | None = None
         self.peer_addr: str | None = None  # host:port the connection went to
+        # The pool's poll object for this connection's socket (False: none to poll).
+        self.poller: Any = None
         self._eof = False
         self._body: BodyWriter | None = None
         self._pending: list[bytes] = []

@@ -24,12 +24,13 @@ may appear once (list or repeated: 400), heads and field counts are capped
 (431), and Connection is read as h11 reads it (HTTP/1.0 never keeps alive).
 
 Per message the wrapper allocates only what it hands out (the Head, its
-header list, Body and End events); the llhttp parser, the event list and
+header list, Body and End events); the llhttp parser, the event queue and
 the callbacks are reused for the life of the connection.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Final
 
 import httptools
@@ -94,7 +95,6 @@ class LlhttpParser:
         "_limits",
         "_llhttp",
         "_message_complete",
-        "_next",
         "_pos",
         "_scan",
         "_state",
@@ -110,8 +110,8 @@ class LlhttpParser:
         self._buf = b""  # raw bytes not yet consumed, from offset _pos
         self._pos = 0
         self._scan = 0  # how far into the current head we looked for CRLFCRLF
-        self._events: list[Event] = []
-        self._next = 0
+        # Events made but not yet handed out (one popleft each, no bookkeeping).
+        self._events: deque[Event] = deque()
         self._error: ParseError | None = None
         self._state = _HEAD
         self._eof = False
@@ -167,8 +167,8 @@ class LlhttpParser:
 
     def next_event(self) -> Event | NeedData:
         events = self._events
-        if self._next < len(events):
-            return self._pop()
+        if events:
+            return events.popleft()
         if self._error is not None:
             raise self._error
         try:
@@ -176,20 +176,11 @@ class LlhttpParser:
         except ParseError as exc:
             self._error = exc
             self._state = _CLOSED
-        if self._next < len(events):
-            return self._pop()
+        if events:
+            return events.popleft()
         if self._error is not None:
             raise self._error
         return NEED_DATA
-
-    def _pop(self) -> Event:
-        events = self._events
-        event = events[self._next]
-        self._next += 1
-        if self._next == len(events):
-            events.clear()
-            self._next = 0
-        return event
 
     def start_next_cycle(self) -> None:
         if self._state == _UPGRADED:

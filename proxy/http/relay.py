@@ -22,6 +22,7 @@ with its new length.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Protocol
@@ -43,6 +44,9 @@ def _filtered(step: Callable[[], bytes]) -> bytes:
         return step()
     except Exception as exc:  # a list answer we cannot read safely: fail closed
         raise PeerError(502, "unfilterable_response", str(exc)) from exc
+
+
+_INF = math.inf
 
 
 class Canceller(Protocol):
@@ -75,7 +79,7 @@ class Relay:
         upgrade_allowed: bool,
         filter_factory: FilterFactory | None,
         upward: Callable[[BodyEvent], BodyEvent],
-        last_exchange: Callable[[], bool],
+        lifetime_deadline: float,
     ) -> None:
         self.down, self.up, self.limits, self.exchange = down, up, limits, exchange
         self.outcome = exchange.outcome
@@ -85,7 +89,8 @@ class Relay:
         self.upgrade_allowed = upgrade_allowed
         self.filter_factory = filter_factory
         self.upward = upward  # trailers get the header rules on their way up
-        self.last_exchange = last_exchange  # max_connection_lifetime passed: say close
+        # trio time: max_connection_lifetime passed, say close (inf: none set)
+        self.lifetime_deadline = lifetime_deadline
         self.request_error: PeerError | None = None
         self.upstream_error: PeerError | None = None
         self.transport_error = False
@@ -209,7 +214,8 @@ class Relay:
             headers = [h for h in headers if h[0] != b"content-length"]
         if header_value(headers, REQUEST_ID) is None:
             headers.append((REQUEST_ID, outcome.request_id.encode()))
-        if self.last_exchange():
+        deadline = self.lifetime_deadline
+        if deadline < _INF and trio.current_time() >= deadline:
             headers.append((b"connection", b"close"))
         headers.extend(outcome.reply_headers)
         if self.filter_factory is not None and event.status == 200:

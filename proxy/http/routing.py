@@ -60,7 +60,8 @@ def upstream_request_for(
         strip=routed.strip | ({b"expect", REQUEST_ID} if generated_id else {b"expect"}),
         keep_upgrade=upgrade and routed.allow_upgrade,
     )
-    if is_chunked(request.headers):
+    names = request.names
+    if (names is None or b"transfer-encoding" in names) and is_chunked(request.headers):
         headers.append((b"transfer-encoding", b"chunked"))
     # The client's fields passed the parser's strict checks already; what we
     # add (identity, trace context, credentials from a token endpoint) and

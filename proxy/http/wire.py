@@ -107,6 +107,9 @@ class Request:
     target: bytes
     headers: Fields
     http_version: bytes = b"1.1"
+    # The lower-cased field names, when the parser gave them (Head.names):
+    # a rule that asks whether a field is there need not walk the fields.
+    names: frozenset[bytes] | None = None
 
 
 @dataclass(slots=True)

@@ -22,6 +22,10 @@ _KEY = re.compile(
     r"[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13}"
 )
 _VALUE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
+# A version-00 traceparent as we and every other hop write it: taken in one
+# match (parse_traceparent's full reading still decides everything else).
+_V00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 MAX_MEMBERS = 32
 SAMPLED = 0x01
 
@@ -55,6 +59,10 @@ def parse_traceparent(value: str | bytes) -> TraceContext | None:
             value = value.decode("ascii")
         except UnicodeDecodeError:
             return None
+    if (common := _V00.fullmatch(value)) is not None:
+        trace_id, span_id, flags = common.groups()
+        if trace_id != _ZERO_TRACE and span_id != _ZERO_SPAN:
+            return TraceContext(trace_id, span_id, int(flags, 16))
     value = value.strip(" \t")
     if len(value) < 55:
         return None
