@@ -122,7 +122,8 @@ class UpstreamPool:
             up.start_next_cycle()
             up.last_used = time.monotonic()
             idle.append(up)
-            await self._notify()
+            if self._waiting:  # see _notify; checked here, no coroutine per exchange
+                await self._notify()
             return
         await self._close(up)
 

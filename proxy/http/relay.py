@@ -105,7 +105,10 @@ class Relay:
             if self.body_complete or not self.down.body_pending:
                 # One direction after the other, nothing to cancel: no scope
                 # (a cancel scope costs more than a small exchange's send).
-                await self._pump_request(_SEQUENTIAL)
+                # With the first answer event in hand, start_upstream has
+                # sent the whole request already: nothing is left to pump.
+                if self.first is None or self.to_send:
+                    await self._pump_request(_SEQUENTIAL)
                 if self.request_error is None:
                     await self._relay_response(_SEQUENTIAL)
             else:

@@ -25,15 +25,7 @@ from proxy.http.exchange import PeerError
 from proxy.tls.stream import TLSStream
 
 _FAST_OPS_PER_YIELD = 16
-_fast_ops = 0
-
-
-async def _fast_op_done() -> None:
-    global _fast_ops
-    _fast_ops += 1
-    if _fast_ops >= _FAST_OPS_PER_YIELD:
-        _fast_ops = 0
-        await trio.lowlevel.checkpoint()
+_fast_ops = 0  # fast operations since the last schedule point (counted inline: no coroutine)
 
 
 def _send_now(stream: trio.abc.Stream, data: bytes) -> int:
@@ -67,10 +59,14 @@ async def send_within(
 ) -> None:
     """``send_all`` under the write timeout; a new exception like
     ``on_timeout`` when it passes."""
+    global _fast_ops
     await trio.lowlevel.checkpoint_if_cancelled()
     sent = _send_now(stream, data)
     if sent == len(data):
-        await _fast_op_done()
+        _fast_ops += 1
+        if _fast_ops >= _FAST_OPS_PER_YIELD:
+            _fast_ops = 0
+            await trio.lowlevel.checkpoint()
         return
     with trio.move_on_after(timeout):
         await stream.send_all(memoryview(data)[sent:])
@@ -84,12 +80,25 @@ async def receive_within(
     """``receive_some`` under a deadline; a new exception like
     ``on_timeout`` when it passes. Transport errors pass through (the
     caller names them)."""
+    global _fast_ops
     await trio.lowlevel.checkpoint_if_cancelled()
     data = _receive_now(stream, max_bytes)
     if data is not None:
-        await _fast_op_done()
+        _fast_ops += 1
+        if _fast_ops >= _FAST_OPS_PER_YIELD:
+            _fast_ops = 0
+            await trio.lowlevel.checkpoint()
         return data
     with trio.move_on_after(timeout):
+        if type(stream) is trio.SocketStream:
+            # What SocketStream.receive_some does, minus its layers: wait
+            # until readable, then the same non-blocking read (and error
+            # reading) as above. A wake-up with nothing to read waits again.
+            while True:
+                await trio.lowlevel.wait_readable(stream.socket)
+                data = _receive_now(stream, max_bytes)
+                if data is not None:
+                    return data
         return bytes(await stream.receive_some(max_bytes))
     raise _fresh(on_timeout)
 
