@@ -279,7 +279,7 @@ class Downstream:
 
     async def flush(self) -> None:
         if self._pending:
-            if self.before_release is not None and self.cycle.answered:
+            if self.before_release is not None and self.cycle.writing is Side.DONE:  # answered
                 self.before_release()
             data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
             self._pending.clear()

@@ -115,7 +115,7 @@ class UpstreamPool:
         if idle is None:
             idle = self._idle[up.key] = deque()
         if (
-            up.reusable()
+            up.cycle.reusable
             and len(idle) < self.max_idle_per_key
             and (up.expires_at == _INF or trio.current_time() < up.expires_at)
         ):

@@ -153,7 +153,7 @@ class HttpSession:
             x = await self._exchange(request)
             if x.outcome.reason in CONNECTION_ENDERS:
                 self.end_reason = x.outcome.reason  # the close record says why, too
-            keep = x.state is State.DONE and self.down.reusable()
+            keep = x.state is State.DONE and self.down.cycle.reusable
             if x.state is not State.CLOSED:
                 x.on(Ev.KEEP if keep else Ev.CLOSE)
             if not keep:
@@ -248,7 +248,7 @@ class HttpSession:
             )
         )
         x.on(Ev.REQUEST_HEAD)
-        span = self.hop.start(x.outcome.method, request.headers)
+        span = self.hop.start(x.outcome.method, request.headers, request.names)
         x.outcome.extra.update(record_ids(span))
         self.down.before_release = partial(self._emit, x, span)
         try:

@@ -28,9 +28,7 @@ _FAST_OPS_PER_YIELD = 16
 _fast_ops = 0  # fast operations since the last schedule point (counted inline: no coroutine)
 
 
-def _send_now(stream: trio.abc.Stream, data: bytes) -> int:
-    if isinstance(stream, TLSStream):
-        return stream.send_now(data)
+def _send_plain(stream: trio.abc.Stream, data: bytes) -> int:
     if type(stream) is trio.SocketStream:
         try:
             return os.write(stream.socket.fileno(), data)
@@ -44,6 +42,10 @@ def _send_now(stream: trio.abc.Stream, data: bytes) -> int:
 def _receive_now(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:
     if isinstance(stream, TLSStream):
         return stream.receive_now(max_bytes)
+    return _receive_plain(stream, max_bytes)
+
+
+def _receive_plain(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:
     if type(stream) is trio.SocketStream:
         try:
             return os.read(stream.socket.fileno(), max_bytes)
@@ -61,7 +63,8 @@ async def send_within(
     ``on_timeout`` when it passes."""
     global _fast_ops
     await trio.lowlevel.checkpoint_if_cancelled()
-    sent = _send_now(stream, data)
+    # TLS or plain, each tried without waiting (one call less per operation).
+    sent = stream.send_now(data) if isinstance(stream, TLSStream) else _send_plain(stream, data)
     if sent == len(data):
         _fast_ops += 1
         if _fast_ops >= _FAST_OPS_PER_YIELD:
@@ -82,7 +85,10 @@ async def receive_within(
     caller names them)."""
     global _fast_ops
     await trio.lowlevel.checkpoint_if_cancelled()
-    data = _receive_now(stream, max_bytes)
+    if isinstance(stream, TLSStream):
+        data = stream.receive_now(max_bytes)
+    else:
+        data = _receive_plain(stream, max_bytes)
     if data is not None:
         _fast_ops += 1
         if _fast_ops >= _FAST_OPS_PER_YIELD:
@@ -96,7 +102,7 @@ async def receive_within(
             # reading) as above. A wake-up with nothing to read waits again.
             while True:
                 await trio.lowlevel.wait_readable(stream.socket)
-                data = _receive_now(stream, max_bytes)
+                data = _receive_plain(stream, max_bytes)
                 if data is not None:
                     return data
         return bytes(await stream.receive_some(max_bytes))
