@@ -76,11 +76,17 @@ def forwardable(
     *,
     strip: frozenset[bytes] = frozenset(),
     keep_upgrade: bool = False,
+    names: frozenset[bytes] | None = None,
 ) -> list[Header]:
     """Headers to pass on: without hop-by-hop fields, fields the Connection
     header names, and ``strip`` (identity headers we set ourselves). Framing
-    (Content-Length, or chunked) is re-added by the caller from h11's view."""
-    listed = connection_tokens(headers) - _PROTECTED
+    (Content-Length, or chunked) is re-added by the caller from h11's view.
+    ``names``, when known, is the set of the names (no Connection field
+    there: none to read)."""
+    if names is None or b"connection" in names:
+        listed = connection_tokens(headers) - _PROTECTED
+    else:
+        listed = set()
     # One comprehension, no call per field (this runs for every message):
     # ``strip`` always goes; hop-by-hop and listed fields go, except
     # Upgrade when the switch is forwarded.

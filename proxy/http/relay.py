@@ -215,7 +215,7 @@ class Relay:
         self.exchange.on(Ev.RESPONSE_HEAD)
         outcome = self.outcome
         outcome.status = event.status
-        headers = forwardable(received)
+        headers = forwardable(received, names=event.names)
         if event.framing is Framing.CHUNKED or event.framing is Framing.UNTIL_CLOSE:
             # Re-chunked (or read until close) for the client: no length.
             headers = [h for h in headers if h[0] != b"content-length"]

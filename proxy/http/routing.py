@@ -59,6 +59,7 @@ def upstream_request_for(
         # An X-Request-Id we did not take (invalid) is replaced, not doubled.
         strip=routed.strip | ({b"expect", REQUEST_ID} if generated_id else {b"expect"}),
         keep_upgrade=upgrade and routed.allow_upgrade,
+        names=request.names,
     )
     names = request.names
     if (names is None or b"transfer-encoding" in names) and is_chunked(request.headers):

@@ -117,7 +117,8 @@ def frame_response(
     tokens.discard(b"keep-alive")
     if close:
         tokens.add(b"close")
-    out.extend((b"Connection", t) for t in sorted(tokens))
+    if tokens:
+        out.extend([(b"Connection", t) for t in sorted(tokens)])
     return out, framing, length, close
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.http.exchange import RequestOutcome
+from proxy.http.headers import forwardable
 from proxy.http.llhttp import LlhttpParser
 from proxy.http.routing import Routed, upstream_request_for
 from proxy.http.wire import NEED_DATA, Fields, Head, Request, lowered
@@ -108,3 +109,23 @@ def test_names_said_lowered_frame_as_lowering_would(
         200, fields, **opts
     )
     assert request_framing(fields, names_lowered=True) == request_framing(fields)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [(b"connection", b"x-drop, close"), (b"x-drop", b"1"), (b"keep", b"2")],
+        [(b"keep", b"1"), (b"upgrade", b"websocket"), (b"te", b"trailers")],
+        [(b"x_forwarded_client_cert", b"forged"), (b"keep", b"1")],
+        [],
+    ],
+)
+@pytest.mark.parametrize("keep_upgrade", [False, True])
+def test_forwardable_given_the_names_drops_what_it_drops_without(
+    fields: list[tuple[bytes, bytes]], keep_upgrade: bool
+) -> None:
+    strip = frozenset({b"x-forwarded-client-cert"})
+    names = frozenset(n for n, _ in fields)
+    assert forwardable(fields, strip=strip, keep_upgrade=keep_upgrade, names=names) == (
+        forwardable(fields, strip=strip, keep_upgrade=keep_upgrade)
+    )
