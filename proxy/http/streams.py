@@ -8,7 +8,9 @@ each one costs more CPU than the send itself. So each operation is tried
 first without waiting (:meth:`~proxy.tls.stream.TLSStream.send_now` and
 ``receive_now``, or the plain socket's non-blocking call); only when it
 would block does it await the stream under a ``move_on_after`` deadline, as
-before. What the fast path skips is trio's schedule point: one in every
+before (a plain socket's receive then waits for readability and repeats its
+non-blocking read: SocketStream's own layers would only add calls). What
+the fast path skips is trio's schedule point: one in every
 :data:`_FAST_OPS_PER_YIELD` fast operations checkpoints anyway, so a
 connection whose peers never make it wait (a pipelining client, a bulk
 body on a fast link) cannot starve the others, and cancellation is still
