@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -44,6 +45,7 @@ from proxy.http.wire import (
     ParseError,
     ParserLimits,
     Request,
+    lowered,
 )
 from proxy.http.writer import (
     BodyWriter,
@@ -151,7 +153,9 @@ class Downstream:
                 self.closed_by_peer = True
                 return None
             if started is None:
-                timeout = min(self.limits.idle_timeout, idle_deadline - trio.current_time())
+                timeout = self.limits.idle_timeout
+                if idle_deadline < math.inf:  # else no clock to read
+                    timeout = min(timeout, idle_deadline - trio.current_time())
                 error = _IDLE_TIMEOUT
             else:
                 timeout = self.limits.request_timeout - (time.monotonic() - started)
@@ -163,7 +167,8 @@ class Downstream:
         self._method = event.method
         self._http10 = event.version == b"1.0"
         # The parser checked every byte of the head already.
-        return Request(event.method, event.target, Fields(event.headers), event.version)
+        fields = Fields(lowered(event), event.headers)
+        return Request(event.method, event.target, fields, event.version, event.names)
 
     @property
     def body_pending(self) -> bool:
@@ -231,14 +236,18 @@ class Downstream:
         self._pending.append(response_head(status, reason, headers))
         self.cycle.wrote_informational(status)
 
-    def queue_response(self, status: int, reason: bytes, headers: list[Header]) -> None:
-        """Our answer's head, framed for this client (see :mod:`proxy.http.writer`)."""
+    def queue_response(
+        self, status: int, reason: bytes, headers: list[Header], *, lowered: bool = False
+    ) -> None:
+        """Our answer's head, framed for this client (see :mod:`proxy.http.writer`);
+        ``lowered``: every name in ``headers`` is lower-case already."""
         fields, framing, length, close = frame_response(
             status,
             headers,
             head_request=self._method == b"HEAD",
             client_http10=self._http10,
             keep_alive=self.cycle.close_reason is None,
+            names_lowered=lowered,
         )
         self._pending.append(response_head(status, reason, fields))
         self._body = BodyWriter(framing, length)
@@ -270,7 +279,7 @@ class Downstream:
 
     async def flush(self) -> None:
         if self._pending:
-            if self.before_release is not None and self.cycle.answered:
+            if self.before_release is not None and self.cycle.writing is Side.DONE:  # answered
                 self.before_release()
             data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
             self._pending.clear()
@@ -326,6 +335,8 @@ class Upstream:
         self.peer_serial: str | None = None
         self.peer_not_after: str | None = None
         self.peer_addr: str | None = None  # host:port the connection went to
+        # The pool's poll object for this connection's socket (False: none to poll).
+        self.poller: Any = None
         self._eof = False
         self._body: BodyWriter | None = None
         self._pending: list[bytes] = []
@@ -342,7 +353,7 @@ class Upstream:
             self.cycle.wrote_end()
         else:
             fields = event.headers.raw_items()
-            framing, length, closes = request_framing(fields)
+            framing, length, closes = request_framing(event.headers, names_lowered=True)
             self._pending.append(request_head(event.method, event.target, fields))
             self._body = BodyWriter(framing, length)
             self.cycle.wrote_head(closes)

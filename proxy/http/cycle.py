@@ -119,6 +119,12 @@ class Cycle:
         return self.writing is Side.DONE
 
     def next_cycle(self) -> None:
-        if not self.reusable:
+        # reusable, read in place: this runs twice per exchange
+        if not (
+            self.reading is Side.DONE
+            and self.writing is Side.DONE
+            and self.close_reason is None
+            and not self.switched
+        ):
             raise CycleError(f"the connection cannot carry another message: {self.close_reason}")
         self.reading = self.writing = Side.IDLE

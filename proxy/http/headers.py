@@ -76,30 +76,35 @@ def forwardable(
     *,
     strip: frozenset[bytes] = frozenset(),
     keep_upgrade: bool = False,
+    names: frozenset[bytes] | None = None,
 ) -> list[Header]:
     """Headers to pass on: without hop-by-hop fields, fields the Connection
     header names, and ``strip`` (identity headers we set ourselves). Framing
-    (Content-Length, or chunked) is re-added by the caller from h11's view."""
-    listed = connection_tokens(headers) - _PROTECTED
-    out: list[Header] = []
-    for name, value in headers:
-        if b"_" in name:
-            folded = fold(name)
-            # An underscore spelling of a field we act on is dropped, never
-            # forwarded: the backend may fold it into ours (issue: forged XFCC).
-            if folded in strip or folded in HOP_BY_HOP or folded in _PROTECTED:
-                continue
-        if name in strip:
-            continue
-        if name == b"upgrade" and keep_upgrade:
-            out.append((name, value))
-            continue
-        if name in HOP_BY_HOP or name in listed:
-            continue
-        out.append((name, value))
+    (Content-Length, or chunked) is re-added by the caller from h11's view.
+    ``names``, when known, is the set of the names (no Connection field
+    there: none to read)."""
+    if names is None or b"connection" in names:
+        listed = connection_tokens(headers) - _PROTECTED
+    else:
+        listed = set()
+    # One comprehension, no call per field (this runs for every message):
+    # ``strip`` always goes; hop-by-hop and listed fields go, except
+    # Upgrade when the switch is forwarded.
+    hop = HOP_BY_HOP | listed
+    if keep_upgrade:
+        hop = hop - {b"upgrade"}
+    drop = hop | strip
+    out = [h for h in headers if h[0] not in drop and (b"_" not in h[0] or _unfolded(h[0], strip))]
     if keep_upgrade:
         out.append((b"connection", b"upgrade"))
     return out
+
+
+def _unfolded(name: bytes, strip: frozenset[bytes]) -> bool:
+    """An underscore spelling of a field we act on is dropped, never
+    forwarded: the backend may fold it into ours (issue: forged XFCC)."""
+    folded = fold(name)
+    return folded not in strip and folded not in HOP_BY_HOP and folded not in _PROTECTED
 
 
 def trailer_fields(

@@ -24,12 +24,14 @@ may appear once (list or repeated: 400), heads and field counts are capped
 (431), and Connection is read as h11 reads it (HTTP/1.0 never keeps alive).
 
 Per message the wrapper allocates only what it hands out (the Head, its
-header list, Body and End events); the llhttp parser, the event list and
+header list, Body and End events); the llhttp parser, the event queue and
 the callbacks are reused for the life of the connection.
 """
 
 from __future__ import annotations
 
+import re
+from collections import deque
 from typing import Final
 
 import httptools
@@ -49,7 +51,7 @@ from proxy.http.wire import (
     Role,
 )
 
-_OWS: Final = b" \t"
+_FIELD_LINE: Final = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 
 # Message states.
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE, _UPGRADED, _CLOSED = range(7)
@@ -94,7 +96,6 @@ class LlhttpParser:
         "_limits",
         "_llhttp",
         "_message_complete",
-        "_next",
         "_pos",
         "_scan",
         "_state",
@@ -110,8 +111,8 @@ class LlhttpParser:
         self._buf = b""  # raw bytes not yet consumed, from offset _pos
         self._pos = 0
         self._scan = 0  # how far into the current head we looked for CRLFCRLF
-        self._events: list[Event] = []
-        self._next = 0
+        # Events made but not yet handed out (one popleft each, no bookkeeping).
+        self._events: deque[Event] = deque()
         self._error: ParseError | None = None
         self._state = _HEAD
         self._eof = False
@@ -131,17 +132,11 @@ class LlhttpParser:
         return httptools.HttpResponseParser(self)
 
     # -- llhttp callbacks (only these are registered: fewer crossings) ----
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if value and value[-1] in (32, 9):
-            value = value.rstrip(_OWS)
-        if self._in_trailers:
-            self._trailers.append((name, value))
-        else:
-            self._headers.append((name, value))
+    # No on_header: the fields are read from the raw head once llhttp has
+    # checked all of it (one match for the lot, not a call per field).
 
     def on_headers_complete(self) -> None:
-        self._in_trailers = True  # any later on_header is a trailer field
+        self._in_trailers = True  # llhttp took the whole head
 
     def on_body(self, data: bytes) -> None:
         self.expects_continue = False
@@ -167,8 +162,8 @@ class LlhttpParser:
 
     def next_event(self) -> Event | NeedData:
         events = self._events
-        if self._next < len(events):
-            return self._pop()
+        if events:
+            return events.popleft()
         if self._error is not None:
             raise self._error
         try:
@@ -176,20 +171,11 @@ class LlhttpParser:
         except ParseError as exc:
             self._error = exc
             self._state = _CLOSED
-        if self._next < len(events):
-            return self._pop()
+        if events:
+            return events.popleft()
         if self._error is not None:
             raise self._error
         return NEED_DATA
-
-    def _pop(self) -> Event:
-        events = self._events
-        event = events[self._next]
-        self._next += 1
-        if self._next == len(events):
-            events.clear()
-            self._next = 0
-        return event
 
     def start_next_cycle(self) -> None:
         if self._state == _UPGRADED:
@@ -269,7 +255,6 @@ class LlhttpParser:
         if self._scan == 0:
             if buf[pos] in (13, 10):
                 raise self._refuse(400, "bad_request", "empty line before the message head")
-            self._headers = []
             self._trailers = []
             self._in_trailers = False
             self._message_complete = False
@@ -291,7 +276,12 @@ class LlhttpParser:
             raise self._refuse(400, "bad_request", "malformed message head")
         self._scan = 0
         self._pos = head_end
-        line = buf[pos : buf.find(b"\r\n", pos)]
+        line_end = buf.find(b"\r\n", pos)
+        line = buf[pos:line_end]
+        # llhttp has checked every field line (a token, a colon, a value of
+        # field characters, CRLF): each one matches, in order; the value
+        # without its surrounding blanks, as llhttp and h11 give it.
+        self._headers = _FIELD_LINE.findall(buf, line_end + 2, end + 2)
         if len(self._headers) > self._limits.max_headers:
             raise self._refuse(
                 431, "header_too_large", f"more than {self._limits.max_headers} header fields"

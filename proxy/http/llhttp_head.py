@@ -80,10 +80,10 @@ def _frame(head: Head, request: bool, head_request: bool) -> bool:
     chunked = False
     hosts = 0
     close = upgrade_token = upgrade_field = expect = False
-    names = [name.lower() for name, _ in head.headers]
+    # Lowered once here: the header rules, the writer and tracing read these.
+    fields = head.lowered = [(name.lower(), value) for name, value in head.headers]
     # One set lookup per field; only the few framing fields go further.
-    for i in [i for i, n in enumerate(names) if n in _FRAMING_FIELDS]:
-        lname, value = names[i], head.headers[i][1]
+    for lname, value in [f for f in fields if f[0] in _FRAMING_FIELDS]:
         if lname == b"content-length":
             if length is not None:
                 raise HeadRefused(400, "bad_request", "duplicated Content-Length")
@@ -109,7 +109,7 @@ def _frame(head: Head, request: bool, head_request: bool) -> bool:
             upgrade_field = True
         elif value.lower() == b"100-continue":  # Expect
             expect = True
-    head.names = frozenset(names)
+    head.names = frozenset([name for name, _ in fields])
     if length is not None and chunked:
         raise HeadRefused(400, "bad_request", "both Content-Length and Transfer-Encoding")
     if length is not None and not length.isdigit():

@@ -9,6 +9,7 @@ upstream closed it, or sent garbage) is dropped instead of reused.
 
 from __future__ import annotations
 
+import math
 import select
 import time
 from collections import deque
@@ -20,6 +21,7 @@ import trio
 from proxy.http.conn import Upstream
 
 Connector = Callable[[Hashable], Awaitable[Upstream]]
+_INF = math.inf  # an upstream without an expiry: no clock to read
 
 
 def _socket_of(stream: Any) -> Any:
@@ -29,12 +31,20 @@ def _socket_of(stream: Any) -> Any:
 
 
 def _looks_dead(up: Upstream) -> bool:
-    sock = _socket_of(up.stream)
-    if sock is None:
-        return False
+    # One poll object per connection, made at its first reuse: the socket
+    # (and so its descriptor) is the same for the connection's whole life,
+    # and a closed one is never pooled.
+    poller = up.poller
     try:
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        if poller is None:
+            sock = _socket_of(up.stream)
+            if sock is None:
+                up.poller = False
+                return False
+            poller = up.poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        elif poller is False:
+            return False
         return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
@@ -69,7 +79,7 @@ class UpstreamPool:
                 up = idle.pop()  # most recently used first: likeliest alive
                 if (
                     now - up.last_used > self.idle_timeout
-                    or trio.current_time() >= up.expires_at
+                    or (up.expires_at < _INF and trio.current_time() >= up.expires_at)
                     or _looks_dead(up)
                 ):
                     await self._close(up)
@@ -101,16 +111,19 @@ class UpstreamPool:
 
     async def checkin(self, up: Upstream) -> None:
         """Return after an exchange; anything not cleanly reusable is closed."""
-        idle = self._idle.setdefault(up.key, deque())
+        idle = self._idle.get(up.key)
+        if idle is None:
+            idle = self._idle[up.key] = deque()
         if (
-            up.reusable()
+            up.cycle.reusable
             and len(idle) < self.max_idle_per_key
-            and trio.current_time() < up.expires_at
+            and (up.expires_at == _INF or trio.current_time() < up.expires_at)
         ):
             up.start_next_cycle()
             up.last_used = time.monotonic()
             idle.append(up)
-            await self._notify()
+            if self._waiting:  # see _notify; checked here, no coroutine per exchange
+                await self._notify()
             return
         await self._close(up)
 

@@ -22,6 +22,7 @@ with its new length.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Protocol
@@ -34,7 +35,7 @@ from proxy.http.conn import Downstream, Limits, ResponseEvent, Upstream
 from proxy.http.exchange import Ev, Exchange, PeerError
 from proxy.http.headers import REQUEST_ID, Header, forwardable, header_value
 from proxy.http.streams import upstream_broken
-from proxy.http.wire import Body, End, Framing, Head
+from proxy.http.wire import Body, End, Framing, Head, lowered
 
 
 def _filtered(step: Callable[[], bytes]) -> bytes:
@@ -43,6 +44,9 @@ def _filtered(step: Callable[[], bytes]) -> bytes:
         return step()
     except Exception as exc:  # a list answer we cannot read safely: fail closed
         raise PeerError(502, "unfilterable_response", str(exc)) from exc
+
+
+_INF = math.inf
 
 
 class Canceller(Protocol):
@@ -75,7 +79,7 @@ class Relay:
         upgrade_allowed: bool,
         filter_factory: FilterFactory | None,
         upward: Callable[[BodyEvent], BodyEvent],
-        last_exchange: Callable[[], bool],
+        lifetime_deadline: float,
     ) -> None:
         self.down, self.up, self.limits, self.exchange = down, up, limits, exchange
         self.outcome = exchange.outcome
@@ -85,7 +89,8 @@ class Relay:
         self.upgrade_allowed = upgrade_allowed
         self.filter_factory = filter_factory
         self.upward = upward  # trailers get the header rules on their way up
-        self.last_exchange = last_exchange  # max_connection_lifetime passed: say close
+        # trio time: max_connection_lifetime passed, say close (inf: none set)
+        self.lifetime_deadline = lifetime_deadline
         self.request_error: PeerError | None = None
         self.upstream_error: PeerError | None = None
         self.transport_error = False
@@ -100,7 +105,10 @@ class Relay:
             if self.body_complete or not self.down.body_pending:
                 # One direction after the other, nothing to cancel: no scope
                 # (a cancel scope costs more than a small exchange's send).
-                await self._pump_request(_SEQUENTIAL)
+                # With the first answer event in hand, start_upstream has
+                # sent the whole request already: nothing is left to pump.
+                if self.first is None or self.to_send:
+                    await self._pump_request(_SEQUENTIAL)
                 if self.request_error is None:
                     await self._relay_response(_SEQUENTIAL)
             else:
@@ -166,8 +174,8 @@ class Relay:
                     self.limits.response_timeout, before_wait=self.down.flush
                 )
             if isinstance(event, Head):
-                # Names lower-cased once: the header rules match on them.
-                headers = [(n.lower(), v) for n, v in event.headers]
+                # Names lower-cased once, by the parser: the header rules match on them.
+                headers = lowered(event)
                 if event.status >= 200:
                     self._response_head(event, headers)
                 elif event.status == 101:
@@ -182,7 +190,11 @@ class Relay:
                     self.down.queue_informational(event.status, event.reason, forwardable(headers))
                     await self.down.flush()
             elif isinstance(event, Body):
-                self._response_data(event.data)
+                if self._filter is None:  # as received (in place: one call less per chunk)
+                    self.outcome.bytes_down += len(event.data)
+                    self.down.queue_data(event.data)
+                else:
+                    self._filtered_data(event.data)
             else:
                 await self._response_end()
                 if self.down.body_pending:
@@ -203,13 +215,14 @@ class Relay:
         self.exchange.on(Ev.RESPONSE_HEAD)
         outcome = self.outcome
         outcome.status = event.status
-        headers = forwardable(received)
+        headers = forwardable(received, names=event.names)
         if event.framing is Framing.CHUNKED or event.framing is Framing.UNTIL_CLOSE:
             # Re-chunked (or read until close) for the client: no length.
             headers = [h for h in headers if h[0] != b"content-length"]
         if header_value(headers, REQUEST_ID) is None:
             headers.append((REQUEST_ID, outcome.request_id.encode()))
-        if self.last_exchange():
+        deadline = self.lifetime_deadline
+        if deadline < _INF and trio.current_time() >= deadline:
             headers.append((b"connection", b"close"))
         headers.extend(outcome.reply_headers)
         if self.filter_factory is not None and event.status == 200:
@@ -220,13 +233,12 @@ class Relay:
             if self._filter.whole:
                 self._held = (200, event.reason, headers)
                 return
-        self.down.queue_response(event.status, event.reason, headers)
+        # Every name is lower-case unless a rule's reply headers were added.
+        lower = not outcome.reply_headers
+        self.down.queue_response(event.status, event.reason, headers, lowered=lower)
 
-    def _response_data(self, data: bytes) -> None:
-        if self._filter is None:
-            self.outcome.bytes_down += len(data)
-            self.down.queue_data(data)
-            return
+    def _filtered_data(self, data: bytes) -> None:
+        assert self._filter is not None
         out = _filtered(partial(self._filter.feed, data))
         self.outcome.bytes_down += len(out)  # what the client gets
         if out:

@@ -47,33 +47,58 @@ def upstream_request_for(
     upgrade: bool,
     generated_id: bool,
     outcome: RequestOutcome,
+    trace: Sequence[Header] = (),
 ) -> Request:
     """The request head the upstream gets: hop-by-hop and identity fields
-    gone, ours added, the normalised target that policy judged."""
+    gone, ours added, the normalised target that policy judged. ``trace``:
+    our span's context (:func:`proxy.tracing.context.outgoing`), added
+    after the router's fields."""
+    # Names lower-case: request.headers are.
     headers = forwardable(
         request.headers,
         # An X-Request-Id we did not take (invalid) is replaced, not doubled.
         strip=routed.strip | ({b"expect", REQUEST_ID} if generated_id else {b"expect"}),
         keep_upgrade=upgrade and routed.allow_upgrade,
+        names=request.names,
     )
-    if is_chunked(request.headers):
+    names = request.names
+    if (names is None or b"transfer-encoding" in names) and is_chunked(request.headers):
         headers.append((b"transfer-encoding", b"chunked"))
     # The client's fields passed the parser's strict checks already; what we
     # add (identity, trace context, credentials from a token endpoint) and
     # the target we built are checked here, once, as h11 would check them.
-    _check_ours(routed.target, routed.add_headers)
-    headers.extend(routed.add_headers)
+    if not writable_target(routed.target):
+        raise WriteError(f"illegal request target {routed.target!r}")
+    added = routed.add_headers
+    ours = [_CHECKED[f] if f in _CHECKED else _check(f) for f in added] if added else []
+    if trace:
+        # traceparent is made of ids and flags we checked or made (hex):
+        # valid as built; tracestate echoes the caller's members, so it is
+        # checked like the router's fields.
+        ours.extend([f if f[0] == b"traceparent" else _check(f) for f in trace])
     if generated_id:
-        headers.append((REQUEST_ID, outcome.request_id.encode()))
-    return Request(request.method, routed.target, Fields(headers))
+        ours.append((REQUEST_ID, outcome.request_id.encode()))
+    raw = [*headers, *added, *trace, *ours[len(added) + len(trace) :]]
+    headers.extend(ours)
+    return Request(request.method, routed.target, Fields(headers, raw))
 
 
-def _check_ours(target: bytes, fields: Sequence[Header]) -> None:
-    if not writable_target(target):
-        raise WriteError(f"illegal request target {target!r}")
-    for name, value in fields:
-        if not writable_field(name, value):
-            raise WriteError(f"illegal header field {name!r}: {value!r}")
+# Fields we add that passed the check, each to its lower-cased form: the
+# router's fields repeat (XFCC per connection, a credential until it is
+# renewed), so each is checked once, not per request. Bounded: cleared when
+# full (a busy inbound listener sees one XFCC value per peer certificate).
+_CHECKED: dict[Header, Header] = {}
+_CHECKED_MAX = 1024
+
+
+def _check(field: Header) -> Header:
+    name, value = field
+    if not writable_field(name, value):
+        raise WriteError(f"illegal header field {name!r}: {value!r}")
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    lowered = _CHECKED[field] = (name.lower(), value)
+    return lowered
 
 
 class Router(Protocol):

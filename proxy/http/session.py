@@ -53,7 +53,6 @@ from proxy.http.exchange import (
 from proxy.http.headers import (
     Header,
     connection_tokens,
-    header_value,
     request_id_from,
     trailer_fields,
 )
@@ -68,6 +67,18 @@ from proxy.tracing.export import Span, Tracer
 from proxy.tracing.hop import TRACE_FIELDS, Hop, record_ids
 
 Answered = bool  # keep the connection after our own answer
+_INF = math.inf
+
+
+def _asks_upgrade(request: Request) -> bool:
+    """An Upgrade field, or Connection naming upgrade. The parser's set of
+    names answers for the fields that are not there (most requests)."""
+    names = request.names
+    if names is None:
+        names = frozenset(name for name, _ in request.headers)
+    return b"upgrade" in names or (
+        b"connection" in names and b"upgrade" in connection_tokens(request.headers)
+    )
 
 
 class HttpSession:
@@ -115,7 +126,8 @@ class HttpSession:
     async def _run(self) -> bool:
         """True when the connection ended cleanly (peer closed or idle)."""
         while True:
-            if trio.current_time() >= self.lifetime_deadline:
+            # No max_connection_lifetime (inf): no clock to read.
+            if self.lifetime_deadline < _INF and trio.current_time() >= self.lifetime_deadline:
                 self.end_reason = "max_lifetime"
                 return True
             try:
@@ -141,7 +153,7 @@ class HttpSession:
             x = await self._exchange(request)
             if x.outcome.reason in CONNECTION_ENDERS:
                 self.end_reason = x.outcome.reason  # the close record says why, too
-            keep = x.state is State.DONE and self.down.reusable()
+            keep = x.state is State.DONE and self.down.cycle.reusable
             if x.state is not State.CLOSED:
                 x.on(Ev.KEEP if keep else Ev.CLOSE)
             if not keep:
@@ -156,9 +168,10 @@ class HttpSession:
         self.down.before_release = None
         outcome = x.outcome
         outcome.outcome = classify(outcome)
-        ids = record_ids(span)
-        for call in outcome.calls:
-            call.update(ids)
+        if outcome.calls:
+            ids = record_ids(span)
+            for call in outcome.calls:
+                call.update(ids)
         self.emit(outcome)
         if span.otel is not None:  # export on: the span carries the record's facts
             failed = outcome.outcome in ("upstream_error", "client_error") or outcome.status >= 500
@@ -235,7 +248,7 @@ class HttpSession:
             )
         )
         x.on(Ev.REQUEST_HEAD)
-        span = self.hop.start(x.outcome.method, request.headers)
+        span = self.hop.start(x.outcome.method, request.headers, request.names)
         x.outcome.extra.update(record_ids(span))
         self.down.before_release = partial(self._emit, x, span)
         try:
@@ -254,9 +267,7 @@ class HttpSession:
         self, request: Request, x: Exchange, generated_id: bool, span: Span
     ) -> None:
         outcome = x.outcome
-        upgrade = header_value(request.headers, b"upgrade") is not None or (
-            b"upgrade" in connection_tokens(request.headers)
-        )
+        upgrade = _asks_upgrade(request)
         try:
             routed = self.router.route(request, upgrade)
         except PeerError as exc:
@@ -323,8 +334,9 @@ class HttpSession:
             body_complete = True
         # The upstream continues our span, not the client's: same trace id.
         routed.strip = routed.strip | TRACE_FIELDS
-        routed.add_headers = (*routed.add_headers, *outgoing(span.context))
-        upstream_request = upstream_request_for(request, routed, upgrade, generated_id, outcome)
+        upstream_request = upstream_request_for(
+            request, routed, upgrade, generated_id, outcome, outgoing(span.context)
+        )
         self._strip = routed.strip
         expect_continue = self.down.cycle.expect_continue
         try:
@@ -332,7 +344,7 @@ class HttpSession:
                 self.pool,
                 routed.key,
                 upstream_request,
-                [self._upward(e) for e in prefetched],
+                [self._upward(e) for e in prefetched] if prefetched else [],
                 body_complete,
                 outcome,
                 self.limits.response_timeout,
@@ -368,7 +380,7 @@ class HttpSession:
             upgrade_allowed=upgrade and routed.allow_upgrade,
             filter_factory=filter_factory,
             upward=self._upward,
-            last_exchange=lambda: trio.current_time() >= self.lifetime_deadline,
+            lifetime_deadline=self.lifetime_deadline,
         )
         await run.run()
         await self._relayed(run, up)

@@ -52,6 +52,10 @@ class Head:
     keep_alive: bool = True  # what the message itself allows (version, Connection)
     upgrade: bool = False  # Connection: upgrade with an Upgrade field (or CONNECT)
     names: frozenset[bytes] = field(default=frozenset())  # lower-cased field names
+    # ``headers`` with lower-cased names, in order, when the parser made
+    # them already (llhttp does; see :func:`lowered`): lowered once per head.
+    # Derived from ``headers``, so no part of a head's equality.
+    lowered: list[Header] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -66,17 +70,28 @@ class End:
     trailers: list[Header] = field(default_factory=list)
 
 
+def lowered(head: Head) -> list[Header]:
+    """``head``'s fields with lower-cased names (made once, by the parser
+    when it could)."""
+    if head.lowered is None:
+        head.lowered = [(name.lower(), value) for name, value in head.headers]
+    return head.lowered
+
+
 class Fields(list[Header]):
     """A message's fields as ``(lower-cased name, value)`` pairs, in order:
     how rules and helpers read them (as h11's ``Headers`` iterate, without
     its per-item cost). :meth:`raw_items` keeps the names as received, for
-    the bytes a relay writes."""
+    the bytes a relay writes.
+
+    Built from names already lower-cased (``lowered``) and the same fields
+    as spelled (``raw``; None: the lowered ones are the spelling)."""
 
     __slots__ = ("_raw",)
 
-    def __init__(self, raw: list[Header]) -> None:
-        super().__init__([(name.lower(), value) for name, value in raw])
-        self._raw = raw
+    def __init__(self, lowered: list[Header], raw: list[Header] | None = None) -> None:
+        super().__init__(lowered)
+        self._raw = lowered if raw is None else raw
 
     def raw_items(self) -> list[Header]:
         return self._raw
@@ -92,6 +107,9 @@ class Request:
     target: bytes
     headers: Fields
     http_version: bytes = b"1.1"
+    # The lower-cased field names, when the parser gave them (Head.names):
+    # a rule that asks whether a field is there need not walk the fields.
+    names: frozenset[bytes] | None = None
 
 
 @dataclass(slots=True)

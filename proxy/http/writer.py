@@ -23,6 +23,8 @@ from collections.abc import Iterable, Sequence
 from proxy.http.wire import Framing, Header
 
 _NO_BODY_STATUS = frozenset({204, 304})
+_FRAMING_FIELDS = frozenset({b"connection", b"transfer-encoding", b"content-length"})
+_NOT_COPIED = frozenset({b"connection", b"transfer-encoding"})  # we write our own
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 
 
@@ -35,27 +37,29 @@ def reason_for(status: int, reason: bytes = b"") -> bytes:
     return reason or _REASONS.get(status, b"")
 
 
-def _fields(lines: list[bytes], headers: Iterable[Header]) -> bytes:
-    for name, value in headers:
-        lines.append(name + b": " + value + b"\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
+def _fields(start: bytes, headers: Iterable[Header]) -> bytes:
+    """``start`` (a start line with its CRLF, or a last chunk) and the
+    fields. One join, no per-field call: this runs for every message."""
+    return start + b"".join([name + b": " + value + b"\r\n" for name, value in headers]) + b"\r\n"
 
 
 def request_head(method: bytes, target: bytes, headers: Iterable[Header]) -> bytes:
-    return _fields([method, b" ", target, b" HTTP/1.1\r\n"], headers)
+    return _fields(method + b" " + target + b" HTTP/1.1\r\n", headers)
 
 
 def response_head(status: int, reason: bytes, headers: Iterable[Header]) -> bytes:
-    return _fields([b"HTTP/1.1 %d %s\r\n" % (status, reason_for(status, reason))], headers)
+    return _fields(b"HTTP/1.1 %d %s\r\n" % (status, reason_for(status, reason)), headers)
 
 
-def request_framing(headers: Iterable[Header]) -> tuple[Framing, int | None, bool]:
-    """How a request we forward is framed, and whether it says close."""
+def request_framing(
+    headers: Iterable[Header], *, names_lowered: bool = False
+) -> tuple[Framing, int | None, bool]:
+    """How a request we forward is framed, and whether it says close.
+    ``names_lowered``: the names are lower-case already (not lowered again)."""
     framing, close = Framing.NONE, False
     length: int | None = 0
     for name, value in headers:
-        lowered = name.lower()
+        lowered = name if names_lowered else name.lower()
         if lowered == b"transfer-encoding":
             framing, length = Framing.CHUNKED, None
         elif lowered == b"content-length" and framing is Framing.NONE:
@@ -73,25 +77,27 @@ def frame_response(
     head_request: bool,
     client_http10: bool,
     keep_alive: bool,
+    names_lowered: bool = False,
 ) -> tuple[list[Header], Framing, int | None, bool]:
     """The fields to write for a final answer, its body framing, the length
     of a LENGTH body, and whether the connection must close after it.
-    ``keep_alive``: whether the request allowed another message."""
-    out: list[Header] = []
+    ``keep_alive``: whether the request allowed another message;
+    ``names_lowered``: the names are lower-case already (a relayed answer)."""
     tokens: set[bytes] = set()
     chunked = False
     length: int | None = None
-    for name, value in headers:  # one pass: this runs for every answer
-        lowered = name.lower()
+    # This runs for every answer: no per-field call, only the few framing
+    # fields are looked at one by one.
+    names = [n for n, _ in headers] if names_lowered else [n.lower() for n, _ in headers]
+    for i in [i for i, n in enumerate(names) if n in _FRAMING_FIELDS]:
+        lowered, value = names[i], headers[i][1]
         if lowered == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-            continue
-        if lowered == b"transfer-encoding":
+        elif lowered == b"transfer-encoding":
             chunked = True
-            continue
-        if lowered == b"content-length" and length is None:
+        elif length is None:  # the first Content-Length
             length = int(value)
-        out.append((name, value))
+    out = [h for h, n in zip(headers, names, strict=True) if n not in _NOT_COPIED]
     close = not keep_alive or b"close" in tokens
     if status < 200 or status in _NO_BODY_STATUS:
         framing, length = Framing.NONE, 0
@@ -111,7 +117,8 @@ def frame_response(
     tokens.discard(b"keep-alive")
     if close:
         tokens.add(b"close")
-    out.extend((b"Connection", t) for t in sorted(tokens))
+    if tokens:
+        out.extend([(b"Connection", t) for t in sorted(tokens)])
     return out, framing, length, close
 
 
@@ -141,7 +148,7 @@ class BodyWriter:
 
     def end(self, trailers: Iterable[Header] = ()) -> bytes:
         if self.framing is Framing.CHUNKED:
-            return _fields([b"0\r\n"], trailers)
+            return _fields(b"0\r\n", trailers)
         if self.framing is Framing.LENGTH and self.left:
             raise WriteError(f"message ended {self.left} bytes short of its Content-Length")
         return b""

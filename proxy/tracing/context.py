@@ -22,6 +22,10 @@ _KEY = re.compile(
     r"[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13}"
 )
 _VALUE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
+# A version-00 traceparent as we and every other hop write it: taken in one
+# match (parse_traceparent's full reading still decides everything else).
+_V00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 MAX_MEMBERS = 32
 SAMPLED = 0x01
 
@@ -55,6 +59,10 @@ def parse_traceparent(value: str | bytes) -> TraceContext | None:
             value = value.decode("ascii")
         except UnicodeDecodeError:
             return None
+    if (common := _V00.fullmatch(value)) is not None:
+        trace_id, span_id, flags = common.groups()
+        if trace_id != _ZERO_TRACE and span_id != _ZERO_SPAN:
+            return TraceContext(trace_id, span_id, int(flags, 16))
     value = value.strip(" \t")
     if len(value) < 55:
         return None
@@ -117,14 +125,17 @@ def new_trace(sampled: bool = True) -> TraceContext:
     return TraceContext(new_trace_id(), new_span_id(), SAMPLED if sampled else 0)
 
 
-def incoming(headers: Iterable[tuple[bytes, bytes]]) -> TraceContext | None:
+def incoming(
+    headers: Iterable[tuple[bytes, bytes]], *, names_lowered: bool = False
+) -> TraceContext | None:
     """The caller's trace context from request headers; None when absent or
     invalid (then a new trace starts). Two ``traceparent`` headers are
-    ambiguous, hence invalid."""
+    ambiguous, hence invalid. ``names_lowered``: the names are lower-case
+    already (a request's fields), not lowered again."""
     parents: list[bytes] = []
     states: list[bytes] = []
     for name, value in headers:
-        lowered = name.lower()
+        lowered = name if names_lowered else name.lower()
         if lowered == b"traceparent":
             parents.append(value)
         elif lowered == b"tracestate":
@@ -134,7 +145,9 @@ def incoming(headers: Iterable[tuple[bytes, bytes]]) -> TraceContext | None:
     parent = parse_traceparent(parents[0])
     if parent is None:
         return None
-    state = parse_tracestate(states) if states else ()
+    if not states:
+        return parent  # tracestate () already
+    state = parse_tracestate(states)
     return TraceContext(parent.trace_id, parent.span_id, parent.flags, state or ())
 
 

@@ -35,10 +35,20 @@ class Hop:
     local_id: str | None = None
     peer_id: str | None = None  # inbound: the verified caller (outbound: per request)
 
-    def start(self, method: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> Span:
-        return self.tracer.start_span(
-            method or "HTTP", server=self.server, parent=incoming(headers)
-        )
+    def start(
+        self,
+        method: str,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+        names: frozenset[bytes] | None = None,
+    ) -> Span:
+        """``headers``: the request's fields, names lower-case (as
+        :class:`~proxy.http.wire.Fields` has them); ``names``, when known,
+        the set of them (no traceparent there: no context to look for)."""
+        if names is not None and b"traceparent" not in names:
+            parent = None
+        else:
+            parent = incoming(headers, names_lowered=True)
+        return self.tracer.start_span(method or "HTTP", server=self.server, parent=parent)
 
     def end(
         self,

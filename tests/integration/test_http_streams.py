@@ -136,3 +136,39 @@ async def test_a_peer_that_never_makes_us_wait_does_not_starve_others() -> None:
             assert reads_before_other < 1000, "the fast path never yielded"
     await a.aclose()
     await b.aclose()
+
+
+async def test_a_reset_while_waiting_on_a_plain_socket_is_a_broken_stream() -> None:
+    """A plain-socket receive that has to wait waits for readability and
+    then reads as the fast path does: a reset that arrives during the wait
+    is still a broken stream, and bytes that arrive end it with them."""
+    a, b = await tcp_pair()
+    got: list[bytes] = []
+
+    async def read() -> None:
+        got.append(await receive_within(b, 100, 10, _TIMEOUT))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()  # b waits: nothing sent yet
+        await send_within(a, b"late", 10, _TIMEOUT)
+    assert got == [b"late"]
+    seen: list[str] = []
+
+    async def read_until_broken() -> None:
+        try:
+            await receive_within(b, 100, 10, _TIMEOUT)
+        except trio.BrokenResourceError:
+            seen.append("broken")
+        else:
+            seen.append("data")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_until_broken)
+            await trio.testing.wait_all_tasks_blocked()
+            await send_within(b, b"unread", 10, _TIMEOUT)  # so a's close sends RST
+            a.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            a.socket.close()
+    assert seen == ["broken"]
+    await b.aclose()

@@ -56,3 +56,23 @@ def test_malformed_trailer_fields_are_refused(line: bytes) -> None:
     with pytest.raises(ParseError) as refused:
         _read(parser, HEAD + line + b"\r\n", 1 << 16)
     assert refused.value.status == 400
+
+
+@pytest.mark.parametrize("step", [1, 5, 1 << 16])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"",
+        b"Empty:\r\nBlank: \t \r\nTabbed:\tv\t\r\nInner:  a \t b  \r\n",
+        b"Obs: caf\xc3\xa9 \xff\r\nColon: a:b: c\r\nX_Under: 1\r\nQuote: \"x, y\"\r\n",
+        b"".join(b"F%d: %d\r\n" % (i, i) for i in range(24)),
+    ],
+)
+def test_fields_read_from_the_raw_head_are_the_oracles(fields: bytes, step: int) -> None:
+    """The parser reads field lines from the head llhttp checked, in one
+    match: names as spelled, values without surrounding blanks, as h11."""
+    raw = b"GET / HTTP/1.1\r\nHost: h\r\n" + fields + b"\r\n"
+    response = b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 0\r\n\r\n"
+    for role, data in (("request", raw), ("response", response)):
+        ours, oracle = LlhttpParser(role), H11Parser(role)
+        assert _read(ours, data, step) == _read(oracle, data, step)

@@ -12,6 +12,7 @@ import trio.testing
 
 from proxy.http.conn import Limits, Upstream
 from proxy.http.pool import UpstreamPool
+from proxy.http.wire import End, Fields, Request
 
 
 def _pool(connects: list[Upstream]) -> UpstreamPool:
@@ -71,3 +72,35 @@ async def test_a_checkin_while_the_waiter_takes_the_lock_is_not_lost() -> None:
 
 async def _take(pool: UpstreamPool, got: list[tuple[Upstream, bool]]) -> None:
     got.append(await pool.checkout("k"))
+
+
+async def test_a_pooled_connection_that_closed_after_a_reuse_is_not_reused_again() -> None:
+    """The pool polls a connection's socket with one poll object made at its
+    first reuse; the peer closing it later is still seen at the next one."""
+    peers: list[trio.SocketStream] = []
+    made: list[Upstream] = []
+
+    async def connect(key: Hashable) -> Upstream:
+        ours, theirs = trio.socket.socketpair()
+        peers.append(trio.SocketStream(theirs))
+        made.append(Upstream(trio.SocketStream(ours), key, Limits()))
+        return made[-1]
+
+    async def exchange(up: Upstream, peer: trio.SocketStream) -> Upstream:
+        await up.send(Request(b"GET", b"/", Fields([(b"host", b"h")])))
+        await up.send(End())
+        await peer.send_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+        while not isinstance(await up.next_event(5.0), End):
+            pass
+        return up
+
+    pool = UpstreamPool(connect)
+    first, reused = await pool.checkout("k")
+    assert not reused
+    await pool.checkin(await exchange(first, peers[0]))
+    again, reused = await pool.checkout("k")  # alive: reused, its poll object made
+    assert reused and again is first and first.poller is not None
+    await pool.checkin(await exchange(again, peers[0]))
+    await peers[0].aclose()  # the upstream ends the idle connection
+    fresh, reused = await pool.checkout("k")
+    assert not reused and fresh is made[1] and len(made) == 2

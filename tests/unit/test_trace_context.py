@@ -103,3 +103,37 @@ def test_incoming_and_outgoing() -> None:
 def test_new_trace_is_valid() -> None:
     ctx = new_trace()
     assert parse_traceparent(ctx.traceparent()) == ctx
+
+
+def _spec_reading(value: str) -> TraceContext | None:
+    """The W3C reading, written out plainly: what the one-match shortcut
+    for common version-00 values must agree with."""
+    value = value.strip(" \t")
+    hexdigits = set("0123456789abcdef")
+    if len(value) < 55 or not set(value[:2]) <= hexdigits or value[:2] == "ff":
+        return None
+    if (value[:2] == "00" and len(value) != 55) or (len(value) > 55 and value[55] != "-"):
+        return None
+    parts = value[:55].split("-")
+    if len(parts) != 4:
+        return None
+    _, trace, span, flags = parts
+    for text, size in ((trace, 32), (span, 16), (flags, 2)):
+        if len(text) != size or not set(text) <= hexdigits:
+            return None
+    if trace == "0" * 32 or span == "0" * 16:
+        return None
+    return TraceContext(trace, span, int(flags, 16))
+
+
+@pytest.mark.parametrize("version", ["00", "01", "ff", "0g"])
+@pytest.mark.parametrize("trace", [TRACE, "0" * 32, TRACE.upper(), TRACE[:-1]])
+@pytest.mark.parametrize("span", [SPAN, "0" * 16, SPAN + "a"])
+@pytest.mark.parametrize("flags", ["01", "00", "ff", "0x", "1"])
+@pytest.mark.parametrize("around", [("", ""), (" ", "\t"), ("", "-extra"), ("", "\n")])
+def test_traceparent_reading_agrees_with_the_spec(
+    version: str, trace: str, span: str, flags: str, around: tuple[str, str]
+) -> None:
+    value = f"{around[0]}{version}-{trace}-{span}-{flags}{around[1]}"
+    assert parse_traceparent(value) == _spec_reading(value)
+    assert parse_traceparent(value.encode()) == _spec_reading(value)
