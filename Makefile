@@ -39,6 +39,7 @@ $(SSLYZE)/.installed:
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests $(wildcard benchmarks)
+	$(BIN)/ruff format --check proxy tests $(wildcard benchmarks)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict proxy

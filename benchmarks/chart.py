@@ -28,8 +28,7 @@ def write_chart(
     fig, axes = plt.subplots(rows, cols, figsize=(13, 2.3 * rows), squeeze=False)
     labels = [c.label for c in contenders]
     colors = [
-        "#d62728" if c.is_ours else ("#7f7f7f" if not c.is_peer else "#1f77b4")
-        for c in contenders
+        "#d62728" if c.is_ours else ("#7f7f7f" if not c.is_peer else "#1f77b4") for c in contenders
     ]
     for ax, row in zip(axes.flat, ROWS, strict=False):
         cells = [table[row.key][c.key] for c in contenders]
@@ -48,15 +47,16 @@ def write_chart(
             if cell.value is None:
                 text = cell.text if len(cell.text) < 30 else cell.text[:29] + "…"
             else:
-                text = f"{cell.ratio:.2f}x ({fmt_value(row, cell.value)})" if cell.ratio else (
-                    fmt_value(row, cell.value)
+                text = (
+                    f"{cell.ratio:.2f}x ({fmt_value(row, cell.value)})"
+                    if cell.ratio
+                    else (fmt_value(row, cell.value))
                 )
             ax.text(right * 0.01 + (cell.ratio or 0), y, text, va="center", fontsize=7)
     for ax in list(axes.flat)[len(ROWS) :]:
         ax.axis("off")
     fig.suptitle(
-        f"{title}: ratio to the best peer (dashed line); red = ours, blue = peers, "
-        "grey = direct",
+        f"{title}: ratio to the best peer (dashed line); red = ours, blue = peers, grey = direct",
         fontsize=11,
     )
     fig.tight_layout()

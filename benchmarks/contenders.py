@@ -507,7 +507,7 @@ CONTENDERS: tuple[Contender, ...] = (
         mode="http",
         identity="as ours TCP: inbound rule peers = [client ID] (GET /**), outbound "
         "route expect = [server ID]",
-        notes="agent-proxy run --config, protocol = \"http\" on both sides; pooled mTLS "
+        notes='agent-proxy run --config, protocol = "http" on both sides; pooled mTLS '
         "connections (default pool); audit record per request to a file",
         build=_ours_http,
         unavailable=_ours_http_available,
@@ -562,8 +562,7 @@ CONTENDERS: tuple[Contender, ...] = (
         mode="http",
         identity="server side: ssl_verify_client on + $ssl_client_fingerprint check "
         "(403); client side: NONE (as nginx stream) - favours nginx",
-        notes="worker_processes 1 (+ idle master), upstream keepalive 64 (pooled mTLS "
-        "connections)",
+        notes="worker_processes 1 (+ idle master), upstream keepalive 64 (pooled mTLS connections)",
         build=_nginx("http"),
         unavailable=_needs("nginx"),
     ),

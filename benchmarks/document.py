@@ -272,5 +272,3 @@ peer's leaf certificate instead (stricter than an ID match, and equally cheap).
     tmp.write_text(text)
     tmp.replace(out_dir / "latest.md")
     return ratio_table + "\n\n" + targets_table(table, contenders)
-
-

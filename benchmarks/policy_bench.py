@@ -120,8 +120,14 @@ def build_requests(now: datetime) -> dict[str, list[RequestFacts]]:
         ],
         "tool call": [
             RequestFacts(
-                peer(i), "POST", "/mcp", now, 30.0,
-                mcp_method="tools/call", mcp_tool=f"search_{i % 15}", mcp_args={"q": "x"},
+                peer(i),
+                "POST",
+                "/mcp",
+                now,
+                30.0,
+                mcp_method="tools/call",
+                mcp_tool=f"search_{i % 15}",
+                mcp_args={"q": "x"},
             )
             for i in range(10)
         ],

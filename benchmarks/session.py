@@ -217,9 +217,8 @@ def ours_health(d: Path) -> str | None:
     if not internal and not errors:
         return None
     top = ", ".join(f"{event!r} x{n}" for event, n in events.most_common(3))
-    return (
-        f"{internal} audit records with reason internal_error; {errors} error log lines"
-        + (f" ({top})" if top else "")
+    return f"{internal} audit records with reason internal_error; {errors} error log lines" + (
+        f" ({top})" if top else ""
     )
 
 
@@ -263,5 +262,3 @@ def selftests(run: Run, contenders: Sequence[Contender], available: dict[str, st
             run.selftest[c.key] = (available[c.key] or "", available[c.key] or "")
         else:
             run.selftest[c.key] = identity_selftest(run, c)
-
-

@@ -65,7 +65,6 @@ _CA_ORG = "agent-mtls-proxy dev CA"
 _LEAF_ORG = "agent-mtls-proxy"
 
 
-
 def _td_id(trust_domain: TrustDomain) -> str:
     return trust_domain.id_string()
 
@@ -89,7 +88,6 @@ def _random_serial() -> int:
 
 def _serial_hex(serial: int) -> str:
     return format(serial, "x")
-
 
 
 class DevCA:
@@ -377,5 +375,3 @@ class DevCA:
             not_after=cert.not_valid_after_utc,
             serial_hex=_serial_hex(serial),
         )
-
-

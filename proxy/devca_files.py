@@ -67,7 +67,6 @@ def read_file(path: Path, what: str) -> bytes:
         raise DevCAError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
-
 def write_svid_files(out_dir: Path, issued: IssuedSvid) -> dict[str, Path]:
     """Write ``svid.pem``, ``svid_key.pem`` (0600) and ``bundle.pem`` (0644).
 

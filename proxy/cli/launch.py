@@ -362,8 +362,7 @@ class _Launch:
         if self.user is None:
             if os.geteuid() == 0:
                 log.warning(
-                    "the agent runs as root and can read the sidecar's identity files; "
-                    "use --user"
+                    "the agent runs as root and can read the sidecar's identity files; use --user"
                 )
             return
         key = self.config.identity.key

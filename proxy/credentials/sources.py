@@ -41,6 +41,7 @@ class IdentityConfig(Protocol):
     @property
     def spiffe_id(self) -> SpiffeId | None: ...
 
+
 __all__ = ["InboundJwtBundles", "inbound_jwt_bundles", "jwt_svid_source"]
 
 _ENDPOINT_ENV = "SPIFFE_ENDPOINT_SOCKET"

@@ -364,9 +364,7 @@ class Upstream:
         if self._pending:
             data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
             self._pending.clear()
-            await send_within(
-                self.stream, data, self.limits.write_timeout, _UPSTREAM_WRITE_TIMEOUT
-            )
+            await send_within(self.stream, data, self.limits.write_timeout, _UPSTREAM_WRITE_TIMEOUT)
 
     async def send(self, event: Request | Body | End) -> None:
         self.queue(event)

@@ -326,6 +326,7 @@ class Reactor(PairIo):
             return
         flow.done = True
 
+
 def _since(flow: _Flow) -> float:
     return math.inf if flow.blocked_since is None else flow.blocked_since
 

@@ -43,8 +43,9 @@ __all__ = [
 # The Workload API source pulls in grpc and protobuf (a large share of the
 # start-up time), the dev source the embedded CA; import each only when one
 # of its names is used.
-_WORKLOAD_API = frozenset({"ENDPOINT_ENV", "WorkloadApiSource", "parse_endpoint",
-                           "snapshot_from_response"})
+_WORKLOAD_API = frozenset(
+    {"ENDPOINT_ENV", "WorkloadApiSource", "parse_endpoint", "snapshot_from_response"}
+)
 _DEV = frozenset({"DEV_WARNING", "DevSource"})
 
 

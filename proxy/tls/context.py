@@ -156,9 +156,7 @@ class PeerVerification:
             self.message = message
         return error
 
-    def openssl_failed(
-        self, errnum: int, depth: int, leaf: x509.Certificate | None = None
-    ) -> int:
+    def openssl_failed(self, errnum: int, depth: int, leaf: x509.Certificate | None = None) -> int:
         """OpenSSL refused the chain itself; its own error (and so its own
         alert) stands."""
         if self.presented is None:

@@ -220,7 +220,6 @@ def _unexpected_eof(err: int) -> bool:
     return False
 
 
-
 def ssl_error_text(err: int) -> str:
     code = lib.ERR_peek_error()
     if code:

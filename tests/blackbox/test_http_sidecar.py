@@ -332,9 +332,7 @@ paths = ["/**"]
         server.wait(timeout=10)
 
 
-def test_check_config(
-    tmp_path: Path, ca_a: TestCA, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_check_config(tmp_path: Path, ca_a: TestCA, capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "good.toml"
     good.write_text(
         _identity(tmp_path, ca_a, "hr", HR)

@@ -341,7 +341,10 @@ async def test_peers_that_alternate_keep_their_own_identity_in_records(
     billing = ca_a.issue("spiffe://a.org/agent/billing")
     audit = MemoryAudit()
     order = [payroll, payroll, billing, payroll]
-    names = {id(payroll): "spiffe://a.org/agent/payroll", id(billing): "spiffe://a.org/agent/billing"}
+    names = {
+        id(payroll): "spiffe://a.org/agent/payroll",
+        id(billing): "spiffe://a.org/agent/billing",
+    }
     async with trio.open_nursery() as nursery:
         echo_port = await start_echo(nursery)
         port = await _agents_to_echo(nursery, hr, ca_a, echo_port, audit)

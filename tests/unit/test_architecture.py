@@ -89,8 +89,7 @@ TABLE: dict[str, Row] = {
 
 # Known violations, to be removed (ARCHITECTURE.md, "Known violations"):
 # (importing module, imported module prefix) -> why it is wrong and the fix.
-KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-}
+KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {}
 
 _STDLIB = frozenset(sys.stdlib_module_names)
 

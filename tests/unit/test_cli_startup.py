@@ -18,8 +18,20 @@ from proxy import logs, notify
 from proxy.cli import COMMANDS, build_parser
 from proxy.errors import UsageError
 
-HEAVY = ("grpc", "google.protobuf", "cel", "jwt", "prometheus_client", "structlog", "trio",
-         "OpenSSL", "cryptography", "proxy.config", "proxy.agent", "proxy.http")
+HEAVY = (
+    "grpc",
+    "google.protobuf",
+    "cel",
+    "jwt",
+    "prometheus_client",
+    "structlog",
+    "trio",
+    "OpenSSL",
+    "cryptography",
+    "proxy.config",
+    "proxy.agent",
+    "proxy.http",
+)
 
 _PROBE = """
 import contextlib, json, sys

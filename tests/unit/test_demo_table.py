@@ -8,13 +8,31 @@ from proxy.demo_table import SUMMARY_HEADS, summary_rows, summary_table
 
 PAYROLL = "spiffe://payroll.example/agent/payroll"
 RECORDS = [
-    {"event": "connection.open", "decision": "allow", "reason": "peer_allowed",
-     "peer_id": PAYROLL, "target": "127.0.0.1:8080", "rule": PAYROLL},
-    {"event": "http.request", "decision": "allow", "reason": "rule_matched", "peer_id": PAYROLL,
-     "method": "GET", "path": "/timesheets/2026-11", "rule": "payroll-reads-timesheets"},
-    {"event": "connection.refused", "decision": "deny", "reason": "peer_not_allowed",
-     "peer_id": "spiffe://payroll.example/agent/marketing", "target": "127.0.0.1:8080",
-     "rule": None},
+    {
+        "event": "connection.open",
+        "decision": "allow",
+        "reason": "peer_allowed",
+        "peer_id": PAYROLL,
+        "target": "127.0.0.1:8080",
+        "rule": PAYROLL,
+    },
+    {
+        "event": "http.request",
+        "decision": "allow",
+        "reason": "rule_matched",
+        "peer_id": PAYROLL,
+        "method": "GET",
+        "path": "/timesheets/2026-11",
+        "rule": "payroll-reads-timesheets",
+    },
+    {
+        "event": "connection.refused",
+        "decision": "deny",
+        "reason": "peer_not_allowed",
+        "peer_id": "spiffe://payroll.example/agent/marketing",
+        "target": "127.0.0.1:8080",
+        "rule": None,
+    },
     {"event": "connection.close", "decision": "allow", "reason": "shutdown", "peer_id": PAYROLL},
 ]
 

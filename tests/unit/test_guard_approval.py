@@ -271,7 +271,9 @@ def test_a_certificate_past_v3_in_x5c_is_a_refusal(
     assert der.count(v3) == 1
     bad = base64.b64encode(der.replace(v3, b"\xa0\x03\x02\x01\x03")).decode()
     token = jwt.PyJWS().encode(
-        b"{}", alice.private_key, algorithm="ES256",
+        b"{}",
+        alice.private_key,
+        algorithm="ES256",
         headers={"typ": "agent-approval+jws", "x5c": [bad, *x5c[1:]]},
     )
     result = verify(token, bundles)

@@ -64,7 +64,7 @@ def test_malformed_trailer_fields_are_refused(line: bytes) -> None:
     [
         b"",
         b"Empty:\r\nBlank: \t \r\nTabbed:\tv\t\r\nInner:  a \t b  \r\n",
-        b"Obs: caf\xc3\xa9 \xff\r\nColon: a:b: c\r\nX_Under: 1\r\nQuote: \"x, y\"\r\n",
+        b'Obs: caf\xc3\xa9 \xff\r\nColon: a:b: c\r\nX_Under: 1\r\nQuote: "x, y"\r\n',
         b"".join(b"F%d: %d\r\n" % (i, i) for i in range(24)),
     ],
 )

@@ -46,7 +46,10 @@ def test_not_a_terminal_one_line_then_quiet_pip(tmp_path: Path) -> None:
     clone, env = _clone(tmp_path)
     out = subprocess.run(
         ["make", "-C", str(clone), "--no-print-directory", "venv", f"PYTHON={env['PYTHON']}"],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert out.splitlines()[0] == (
         "installing dependencies into .venv (first run takes about a minute)..."
@@ -62,7 +65,10 @@ def test_on_a_terminal_pip_shows_its_progress(tmp_path: Path) -> None:
     try:
         proc = subprocess.run(
             ["make", "-C", str(clone), "--no-print-directory", "venv", f"PYTHON={env['PYTHON']}"],
-            env=env, stdout=replica, stderr=replica, timeout=60,
+            env=env,
+            stdout=replica,
+            stderr=replica,
+            timeout=60,
         )
     finally:
         os.close(replica)
