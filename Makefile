@@ -60,7 +60,7 @@ certs: $(STAMP)
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
-# make bench       : the full benchmark (3 repetitions x 10 s cells, about 20 minutes);
+# make bench       : the full benchmark (3 repetitions x 10 s cells, about 30 minutes);
 #                    writes benchmarks/results/latest.md and latest.png.
 # make bench-quick : the same rows in about 2 minutes (1 repetition x 2 s cells).
 # Both install the bench extra (matplotlib) and any missing Debian peers.
