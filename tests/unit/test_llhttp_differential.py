@@ -70,13 +70,25 @@ class Transcript:
             self.items.append(_head_key(event))
         else:
             assert isinstance(event, End)
-            self.items.append(("end", tuple(event.trailers)))
+            self.items.append(("end", _trailer_key(event.trailers)))
 
     def messages(self) -> list[object]:
         """The items up to the last End: what was framed completely."""
         last = max((i for i, x in enumerate(self.items) if isinstance(x, tuple) and x[0] == "end"),
                    default=-1)  # fmt: skip
         return self.items[: last + 1]
+
+
+def _trailer_key(trailers: list[tuple[bytes, bytes]]) -> tuple[tuple[bytes, bytes], ...]:
+    # h11 merges repeated equal Content-Length fields, in trailers as in heads;
+    # llhttp reports each. A trailer Content-Length never frames and is never
+    # forwarded (headers.trailer_fields), so compare it once, as h11 does.
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in trailers:
+        if name.lower() == b"content-length" and any(n.lower() == b"content-length" for n, _ in out):
+            continue
+        out.append((name, value))
+    return tuple(out)
 
 
 def _head_key(h: Head) -> tuple[object, ...]:
@@ -309,3 +321,14 @@ def test_a_bare_lf_after_the_last_chunk_is_refused_where_h11_reads_it() -> None:
     )
     compare("request", data, [], False)
     assert drive(LlhttpParser("request", LIMITS), [data], False, False).error is not None
+
+
+def test_a_repeated_trailer_content_length_frames_alike() -> None:
+    # h11 merges the two equal fields into one, llhttp reports both; neither
+    # frames the message and the relay drops both.
+    data = (
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"1\r\na\r\n0\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n"
+    )
+    compare("request", data, [], False)
+    compare("request", data, [7, 60], True)
