@@ -84,10 +84,12 @@ def _trailer_key(trailers: list[tuple[bytes, bytes]]) -> tuple[tuple[bytes, byte
     # llhttp reports each. A trailer Content-Length never frames and is never
     # forwarded (headers.trailer_fields), so compare it once, as h11 does.
     out: list[tuple[bytes, bytes]] = []
+    seen = False
     for name, value in trailers:
-        if name.lower() == b"content-length" and any(n.lower() == b"content-length" for n, _ in out):
-            continue
-        out.append((name, value))
+        length = name.lower() == b"content-length"
+        if not (length and seen):
+            out.append((name, value))
+        seen = seen or length
     return tuple(out)
 
 
