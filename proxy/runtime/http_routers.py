@@ -122,6 +122,8 @@ def _normalized(origin: bytes) -> tuple[str, bytes]:
 
 
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_APPROVAL_NAME = APPROVAL_HEADER.lower().encode()  # as header_value compares
+_STRIP_XFCC = frozenset({XFCC})  # the agent may not forge its caller identity upstream
 
 
 def _gated(
@@ -151,7 +153,7 @@ def _gated(
         upgrade=upgrade,
         peer_auth=peer_auth,
     )
-    token_raw = header_value(request.headers, APPROVAL_HEADER.lower().encode())
+    token_raw = header_value(request.headers, _APPROVAL_NAME)
     token = token_raw.decode("ascii", "replace") if token_raw else None
 
     def decide(body_hash: str | None, decision: RequestVerdict | None = None) -> Routed:
@@ -394,7 +396,7 @@ class OutboundRouter:
             path=path,
             key=route.name,
             target=target,
-            strip=frozenset({XFCC}),
+            strip=_STRIP_XFCC,
             label=str(route.target),
         )
         snapshot = self.identity.current
