@@ -44,6 +44,13 @@ def count(metrics: Metrics, record: AuditRecord | Typed) -> None:
             if "dry_run" in extra or "quarantine_reason" in extra:  # rarely: skip the call
                 _guard_outcomes(metrics, record.listener, extra)
             return
+        # Every connection opens and closes once: read them directly too.
+        if record.event == "connection.open":
+            metrics.connection(record.listener, record.direction, "allow", record.reason)
+            return
+        if record.event == "connection.close":
+            _connection_closed(metrics, record)
+            return
     value = typed(record) if isinstance(record, AuditRecord) else record
     if value is None:
         return
@@ -92,6 +99,16 @@ def _http_request(metrics: Metrics, record: AuditRecord) -> None:
         _int(extra.get("bytes_up")) or 0,
         _int(extra.get("bytes_down")) or 0,
     )
+
+
+def _connection_closed(metrics: Metrics, record: AuditRecord) -> None:
+    """What :func:`count` does with ``typed(record)`` for a
+    ``connection.close`` record."""
+    if record.reason in _NEVER_OPENED:
+        metrics.connection(record.listener, record.direction, "deny", record.reason)
+    up, down = _int(record.extra.get("bytes_up")), _int(record.extra.get("bytes_down"))
+    if up or down:
+        metrics.transferred(record.listener, up or 0, down or 0)
 
 
 def _int(value: object) -> int | None:

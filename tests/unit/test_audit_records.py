@@ -295,14 +295,23 @@ def test_config_file_carries_the_audit_and_tracing_sections(tmp_path: Path) -> N
     assert str(caught.value) == 'sidecar.toml: audit.durability: expected "os" or "fsync", got "x"'
 
 
-@pytest.mark.parametrize("event", ["http.request", "mcp.call"])
-def test_a_request_or_call_counts_the_same_as_its_typed_value(event: str) -> None:
-    """count() reads http.request and mcp.call records directly (no typed
-    value per request); it must count exactly what the typed value counts."""
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        ("http.request", "rate_limited"),
+        ("mcp.call", "rate_limited"),
+        ("connection.open", "peer_allowed"),
+        ("connection.close", "closed"),
+        ("connection.close", "target_unreachable"),  # never opened: counted as a refusal
+    ],
+)
+def test_a_request_or_call_counts_the_same_as_its_typed_value(event: str, reason: str) -> None:
+    """count() reads requests, calls, opens and closes directly (no typed
+    value per record); it must count exactly what the typed value counts."""
     record = generic(
         event,
         "deny",
-        "rate_limited",
+        reason,
         duration_ms=40,
         bytes_up=3,
         bytes_down=9,
@@ -325,6 +334,13 @@ def test_a_request_or_call_counts_the_same_as_its_typed_value(event: str) -> Non
 
     assert samples(direct) == samples(via_typed)
     counted = {name for name, _, _ in samples(direct)}
+    if event.startswith("connection."):
+        expected = {"connection.open": "agent_proxy_connections_total",
+                    "connection.close": "agent_proxy_bytes_total"}[event]  # fmt: skip
+        assert expected in counted
+        if reason == "target_unreachable":
+            assert "agent_proxy_connections_total" in counted
+        return
     assert {"agent_proxy_quarantines_total", "agent_proxy_dry_run_total"} <= counted
     if event == "http.request":
         assert "agent_proxy_requests_total" in counted
