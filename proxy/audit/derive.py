@@ -1,7 +1,10 @@
 """Metrics derived from audit records, so what is counted is what is recorded.
 
 A listener calls :func:`count` with the record it has just emitted; the
-dispatch is on the record's type, never on its event-name string.
+dispatch is on the record's typed value (:func:`typed`). The kinds emitted
+per request or per connection (requests, agent calls, opens, closes) are
+read straight from the generic record instead, with the same field reads
+``typed`` makes; a test keeps the two ways equal.
 ``agent_proxy_connections_total`` counts connections: one per refusal or
 open (and one for a connection that ended before it opened, such as an
 unreachable target), not opens plus closes.
