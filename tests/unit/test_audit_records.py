@@ -305,7 +305,7 @@ def test_config_file_carries_the_audit_and_tracing_sections(tmp_path: Path) -> N
         ("connection.close", "target_unreachable"),  # never opened: counted as a refusal
     ],
 )
-def test_a_request_or_call_counts_the_same_as_its_typed_value(event: str, reason: str) -> None:
+def test_a_record_read_directly_counts_the_same_as_its_typed_value(event: str, reason: str) -> None:
     """count() reads requests, calls, opens and closes directly (no typed
     value per record); it must count exactly what the typed value counts."""
     record = generic(

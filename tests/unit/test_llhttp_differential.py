@@ -80,9 +80,10 @@ class Transcript:
 
 
 def _trailer_key(trailers: list[tuple[bytes, bytes]]) -> tuple[tuple[bytes, bytes], ...]:
-    # h11 merges repeated equal Content-Length fields, in trailers as in heads;
-    # llhttp reports each. A trailer Content-Length never frames and is never
-    # forwarded (headers.trailer_fields), so compare it once, as h11 does.
+    # h11 merges repeated Content-Length fields (equal ones; it refuses others),
+    # in trailers as in heads; llhttp reports each. A trailer Content-Length
+    # never frames and is never forwarded (headers.trailer_fields), so only
+    # its first occurrence is compared.
     out: list[tuple[bytes, bytes]] = []
     seen = False
     for name, value in trailers:
