@@ -2,7 +2,8 @@
 trio stream for TLS on the socket (OpenSSL does the syscalls)."""
 
 from proxy.tls.context import PeerVerification, TlsSide, TlsVersion, build_side
-from proxy.tls.stream import TLSHandshakeError, TLSStream, peer_alert
+from proxy.tls.raw_io import peer_alert
+from proxy.tls.stream import TLSHandshakeError, TLSStream
 
 __all__ = [
     "PeerVerification",

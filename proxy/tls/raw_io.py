@@ -254,7 +254,7 @@ def send_close_notify(ssl: Any, name: str) -> bool:
     return True
 
 
-# -- pyOpenSSL's errors (proxy.tls.stream's calls) ------------------------------
+# -- pyOpenSSL's errors (proxy.tls.stream's calls; peer_alert for the trio relay) ----
 
 
 def is_unexpected_eof(exc: SSL.Error) -> bool:
@@ -277,3 +277,14 @@ def classify_handshake_error(exc: SSL.Error) -> tuple[str, str]:
     if isinstance(exc, SSL.SysCallError) or is_unexpected_eof(exc):
         return "tls_error", "connection closed during the TLS handshake"
     return "tls_error", f"TLS handshake failed: {text}"
+
+
+def peer_alert(exc: BaseException | None) -> str | None:
+    """The TLS alert a peer sent us, if ``exc`` (or what caused it) is one."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, SSL.Error) and "alert" in str(exc).lower():
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None

@@ -82,6 +82,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._receiving = False
         self._sending = False
         self._write_pending = False  # OpenSSL holds part of a record
+        self._read_blocked = False  # receive_now's last try needed the socket
         self._handshake_done = False
         self._closed = False
         self._broken = False
@@ -151,7 +152,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return None
         try:
             return self._conn.recv(max_bytes)
-        except (SSL.WantReadError, SSL.WantWriteError):
+        except SSL.WantReadError:
+            self._read_blocked = True
+            return None
+        except SSL.WantWriteError:
             return None
         except SSL.ZeroReturnError:
             return b""
@@ -289,6 +293,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 if self.truncated:  # OpenSSL is in its failed state now; EOF stays EOF
                     data = b""
                     break
+                if self._read_blocked:
+                    # receive_now just found OpenSSL needing the socket: asking
+                    # again now would only cost a read() that says EAGAIN.
+                    self._read_blocked = False
+                    if not self._conn.pending():
+                        await self._wait(readable=True)
+                        waited = True
+                        continue
                 try:
                     data = self._conn.recv(size)
                     break
@@ -436,14 +448,3 @@ class TLSStream(trio.abc.HalfCloseableStream):
             for _ in range(_DISCARD_READS):
                 if len(os.read(self._fd, _RECV_CHUNK)) < _RECV_CHUNK:
                     return
-
-
-def peer_alert(exc: BaseException | None) -> str | None:
-    """The TLS alert a peer sent us, if ``exc`` (or what caused it) is one."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, SSL.Error) and "alert" in str(exc).lower():
-            return str(exc)
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return None

@@ -311,3 +311,26 @@ async def test_close_now_sends_close_notify_and_closes_the_socket(ca_a: TestCA, 
         with pytest.raises(trio.ClosedResourceError):
             await server.receive_some()
         await client.aclose()
+
+
+async def test_a_receive_after_a_blocked_receive_now_still_sees_what_openssl_holds(
+    ca_a: TestCA,
+    ids,  # type: ignore[no-untyped-def]
+) -> None:
+    """receive_now that found nothing lets the next receive_some wait for
+    the socket before asking OpenSSL again; bytes OpenSSL decrypted already
+    (a record read only in part) never show on the socket, so they must be
+    returned without that wait."""
+    s = side(ids["server"], (ca_a,), ["spiffe://a.org/agent/*"], server=True)
+    c = side(ids["client"], (ca_a,), ["spiffe://a.org/svc/hr"], server=False)
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        assert await _handshake_both(server, client) == {}
+        assert server.receive_now(100) is None  # nothing yet: OpenSSL wanted the socket
+        await client.send_all(b"0123456789")  # one record
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(server.fileno)
+            assert server.receive_now(1) == b"0"  # the rest of the record stays in OpenSSL
+            assert await server.receive_some(100) == b"123456789"
+        await client.aclose()
+        await server.aclose()
