@@ -186,9 +186,10 @@ class Reactor(PairIo):
                 continue
             else:
                 await trio.lowlevel.wait_readable(epoll_fd)
-            # Busy (a full pass): poll again before yielding, up to a few
-            # passes; each trio round costs a re-arm of the epoll fd and a
-            # scheduler pass that a stream of events does not need.
+            # While a pass finds many sockets ready, poll again before
+            # yielding (a few passes at most): each trio round costs a re-arm
+            # of the epoll fd and a scheduler pass that a stream of events
+            # does not need.
             for _ in range(_PASSES_PER_YIELD):
                 ready, self._ready = self._ready, set()
                 events = self._epoll.poll(0, 4096)
