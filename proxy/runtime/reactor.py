@@ -72,10 +72,11 @@ log = structlog.get_logger("agent_proxy")
 SCRATCH_BYTES = 1 << 20
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 # At most this many passes per trio round, and another only after a pass
-# that found this many sockets ready. The bench's TCP keep-alive row (32
-# connections): proxy CPU per request 32.4 -> 30.3 us (medians of 3); a
-# quiet reactor (one new connection at a time) yields after every pass as
-# before, so handshakes wait for no extra pass.
+# that found this many sockets ready: each trio round costs a re-arm of the
+# epoll fd and a scheduler pass that a stream of events does not need. The
+# bench's TCP keep-alive row (32 connections): proxy CPU per request
+# 32.4 -> 30.3 us (medians of 3). A quiet reactor (one new connection at a
+# time) yields after every pass as before, so handshakes wait for no extra pass.
 _PASSES_PER_YIELD = 4
 _BUSY_PASS = 8
 
@@ -186,11 +187,7 @@ class Reactor(PairIo):
                 continue
             else:
                 await trio.lowlevel.wait_readable(epoll_fd)
-            # While a pass finds many sockets ready, poll again before
-            # yielding (a few passes at most): each trio round costs a re-arm
-            # of the epoll fd and a scheduler pass that a stream of events
-            # does not need.
-            for _ in range(_PASSES_PER_YIELD):
+            for _ in range(_PASSES_PER_YIELD):  # see _PASSES_PER_YIELD for why
                 ready, self._ready = self._ready, set()
                 events = self._epoll.poll(0, 4096)
                 for fd, mask in events:
