@@ -97,17 +97,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     backend_proc.check_alive()
         finally:
             backend_proc.stop()
+        wall = time.monotonic() - began
+        # Before the work dir goes: the report's key-exchange line runs a
+        # handshake with the run's identities, which live there.
+        printed = write_report(
+            run, contenders, mode, wall, [*notes, *run.notes], machine_info(pinning), args.out,
+            (loads_start, _loadavg()),
+        )  # fmt: skip
     finally:
         # Logs, audit files and configs are what explains a failure: keep them.
         if args.keep or (run is not None and run.had_errors()):
             log(f"bench: kept {root} (logs, audit records, configs)")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    wall = time.monotonic() - began
-    printed = write_report(
-        run, contenders, mode, wall, [*notes, *run.notes], machine_info(pinning), args.out,
-        (loads_start, _loadavg()),
-    )  # fmt: skip
     print(printed)
     print(f"\nwrote {args.out / 'latest.md'} and {args.out / 'latest.png'} in {wall:.0f} s")
     return 0
