@@ -123,6 +123,14 @@ class _Pair:
         self.done = trio.Event()
         self.wakeup = trio.Event()  # set when the owning task should look again
 
+    def unlink(self) -> None:
+        """Cut the ends' links back to their flows and pair once it ended:
+        without a cycle the sockets, SSL objects and events go when the
+        caller drops them, not at a later garbage collection (one cycle per
+        connection made the collector ~4% of a new connection's CPU)."""
+        for end in (self.a, self.b):
+            end.src_of = end.out = end.pair = None
+
 
 class Reactor(PairIo):
     """Use one per process through :func:`open_reactor`."""
@@ -173,6 +181,8 @@ class Reactor(PairIo):
             if not pair.done.is_set():
                 self._finish(pair, "cancelled", None)
             raise
+        finally:
+            pair.unlink()  # ended either way: _finish took it out of the epoll set
         return pair.result
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

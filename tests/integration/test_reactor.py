@@ -6,12 +6,13 @@ peer, where A and B are the reactor's sockets (TLS on the socket or plain).
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
 import trio
 
-from proxy.runtime.reactor import SCRATCH_BYTES, Reactor, RelayResult, open_reactor
+from proxy.runtime.reactor import SCRATCH_BYTES, Reactor, RelayResult, _Pair, open_reactor
 from proxy.tls import TLSStream
 from tests.integration.reactor_support import (
     _CA,
@@ -289,6 +290,33 @@ async def test_bytes_that_arrived_before_the_relay_are_moved(kind: str) -> None:
         with trio.fail_after(10):
             await done.wait()
     assert (result.reason, result.bytes_up, result.bytes_down) == ("closed", 13, 12)
+
+
+async def test_an_ended_pair_leaves_nothing_for_the_garbage_collector() -> None:
+    """Whether it closed, was reset or was cancelled, an ended pair is freed
+    when its task drops it: no cycle keeps its sockets and OpenSSL state
+    waiting for a collection (with the collector off, none may be left)."""
+    gc.collect()
+    gc.disable()
+    try:
+        for ending in ("closed", "reset", "cancelled"):
+            client, a, b, target = await layout("tls-plain")
+            async with open_reactor() as reactor:
+                with trio.move_on_after(5 if ending != "cancelled" else 0.2):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(reactor.relay, a, b)
+                        await client.send_all(b"ping")
+                        assert await target.receive_some(10) == b"ping"
+                        if ending == "closed":
+                            await client.send_eof()
+                            await target.send_eof()
+                        elif ending == "reset":
+                            assert isinstance(target, trio.SocketStream)
+                            reset(target.socket)
+        left = [o for o in gc.get_objects() if isinstance(o, _Pair)]
+        assert not left, f"{len(left)} ended pair(s) still in memory"
+    finally:
+        gc.enable()
 
 
 def _readable(end: Peer) -> bool:

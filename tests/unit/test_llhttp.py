@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from proxy.http.llhttp import LlhttpParser
@@ -111,6 +113,30 @@ def test_keep_alive_messages_reuse_one_llhttp_and_pipelined_bytes_wait() -> None
     head = second[0]
     assert isinstance(head, Head) and head.framing is Framing.LENGTH and head.content_length == 2
     assert parser._llhttp is llhttp
+
+
+@pytest.mark.parametrize("role", ["request", "response"])
+def test_a_dropped_parser_is_freed_at_once_not_by_the_garbage_collector(role: str) -> None:
+    """llhttp calls the parser back, yet must not keep it alive: a cycle per
+    connection would wait for a collection (with the collector off: forever)."""
+    message = (
+        b"POST /u HTTP/1.1\r\n" + H if role == "request" else b"HTTP/1.1 200 OK\r\n"
+    ) + b"Content-Length: 2\r\n\r\nok"
+
+    def alive() -> int:
+        return sum(isinstance(o, LlhttpParser) for o in gc.get_objects())
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = alive()
+        parser = LlhttpParser(role)  # type: ignore[arg-type]
+        assert [type(e) for e in events(parser, message)] == [Head, Body, End]
+        assert alive() == before + 1
+        del parser
+        assert alive() == before
+    finally:
+        gc.enable()
 
 
 def test_chunked_body_and_trailers() -> None:
