@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -83,6 +83,9 @@ _TLS12_CIPHERS = (
     b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-AES128-GCM-SHA256:"
     b"ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305"
 )
+
+# SSL_MODE_NO_AUTO_CHAIN, from openssl/ssl.h (pyOpenSSL names no constant for it).
+_MODE_NO_AUTO_CHAIN = 0x8
 
 # OpenSSL X509_V_ERR codes we name in audit records.
 _X509_ERRORS = {
@@ -371,6 +374,24 @@ class TlsSide:
         return conn, state
 
 
+def _presented(svid: X509Svid, store: crypto.X509Store) -> Sequence[x509.Certificate]:
+    """The certificates we send after our leaf. Given none, OpenSSL builds
+    the chain from the trust store on every handshake (a signature check:
+    an eighth of a server handshake's instructions) and sends the root
+    with it. So a leaf-only SVID's chain is built here, once per identity,
+    without the self-signed anchor every peer holds (RFC 8446 4.4.2)."""
+    if svid.intermediates:
+        return svid.intermediates
+    leaf = crypto.X509.from_cryptography(svid.leaf)
+    try:
+        chain = [
+            c.to_cryptography() for c in crypto.X509StoreContext(store, leaf).get_verified_chain()
+        ]
+    except crypto.X509StoreContextError:
+        return ()  # not verifiable against our bundles: the leaf alone, as OpenSSL would
+    return chain[1:-1] if chain[-1].subject == chain[-1].issuer else chain[1:]
+
+
 def build_side(
     svid: X509Svid,
     bundles: TrustBundleSet,
@@ -392,18 +413,19 @@ def build_side(
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     # An idle connection keeps no record buffers (OpenSSL allocates ~34 KiB
     # each way per connection otherwise): most sidecar connections are idle.
-    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    # No chain is built from the trust store per handshake: _presented says why.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS | _MODE_NO_AUTO_CHAIN)
     if min_version == "1.2":
         ctx.set_cipher_list(_TLS12_CIPHERS)
-    ctx.use_certificate(svid.leaf)
-    for cert in svid.intermediates:
-        ctx.add_extra_chain_cert(cert)
-    ctx.use_privatekey(svid.private_key)
-    ctx.check_privatekey()
     store = ctx.get_cert_store()
     assert store is not None
     for authority in bundles.all_authorities():
         store.add_cert(crypto.X509.from_cryptography(authority))
+    ctx.use_certificate(svid.leaf)
+    for cert in _presented(svid, store):
+        ctx.add_extra_chain_cert(cert)
+    ctx.use_privatekey(svid.private_key)
+    ctx.check_privatekey()
     mode = SSL.VERIFY_PEER
     if server:
         mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
