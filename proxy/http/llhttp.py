@@ -425,7 +425,7 @@ class _Callbacks:
     from the raw head once llhttp checked it). A weak reference to the
     parser, which feeds llhttp and so is alive whenever these run: llhttp
     holding the parser would make a cycle per connection that only the
-    garbage collector frees (~4% of a new agent connection's CPU)."""
+    garbage collector frees (its passes: 2-4% of a new agent connection's time)."""
 
     __slots__ = ("_parser",)
 

@@ -377,7 +377,7 @@ class TlsSide:
 def _presented(svid: X509Svid, store: crypto.X509Store) -> Sequence[x509.Certificate]:
     """The certificates we send after our leaf. Given none, OpenSSL builds
     the chain from the trust store on every handshake (a signature check:
-    an eighth of a server handshake's instructions) and sends the root
+    a seventh of a server handshake's instructions) and sends the root
     with it. So a leaf-only SVID's chain is built here, once per identity,
     without the self-signed anchor every peer holds (RFC 8446 4.4.2)."""
     if svid.intermediates:
