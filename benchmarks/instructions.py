@@ -1,0 +1,200 @@
+"""Instructions per handshake and per request: ``python -m benchmarks.instructions``.
+
+Wall-clock cells on a shared machine move by tens of percent from run to
+run; an instruction count does not (valgrind's callgrind counts the same
+total for the same code and inputs, whatever else the machine is doing).
+So an A/B of a change to the per-connection or per-request path is read
+here, in each checkout. Our inbound runs under callgrind while this
+process is its peer: N sequential full mTLS handshakes, each closed at
+once as ``openssl s_time -new`` does (TCP mode); then N keep-alive GETs
+on one connection (HTTP mode). Each figure is the difference between a
+short and a long run over the extra work, so start-up and shutdown cancel
+out. Callgrind runs Python some 50 times slower: a few minutes in all.
+It measures the checkout it is run from (``python -m proxy`` with this
+checkout first on PYTHONPATH), with a minimal in-process target, so the
+numbers are ours alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import socketserver
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from benchmarks.fixtures import CLIENT_ID, Identities, make_identities
+from benchmarks.harness import BenchError, free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[1]
+_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 64\r\nContent-Type: text/plain\r\n\r\n" + b"x" * 64
+_REQUEST = b"GET /small HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+
+class _Target(socketserver.BaseRequestHandler):
+    """The inbound's target: answers every request head with 64 bytes,
+    until the connection ends (a TCP-mode handshake sends nothing)."""
+
+    def handle(self) -> None:
+        pending = b""
+        while data := self.request.recv(65536):
+            pending += data
+            while b"\r\n\r\n" in pending:
+                _, pending = pending.split(b"\r\n\r\n", 1)
+                self.request.sendall(_ANSWER)
+
+
+def _client_context(ids: Identities) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # SVIDs carry a URI SAN only; the chain is still verified
+    ctx.load_verify_locations(str(ids.client.bundle))
+    ctx.load_cert_chain(str(ids.client.cert), str(ids.client.key))
+    return ctx
+
+
+def _handshakes(ctx: ssl.SSLContext, port: int, n: int) -> None:
+    for _ in range(n):
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            ctx.wrap_socket(sock).close()
+
+
+def _requests(ctx: ssl.SSLContext, port: int, n: int) -> None:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=60) as sock,
+        ctx.wrap_socket(sock) as tls,
+    ):
+        for i in range(n):
+            tls.sendall(_REQUEST)
+            got = b""
+            while not got.endswith(b"x" * 64):
+                data = tls.recv(65536)
+                if not data:
+                    raise BenchError(f"the inbound closed after {i} requests: {got[:120]!r}")
+                got += data
+            if not got.startswith(b"HTTP/1.1 200"):
+                raise BenchError(f"request {i}: {got[:120]!r}")
+
+
+def _http_config(root: Path, ids: Identities, port: int, target: int) -> list[str]:
+    path = root / f"inbound-{port}.toml"
+    path.write_text(f"""\
+log_level = "warning"
+[identity]
+source = "files"
+cert = "{ids.server.cert}"
+key = "{ids.server.key}"
+bundle = "{ids.server.bundle}"
+[admin]
+enabled = false
+[audit]
+path = "{root / f"audit-{port}.jsonl"}"
+[[inbound]]
+name = "bench-in"
+protocol = "http"
+listen = "127.0.0.1:{port}"
+target = "127.0.0.1:{target}"
+[[inbound.rules]]
+peers = ["{CLIENT_ID}"]
+methods = ["GET"]
+paths = ["/**"]
+""")
+    return ["run", "--config", str(path)]
+
+
+def _tcp_argv(root: Path, ids: Identities, port: int, target: int) -> list[str]:
+    return [
+        "inbound", "--name", "bench-in", "--listen", f"127.0.0.1:{port}",
+        "--target", f"127.0.0.1:{target}", "--cert", str(ids.server.cert),
+        "--key", str(ids.server.key), "--bundle", str(ids.server.bundle),
+        "--allow", CLIENT_ID, "--audit-log", str(root / f"audit-{port}.jsonl"),
+        "--log-level", "warning",
+    ]  # fmt: skip
+
+
+def _count(
+    root: Path,
+    valgrind: str,
+    argv: list[str],
+    port: int,
+    drive: Callable[[], None],
+) -> int:
+    """Instructions of one run of the inbound (start-up, ``drive()``, shutdown)."""
+    out = root / f"callgrind-{port}.out"
+    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    proc = subprocess.Popen(
+        [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+         "-m", "proxy", *argv],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+
+        def alive() -> None:
+            if proc.poll() is not None:
+                raise BenchError(f"the inbound exited: {proc.stderr.read()[-400:]!r}")  # type: ignore[union-attr]
+
+        wait_for_port(port, 300, alive)
+        drive()
+    finally:
+        proc.send_signal(signal.SIGINT)  # a clean exit: callgrind writes its counts then
+        try:
+            proc.wait(300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise BenchError("the inbound did not stop within 300 s of SIGINT") from None
+    found = re.search(rb"^summary: (\d+)", out.read_bytes(), re.M) if out.exists() else None
+    if found is None:
+        raise BenchError(f"no callgrind totals in {out}")
+    return int(found.group(1))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__)
+    p.add_argument("--handshakes", type=int, default=200, help="extra handshakes (200)")
+    p.add_argument("--requests", type=int, default=1000, help="extra keep-alive requests (1000)")
+    args = p.parse_args()
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("valgrind is needed (apt-get install valgrind)")
+    root = Path(tempfile.mkdtemp(prefix="agent-proxy-instructions-"))
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Target)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    target = server.server_address[1]
+    try:
+        ids = make_identities(root / "pki")
+        ctx = _client_context(ids)
+        rows = [
+            ("TCP inbound, per full mTLS handshake", _tcp_argv, _handshakes, args.handshakes, 50),
+            ("HTTP inbound, per keep-alive request", _http_config, _requests, args.requests, 200),
+        ]
+        for label, build, drive, extra, base in rows:
+            counts = []
+            for n in (base, base + extra):
+                port = free_port()
+                started = time.monotonic()
+                argv = build(root, ids, port, target)
+                counts.append(_count(root, valgrind, argv, port, partial(drive, ctx, port, n)))
+                print(f"  {label}: {n} in {time.monotonic() - started:.0f} s", file=sys.stderr)
+            print(f"{label}: {(counts[1] - counts[0]) / extra:,.0f} instructions")
+    except BenchError as exc:
+        raise SystemExit(f"instructions: {exc}") from None
+    finally:
+        server.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
