@@ -1,4 +1,4 @@
-"""Instructions per handshake and per request: ``python -m benchmarks.instructions``.
+"""Instructions per connection and per request: ``python -m benchmarks.instructions``.
 
 Wall-clock cells on a shared machine move by tens of percent from run to
 run; an instruction count does not (valgrind's callgrind counts the same
@@ -7,9 +7,12 @@ So an A/B of a change to the per-connection or per-request path is read
 here, in each checkout. Our inbound runs under callgrind while this
 process is its peer: N sequential full mTLS handshakes, each closed at
 once as ``openssl s_time -new`` does (TCP mode); then N keep-alive GETs
-on one connection (HTTP mode). Each figure is the difference between a
-short and a long run over the extra work, so start-up and shutdown cancel
-out. Callgrind runs Python some 50 times slower: a few minutes in all.
+on one connection (HTTP mode). Then our outbound runs under callgrind in
+front of an inbound that runs plainly: N plain connections, each a new
+mTLS connection upstream, as in the bench's new-connection row. Each
+figure is the difference between a short and a long run over the extra
+work, so start-up and shutdown cancel out. Callgrind runs Python some 50
+times slower: about four minutes in all.
 It measures the checkout it is run from (``python -m proxy`` with this
 checkout first on PYTHONPATH), with a minimal in-process target, so the
 numbers are ours alone.
@@ -34,7 +37,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from benchmarks.fixtures import CLIENT_ID, Identities, make_identities
+from benchmarks.fixtures import CLIENT_ID, SERVER_ID, Identities, make_identities
 from benchmarks.harness import BenchError, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +89,25 @@ def _requests(ctx: ssl.SSLContext, port: int, n: int) -> None:
                 raise BenchError(f"request {i}: {got[:120]!r}")
 
 
+def _plain(ctx: ssl.SSLContext, port: int, n: int) -> None:
+    for _ in range(n):
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(b"x")
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):
+                pass
+
+
+def _outbound_argv(root: Path, ids: Identities, port: int, upstream: int) -> list[str]:
+    return [
+        "outbound", "--name", "bench-out", "--listen", f"127.0.0.1:{port}",
+        "--target", f"127.0.0.1:{upstream}", "--cert", str(ids.client.cert),
+        "--key", str(ids.client.key), "--bundle", str(ids.client.bundle),
+        "--expect", SERVER_ID, "--audit-log", str(root / f"audit-{port}.jsonl"),
+        "--log-level", "warning",
+    ]  # fmt: skip
+
+
 def _http_config(root: Path, ids: Identities, port: int, target: int) -> list[str]:
     path = root / f"inbound-{port}.toml"
     path.write_text(f"""\
@@ -122,6 +144,34 @@ def _tcp_argv(root: Path, ids: Identities, port: int, target: int) -> list[str]:
     ]  # fmt: skip
 
 
+def _start(argv: list[str], callgrind: list[str]) -> subprocess.Popen[bytes]:
+    """``python -m proxy ARGV`` from this checkout, under ``callgrind`` if given."""
+    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    return subprocess.Popen(
+        [*callgrind, sys.executable, "-m", "proxy", *argv],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
+    )  # fmt: skip
+
+
+def _ready(proc: subprocess.Popen[bytes], port: int) -> None:
+    def alive() -> None:
+        if proc.poll() is not None:
+            assert proc.stderr is not None
+            raise BenchError(f"agent-proxy exited: {proc.stderr.read()[-400:]!r}")
+
+    wait_for_port(port, 300, alive)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGINT)  # a clean exit: callgrind writes its counts then
+    try:
+        proc.wait(300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise BenchError("agent-proxy did not stop within 300 s of SIGINT") from None
+
+
 def _count(
     root: Path,
     valgrind: str,
@@ -129,30 +179,14 @@ def _count(
     port: int,
     drive: Callable[[], None],
 ) -> int:
-    """Instructions of one run of the inbound (start-up, ``drive()``, shutdown)."""
+    """Instructions of one run of a sidecar (start-up, ``drive()``, shutdown)."""
     out = root / f"callgrind-{port}.out"
-    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-    proc = subprocess.Popen(
-        [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-         "-m", "proxy", *argv],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
-    )  # fmt: skip
+    proc = _start(argv, [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}"])
     try:
-
-        def alive() -> None:
-            if proc.poll() is not None:
-                raise BenchError(f"the inbound exited: {proc.stderr.read()[-400:]!r}")  # type: ignore[union-attr]
-
-        wait_for_port(port, 300, alive)
+        _ready(proc, port)
         drive()
     finally:
-        proc.send_signal(signal.SIGINT)  # a clean exit: callgrind writes its counts then
-        try:
-            proc.wait(300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise BenchError("the inbound did not stop within 300 s of SIGINT") from None
+        _stop(proc)
     found = re.search(rb"^summary: (\d+)", out.read_bytes(), re.M) if out.exists() else None
     if found is None:
         raise BenchError(f"no callgrind totals in {out}")
@@ -175,19 +209,29 @@ def main() -> int:
     try:
         ids = make_identities(root / "pki")
         ctx = _client_context(ids)
-        rows = [
-            ("TCP inbound, per full mTLS handshake", _tcp_argv, _handshakes, args.handshakes, 50),
-            ("HTTP inbound, per keep-alive request", _http_config, _requests, args.requests, 200),
-        ]
-        for label, build, drive, extra, base in rows:
-            counts = []
-            for n in (base, base + extra):
-                port = free_port()
-                started = time.monotonic()
-                argv = build(root, ids, port, target)
-                counts.append(_count(root, valgrind, argv, port, partial(drive, ctx, port, n)))
-                print(f"  {label}: {n} in {time.monotonic() - started:.0f} s", file=sys.stderr)
-            print(f"{label}: {(counts[1] - counts[0]) / extra:,.0f} instructions")
+        upstream = free_port()  # a plain inbound, the outbound's upstream
+        inbound = _start(_tcp_argv(root, ids, upstream, target), [])
+        try:
+            _ready(inbound, upstream)
+            rows = [
+                ("TCP inbound, per full mTLS handshake", _tcp_argv, target, _handshakes,
+                 args.handshakes, 50),
+                ("HTTP inbound, per keep-alive request", _http_config, target, _requests,
+                 args.requests, 200),
+                ("TCP outbound, per connection (a new mTLS one upstream)", _outbound_argv,
+                 upstream, _plain, args.handshakes, 50),
+            ]  # fmt: skip
+            for label, build, far, drive, extra, base in rows:
+                counts = []
+                for n in (base, base + extra):
+                    port = free_port()
+                    started = time.monotonic()
+                    argv = build(root, ids, port, far)
+                    counts.append(_count(root, valgrind, argv, port, partial(drive, ctx, port, n)))
+                    print(f"  {label}: {n} in {time.monotonic() - started:.0f} s", file=sys.stderr)
+                print(f"{label}: {(counts[1] - counts[0]) / extra:,.0f} instructions")
+        finally:
+            _stop(inbound)
     except BenchError as exc:
         raise SystemExit(f"instructions: {exc}") from None
     finally:
