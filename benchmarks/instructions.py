@@ -37,7 +37,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from benchmarks.fixtures import CLIENT_ID, SERVER_ID, Identities, make_identities
+from benchmarks.fixtures import CLIENT_ID, SERVER_ID, Identities, Identity, make_identities
 from benchmarks.harness import BenchError, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,14 +98,20 @@ def _plain(ctx: ssl.SSLContext, port: int, n: int) -> None:
                 pass
 
 
-def _outbound_argv(root: Path, ids: Identities, port: int, upstream: int) -> list[str]:
+def _l4_argv(
+    direction: str, root: Path, side: Identity, check: list[str], port: int, far: int
+) -> list[str]:
+    """An L4 sidecar on ``port`` in front of ``far``: ``check`` is its peer rule."""
     return [
-        "outbound", "--name", "bench-out", "--listen", f"127.0.0.1:{port}",
-        "--target", f"127.0.0.1:{upstream}", "--cert", str(ids.client.cert),
-        "--key", str(ids.client.key), "--bundle", str(ids.client.bundle),
-        "--expect", SERVER_ID, "--audit-log", str(root / f"audit-{port}.jsonl"),
-        "--log-level", "warning",
+        direction, "--name", "bench-" + direction.removesuffix("bound"),
+        "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{far}",
+        "--cert", str(side.cert), "--key", str(side.key), "--bundle", str(side.bundle),
+        *check, "--audit-log", str(root / f"audit-{port}.jsonl"), "--log-level", "warning",
     ]  # fmt: skip
+
+
+def _outbound_argv(root: Path, ids: Identities, port: int, upstream: int) -> list[str]:
+    return _l4_argv("outbound", root, ids.client, ["--expect", SERVER_ID], port, upstream)
 
 
 def _http_config(root: Path, ids: Identities, port: int, target: int) -> list[str]:
@@ -135,13 +141,7 @@ paths = ["/**"]
 
 
 def _tcp_argv(root: Path, ids: Identities, port: int, target: int) -> list[str]:
-    return [
-        "inbound", "--name", "bench-in", "--listen", f"127.0.0.1:{port}",
-        "--target", f"127.0.0.1:{target}", "--cert", str(ids.server.cert),
-        "--key", str(ids.server.key), "--bundle", str(ids.server.bundle),
-        "--allow", CLIENT_ID, "--audit-log", str(root / f"audit-{port}.jsonl"),
-        "--log-level", "warning",
-    ]  # fmt: skip
+    return _l4_argv("inbound", root, ids.server, ["--allow", CLIENT_ID], port, target)
 
 
 def _start(argv: list[str], callgrind: list[str]) -> subprocess.Popen[bytes]:
