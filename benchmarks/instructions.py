@@ -193,20 +193,23 @@ def _count(
     return int(found.group(1))
 
 
+_ROWS = ("tcp", "http", "outbound")  # the rows main() counts, in its order
+
+
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__)
     p.add_argument("--handshakes", type=int, default=200, help="extra handshakes (200)")
     p.add_argument("--requests", type=int, default=1000, help="extra keep-alive requests (1000)")
     p.add_argument(
         "--only",
-        default="tcp,http,outbound",
+        default=",".join(_ROWS),
         help="comma-separated rows to count: tcp (inbound handshakes), http (inbound "
         "keep-alive requests), outbound (outbound connections); default all three",
     )
     args = p.parse_args()
     only = [key.strip() for key in args.only.split(",") if key.strip()]
-    if not only or not set(only) <= {"tcp", "http", "outbound"}:
-        p.error(f"--only: choose from tcp, http, outbound (got {args.only!r})")
+    if not only or not set(only) <= set(_ROWS):
+        p.error(f"--only: choose from {', '.join(_ROWS)} (got {args.only!r})")
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise SystemExit("valgrind is needed (apt-get install valgrind)")
@@ -222,7 +225,7 @@ def main() -> int:
         inbound = _start(_tcp_argv(root, ids, upstream, target), [])
         try:
             _ready(inbound, upstream)
-            rows = {
+            rows = {  # keyed as _ROWS
                 "tcp": ("TCP inbound, per full mTLS handshake", _tcp_argv, target, _handshakes,
                         args.handshakes, 50),
                 "http": ("HTTP inbound, per keep-alive request", _http_config, target, _requests,
