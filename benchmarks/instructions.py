@@ -1,18 +1,22 @@
 """Instructions per connection and per request: ``python -m benchmarks.instructions``.
 
 Wall-clock cells on a shared machine move by tens of percent from run to
-run; an instruction count does not (valgrind's callgrind counts the same
-total for the same code and inputs, whatever else the machine is doing).
-So an A/B of a change to the per-connection or per-request path is read
-here, in each checkout. Our inbound runs under callgrind while this
-process is its peer: N sequential full mTLS handshakes, each closed at
-once as ``openssl s_time -new`` does (TCP mode); then N keep-alive GETs
-on one connection (HTTP mode). Then our outbound runs under callgrind in
-front of an inbound that runs plainly: N plain connections, each a new
-mTLS connection upstream, as in the bench's new-connection row. Each
-figure is the difference between a short and a long run over the extra
-work, so start-up and shutdown cancel out. Callgrind runs Python some 50
-times slower: about four minutes in all.
+run; an instruction count moves far less (valgrind's callgrind counts the
+same total for the same code and inputs). Far less is not nothing: the
+per-request row moved between 869K and 984K in five runs of one checkout,
+because whether a read finds its bytes at once or waits for them depends
+on timing, and a wait costs trio's scheduling. So read an A/B of a change
+to the per-connection or per-request path here, from alternating runs of
+each checkout, and trust only a difference larger than that spread.
+Our inbound runs under callgrind while this process is its peer: N
+sequential full mTLS handshakes, each closed at once as ``openssl
+s_time -new`` does (TCP mode); then N keep-alive GETs on one connection
+(HTTP mode). Then our outbound runs under callgrind in front of an
+inbound that runs plainly: N plain connections, each a new mTLS
+connection upstream, as in the bench's new-connection row. Each figure
+is the difference between a short and a long run over the extra work, so
+start-up and shutdown cancel out. Callgrind runs Python some 50 times
+slower: about four minutes in all.
 It measures the checkout it is run from (``python -m proxy`` with this
 checkout first on PYTHONPATH), with a minimal in-process target, so the
 numbers are ours alone.
