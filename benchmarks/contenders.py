@@ -30,6 +30,7 @@ from benchmarks.fixtures import (
     Identities,
     Identity,
     agent_proxy_argv,
+    l4_argv,
     nginx_temp_paths,
     nginx_user_line,
     which,
@@ -113,21 +114,18 @@ def _connection_cap() -> int:
 def _ours_tcp(ctx: Context) -> Deployment:
     ap = agent_proxy_argv()
     ids, p_in, p_out = ctx.ids, free_port(), free_port()
+    cap = ["--max-connections", str(_connection_cap())]
     inbound = [
-        *ap, "inbound", "--name", "bench-in",
-        "--listen", f"127.0.0.1:{p_in}", "--target", f"127.0.0.1:{ctx.backend_port}",
-        "--cert", str(ctx.server_presents.cert), "--key", str(ctx.server_presents.key),
-        "--bundle", str(ids.server.bundle), "--allow", CLIENT_ID,
-        "--audit-log", str(ctx.root / "inbound-audit.jsonl"), "--log-level", "warning",
-        "--max-connections", str(_connection_cap()),
+        *ap,
+        *l4_argv("inbound", p_in, ctx.backend_port, ctx.server_presents, ids.server.bundle,
+                 ["--allow", CLIENT_ID], ctx.root / "inbound-audit.jsonl"),
+        *cap,
     ]  # fmt: skip
     outbound = [
-        *ap, "outbound", "--name", "bench-out",
-        "--listen", f"127.0.0.1:{p_out}", "--target", f"127.0.0.1:{p_in}",
-        "--cert", str(ctx.client_presents.cert), "--key", str(ctx.client_presents.key),
-        "--bundle", str(ids.client.bundle), "--expect", SERVER_ID,
-        "--audit-log", str(ctx.root / "outbound-audit.jsonl"), "--log-level", "warning",
-        "--max-connections", str(_connection_cap()),
+        *ap,
+        *l4_argv("outbound", p_out, p_in, ctx.client_presents, ids.client.bundle,
+                 ["--expect", SERVER_ID], ctx.root / "outbound-audit.jsonl"),
+        *cap,
     ]  # fmt: skip
     cpus = ctx.pinning.proxy
     return Deployment(

@@ -81,6 +81,26 @@ class Identity:
     sha1: str  # leaf fingerprint, lowercase hex, no colons
 
 
+def l4_argv(
+    direction: str,
+    port: int,
+    far: int,
+    presents: Identity,
+    bundle: Path,
+    check: list[str],
+    audit_log: Path,
+) -> list[str]:
+    """An L4 sidecar's arguments (after the program): ``direction`` on
+    ``port`` in front of ``far``, presenting ``presents``' SVID and trusting
+    ``bundle``; ``check`` is its peer rule (``--allow`` or ``--expect``)."""
+    return [
+        direction, "--name", "bench-" + direction.removesuffix("bound"),
+        "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{far}",
+        "--cert", str(presents.cert), "--key", str(presents.key), "--bundle", str(bundle),
+        *check, "--audit-log", str(audit_log), "--log-level", "warning",
+    ]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Identities:
     ca: Path

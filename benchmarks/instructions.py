@@ -41,7 +41,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from benchmarks.fixtures import CLIENT_ID, SERVER_ID, Identities, Identity, make_identities
+from benchmarks.fixtures import CLIENT_ID, SERVER_ID, Identities, l4_argv, make_identities
 from benchmarks.harness import BenchError, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,20 +102,9 @@ def _plain(ctx: ssl.SSLContext, port: int, n: int) -> None:
                 pass
 
 
-def _l4_argv(
-    direction: str, root: Path, side: Identity, check: list[str], port: int, far: int
-) -> list[str]:
-    """An L4 sidecar on ``port`` in front of ``far``: ``check`` is its peer rule."""
-    return [
-        direction, "--name", "bench-" + direction.removesuffix("bound"),
-        "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{far}",
-        "--cert", str(side.cert), "--key", str(side.key), "--bundle", str(side.bundle),
-        *check, "--audit-log", str(root / f"audit-{port}.jsonl"), "--log-level", "warning",
-    ]  # fmt: skip
-
-
 def _outbound_argv(root: Path, ids: Identities, port: int, upstream: int) -> list[str]:
-    return _l4_argv("outbound", root, ids.client, ["--expect", SERVER_ID], port, upstream)
+    return l4_argv("outbound", port, upstream, ids.client, ids.client.bundle,
+                   ["--expect", SERVER_ID], root / f"audit-{port}.jsonl")  # fmt: skip
 
 
 def _http_config(root: Path, ids: Identities, port: int, target: int) -> list[str]:
@@ -145,7 +134,8 @@ paths = ["/**"]
 
 
 def _tcp_argv(root: Path, ids: Identities, port: int, target: int) -> list[str]:
-    return _l4_argv("inbound", root, ids.server, ["--allow", CLIENT_ID], port, target)
+    return l4_argv("inbound", port, target, ids.server, ids.server.bundle,
+                   ["--allow", CLIENT_ID], root / f"audit-{port}.jsonl")  # fmt: skip
 
 
 def _start(argv: list[str], callgrind: list[str]) -> subprocess.Popen[bytes]:
