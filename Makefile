@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check proxy tests $(wildcard benchmarks)
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict proxy
+	$(BIN)/mypy --strict proxy $(wildcard benchmarks)
 
 pytest: $(STAMP) $(SSLYZE)/.installed bytecode
 	$(BIN)/pytest -q

@@ -131,11 +131,11 @@ async def measure(variant: str, direction: str, total: int, pem: Path) -> tuple[
             cpu0, t0 = _cpu(), time.perf_counter()
             await relay(tls, target, RelayStats())
         else:
-            tls = SockTls.over(accepted, server=True)
-            await tls.handshake()
+            sock_tls = SockTls.over(accepted, server=True)
+            await sock_tls.handshake()
             async with open_reactor(use_cffi=variant == "reactor") as reactor:
                 cpu0, t0 = _cpu(), time.perf_counter()
-                await reactor.relay(tls, target)
+                await reactor.relay(sock_tls, target)
         cpu, wall = _cpu() - cpu0, time.perf_counter() - t0
     finally:
         with trio.move_on_after(30):

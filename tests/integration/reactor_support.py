@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import trio
 from OpenSSL import SSL, crypto
 
 from tests.pki import Issued, TestCA
+
+_T = TypeVar("_T")
 
 _CA = TestCA.create("reactor.test")
 SERVER = _CA.issue("spiffe://reactor.test/svc/server")
@@ -56,7 +60,9 @@ class SockTls:
 
     @classmethod
     def over(cls, stream: trio.SocketStream, *, server: bool) -> SockTls:
-        conn = SSL.Connection(SERVER_CTX if server else CLIENT_CTX, stream.socket)
+        # pyOpenSSL takes anything with fileno(); its stubs name only socket.socket.
+        sock: Any = stream.socket
+        conn = SSL.Connection(SERVER_CTX if server else CLIENT_CTX, sock)
         if server:
             conn.set_accept_state()
         else:
@@ -71,7 +77,7 @@ class SockTls:
     def ssl_connection(self) -> SSL.Connection:
         return self.conn
 
-    async def _call(self, op, *args):  # type: ignore[no-untyped-def]
+    async def _call(self, op: Callable[..., _T], *args: object) -> _T:
         while True:
             try:
                 return op(*args)
