@@ -55,7 +55,12 @@ from proxy.http.writer import (
     response_head,
 )
 
-_RECV = 65536
+# Up to 256 KiB per read: a TLS stream returns every full record already
+# there (proxy.tls.raw_io.recv_records), so a bulk body costs one pass of
+# the relay per burst instead of one per 16 KiB record. The bench's 1 MiB
+# keep-alive row through the HTTP pair (8 connections): 372 -> 513 req/s,
+# proxy CPU per request 2,690 -> 1,950 us; 64 B requests unchanged.
+_RECV = 262144
 # What a wait raises when its deadline passes (receive_within and
 # send_within raise a fresh copy): built once, not per request.
 _UPSTREAM_TIMEOUT = PeerError(504, "upstream_timeout", "upstream did not answer in time")

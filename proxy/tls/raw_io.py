@@ -11,6 +11,7 @@ A TCP EOF without close_notify is *truncation*: it reads as EOF and sets
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from typing import Any, Protocol
@@ -107,37 +108,23 @@ class PairIo:
             return n or EOF
         if not self._use_cffi:
             return self._read_pyopenssl(end)
-        size, total, ssl = len(self._scratch), 0, end.ssl
-        while total < size:
-            got = lib.SSL_read(ssl, self._cbuf + total, size - total)
-            if got > 0:
-                total += got
-                # A record short of the maximum is most likely all there is
-                # (a request, an answer): another SSL_read would only cost a
-                # read() that says EAGAIN. Level-triggered epoll reports the
-                # socket again if more came; decrypted leftovers show in
-                # SSL_pending (the reactor retries those from its ready list).
-                if got < _MAX_PLAINTEXT and not lib.SSL_pending(ssl):
-                    break
-                continue
-            err = lib.SSL_get_error(ssl, got)
-            if err == _WANT_READ:
-                break
-            if err == _WANT_WRITE:
-                end.read_wants_write = True
-                break
-            if err == _ZERO_RETURN or _unexpected_eof(err):
-                if err != _ZERO_RETURN:
-                    end.truncated = True
-                lib.ERR_clear_error()
-                if total:
-                    end.eof_seen = True
-                    break
-                return EOF
-            text = ssl_error_text(err)
+        total, _ret, err = read_records(end.ssl, self._cbuf, len(self._scratch))
+        if not err or err == _WANT_READ:
+            return total
+        if err == _WANT_WRITE:
+            end.read_wants_write = True
+            return total
+        if err == _ZERO_RETURN or _unexpected_eof(err):
+            if err != _ZERO_RETURN:
+                end.truncated = True
             lib.ERR_clear_error()
-            raise Broken(end.name, f"TLS error while receiving: {text}")
-        return total
+            if total:
+                end.eof_seen = True
+                return total
+            return EOF
+        text = ssl_error_text(err)
+        lib.ERR_clear_error()
+        raise Broken(end.name, f"TLS error while receiving: {text}")
 
     def _read_pyopenssl(self, end: End) -> int:
         # The same through pyOpenSSL's recv_into, kept to measure against.
@@ -207,6 +194,67 @@ class PairIo:
 # TLS's largest record payload (RFC 8446 section 5.1): a full one suggests a
 # bulk stream with more records already in the socket.
 _MAX_PLAINTEXT = 16384
+
+
+def read_records(ssl: Any, buf: Any, size: int) -> tuple[int, int, int]:
+    """SSL_read into ``buf`` (a cffi pointer to ``size`` bytes) record after
+    record while more is plausibly there: ``(bytes read, the last
+    SSL_read's return, its SSL_get_error)``, the error 0 when it stopped
+    because the buffer is full or a record fell short. A record short of
+    the maximum is most likely all there is (a request, an answer), so
+    another SSL_read would only cost a read() that says EAGAIN;
+    decrypted leftovers show in SSL_pending. The error queue is left as
+    the failing call left it, for the caller to read."""
+    total = 0
+    while total < size:
+        got = lib.SSL_read(ssl, buf + total, size - total)
+        if got <= 0:
+            return total, got, lib.SSL_get_error(ssl, got)
+        total += got
+        if got < _MAX_PLAINTEXT and not lib.SSL_pending(ssl):
+            break
+    return total, total, 0
+
+
+# One buffer for every TLSStream's reads: trio runs them on one thread, one
+# at a time, and each copies out what it read before returning.
+_BATCH = 262144
+_batch = bytearray(_BATCH)
+_batch_view = memoryview(_batch)
+_batch_ptr = ffi.from_buffer(_batch)
+
+
+def recv_records(conn: SSL.Connection, size: int) -> tuple[bytes, SSL.Error | None]:
+    """pyOpenSSL's ``conn.recv(size)``, raising what it raises, but record
+    after record (:func:`read_records`) into the shared buffer, so a bulk
+    body costs one pass of the caller per up to 256 KiB, not per 16 KiB
+    record, and no cffi buffer is allocated per call. When a record after
+    the first fails, the bytes before it come back with the error
+    pyOpenSSL raises for it (ZeroReturnError at a close_notify): the
+    caller raises that on its next read."""
+    total, ret, err = read_records(conn._ssl, _batch_ptr, min(size, _BATCH))
+    if not total:
+        conn._raise_ssl_error(conn._ssl, ret)
+        return b"", None
+    later = None
+    if err and err != _WANT_READ and err != _WANT_WRITE:
+        try:
+            conn._raise_ssl_error(conn._ssl, ret)
+        except SSL.Error as exc:
+            later = exc
+    return bytes(_batch_view[:total]), later
+
+
+def discard_unread(fd: int, chunk: int = 65536, reads: int = 4) -> None:
+    """Read what already arrived and nobody will read, a bounded amount (a
+    peer still sending gets its RST). Closing a socket with unread bytes
+    sends a RST, and a RST can destroy the alert or close_notify we just
+    wrote before the peer reads it (OpenSSL reads only what it needs:
+    garbage or a refused peer's next flight stays)."""
+    with contextlib.suppress(OSError):
+        for _ in range(reads):
+            if len(os.read(fd, chunk)) < chunk:
+                return
 
 
 def _unexpected_eof(err: int) -> bool:

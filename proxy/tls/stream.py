@@ -1,9 +1,10 @@
 """A trio stream for TLS on the socket: pyOpenSSL's ``SSL.Connection`` over
 the non-blocking socket, OpenSSL doing the reads and writes itself.
 
-Theory of operation: every operation calls OpenSSL once and, when OpenSSL
-answers "want read" or "want write", waits for the socket to become
-readable or writable and calls it again. Either direction may want either
+Theory of operation: every operation calls OpenSSL (a receive reads record
+after record while more is plausibly there) and, when OpenSSL answers
+"want read" or "want write", waits for the socket to become readable or
+writable and calls it again. Either direction may want either
 readiness (SSL_read may have to write: an alert, a KeyUpdate reply;
 SSL_write may have to read), so the receiver and the sender can both need
 the same one. trio lets one task wait per readiness per socket, so the
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import os
 
 import trio
 from OpenSSL import SSL
@@ -53,11 +53,11 @@ from OpenSSL._util import lib as _lib
 
 from proxy.tls.context import TlsSide
 from proxy.tls.raw_io import classify_handshake_error as _classify_ssl_error
+from proxy.tls.raw_io import discard_unread, recv_records
 from proxy.tls.raw_io import is_unexpected_eof as _is_unexpected_eof
 
 _RECV_CHUNK = 65536
 _SEND_CHUNK = 262144
-_DISCARD_READS = 4  # a bound: a peer still sending gets its RST
 
 
 class TLSHandshakeError(trio.BrokenResourceError):
@@ -88,6 +88,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._broken = False
         self._eof_sent = False
         self.truncated = False  # the peer ended TCP without close_notify
+        self._later: SSL.Error | None = None  # a read's failure after its bytes
 
     @property
     def fileno(self) -> int:
@@ -151,7 +152,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         ):
             return None
         try:
-            return self._conn.recv(max_bytes)
+            return self._recv(max_bytes)
         except SSL.WantReadError:
             self._read_blocked = True
             return None
@@ -166,6 +167,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return b""
 
     # -- plumbing ---------------------------------------------------------
+
+    def _recv(self, size: int) -> bytes:
+        """``SSL.Connection.recv``, several records at once (raw_io.recv_records)."""
+        if self._later is not None:
+            exc, self._later = self._later, None
+            raise exc
+        data, self._later = recv_records(self._conn, size)
+        return data
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -302,7 +311,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         waited = True
                         continue
                 try:
-                    data = self._conn.recv(size)
+                    data = self._recv(size)
                     break
                 except SSL.WantReadError:
                     await self._wait(readable=True)
@@ -433,18 +442,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 # Best effort: the socket may be full or already broken.
                 with contextlib.suppress(SSL.Error):
                     self._conn.shutdown()
-            self._discard_unread()
+            if self._sock.fileno() == self._fd:
+                discard_unread(self._fd)
         finally:
             self._sock.close()
-
-    def _discard_unread(self) -> None:
-        """Read what already arrived and nobody will read. Closing a socket
-        with unread bytes sends a RST, and a RST can destroy the alert or
-        close_notify we just wrote before the peer reads it (OpenSSL reads
-        only what it needs: garbage or a refused peer's next flight stays)."""
-        if self._sock.fileno() != self._fd:
-            return
-        with contextlib.suppress(OSError):
-            for _ in range(_DISCARD_READS):
-                if len(os.read(self._fd, _RECV_CHUNK)) < _RECV_CHUNK:
-                    return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import ssl
 
 import pytest
@@ -333,4 +335,113 @@ async def test_a_receive_after_a_blocked_receive_now_still_sees_what_openssl_hol
             assert server.receive_now(1) == b"0"  # the rest of the record stays in OpenSSL
             assert await server.receive_some(100) == b"123456789"
         await client.aclose()
+        await server.aclose()
+
+
+def _unread(stream: TLSStream) -> int:
+    """Bytes the kernel holds for ``stream``'s socket, not yet read by OpenSSL."""
+    import fcntl
+    import struct
+    import termios
+
+    raw = fcntl.ioctl(stream.fileno, termios.FIONREAD, struct.pack("i", 0))
+    return int(struct.unpack("i", raw)[0])
+
+
+async def _wait_unread(stream: TLSStream, at_least: int) -> None:
+    with trio.fail_after(10):
+        while _unread(stream) < at_least:
+            await trio.sleep(0.005)
+
+
+# TLS 1.3 record overhead with an AEAD suite: 5-byte header, 1-byte inner
+# content type, 16-byte tag (RFC 8446 section 5.2; no padding by default).
+_RECORD = 16384
+_OVERHEAD = 22
+_ENDED = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+
+
+@pytest.mark.parametrize("now", [True, False], ids=["receive_now", "receive_some"])
+async def test_one_receive_takes_every_full_record_already_there(
+    ca_a: TestCA,
+    ids,  # type: ignore[no-untyped-def]
+    now: bool,
+) -> None:
+    """A bulk body arrives as full 16 KiB records: one receive returns all
+    of them that are already there (up to max_bytes), so the HTTP relay
+    runs once per burst, not once per record (OpenSSL's SSL_read gives one
+    record per call)."""
+    s = side(ids["server"], (ca_a,), ["spiffe://a.org/agent/*"], server=True)
+    c = side(ids["client"], (ca_a,), ["spiffe://a.org/svc/hr"], server=False)
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        assert await _handshake_both(server, client) == {}
+        payload = os.urandom(3 * _RECORD + 1000)  # three full records and a short one
+        await client.send_all(payload)
+        await _wait_unread(server, len(payload) + 4 * _OVERHEAD)
+        with trio.fail_after(5):
+            got = server.receive_now(1 << 20) if now else await server.receive_some(1 << 20)
+        assert got == payload
+        # max_bytes still bounds one receive, across records too.
+        await client.send_all(payload)
+        await _wait_unread(server, len(payload) + 4 * _OVERHEAD)
+        first = server.receive_now(_RECORD + 10)
+        assert first == payload[: _RECORD + 10]
+        rest = bytearray()
+        with trio.fail_after(5):
+            while len(rest) < len(payload) - len(first):  # type: ignore[arg-type]
+                rest += await server.receive_some(1 << 20)
+        assert first + bytes(rest) == payload  # type: ignore[operator]
+        await client.aclose()
+        await server.aclose()
+
+
+@pytest.mark.parametrize("ending", ["close_notify", "fin", "reset"])
+async def test_bytes_before_the_end_come_first_and_the_end_next(
+    ca_a: TestCA,
+    ids,  # type: ignore[no-untyped-def]
+    ending: str,
+) -> None:
+    """When the records already there end in close_notify, a bare FIN or
+    a reset, one receive returns the bytes before it and the next receive
+    reports the end as it always has: EOF, truncated EOF, broken."""
+    import socket
+    import struct
+
+    s = side(ids["server"], (ca_a,), ["spiffe://a.org/agent/*"], server=True)
+    c = side(ids["client"], (ca_a,), ["spiffe://a.org/svc/hr"], server=False)
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        assert await _handshake_both(server, client) == {}
+        payload = os.urandom(2 * _RECORD)  # full records: the batch reads on past them
+        await client.send_all(payload)
+        wire = len(payload) + 2 * _OVERHEAD
+        if ending == "close_notify":
+            await client.send_eof()
+            wire += _OVERHEAD - 1 + 2  # the alert record: header, tag, type, 2-byte alert
+        await _wait_unread(server, wire)
+        raw = client.transport.socket  # type: ignore[attr-defined]
+        if ending == "reset":  # SO_LINGER 0: close() sends a RST
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if ending != "close_notify":
+            await client.transport.aclose()
+            # The FIN (RDHUP) or the RST (HUP, ERR) has reached our socket.
+            poller = select.poll()
+            poller.register(server.fileno, select.POLLIN | select.POLLRDHUP)
+            with trio.fail_after(5):
+                while not any(ev & _ENDED for _, ev in poller.poll(0)):
+                    await trio.sleep(0.005)
+        if ending == "reset":
+            # A RST may discard what was not read yet; whatever came is intact.
+            got = bytearray()
+            with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):
+                while data := await server.receive_some(1 << 20):
+                    got += data
+            assert payload.startswith(bytes(got))
+        else:
+            with trio.fail_after(5):
+                assert await server.receive_some(1 << 20) == payload
+                assert await server.receive_some(1 << 20) == b""
+            assert server.truncated == (ending == "fin")
+            assert await server.receive_some(1 << 20) == b""  # EOF stays EOF
         await server.aclose()
