@@ -173,22 +173,15 @@ class PairIo:
             except SSL.Error as exc:
                 raise Broken(end.name, f"TLS error while sending: {exc}") from exc
             return total
-        ssl = end.ssl
-        while total < n:
-            sent = lib.SSL_write(ssl, ptr + total, n - total)
-            if sent > 0:
-                total += sent
-                continue
-            err = lib.SSL_get_error(ssl, sent)
-            if err == _WANT_WRITE:
-                break
-            if err == _WANT_READ:
-                end.write_wants_read = True
-                break
-            text = ssl_error_text(err)
-            lib.ERR_clear_error()
-            raise Broken(end.name, f"TLS error while sending: {text}")
-        return total
+        total, err = write_records(end.ssl, ptr, n)
+        if not err or err == _WANT_WRITE:
+            return total
+        if err == _WANT_READ:
+            end.write_wants_read = True
+            return total
+        text = ssl_error_text(err)
+        lib.ERR_clear_error()
+        raise Broken(end.name, f"TLS error while sending: {text}")
 
 
 # TLS's largest record payload (RFC 8446 section 5.1): a full one suggests a
@@ -243,6 +236,36 @@ def recv_records(conn: SSL.Connection, size: int) -> tuple[bytes, SSL.Error | No
         except SSL.Error as exc:
             later = exc
     return bytes(_batch_view[:total]), later
+
+
+def write_records(ssl: Any, ptr: Any, n: int) -> tuple[int, int]:
+    """SSL_write the ``n`` bytes at ``ptr`` until all is sent or OpenSSL
+    stops: ``(bytes sent, SSL_get_error of the call that stopped, or 0)``.
+    Partial writes are on (pyOpenSSL's default), so one call writes one
+    record; a call that stopped may hold part of the next record, and its
+    retry must pass the same bytes again (ACCEPT_MOVING_WRITE_BUFFER lets
+    them move). The error queue is left for the caller to read."""
+    total = 0
+    while total < n:
+        sent = lib.SSL_write(ssl, ptr + total, n - total)
+        if sent <= 0:
+            return total, lib.SSL_get_error(ssl, sent)
+        total += sent
+    return total, 0
+
+
+def send_records(conn: SSL.Connection, data: bytes) -> tuple[int, bool]:
+    """What OpenSSL and the socket take of ``data`` now, through
+    :func:`write_records` (one cffi call per record, not one pyOpenSSL
+    call): ``(bytes sent, whether OpenSSL stopped for the socket)``. On a
+    TLS error it stops and drains the error queue: the caller's waiting
+    retry calls OpenSSL again and reports it."""
+    total, err = write_records(conn._ssl, ffi.from_buffer(data), len(data))
+    if err and err != _WANT_WRITE and err != _WANT_READ:
+        with contextlib.suppress(SSL.Error):
+            conn._raise_ssl_error(conn._ssl, -1)
+        return total, False
+    return total, bool(err)
 
 
 def discard_unread(fd: int, chunk: int = 65536, reads: int = 4) -> None:

@@ -53,7 +53,7 @@ from OpenSSL._util import lib as _lib
 
 from proxy.tls.context import TlsSide
 from proxy.tls.raw_io import classify_handshake_error as _classify_ssl_error
-from proxy.tls.raw_io import discard_unread, recv_records
+from proxy.tls.raw_io import discard_unread, recv_records, send_records
 from proxy.tls.raw_io import is_unexpected_eof as _is_unexpected_eof
 
 _RECV_CHUNK = 65536
@@ -124,18 +124,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             or self._sock.fileno() != self._fd
         ):
             return 0
-        view = memoryview(data)
-        sent = 0
-        while sent < len(view):
-            try:
-                sent += self._conn.send(view[sent : sent + _SEND_CHUNK])
-            except (SSL.WantWriteError, SSL.WantReadError):
-                self._write_pending = True
-                break
-            except SSL.Error:
-                break  # send_all repeats the call and reports the error
-        else:
-            self._write_pending = False
+        sent, self._write_pending = send_records(self._conn, data)
         return sent
 
     def receive_now(self, max_bytes: int) -> bytes | None:

@@ -445,3 +445,37 @@ async def test_bytes_before_the_end_come_first_and_the_end_next(
             assert server.truncated == (ending == "fin")
             assert await server.receive_some(1 << 20) == b""  # EOF stays EOF
         await server.aclose()
+
+
+async def test_send_now_takes_what_fits_and_send_all_sends_the_rest_exactly(
+    ca_a: TestCA,
+    ids,  # type: ignore[no-untyped-def]
+) -> None:
+    """send_now writes record after record until the socket is full and
+    says how much went; the caller's send_all from that offset repeats the
+    record OpenSSL holds part of, so the peer reads every byte once, in order."""
+    s = side(ids["server"], (ca_a,), ["spiffe://a.org/agent/*"], server=True)
+    c = side(ids["client"], (ca_a,), ["spiffe://a.org/svc/hr"], server=False)
+    async with trio.open_nursery() as nursery:
+        server, client = await _pair(nursery, s, c)
+        assert await _handshake_both(server, client) == {}
+        payload = os.urandom(32 << 20)  # far more than two socket buffers hold
+        sent = client.send_now(payload)
+        assert 0 < sent < len(payload)  # the peer reads nothing yet: the socket filled
+        got = bytearray()
+
+        async def read_all() -> None:
+            while len(got) < len(payload):
+                got.extend(await server.receive_some(1 << 20))
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(read_all)
+                await client.send_all(memoryview(payload)[sent:])
+        assert got == payload
+        # A small send into an empty socket goes whole, at once.
+        assert client.send_now(b"ping") == 4
+        with trio.fail_after(5):
+            assert await server.receive_some(100) == b"ping"
+        await client.aclose()
+        await server.aclose()
