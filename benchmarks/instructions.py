@@ -11,8 +11,9 @@ each checkout, and trust only a difference larger than that spread.
 Our inbound runs under callgrind while this process is its peer: N
 sequential full mTLS handshakes, each closed at once as ``openssl
 s_time -new`` does (TCP mode); then N keep-alive GETs on one connection
-(HTTP mode). Then our outbound runs under callgrind in front of an
-inbound that runs plainly: N plain connections, each a new mTLS
+(HTTP mode), and a twentieth as many 1 MiB answers (the body path).
+Then our outbound runs under callgrind in front of an inbound that runs
+plainly: N plain connections, each a new mTLS
 connection upstream, as in the bench's new-connection row. Each figure
 is the difference between a short and a long run over the extra work, so
 start-up and shutdown cancel out. Callgrind runs Python some 50 times
@@ -47,19 +48,26 @@ from benchmarks.harness import BenchError, free_port, wait_for_port
 ROOT = Path(__file__).resolve().parents[1]
 _ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 64\r\nContent-Type: text/plain\r\n\r\n" + b"x" * 64
 _REQUEST = b"GET /small HTTP/1.1\r\nHost: bench\r\n\r\n"
+# The body row's answer: 1 MiB, as the bench's "1 MiB responses" row.
+_MIB_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\nContent-Type: application/octet-stream"
+    b"\r\n\r\n" + os.urandom(1 << 20)
+)
+_MIB_REQUEST = b"GET /mib HTTP/1.1\r\nHost: bench\r\n\r\n"
 
 
 class _Target(socketserver.BaseRequestHandler):
-    """The inbound's target: answers every request head with 64 bytes,
-    until the connection ends (a TCP-mode handshake sends nothing)."""
+    """The inbound's target: answers every request head with 64 bytes
+    (``GET /mib``: 1 MiB), until the connection ends (a TCP-mode handshake
+    sends nothing)."""
 
     def handle(self) -> None:
         pending = b""
         while data := self.request.recv(65536):
             pending += data
             while b"\r\n\r\n" in pending:
-                _, pending = pending.split(b"\r\n\r\n", 1)
-                self.request.sendall(_ANSWER)
+                head, pending = pending.split(b"\r\n\r\n", 1)
+                self.request.sendall(_MIB_ANSWER if head.startswith(b"GET /mib ") else _ANSWER)
 
 
 def _client_context(ids: Identities) -> ssl.SSLContext:
@@ -76,21 +84,37 @@ def _handshakes(ctx: ssl.SSLContext, port: int, n: int) -> None:
             ctx.wrap_socket(sock).close()
 
 
-def _requests(ctx: ssl.SSLContext, port: int, n: int) -> None:
+def _requests(ctx: ssl.SSLContext, port: int, n: int, *, request: bytes = _REQUEST) -> None:
     with (
         socket.create_connection(("127.0.0.1", port), timeout=60) as sock,
         ctx.wrap_socket(sock) as tls,
     ):
+        pending = b""
         for i in range(n):
-            tls.sendall(_REQUEST)
-            got = b""
-            while not got.endswith(b"x" * 64):
-                data = tls.recv(65536)
-                if not data:
-                    raise BenchError(f"the inbound closed after {i} requests: {got[:120]!r}")
-                got += data
-            if not got.startswith(b"HTTP/1.1 200"):
-                raise BenchError(f"request {i}: {got[:120]!r}")
+            tls.sendall(request)
+            while b"\r\n\r\n" not in pending:
+                pending += _more(tls, i, pending)
+            head, pending = pending.split(b"\r\n\r\n", 1)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise BenchError(f"request {i}: {head[:120]!r}")
+            length = re.search(rb"(?im)^content-length: *(\d+)", head)
+            if length is None:
+                raise BenchError(f"request {i}: no Content-Length in {head[:200]!r}")
+            size = int(length.group(1))
+            while len(pending) < size:
+                pending += _more(tls, i, pending)
+            pending = pending[size:]
+
+
+def _mib_requests(ctx: ssl.SSLContext, port: int, n: int) -> None:
+    _requests(ctx, port, n, request=_MIB_REQUEST)
+
+
+def _more(tls: ssl.SSLSocket, i: int, got: bytes) -> bytes:
+    data = tls.recv(1 << 20)
+    if not data:
+        raise BenchError(f"the inbound closed after {i} requests: {got[:120]!r}")
+    return data
 
 
 def _plain(ctx: ssl.SSLContext, port: int, n: int) -> None:
@@ -187,7 +211,7 @@ def _count(
     return int(found.group(1))
 
 
-_ROWS = ("tcp", "http", "outbound")  # the rows main() counts, in its order
+_ROWS = ("tcp", "http", "mib", "outbound")  # the rows main() counts, in its order
 
 
 def main() -> int:
@@ -198,7 +222,8 @@ def main() -> int:
         "--only",
         default=",".join(_ROWS),
         help="comma-separated rows to count: tcp (inbound handshakes), http (inbound "
-        "keep-alive requests), outbound (outbound connections); default all three",
+        "keep-alive requests), mib (inbound keep-alive 1 MiB responses, a twentieth as "
+        "many), outbound (outbound connections); default all four",
     )
     args = p.parse_args()
     only = [key.strip() for key in args.only.split(",") if key.strip()]
@@ -224,6 +249,8 @@ def main() -> int:
                         args.handshakes, 50),
                 "http": ("HTTP inbound, per keep-alive request", _http_config, target, _requests,
                          args.requests, 200),
+                "mib": ("HTTP inbound, per keep-alive 1 MiB response", _http_config, target,
+                        _mib_requests, max(args.requests // 20, 1), 10),
                 "outbound": ("TCP outbound, per connection (a new mTLS one upstream)",
                              _outbound_argv, upstream, _plain, args.handshakes, 50),
             }  # fmt: skip
