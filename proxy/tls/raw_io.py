@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
 from typing import Any, Protocol
 
 import trio
@@ -209,12 +210,21 @@ def read_records(ssl: Any, buf: Any, size: int) -> tuple[int, int, int]:
     return total, total, 0
 
 
-# One buffer for every TLSStream's reads: trio runs them on one thread, one
-# at a time, and each copies out what it read before returning.
+# One buffer per thread for every TLSStream's reads: trio runs them one at a
+# time and each copies out what it read before returning. Per thread, not
+# per process, because cffi releases the GIL around SSL_read: two threads
+# sharing one buffer could hand one connection's bytes to another.
 _BATCH = 262144
-_batch = bytearray(_BATCH)
-_batch_view = memoryview(_batch)
-_batch_ptr = ffi.from_buffer(_batch)
+_batches = threading.local()
+
+
+def _batch() -> tuple[memoryview, Any]:
+    try:
+        return _batches.view, _batches.ptr
+    except AttributeError:
+        buf = bytearray(_BATCH)
+        _batches.view, _batches.ptr = memoryview(buf), ffi.from_buffer(buf)
+        return _batches.view, _batches.ptr
 
 
 def recv_records(conn: SSL.Connection, size: int) -> tuple[bytes, SSL.Error | None]:
@@ -225,7 +235,8 @@ def recv_records(conn: SSL.Connection, size: int) -> tuple[bytes, SSL.Error | No
     the first fails, the bytes before it come back with the error
     pyOpenSSL raises for it (ZeroReturnError at a close_notify): the
     caller raises that on its next read."""
-    total, ret, err = read_records(conn._ssl, _batch_ptr, min(size, _BATCH))
+    view, ptr = _batch()
+    total, ret, err = read_records(conn._ssl, ptr, min(size, _BATCH))
     if not total:
         conn._raise_ssl_error(conn._ssl, ret)
         return b"", None
@@ -235,7 +246,7 @@ def recv_records(conn: SSL.Connection, size: int) -> tuple[bytes, SSL.Error | No
             conn._raise_ssl_error(conn._ssl, ret)
         except SSL.Error as exc:
             later = exc
-    return bytes(_batch_view[:total]), later
+    return bytes(view[:total]), later
 
 
 def write_records(ssl: Any, ptr: Any, n: int) -> tuple[int, int]:

@@ -479,3 +479,20 @@ async def test_send_now_takes_what_fits_and_send_all_sends_the_rest_exactly(
             assert await server.receive_some(100) == b"ping"
         await client.aclose()
         await server.aclose()
+
+
+def test_each_thread_reads_into_a_buffer_of_its_own() -> None:
+    """cffi releases the GIL around SSL_read: a read buffer shared by two
+    threads could hand one connection's bytes to another."""
+    import threading
+
+    from proxy.tls import raw_io
+
+    views: list[object] = []
+    thread = threading.Thread(target=lambda: views.append(raw_io._batch()[0]))
+    thread.start()
+    thread.join(10)
+    here = raw_io._batch()[0]
+    assert here is raw_io._batch()[0]  # made once per thread, then reused
+    assert views and views[0] is not here
+    assert views[0].obj is not here.obj  # type: ignore[attr-defined]
