@@ -235,6 +235,8 @@ def recv_records(conn: SSL.Connection, size: int) -> tuple[bytes, SSL.Error | No
     the first fails, the bytes before it come back with the error
     pyOpenSSL raises for it (ZeroReturnError at a close_notify): the
     caller raises that on its next read."""
+    if size < 1:
+        raise ValueError("max_bytes must be at least 1")
     view, ptr = _batch()
     total, ret, err = read_records(conn._ssl, ptr, min(size, _BATCH))
     if not total:

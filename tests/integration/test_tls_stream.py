@@ -473,6 +473,8 @@ async def test_send_now_takes_what_fits_and_send_all_sends_the_rest_exactly(
                 inner.start_soon(read_all)
                 await client.send_all(memoryview(payload)[sent:])
         assert got == payload
+        with pytest.raises(ValueError):
+            server.receive_now(0)  # never a b"" that would read as the end
         # A small send into an empty socket goes whole, at once.
         assert client.send_now(b"ping") == 4
         with trio.fail_after(5):
