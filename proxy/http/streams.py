@@ -24,6 +24,7 @@ import os
 import trio
 
 from proxy.http.exchange import PeerError
+from proxy.tls.raw_io import read_plain
 from proxy.tls.stream import TLSStream
 
 _FAST_OPS_PER_YIELD = 16
@@ -50,7 +51,7 @@ def _receive_now(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:
 def _receive_plain(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:
     if type(stream) is trio.SocketStream:
         try:
-            return os.read(stream.socket.fileno(), max_bytes)
+            return read_plain(stream.socket.fileno(), max_bytes)
         except BlockingIOError:
             return None
         except OSError as exc:  # read once, the error is gone: report it now

@@ -281,6 +281,16 @@ def send_records(conn: SSL.Connection, data: bytes) -> tuple[int, bool]:
     return total, bool(err)
 
 
+def read_plain(fd: int, size: int) -> bytes:
+    """``os.read(fd, size)`` through the thread's batch buffer (BlockingIOError
+    and OSError as os.read raises them). os.read allocates ``size`` bytes
+    first: above glibc's mmap threshold (128 KiB) that is an mmap, mremap and
+    munmap per read, 15 us for a 200-byte read against 3 us through a buffer."""
+    view, _ = _batch()
+    n = os.readv(fd, (view[:size] if size < _BATCH else view,))
+    return bytes(view[:n])
+
+
 def discard_unread(fd: int, chunk: int = 65536, reads: int = 4) -> None:
     """Read what already arrived and nobody will read, a bounded amount (a
     peer still sending gets its RST). Closing a socket with unread bytes
