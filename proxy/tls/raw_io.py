@@ -240,6 +240,8 @@ def recv_records(conn: SSL.Connection, size: int) -> tuple[bytes, SSL.Error | No
     view, ptr = _batch()
     total, ret, err = read_records(conn._ssl, ptr, min(size, _BATCH))
     if not total:
+        if err == _WANT_READ:  # the common wait, without pyOpenSSL's error dispatch
+            raise SSL.WantReadError()
         conn._raise_ssl_error(conn._ssl, ret)
         return b"", None
     later = None
@@ -286,7 +288,10 @@ def read_plain(fd: int, size: int) -> bytes:
     and OSError as os.read raises them). os.read allocates ``size`` bytes
     first: above glibc's mmap threshold (128 KiB) that is an mmap, mremap and
     munmap per read, 15 us for a 200-byte read against 3 us through a buffer."""
-    view, _ = _batch()
+    try:
+        view = _batches.view
+    except AttributeError:
+        view = _batch()[0]
     n = os.readv(fd, (view[:size] if size < _BATCH else view,))
     return bytes(view[:n])
 
