@@ -11,7 +11,8 @@ each checkout, and trust only a difference larger than that spread.
 Our inbound runs under callgrind while this process is its peer: N
 sequential full mTLS handshakes, each closed at once as ``openssl
 s_time -new`` does (TCP mode); then N keep-alive GETs on one connection
-(HTTP mode), and a twentieth as many 1 MiB answers (the body path).
+(HTTP mode), a twentieth as many 1 MiB answers (the body path), and N
+MCP ``tools/call`` POSTs to an ``mcp`` listener that judges each call.
 Then our outbound runs under callgrind in front of an inbound that runs
 plainly: N plain connections, each a new mTLS
 connection upstream, as in the bench's new-connection row. Each figure
@@ -42,7 +43,17 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from benchmarks.fixtures import CLIENT_ID, SERVER_ID, Identities, l4_argv, make_identities
+from benchmarks.fixtures import (
+    CLIENT_ID,
+    MCP_CALL,
+    MCP_HEADERS,
+    MCP_PATH,
+    MCP_RESULT,
+    SERVER_ID,
+    Identities,
+    l4_argv,
+    make_identities,
+)
 from benchmarks.harness import BenchError, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,20 +65,45 @@ _MIB_ANSWER = (
     b"\r\n\r\n" + os.urandom(1 << 20)
 )
 _MIB_REQUEST = b"GET /mib HTTP/1.1\r\nHost: bench\r\n\r\n"
+# The MCP row: the bench's tools/call and its answer, judged per call.
+_MCP_HEADER_LINES = "".join(f"{line}\r\n" for line in MCP_HEADERS)
+_MCP_REQUEST = (
+    f"POST {MCP_PATH} HTTP/1.1\r\nHost: bench\r\n{_MCP_HEADER_LINES}"
+    f"Content-Length: {len(MCP_CALL)}\r\n\r\n{MCP_CALL}"
+).encode()
+_MCP_ANSWER = (
+    f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(MCP_RESULT)}"
+    f"\r\n\r\n{MCP_RESULT}"
+).encode()
 
 
 class _Target(socketserver.BaseRequestHandler):
-    """The inbound's target: answers every request head with 64 bytes
-    (``GET /mib``: 1 MiB), until the connection ends (a TCP-mode handshake
-    sends nothing)."""
+    """The inbound's target: answers every request with 64 bytes (``GET
+    /mib``: 1 MiB; a POST to the MCP path: the JSON-RPC result, once its
+    body is in), until the connection ends (a TCP-mode handshake sends
+    nothing)."""
 
     def handle(self) -> None:
         pending = b""
         while data := self.request.recv(65536):
             pending += data
             while b"\r\n\r\n" in pending:
-                head, pending = pending.split(b"\r\n\r\n", 1)
-                self.request.sendall(_MIB_ANSWER if head.startswith(b"GET /mib ") else _ANSWER)
+                head, rest = pending.split(b"\r\n\r\n", 1)
+                size = _content_length(head)
+                if len(rest) < size:
+                    break  # the body is still coming
+                pending = rest[size:]
+                if head.startswith(b"GET /mib "):
+                    self.request.sendall(_MIB_ANSWER)
+                elif head.startswith(f"POST {MCP_PATH} ".encode()):
+                    self.request.sendall(_MCP_ANSWER)
+                else:
+                    self.request.sendall(_ANSWER)
+
+
+def _content_length(head: bytes) -> int:
+    found = re.search(rb"(?im)^content-length: *(\d+)", head)
+    return int(found.group(1)) if found else 0
 
 
 def _client_context(ids: Identities) -> ssl.SSLContext:
@@ -97,10 +133,9 @@ def _requests(ctx: ssl.SSLContext, port: int, n: int, *, request: bytes = _REQUE
             head, pending = pending.split(b"\r\n\r\n", 1)
             if not head.startswith(b"HTTP/1.1 200"):
                 raise BenchError(f"request {i}: {head[:120]!r}")
-            length = re.search(rb"(?im)^content-length: *(\d+)", head)
-            if length is None:
+            if not re.search(rb"(?im)^content-length:", head):
                 raise BenchError(f"request {i}: no Content-Length in {head[:200]!r}")
-            size = int(length.group(1))
+            size = _content_length(head)
             while len(pending) < size:
                 pending += _more(tls, i, pending)
             pending = pending[size:]
@@ -108,6 +143,10 @@ def _requests(ctx: ssl.SSLContext, port: int, n: int, *, request: bytes = _REQUE
 
 def _mib_requests(ctx: ssl.SSLContext, port: int, n: int) -> None:
     _requests(ctx, port, n, request=_MIB_REQUEST)
+
+
+def _mcp_requests(ctx: ssl.SSLContext, port: int, n: int) -> None:
+    _requests(ctx, port, n, request=_MCP_REQUEST)
 
 
 def _more(tls: ssl.SSLSocket, i: int, got: bytes) -> bytes:
@@ -131,7 +170,14 @@ def _outbound_argv(root: Path, ids: Identities, port: int, upstream: int) -> lis
                    ["--expect", SERVER_ID], root / f"audit-{port}.jsonl")  # fmt: skip
 
 
-def _http_config(root: Path, ids: Identities, port: int, target: int) -> list[str]:
+_HTTP_RULE = 'methods = ["GET"]\npaths = ["/**"]'
+_MCP_RULE = 'tools = ["read_*"]'  # as the bench's mcp listener: every call judged
+
+
+def _http_config(
+    root: Path, ids: Identities, port: int, target: int, *, protocol: str = "http",
+    rule: str = _HTTP_RULE,
+) -> list[str]:  # fmt: skip
     path = root / f"inbound-{port}.toml"
     path.write_text(f"""\
 log_level = "warning"
@@ -146,15 +192,18 @@ enabled = false
 path = "{root / f"audit-{port}.jsonl"}"
 [[inbound]]
 name = "bench-in"
-protocol = "http"
+protocol = "{protocol}"
 listen = "127.0.0.1:{port}"
 target = "127.0.0.1:{target}"
 [[inbound.rules]]
 peers = ["{CLIENT_ID}"]
-methods = ["GET"]
-paths = ["/**"]
+{rule}
 """)
     return ["run", "--config", str(path)]
+
+
+def _mcp_config(root: Path, ids: Identities, port: int, target: int) -> list[str]:
+    return _http_config(root, ids, port, target, protocol="mcp", rule=_MCP_RULE)
 
 
 def _tcp_argv(root: Path, ids: Identities, port: int, target: int) -> list[str]:
@@ -211,7 +260,7 @@ def _count(
     return int(found.group(1))
 
 
-_ROWS = ("tcp", "http", "mib", "outbound")  # the rows main() counts, in its order
+_ROWS = ("tcp", "http", "mib", "mcp", "outbound")  # the rows main() counts, in its order
 
 
 def main() -> int:
@@ -223,7 +272,8 @@ def main() -> int:
         default=",".join(_ROWS),
         help="comma-separated rows to count: tcp (inbound handshakes), http (inbound "
         "keep-alive requests), mib (inbound keep-alive 1 MiB responses, a twentieth as "
-        "many), outbound (outbound connections); default all four",
+        "many), mcp (inbound keep-alive MCP tools/call requests, each judged), outbound (outbound "
+        "connections); default all five",
     )
     args = p.parse_args()
     only = [key.strip() for key in args.only.split(",") if key.strip()]
@@ -251,6 +301,9 @@ def main() -> int:
                          args.requests, 200),
                 "mib": ("HTTP inbound, per keep-alive 1 MiB response", _http_config, target,
                         _mib_requests, max(args.requests // 20, 1), 10),
+                "mcp": ("MCP inbound, per keep-alive tools/call (judged)",
+                        _mcp_config, target,
+                        _mcp_requests, args.requests, 200),
                 "outbound": ("TCP outbound, per connection (a new mTLS one upstream)",
                              _outbound_argv, upstream, _plain, args.handshakes, 50),
             }  # fmt: skip
