@@ -71,6 +71,7 @@ _MCP_REQUEST = (
     f"POST {MCP_PATH} HTTP/1.1\r\nHost: bench\r\n{_MCP_HEADER_LINES}"
     f"Content-Length: {len(MCP_CALL)}\r\n\r\n{MCP_CALL}"
 ).encode()
+_MCP_HEAD = f"POST {MCP_PATH} ".encode()  # how the target knows a tools/call
 _MCP_ANSWER = (
     f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(MCP_RESULT)}"
     f"\r\n\r\n{MCP_RESULT}"
@@ -89,21 +90,21 @@ class _Target(socketserver.BaseRequestHandler):
             pending += data
             while b"\r\n\r\n" in pending:
                 head, rest = pending.split(b"\r\n\r\n", 1)
-                size = _content_length(head)
+                size = _content_length(head) or 0
                 if len(rest) < size:
                     break  # the body is still coming
                 pending = rest[size:]
                 if head.startswith(b"GET /mib "):
                     self.request.sendall(_MIB_ANSWER)
-                elif head.startswith(f"POST {MCP_PATH} ".encode()):
+                elif head.startswith(_MCP_HEAD):
                     self.request.sendall(_MCP_ANSWER)
                 else:
                     self.request.sendall(_ANSWER)
 
 
-def _content_length(head: bytes) -> int:
+def _content_length(head: bytes) -> int | None:
     found = re.search(rb"(?im)^content-length: *(\d+)", head)
-    return int(found.group(1)) if found else 0
+    return int(found.group(1)) if found else None
 
 
 def _client_context(ids: Identities) -> ssl.SSLContext:
@@ -133,9 +134,9 @@ def _requests(ctx: ssl.SSLContext, port: int, n: int, *, request: bytes = _REQUE
             head, pending = pending.split(b"\r\n\r\n", 1)
             if not head.startswith(b"HTTP/1.1 200"):
                 raise BenchError(f"request {i}: {head[:120]!r}")
-            if not re.search(rb"(?im)^content-length:", head):
-                raise BenchError(f"request {i}: no Content-Length in {head[:200]!r}")
             size = _content_length(head)
+            if size is None:
+                raise BenchError(f"request {i}: no Content-Length in {head[:200]!r}")
             while len(pending) < size:
                 pending += _more(tls, i, pending)
             pending = pending[size:]
