@@ -84,6 +84,14 @@ _TLS12_CIPHERS = (
     b"ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305"
 )
 
+# TLS 1.3 suites in the order the TLS 1.2 list above already uses (and Go's
+# crypto/tls and BoringSSL, so Envoy, choose): AES-128-GCM first. OpenSSL's
+# own order puts AES-256-GCM with SHA-384 first; with server preference on,
+# that made every handshake pay for SHA-384's key schedule (no SHA-NI for
+# SHA-512) and every record for 14 AES rounds instead of 10, with no gain
+# against any attack in our threat model. The same three suites stay on.
+_TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
 # SSL_MODE_NO_AUTO_CHAIN, from openssl/ssl.h (pyOpenSSL names no constant for it).
 _MODE_NO_AUTO_CHAIN = 0x8
 
@@ -415,6 +423,7 @@ def build_side(
     # each way per connection otherwise): most sidecar connections are idle.
     # No chain is built from the trust store per handshake: _presented says why.
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS | _MODE_NO_AUTO_CHAIN)
+    ctx.set_tls13_ciphersuites(_TLS13_SUITES)
     if min_version == "1.2":
         ctx.set_cipher_list(_TLS12_CIPHERS)
     store = ctx.get_cert_store()
