@@ -183,6 +183,8 @@ def configs(draw: st.DrawFn) -> dict[str, Any]:
     doc = copy.deepcopy(draw(st.sampled_from(BASES)))
     for _ in range(draw(st.integers(1, 4))):
         paths = _paths(doc)
+        if not paths:  # earlier deletions emptied the document
+            break
         path = draw(st.sampled_from(paths))
         parent: Any = doc
         for step in path[:-1]:
