@@ -339,7 +339,7 @@ class BaseListener:
     def _peer_view(self, verified: VerifiedSvid) -> tuple[tuple[str, str, str], _dt.datetime]:
         """What records write of a verified peer, and when its chain expires.
         Handshakes that present the same chain share one VerifiedSvid
-        (proxy.tls.context.PathCache), so the last one's view is kept: an
+        (proxy.tls.peercheck.PathCache), so the last one's view is kept: an
         identity check (the memo holds the object, so its id stays its own)
         instead of rendering the same fields on every connection."""
         memo = self._peer_memo

@@ -27,7 +27,7 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, cast
@@ -45,6 +45,7 @@ from OpenSSL import SSL, crypto
 
 from proxy.identity import SvidError, X509Svid, load_certificates
 from proxy.tls.context import TlsSide
+from proxy.tls.peercheck import Clock, utcnow
 from proxy.tls.stream import TLSStream
 
 __all__ = [
@@ -61,7 +62,6 @@ __all__ = [
 ]
 
 SYSTEM_TRUST: Final = "system"
-Clock = Callable[[], _dt.datetime]
 # What a DNS route trusts: the system store, or the CA certificates of its ca_file.
 TrustChoice = Literal["system"] | Sequence[x509.Certificate]
 
@@ -109,10 +109,6 @@ _EE_POLICY = ExtensionPolicy.permit_all().require_present(
 
 class DnsTlsError(ValueError):
     """A DNS route's TLS settings cannot be used (bad ca_file, bad name)."""
-
-
-def _utcnow() -> _dt.datetime:
-    return _dt.datetime.now(_dt.UTC)
 
 
 def load_ca_file(path: Path) -> tuple[x509.Certificate, ...]:
@@ -244,7 +240,7 @@ class DnsSide:
     context: SSL.Context
     server_name: str
     trust: str
-    clock: Clock = _utcnow
+    clock: Clock = utcnow
 
     def check_name(self, chain: Sequence[x509.Certificate]) -> None:
         """Raise VerificationError unless the leaf is valid for server_name.
@@ -278,7 +274,7 @@ def build_dns_side(
     ca: TrustChoice,
     *,
     client_svid: X509Svid | None = None,
-    clock: Clock = _utcnow,
+    clock: Clock = utcnow,
 ) -> DnsSide:
     """The client side for one route. ``ca`` is "system" or the route's CA
     certificates (see :func:`load_ca_file`); ``client_svid`` is presented

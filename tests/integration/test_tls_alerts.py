@@ -2,7 +2,7 @@
 
 Real handshakes on loopback: Python's ssl as the peer surfaces the alert it
 received in ``SSLError.reason``. OpenSSL maps no verify error to
-``access_denied`` (see proxy/tls/context.py), so a policy refusal is
+``access_denied`` (see proxy/tls/peercheck.py), so a policy refusal is
 ``handshake_failure``: never ``internal_error``, and never an alert that
 blames a certificate that is fine.
 """

@@ -1,4 +1,4 @@
-"""The verified-path cache of a TLS side (proxy.tls.context.PathCache): a
+"""The verified-path cache of a TLS side (proxy.tls.peercheck.PathCache): a
 peer's second handshake with the same chain reuses the first verdict on
 its path, while the connection policy, the validity window and the
 scoped-trust check still decide every handshake."""
@@ -154,7 +154,7 @@ def test_a_side_built_from_another_never_inherits_its_verdicts(ca_a: TestCA) -> 
 
 def test_the_cache_keeps_the_paths_in_use_and_drops_the_least_recent(ca_a: TestCA) -> None:
     from proxy.identity.verify import verify_x509_svid
-    from proxy.tls.context import PathCache
+    from proxy.tls.peercheck import PathCache
 
     leaf = ca_a.issue(f"spiffe://{ca_a.trust_domain}/payroll")
     now = dt.datetime.now(dt.UTC)
