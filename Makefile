@@ -62,7 +62,8 @@ clean:
 
 # make bench       : the full benchmark (3 repetitions x 10 s cells, about 30 minutes);
 #                    writes benchmarks/results/latest.md and latest.png.
-# make bench-quick : the same rows in about 2 minutes (1 repetition x 2 s cells).
+# make bench-quick : the same rows in about 2 minutes (1 repetition x 2 s cells);
+#                    writes benchmarks/results/quick.md and quick.png (untracked).
 # Both install the bench extra (matplotlib) and any missing Debian peers.
 .PHONY: bench bench-quick
 bench: $(STAMP) bytecode

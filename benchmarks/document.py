@@ -137,19 +137,28 @@ def key_exchange_line(ids: Identities) -> str:
     )
 
 
+def report_stem(mode: str) -> str:
+    """The name of a run's report: the committed ``latest`` is only ever a
+    full run (``make bench``); a quick run (1 repetition, 2 s cells) writes
+    ``quick.md`` beside it, so trying the bench never replaces the numbers
+    the project quotes with noisier ones."""
+    return "latest" if mode == "full" else "quick"
+
+
 def write_report(
     run: Run, contenders: Sequence[Contender], mode: str, wall: float, notes: Sequence[str],
     machine: Sequence[str], out_dir: Path, loads: tuple[str, str],
 ) -> str:  # fmt: skip
     table = summarize(run.results, contenders)
     out_dir.mkdir(parents=True, exist_ok=True)
-    png = out_dir / "latest.png"
+    stem = report_stem(mode)
+    png = out_dir / f"{stem}.png"
     chart_error = write_chart(table, contenders, png, f"agent-mtls-proxy benchmark ({mode})")
     s = run.settings
     ratio_table = markdown_table(table, contenders)
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "make bench-quick" if mode == "quick" else "make bench"
-    chart = "![ratio chart](latest.png)" if chart_error is None else f"(no chart: {chart_error})"
+    chart = f"![ratio chart]({stem}.png)" if chart_error is None else f"(no chart: {chart_error})"
     commands = [
         "Identities (`agent-proxy ca`, ECDSA P-256, URI SAN only):",
         "```sh",
@@ -268,7 +277,7 @@ peer's leaf certificate instead (stricter than an ID match, and equally cheap).
 
 {chr(10).join(configs)}"""
     text = text.replace(str(run.root), "$WORK")
-    tmp = out_dir / "latest.md.tmp"
+    tmp = out_dir / f"{stem}.md.tmp"
     tmp.write_text(text)
-    tmp.replace(out_dir / "latest.md")
+    tmp.replace(out_dir / f"{stem}.md")
     return ratio_table + "\n\n" + targets_table(table, contenders)

@@ -3,7 +3,8 @@
 Sets the machine up (file limit, CPU pinning, missing Debian peers, a temp
 directory, identities, the nginx backend), runs the identity self-test and
 the round-robin repetitions (benchmarks/session.py), then writes
-benchmarks/results/latest.md and latest.png and prints the ratio table.
+benchmarks/results/latest.md and latest.png (``--quick``: quick.md and
+quick.png, untracked) and prints the ratio table.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from benchmarks.contenders import CONTENDERS
-from benchmarks.document import machine_info, write_report
+from benchmarks.document import machine_info, report_stem, write_report
 from benchmarks.fixtures import ensure_packages, make_backend, make_identities
 from benchmarks.harness import Pinning, Proc, free_port, raise_nofile
 from benchmarks.session import Run, log, run_contender, selftests
@@ -111,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(root, ignore_errors=True)
     print(printed)
-    print(f"\nwrote {args.out / 'latest.md'} and {args.out / 'latest.png'} in {wall:.0f} s")
+    stem = report_stem(mode)
+    print(f"\nwrote {args.out / f'{stem}.md'} and {args.out / f'{stem}.png'} in {wall:.0f} s")
     return 0
 
 
