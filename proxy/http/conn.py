@@ -1,5 +1,6 @@
 """HTTP/1.1 connections over trio streams: the client-facing side (we are
-the server) and the upstream side (we are the client).
+the server); the upstream side (we are the client) is in
+:mod:`proxy.http.upstream`, on the same parts.
 
 Theory of operation: a :class:`~proxy.http.wire.MessageParser` (from
 :func:`~proxy.http.parsers.make_parser`) reads the peer's messages, the
@@ -24,7 +25,6 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 
@@ -32,13 +32,14 @@ from proxy.http.cycle import Cycle, Side
 from proxy.http.exchange import PeerError
 from proxy.http.parsers import make_parser
 from proxy.http.streams import linger_close as linger_close  # the session and admin use it
-from proxy.http.streams import nothing_unread, receive_within, send_within, upstream_broken
+from proxy.http.streams import nothing_unread, receive_within, send_within
 from proxy.http.wire import (
     NEED_DATA,
     Answer,
     Body,
     End,
     Fields,
+    Framing,
     Head,
     Header,
     NeedData,
@@ -50,8 +51,6 @@ from proxy.http.wire import (
 from proxy.http.writer import (
     BodyWriter,
     frame_response,
-    request_framing,
-    request_head,
     response_head,
 )
 
@@ -61,11 +60,9 @@ from proxy.http.writer import (
 # keep-alive row through the HTTP pair (8 connections): 372 -> 513 req/s,
 # proxy CPU per request 2,690 -> 1,950 us. Reads go through a reused buffer
 # (raw_io.read_plain, recv_records): a 256 KiB os.read would mmap per read.
-_RECV = 262144
+RECV_BYTES = 262144
 # What a wait raises when its deadline passes (receive_within and
 # send_within raise a fresh copy): built once, not per request.
-_UPSTREAM_TIMEOUT = PeerError(504, "upstream_timeout", "upstream did not answer in time")
-_UPSTREAM_WRITE_TIMEOUT = PeerError(504, "upstream_write_timeout", "the upstream stopped reading")
 _WRITE_TIMEOUT = PeerError(0, "write_timeout", "the client stopped reading")
 _IDLE_TIMEOUT = PeerError(0, "idle_timeout", "idle connection closed")
 _REQUEST_TIMEOUT = PeerError(408, "request_timeout", "request head not complete in time")
@@ -92,7 +89,7 @@ class Limits:
         return ParserLimits(self.max_header_bytes, self.max_headers)
 
 
-def _peer_error(exc: ParseError) -> PeerError:
+def peer_error(exc: ParseError) -> PeerError:
     return PeerError(exc.status, exc.reason, exc.message)
 
 
@@ -118,7 +115,7 @@ class Downstream:
 
     async def _receive(self, timeout: float, on_timeout: PeerError) -> bytes:
         try:
-            data = await receive_within(self.stream, _RECV, timeout, on_timeout)
+            data = await receive_within(self.stream, RECV_BYTES, timeout, on_timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             # A reset (or a TLS stream that broke) is the client leaving,
             # not a fault of ours: nothing to answer, one close record.
@@ -138,14 +135,14 @@ class Downstream:
             step(data)
         except ParseError as exc:
             self.cycle.broken(exc.reason)
-            raise _peer_error(exc) from exc
+            raise peer_error(exc) from exc
 
     def _next_event(self) -> Head | Body | End | NeedData:
         try:
             return self.parser.next_event()
         except ParseError as exc:
             self.cycle.broken(exc.reason)
-            raise _peer_error(exc) from exc
+            raise peer_error(exc) from exc
 
     async def next_request(self, idle_deadline: float = math.inf) -> Request | None:
         """The next request head, checked strictly; None on a clean close.
@@ -264,6 +261,25 @@ class Downstream:
         if data:
             self._pending.append(self._body.data(data))
 
+    def length_left(self) -> int:
+        """Bytes still to send of our answer's Content-Length body (0 when
+        it is framed otherwise), once everything queued is sent."""
+        body = self._body
+        if body is None or body.framing is not Framing.LENGTH or self._pending:
+            return 0
+        return body.left
+
+    @staticmethod
+    def write_timed_out() -> PeerError:
+        """What a client that stops reading our answer becomes (as the flush says it)."""
+        return PeerError(_WRITE_TIMEOUT.status, _WRITE_TIMEOUT.reason, _WRITE_TIMEOUT.message)
+
+    def sent_around(self, count: int) -> None:
+        """``count`` bytes of our answer's body were sent on the stream
+        without us (the reactor moved them)."""
+        assert self._body is not None, "body before head"
+        self._body.sent_around(count)
+
     def queue_end(self) -> None:
         assert self._body is not None, "end before head"
         self._pending.append(self._body.end())
@@ -319,105 +335,3 @@ class Downstream:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
-
-
-class Upstream:
-    """A connection to the target or an upstream sidecar; we are the client.
-
-    Pooled between requests: ``key`` says which pool it belongs to.
-    """
-
-    def __init__(self, stream: trio.abc.Stream, key: object, limits: Limits) -> None:
-        self.stream = stream
-        self.key = key
-        self.limits = limits
-        self.parser = make_parser("response", limits.parser)
-        self.cycle = Cycle()
-        self.created = time.monotonic()
-        self.last_used = self.created
-        self.expires_at = math.inf  # trio time: peer certificate expiry or max lifetime
-        self.requests = 0
-        self.peer_id: str | None = None
-        self.peer_serial: str | None = None
-        self.peer_not_after: str | None = None
-        self.peer_addr: str | None = None  # host:port the connection went to
-        # The pool's poll object for this connection's socket (False: none to poll).
-        self.poller: Any = None
-        self._eof = False
-        self._body: BodyWriter | None = None
-        self._pending: list[bytes] = []
-
-    def queue(self, event: Request | Body | End) -> None:
-        if isinstance(event, Body):
-            assert self._body is not None, "body before head"
-            if event.data:
-                self._pending.append(self._body.data(event.data))
-        elif isinstance(event, End):
-            assert self._body is not None, "end before head"
-            self._pending.append(self._body.end(event.trailers))
-            self._body = None
-            self.cycle.wrote_end()
-        else:
-            fields = event.headers.raw_items()
-            framing, length, closes = request_framing(event.headers, names_lowered=True)
-            self._pending.append(request_head(event.method, event.target, fields))
-            self._body = BodyWriter(framing, length)
-            self.cycle.wrote_head(closes)
-            if event.method == b"HEAD":
-                self.parser.for_head_request()
-
-    async def flush(self) -> None:
-        if self._pending:
-            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
-            self._pending.clear()
-            await send_within(self.stream, data, self.limits.write_timeout, _UPSTREAM_WRITE_TIMEOUT)
-
-    async def send(self, event: Request | Body | End) -> None:
-        self.queue(event)
-        await self.flush()
-
-    async def next_event(
-        self, timeout: float, before_wait: Callable[[], Awaitable[None]] | None = None
-    ) -> ResponseEvent:
-        """The next response event; ``before_wait`` runs before any network
-        wait (the caller flushes what it queued for the client)."""
-        parser = self.parser
-        while True:
-            try:
-                event = parser.next_event()
-                if event is NEED_DATA:
-                    if self._eof:  # closed before (or between) answers
-                        raise ParseError(502, "upstream_closed", "upstream closed the connection")
-                    if before_wait is not None:
-                        await before_wait()
-                    try:
-                        data = await receive_within(self.stream, _RECV, timeout, _UPSTREAM_TIMEOUT)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                        self.cycle.broken("upstream_reset")
-                        raise upstream_broken(exc) from exc
-                    except PeerError:
-                        self.cycle.broken("upstream_timeout")
-                        raise
-                    self._eof = not data
-                    parser.feed(data)
-                    continue
-            except ParseError as exc:
-                self.cycle.broken(exc.reason)
-                raise _peer_error(exc) from exc
-            if isinstance(event, Head):
-                if event.status >= 200 or event.status == 101:
-                    self.cycle.read_head(event)
-            elif isinstance(event, End):
-                self.cycle.read_end()
-            return event
-
-    def reusable(self) -> bool:
-        return self.cycle.reusable
-
-    def start_next_cycle(self) -> None:
-        self.cycle.next_cycle()
-        self.parser.start_next_cycle()
-
-    async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
-            await self.stream.aclose()

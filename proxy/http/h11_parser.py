@@ -146,6 +146,13 @@ class H11Parser:
     def buffered(self) -> bytes:
         return bytes(self._conn.trailing_data[0])
 
+    def body_unbuffered(self) -> int:
+        return 0  # h11 counts every body byte itself: nothing may go around it
+
+    def skip_body(self, count: int) -> None:
+        if count:
+            raise RuntimeError("skip_body() on the h11 parser")
+
     # -- inside -------------------------------------------------------------
 
     def _fail(self, status: int, reason: str, message: str) -> None:

@@ -9,7 +9,7 @@ decides the boundaries itself and feeds llhttp exactly one message at a
 time: the head ends at the first CRLFCRLF (llhttp rejects any bare CR or LF
 that could make another parser see a different end), a Content-Length body
 is that many bytes, and a chunked body is walked chunk-size line by
-chunk-size line by :class:`_Chunks` while llhttp checks the same bytes.
+chunk-size line by :class:`Chunks` while llhttp checks the same bytes.
 Bytes past the current message stay raw in ``_buf`` until
 ``start_next_cycle()`` (pipelining), and are the start of the other
 protocol after an upgrade (``buffered``).
@@ -31,13 +31,13 @@ the callbacks are reused for the life of the connection.
 from __future__ import annotations
 
 import re
-import weakref
 from collections import deque
 from typing import Final
 
 import httptools
 
 from proxy.http.llhttp_head import HeadRefused, request_head, response_head, trailer_field
+from proxy.http.llhttp_parts import Callbacks, Chunks
 from proxy.http.wire import (
     NEED_DATA,
     Body,
@@ -58,23 +58,6 @@ _FIELD_LINE: Final = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE, _UPGRADED, _CLOSED = range(7)
 
 
-class _Chunks:
-    """Where a chunked body ends, found line by line (llhttp checks the bytes)."""
-
-    __slots__ = ("left", "line", "state", "trailer_bytes")
-
-    SIZE, DATA, DATA_CRLF, TRAILER = range(4)
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.state = _Chunks.SIZE
-        self.left = 0
-        self.line = b""
-        self.trailer_bytes = 0
-
-
 class LlhttpParser:
     """One direction of one connection (see :class:`~proxy.http.wire.MessageParser`).
 
@@ -83,28 +66,10 @@ class LlhttpParser:
     the window in which the exchange may answer ``100 Continue``.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_buf",
-        "_chunks",
-        "_eof",
-        "_error",
-        "_events",
-        "_framing",
-        "_head",
-        "_head_request",
-        "_headers",
-        "_in_trailers",
-        "_limits",
-        "_llhttp",
-        "_message_complete",
-        "_pos",
-        "_scan",
-        "_state",
-        "_trailers",
-        "expects_continue",
-        "role",
-    )
+    __slots__ = ("__weakref__", "_buf", "_bypassed", "_chunks", "_eof", "_error", "_events",
+                 "_framing", "_head", "_head_request", "_headers", "_in_trailers", "_limits",
+                 "_llhttp", "_message_complete", "_pos", "_scan", "_state", "_trailers",
+                 "expects_continue", "role")  # fmt: skip
 
     def __init__(self, role: Role, limits: ParserLimits | None = None) -> None:
         self.role: Role = role
@@ -125,13 +90,14 @@ class LlhttpParser:
         self._head: Head | None = None
         self._head_request = False
         self._framing = Framing.NONE
-        self._chunks = _Chunks()
+        self._chunks = Chunks()
+        self._bypassed = False  # this Content-Length body went around us (skip_body)
         self.expects_continue = False
 
     def _new_llhttp(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
         if self.role == "request":
-            return httptools.HttpRequestParser(_Callbacks(self))
-        return httptools.HttpResponseParser(_Callbacks(self))
+            return httptools.HttpRequestParser(Callbacks(self))
+        return httptools.HttpResponseParser(Callbacks(self))
 
     # -- the MessageParser interface --------------------------------------
 
@@ -185,6 +151,24 @@ class LlhttpParser:
     @property
     def buffered(self) -> bytes:
         return bytes(self._buf[self._pos :])
+
+    def body_unbuffered(self) -> int:
+        """Bytes of the current Content-Length body not yet fed, when all
+        that was fed is consumed and handed out; else 0."""
+        if self._state != _LENGTH or self._events or self._pos < len(self._buf) or self._eof:
+            return 0
+        return self._chunks.left
+
+    def skip_body(self, count: int) -> None:
+        """``count`` bytes of the current Content-Length body were moved
+        without passing through the parser (a reactor sent them on). Body
+        bytes of a known length are opaque to llhttp too; it is replaced at
+        the body's end, as it never saw these."""
+        if count > self.body_unbuffered():
+            raise RuntimeError("skip_body() past the unbuffered rest of the body")
+        if count:
+            self._chunks.left -= count
+            self._bypassed = True
 
     # -- driving llhttp one message at a time -----------------------------
 
@@ -330,10 +314,17 @@ class LlhttpParser:
         buf, pos = self._buf, self._pos
         take = min(self._chunks.left, len(buf) - pos)
         if take:
-            self._feed_llhttp(pos, pos + take)
+            if self._bypassed:  # llhttp missed the skipped part: it counts no more
+                self._events.append(Body(buf[pos : pos + take]))
+            else:
+                self._feed_llhttp(pos, pos + take)
             self._pos = pos + take
             self._chunks.left -= take
         if self._chunks.left == 0:
+            if self._bypassed:
+                self._bypassed = False
+                self._llhttp = self._new_llhttp()  # it still waits for the skipped bytes
+                self._message_complete = True
             self._finish_body()
             return False
         if self._eof:
@@ -365,15 +356,15 @@ class LlhttpParser:
                 if self._eof:
                     raise self._refuse(400, "bad_request", "connection closed inside a body")
                 return False
-            if chunks.state in (_Chunks.DATA, _Chunks.DATA_CRLF):
+            if chunks.state in (Chunks.DATA, Chunks.DATA_CRLF):
                 # Chunk data, then the CRLF after it (llhttp checks it is one).
                 take = min(chunks.left, len(buf) - pos)
                 self._feed_llhttp(pos, pos + take)
                 self._pos = pos + take
                 chunks.left -= take
                 if chunks.left == 0:
-                    data = chunks.state == _Chunks.DATA
-                    chunks.state = _Chunks.DATA_CRLF if data else _Chunks.SIZE
+                    data = chunks.state == Chunks.DATA
+                    chunks.state = Chunks.DATA_CRLF if data else Chunks.SIZE
                     chunks.left = 2 if data else 0
                 continue
             lf = buf.find(b"\n", pos)
@@ -381,7 +372,7 @@ class LlhttpParser:
             # Trailer fields are read here, not by llhttp: it applies head
             # rules to them (Content-Length with Transfer-Encoding is an
             # error there) where h11 takes them as fields the relay filters.
-            trailer = chunks.state == _Chunks.TRAILER
+            trailer = chunks.state == Chunks.TRAILER
             if not trailer:
                 self._feed_llhttp(pos, end)
             self._pos = end
@@ -392,17 +383,17 @@ class LlhttpParser:
                 chunks.line = line
                 continue
             chunks.line = b""
-            if chunks.state == _Chunks.SIZE:
+            if chunks.state == Chunks.SIZE:
                 size = line.split(b";", 1)[0].rstrip(b"\r\n")
                 try:
                     chunks.left = int(size, 16)
                 except ValueError:
                     raise self._refuse(400, "bad_request", "bad chunk size") from None
                 if chunks.left:
-                    chunks.state = _Chunks.DATA
+                    chunks.state = Chunks.DATA
                     self.expects_continue = False
                 else:
-                    chunks.state = _Chunks.TRAILER
+                    chunks.state = Chunks.TRAILER
                 continue
             # A trailer line; the empty one ends the body.
             chunks.trailer_bytes += len(line)
@@ -418,32 +409,3 @@ class LlhttpParser:
                 self._trailers.append(trailer_field(line))
             except HeadRefused as exc:
                 raise self._refuse(exc.status, exc.reason, exc.message) from None
-
-
-class _Callbacks:
-    """What llhttp calls back: only these (no on_header: the fields are read
-    from the raw head once llhttp checked it). A weak reference to the
-    parser, which feeds llhttp and so is alive whenever these run: llhttp
-    holding the parser would make a cycle per connection that only the
-    garbage collector frees (its passes: 2-4% of a new agent connection's time)."""
-
-    __slots__ = ("_parser",)
-
-    def __init__(self, parser: LlhttpParser) -> None:
-        self._parser = weakref.ref(parser)
-
-    def on_headers_complete(self) -> None:
-        parser = self._parser()
-        if parser is not None:
-            parser._in_trailers = True  # llhttp took the whole head
-
-    def on_body(self, data: bytes) -> None:
-        parser = self._parser()
-        if parser is not None:
-            parser.expects_continue = False
-            parser._events.append(Body(data))
-
-    def on_message_complete(self) -> None:
-        parser = self._parser()
-        if parser is not None:
-            parser._message_complete = True

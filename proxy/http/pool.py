@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from proxy.http.conn import Upstream
+from proxy.http.upstream import Upstream
 
 Connector = Callable[[Hashable], Awaitable[Upstream]]
 _INF = math.inf  # an upstream without an expiry: no clock to read

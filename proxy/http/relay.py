@@ -23,18 +23,19 @@ with its new length.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import trio
 
 from proxy.http.agent_hook import FilterFactory, ResponseFilter
 from proxy.http.conn import BodyEvent as BodyEvent  # the session names it from here
-from proxy.http.conn import Downstream, Limits, ResponseEvent, Upstream
+from proxy.http.conn import Downstream, Limits, ResponseEvent
 from proxy.http.exchange import Ev, Exchange, PeerError
 from proxy.http.headers import REQUEST_ID, Header, forwardable, header_value
 from proxy.http.streams import upstream_broken
+from proxy.http.upstream import Upstream
 from proxy.http.wire import Body, End, Framing, Head, lowered
 
 
@@ -47,6 +48,28 @@ def _filtered(step: Callable[[], bytes]) -> bytes:
 
 
 _INF = math.inf
+
+# A Content-Length answer with at least this much still unread once the
+# parser is empty goes to the runtime's reactor (``DirectBody``) instead of
+# through the parser and the stream layers in this task.
+DIRECT_MIN = 65536
+
+
+class Moved(NamedTuple):
+    """What a :data:`DirectBody` moved (all of it sent), and why it stopped:
+    ``closed`` (all), ``eof`` (the upstream ended first), ``upstream_reset``,
+    ``client_reset``, ``write_timeout``, ``idle_timeout``."""
+
+    sent: int
+    reason: str
+    detail: str | None
+
+
+# (upstream stream, client stream, bytes, write timeout, idle timeout) ->
+# what moved, or None when these streams cannot be handed off.
+DirectBody = Callable[
+    [trio.abc.Stream, trio.abc.Stream, int, float, float], Awaitable["Moved | None"]
+]
 
 
 class Canceller(Protocol):
@@ -80,6 +103,7 @@ class Relay:
         filter_factory: FilterFactory | None,
         upward: Callable[[BodyEvent], BodyEvent],
         lifetime_deadline: float,
+        direct: DirectBody | None = None,
     ) -> None:
         self.down, self.up, self.limits, self.exchange = down, up, limits, exchange
         self.outcome = exchange.outcome
@@ -91,6 +115,7 @@ class Relay:
         self.upward = upward  # trailers get the header rules on their way up
         # trio time: max_connection_lifetime passed, say close (inf: none set)
         self.lifetime_deadline = lifetime_deadline
+        self.direct = direct  # set while the request is all sent (one task drives both)
         self.request_error: PeerError | None = None
         self.upstream_error: PeerError | None = None
         self.transport_error = False
@@ -112,6 +137,7 @@ class Relay:
                 if self.request_error is None:
                     await self._relay_response(_SEQUENTIAL)
             else:
+                self.direct = None  # the request body still streams: the client side is busy
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_request, nursery.cancel_scope)
                     nursery.start_soon(self._relay_response, nursery.cancel_scope)
@@ -170,6 +196,8 @@ class Relay:
         event: ResponseEvent | None = self.first
         while True:
             if event is None:
+                if self.direct is not None and self.up.parser.body_unbuffered() >= DIRECT_MIN:
+                    await self._move_directly(self.direct)
                 event = await self.up.next_event(
                     self.limits.response_timeout, before_wait=self.down.flush
                 )
@@ -201,6 +229,43 @@ class Relay:
                     cancel.cancel()  # answered before the request body ended: stop reading it
                 return
             event = None
+
+    async def _move_directly(self, direct: DirectBody) -> None:
+        """Hand the rest of a Content-Length answer but its last byte to the
+        reactor, which moves it socket to socket without this task; the
+        parser and the writer are told, and the last byte comes the usual
+        way, so the audit record still goes out before the answer is all
+        released. Whatever stopped the reactor is reported as the usual
+        way would have reported it (an early EOF is left for it to find)."""
+        if self._filter is not None or self._held is not None:
+            return
+        await self.down.flush()  # the head and what was buffered go first
+        count = self.up.parser.body_unbuffered()
+        if count < DIRECT_MIN or self.down.length_left() != count:
+            return  # framed differently for this client: the usual way
+        moved = await direct(
+            self.up.stream,
+            self.down.stream,
+            count - 1,
+            self.limits.write_timeout,
+            self.limits.response_timeout,
+        )
+        if moved is None:
+            self.direct = None  # these streams cannot be handed off: not again
+            return
+        self.up.parser.skip_body(moved.sent)
+        self.down.sent_around(moved.sent)
+        self.outcome.bytes_down += moved.sent
+        reason = moved.reason
+        if reason in ("closed", "eof"):
+            return
+        if reason == "upstream_reset":
+            raise self.up.broke(trio.BrokenResourceError(moved.detail))
+        if reason == "idle_timeout":
+            raise self.up.timed_out()
+        if reason == "write_timeout":
+            raise self.down.write_timed_out()
+        raise trio.BrokenResourceError(moved.detail)  # client_reset (or the reactor failed)
 
     async def _switch(self, event: Head, headers: list[Header]) -> None:
         self.response_started = True

@@ -39,7 +39,7 @@ import trio
 
 from proxy.http.agent_hook import FilterFactory
 from proxy.http.answers import CONTINUE, error_answer, path_only
-from proxy.http.conn import Downstream, Limits, Upstream, linger_close
+from proxy.http.conn import Downstream, Limits, linger_close
 from proxy.http.exchange import (
     CONNECTION_ENDERS,
     UPSTREAM_ERRORS,
@@ -58,9 +58,9 @@ from proxy.http.headers import (
 )
 from proxy.http.hooked import hooked_request
 from proxy.http.pool import UpstreamPool
-from proxy.http.relay import BodyEvent, Relay
+from proxy.http.relay import BodyEvent, DirectBody, Relay
 from proxy.http.routing import Routed, Router, UpstreamFailure, upstream_request_for
-from proxy.http.upstream import RawRelay, start_upstream, tunnel
+from proxy.http.upstream import RawRelay, Upstream, start_upstream, tunnel
 from proxy.http.wire import Body, End, Request
 from proxy.tracing.context import outgoing
 from proxy.tracing.export import Span, Tracer
@@ -109,6 +109,8 @@ class HttpSession:
         # A high-impact request's decision record, made durable (fsynced with
         # durability = "fsync") before it is forwarded; False: 503.
         self.decision_durable: Callable[[RequestOutcome], Awaitable[bool]] | None = None
+        # Moves a large Content-Length answer socket to socket (the runtime's reactor).
+        self.direct: DirectBody | None = None
 
     def trace(
         self, tracer: Tracer, server: bool, local_id: str, peer_id: str | None = None
@@ -381,6 +383,7 @@ class HttpSession:
             filter_factory=filter_factory,
             upward=self._upward,
             lifetime_deadline=self.lifetime_deadline,
+            direct=self.direct,
         )
         await run.run()
         await self._relayed(run, up)

@@ -1,16 +1,148 @@
-"""Getting an upstream for one exchange, and the raw tunnel after a 101."""
+"""The upstream side of an HTTP exchange (we are the client): the
+connection, getting one for an exchange, and the raw tunnel after a 101.
+As for the client side (:mod:`proxy.http.conn`), the parser reads, the
+pure writer frames, a :class:`~proxy.http.cycle.Cycle` decides reuse, and
+these only move bytes and apply deadlines."""
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Awaitable, Callable, Hashable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from proxy.http.conn import BodyEvent, Downstream, Upstream
+from proxy.http.conn import RECV_BYTES, BodyEvent, Downstream, Limits, ResponseEvent, peer_error
+from proxy.http.cycle import Cycle
 from proxy.http.exchange import PeerError, RequestOutcome
-from proxy.http.pool import UpstreamPool
+from proxy.http.parsers import make_parser
 from proxy.http.routing import UpstreamFailure
-from proxy.http.wire import Body, Head, Request
+from proxy.http.streams import receive_within, send_within, upstream_broken
+from proxy.http.wire import NEED_DATA, Body, End, Head, ParseError, Request
+from proxy.http.writer import BodyWriter, request_framing, request_head
+
+if TYPE_CHECKING:
+    from proxy.http.pool import UpstreamPool
+
+_UPSTREAM_TIMEOUT = PeerError(504, "upstream_timeout", "upstream did not answer in time")
+_UPSTREAM_WRITE_TIMEOUT = PeerError(504, "upstream_write_timeout", "the upstream stopped reading")
+
+
+class Upstream:
+    """A connection to the target or an upstream sidecar; we are the client.
+
+    Pooled between requests: ``key`` says which pool it belongs to.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, key: object, limits: Limits) -> None:
+        self.stream = stream
+        self.key = key
+        self.limits = limits
+        self.parser = make_parser("response", limits.parser)
+        self.cycle = Cycle()
+        self.created = time.monotonic()
+        self.last_used = self.created
+        self.expires_at = math.inf  # trio time: peer certificate expiry or max lifetime
+        self.requests = 0
+        self.peer_id: str | None = None
+        self.peer_serial: str | None = None
+        self.peer_not_after: str | None = None
+        self.peer_addr: str | None = None  # host:port the connection went to
+        # The pool's poll object for this connection's socket (False: none to poll).
+        self.poller: Any = None
+        self._eof = False
+        self._body: BodyWriter | None = None
+        self._pending: list[bytes] = []
+
+    def queue(self, event: Request | Body | End) -> None:
+        if isinstance(event, Body):
+            assert self._body is not None, "body before head"
+            if event.data:
+                self._pending.append(self._body.data(event.data))
+        elif isinstance(event, End):
+            assert self._body is not None, "end before head"
+            self._pending.append(self._body.end(event.trailers))
+            self._body = None
+            self.cycle.wrote_end()
+        else:
+            fields = event.headers.raw_items()
+            framing, length, closes = request_framing(event.headers, names_lowered=True)
+            self._pending.append(request_head(event.method, event.target, fields))
+            self._body = BodyWriter(framing, length)
+            self.cycle.wrote_head(closes)
+            if event.method == b"HEAD":
+                self.parser.for_head_request()
+
+    async def flush(self) -> None:
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending.clear()
+            await send_within(self.stream, data, self.limits.write_timeout, _UPSTREAM_WRITE_TIMEOUT)
+
+    async def send(self, event: Request | Body | End) -> None:
+        self.queue(event)
+        await self.flush()
+
+    async def next_event(
+        self, timeout: float, before_wait: Callable[[], Awaitable[None]] | None = None
+    ) -> ResponseEvent:
+        """The next response event; ``before_wait`` runs before any network
+        wait (the caller flushes what it queued for the client)."""
+        parser = self.parser
+        while True:
+            try:
+                event = parser.next_event()
+                if event is NEED_DATA:
+                    if self._eof:  # closed before (or between) answers
+                        raise ParseError(502, "upstream_closed", "upstream closed the connection")
+                    if before_wait is not None:
+                        await before_wait()
+                    try:
+                        data = await receive_within(
+                            self.stream, RECV_BYTES, timeout, _UPSTREAM_TIMEOUT
+                        )
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        raise self.broke(exc) from exc
+                    except PeerError:
+                        self.cycle.broken("upstream_timeout")
+                        raise
+                    self._eof = not data
+                    parser.feed(data)
+                    continue
+            except ParseError as exc:
+                self.cycle.broken(exc.reason)
+                raise peer_error(exc) from exc
+            if isinstance(event, Head):
+                if event.status >= 200 or event.status == 101:
+                    self.cycle.read_head(event)
+            elif isinstance(event, End):
+                self.cycle.read_end()
+            return event
+
+    def broke(self, exc: BaseException) -> PeerError:
+        """What a transport error mid-answer becomes (as :meth:`next_event` says it)."""
+        self.cycle.broken("upstream_reset")
+        return upstream_broken(exc)
+
+    def timed_out(self) -> PeerError:
+        """What an answer that stalls for the response timeout becomes."""
+        self.cycle.broken("upstream_timeout")
+        return PeerError(
+            _UPSTREAM_TIMEOUT.status, _UPSTREAM_TIMEOUT.reason, _UPSTREAM_TIMEOUT.message
+        )
+
+    def reusable(self) -> bool:
+        return self.cycle.reusable
+
+    def start_next_cycle(self) -> None:
+        self.cycle.next_cycle()
+        self.parser.start_next_cycle()
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
 
 # Moves raw bytes both ways until either side ends; (bytes up, bytes down).
 # The runtime supplies it (its relay keeps half-close and the write timeout).

@@ -176,3 +176,14 @@ class MessageParser(Protocol):
     def buffered(self) -> bytes:
         """Bytes fed but not yet consumed (the start of an upgraded stream)."""
         ...
+
+    def body_unbuffered(self) -> int:
+        """Bytes of the current Content-Length body that were not fed yet,
+        once everything fed is handed out (0 otherwise, or if this parser
+        must see every body byte)."""
+        ...
+
+    def skip_body(self, count: int) -> None:
+        """``count`` of those bytes went around the parser (a reactor moved
+        them); the body ends ``count`` bytes sooner."""
+        ...

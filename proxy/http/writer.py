@@ -146,6 +146,12 @@ class BodyWriter:
             return data
         raise WriteError("a body on a message framed without one")
 
+    def sent_around(self, count: int) -> None:
+        """``count`` bytes of a Content-Length body went out without us."""
+        if self.framing is not Framing.LENGTH or count > self.left:
+            raise WriteError(f"{count} bytes sent around a body with {self.left} left")
+        self.left -= count
+
     def end(self, trailers: Iterable[Header] = ()) -> bytes:
         if self.framing is Framing.CHUNKED:
             return _fields(b"0\r\n", trailers)

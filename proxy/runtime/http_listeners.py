@@ -34,18 +34,20 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from proxy.audit import AuditSink, rfc3339
 from proxy.config import IdentityConfig, InboundConfig, OutboundConfig, RouteConfig
 from proxy.credentials.config import CredentialConfig
-from proxy.http.conn import Downstream, Upstream
+from proxy.http.conn import Downstream
 from proxy.http.exchange import RequestOutcome
 from proxy.http.headers import XFCC, fold, xfcc_value
 from proxy.http.pool import UpstreamPool
 from proxy.http.routing import UpstreamFailure
 from proxy.http.session import HttpSession
+from proxy.http.upstream import Upstream
 from proxy.identity import IdentitySnapshot, IdentityState, SideCache, SpiffeId
 from proxy.netaddr import format_sockaddr
 from proxy.policy import PeerDecision, SpiffePattern, decide_peer
 from proxy.policy.evaluate import PolicySet
 from proxy.policy.gate import Gate, svid_age_seconds
 from proxy.policy.quarantine import GuardConfig
+from proxy.runtime.direct import direct_body
 from proxy.runtime.http_routers import (
     InboundRouter,
     OutboundRouter,
@@ -198,6 +200,7 @@ class HttpInboundListener(BaseListener):
             partial(self._emit, conn),
             raw_relay=partial(raw_relay, write_timeout=self.config.write_timeout),
         )
+        session.direct = partial(direct_body, self._reactor)
         session.accepting = self.audit.accepting
         session.trace(self.tracer, True, conn.snapshot.local_id, str(verified.spiffe_id))
         session.decision_durable = partial(decision_durable, self, conn)
@@ -371,6 +374,7 @@ class HttpOutboundListener(BaseListener):
             partial(self._emit, conn),
             raw_relay=partial(raw_relay, write_timeout=self.config.write_timeout),
         )
+        session.direct = partial(direct_body, self._reactor)
         session.accepting = self.audit.accepting
         session.trace(self.tracer, False, conn.snapshot.local_id)
         session.decision_durable = partial(decision_durable, self, conn)

@@ -135,6 +135,10 @@ class BaseListener:
         self.origin: str | None = None
         self._peer_memo: tuple[VerifiedSvid, tuple[str, str, str], _dt.datetime] | None = None
 
+    def _reactor(self) -> Reactor | None:
+        """The process's reactor, as it is now (HTTP sessions ask per answer)."""
+        return self.reactor
+
     # -- audit ------------------------------------------------------------
 
     def record(self, conn: Conn, event: str, decision: str, reason: str, **extra: object) -> None:

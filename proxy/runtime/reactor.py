@@ -34,6 +34,11 @@ ends the pair at once, named after the side (``client_reset``,
 long, or ``cancelled`` when trio cancels it (shutdown, lifetime,
 certificate expiry: the caller's scope says which). The reactor never
 closes a socket: the task that owns it does, after ``relay`` returns.
+
+A *transfer* (:meth:`Reactor.transfer`) is one bounded direction: an HTTP
+body of known length moved from one socket to the other, reading nothing
+past it and passing no EOF on, after which the HTTP session's task takes
+both sockets back (proxy/runtime/direct.py).
 """
 
 from __future__ import annotations
@@ -44,12 +49,13 @@ import math
 import select
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 import trio
 
+from proxy.runtime.reactor_pairs import RelayResult as RelayResult  # callers name it from here
+from proxy.runtime.reactor_pairs import _Flow, _Pair, _since, _write_deadline
 from proxy.tls.raw_io import (
     EOF,
     Broken,
@@ -81,57 +87,6 @@ _PASSES_PER_YIELD = 4
 _BUSY_PASS = 8
 
 
-@dataclass
-class RelayResult:
-    """Why a pair ended and what it moved. ``bytes_up`` were read from the
-    first side (the accepted one) and sent to the second, ``bytes_down``
-    the other way. ``truncated`` names the TLS sides that ended without
-    close_notify (read as EOF)."""
-
-    reason: str = "closed"
-    bytes_up: int = 0
-    bytes_down: int = 0
-    truncated: list[str] = field(default_factory=list)
-    detail: str | None = None  # for resets: the error (a TLS alert names itself)
-    stalled: str | None = None  # for write_timeout: the side that stopped reading
-
-
-class _Flow:
-    """One direction of a pair: bytes read from ``src`` are sent to ``dst``."""
-
-    __slots__ = ("blocked_since", "done", "dst", "eof", "pending", "pending_ptr", "shut_pending",
-                 "src", "upward")  # fmt: skip
-
-    def __init__(self, src: End, dst: End, upward: bool) -> None:
-        self.src, self.dst, self.upward = src, dst, upward
-        self.pending: memoryview | None = None  # unsent bytes (a copy)
-        self.pending_ptr: Any = None
-        self.blocked_since: float | None = None
-        self.eof = False  # src ended
-        self.shut_pending = False  # the EOF still has to reach dst
-        self.done = False  # EOF passed on
-
-
-class _Pair:
-    __slots__ = ("a", "b", "done", "down", "result", "up", "wakeup")
-
-    def __init__(self, a: End, b: End, result: RelayResult) -> None:
-        self.a, self.b, self.result = a, b, result
-        self.up, self.down = _Flow(a, b, True), _Flow(b, a, False)
-        a.src_of, a.out, b.src_of, b.out = self.up, self.down, self.down, self.up
-        a.pair = b.pair = self
-        self.done = trio.Event()
-        self.wakeup = trio.Event()  # set when the owning task should look again
-
-    def unlink(self) -> None:
-        """Cut the ends' links back to their flows and pair once it ended:
-        without a cycle the sockets, SSL objects and events go when the
-        caller drops them, not at a later garbage collection (the passes
-        one cycle per connection set off took 2-4% of a new connection's time)."""
-        for end in (self.a, self.b):
-            end.src_of = end.out = end.pair = None
-
-
 class Reactor(PairIo):
     """Use one per process through :func:`open_reactor`."""
 
@@ -141,6 +96,7 @@ class Reactor(PairIo):
         self._ends: dict[int, tuple[_Pair, End]] = {}
         self._ready: set[int] = set()
         self._kick: trio.Event | None = None
+        self.transfers = 0  # bodies moved by transfer(), for the stats
 
     # -- what the rest of the process sees --------------------------------
 
@@ -148,7 +104,12 @@ class Reactor(PairIo):
         """Live pairs, registered sockets and bytes held for blocked sends."""
         held = {id(p): p for p, _ in self._ends.values()}.values()
         buffered = sum(len(f.pending) for p in held for f in (p.up, p.down) if f.pending)
-        return {"pairs": len(held), "sockets": len(self._ends), "buffered_bytes": buffered}
+        return {
+            "pairs": len(held),
+            "sockets": len(self._ends),
+            "buffered_bytes": buffered,
+            "transfers": self.transfers,
+        }
 
     async def relay(
         self,
@@ -183,6 +144,66 @@ class Reactor(PairIo):
             raise
         finally:
             pair.unlink()  # ended either way: _finish took it out of the epoll set
+        return pair.result
+
+    async def transfer(
+        self,
+        src: trio.SocketStream | TlsEndpoint,
+        dst: trio.SocketStream | TlsEndpoint,
+        count: int,
+        *,
+        names: tuple[str, str] = ("upstream", "client"),
+        write_timeout: float | None = None,
+        idle_timeout: float | None = None,
+        result: RelayResult | None = None,
+    ) -> RelayResult:
+        """Move exactly ``count`` bytes from ``src`` to ``dst`` (an HTTP
+        body of known length), one way, reading nothing past them and
+        ending neither side. ``reason``: ``closed`` when all moved, ``eof``
+        when ``src`` ended first (``truncated`` says whether without
+        close_notify), ``<name>_reset``, ``write_timeout`` (``dst`` took
+        nothing for that long), ``idle_timeout`` (``src`` sent nothing for
+        that long). ``bytes_up`` says how many moved, all of them sent:
+        whatever ended it, none is left held in the reactor."""
+        self.transfers += 1
+        pair = _Pair(End(src, names[0]), End(dst, names[1]), result or RelayResult())
+        flow = pair.up
+        flow.left, flow.read_at = count, trio.current_time()
+        pair.down.eof = pair.down.done = True  # one way only: dst is never read
+        self._add(pair)
+        try:
+            while not pair.done.is_set():
+                deadline = _write_deadline(pair, write_timeout)
+                # A blocked send is the write timeout's to judge, not the idle one's.
+                idle_at = (
+                    math.inf
+                    if idle_timeout is None or flow.pending is not None
+                    else flow.read_at + idle_timeout
+                )
+                with trio.move_on_at(min(deadline, idle_at)):
+                    await pair.wakeup.wait()
+                if pair.done.is_set():
+                    break
+                pair.wakeup = trio.Event()
+                now = trio.current_time()
+                if now >= _write_deadline(pair, write_timeout):
+                    pair.result.stalled = flow.dst.name
+                    self._finish(pair, "write_timeout", f"no send progress in {write_timeout}s")
+                elif (
+                    idle_timeout is not None
+                    and flow.pending is None
+                    and now >= flow.read_at + idle_timeout
+                ):
+                    self._finish(pair, "idle_timeout", f"nothing read in {idle_timeout}s")
+        except BaseException:
+            if not pair.done.is_set():
+                self._finish(pair, "cancelled", None)
+            raise
+        finally:
+            pair.unlink()
+        if pair.result.reason != "closed" and flow.pending is not None:
+            # Read but never sent: the caller's stream would skip them.
+            pair.result.bytes_up -= len(flow.pending)
         return pair.result
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -220,12 +241,11 @@ class Reactor(PairIo):
     def _add(self, pair: _Pair) -> None:
         for end in (pair.a, pair.b):
             self._ends[end.fd] = (pair, end)
-            end.mask = _IN
-            self._epoll.register(end.fd, _IN)
+            self._update(end)  # a relay reads both sides; a transfer only its source
             # OpenSSL may already hold application data read with the
             # handshake; a plain socket's bytes are the kernel's, and
             # level-triggered epoll reports them.
-            if end.ssl is not None:
+            if end.ssl is not None and not end.src_of.eof:
                 self._ready.add(end.fd)
         if self._kick is not None:
             self._kick.set()
@@ -267,7 +287,8 @@ class Reactor(PairIo):
             self._finish(pair, "internal_error", type(exc).__name__)
             return
         if pair.up.done and pair.down.done:
-            self._finish(pair, "closed", None)
+            # A transfer whose source ended before all its bytes came: eof.
+            self._finish(pair, "closed" if not pair.up.left else "eof", None)
         elif not pair.done.is_set():
             self._update(pair.a)
             self._update(pair.b)
@@ -296,15 +317,25 @@ class Reactor(PairIo):
     def _pump(self, flow: _Flow) -> None:
         if flow.done or (flow.pending is not None and not self._flush(flow)):
             return
-        if flow.eof:
+        left = flow.left
+        if left is not None:  # a transfer: no EOF is passed on, none read past
+            if left == 0:
+                flow.done = True
+                return
+            if flow.eof:
+                return
+        elif flow.eof:
             self._pass_eof(flow)
             return
-        n = self._read(flow.src)
+        n = self._read(flow.src, left)
         if n == EOF:
             flow.eof = True
             if flow.src.truncated:
                 flow.src.pair.result.truncated.append(flow.src.name)
-            self._pass_eof(flow)
+            if left is None:
+                self._pass_eof(flow)
+            else:
+                flow.done = True
             return
         if n == 0:
             return
@@ -313,12 +344,18 @@ class Reactor(PairIo):
             result.bytes_up += n
         else:
             result.bytes_down += n
+        if left is not None:
+            flow.left = left - n
+            flow.read_at = trio.current_time()
         sent = self._write(flow.dst, self._view[:n], self._cbuf, n)
         if sent < n:
             flow.pending = memoryview(bytes(self._view[sent:n]))
             flow.pending_ptr = None
             flow.blocked_since = trio.current_time()
             flow.src.pair.wakeup.set()  # the owning task arms its write timeout
+        elif flow.left == 0:
+            flow.done = True  # all moved and sent
+            return
         if flow.src.eof_seen or (flow.src.ssl is not None and ssl_pending(flow.src.ssl) > 0):
             self._ready.add(flow.src.fd)
 
@@ -352,17 +389,6 @@ class Reactor(PairIo):
             flow.shut_pending = True
             return
         flow.done = True
-
-
-def _since(flow: _Flow) -> float:
-    return math.inf if flow.blocked_since is None else flow.blocked_since
-
-
-def _write_deadline(pair: _Pair, write_timeout: float | None) -> float:
-    if write_timeout is None:
-        return math.inf
-    blocked = [f.blocked_since for f in (pair.up, pair.down) if f.blocked_since is not None]
-    return min(blocked) + write_timeout if blocked else math.inf
 
 
 @contextlib.asynccontextmanager

@@ -94,22 +94,26 @@ class PairIo:
         self._cbuf = ffi.from_buffer(self._scratch)
         self._use_cffi = use_cffi
 
-    def _read(self, end: End) -> int:
-        """Bytes read into the scratch buffer, 0 if none now, or EOF."""
+    def _read(self, end: End, limit: int | None = None) -> int:
+        """Bytes read into the scratch buffer (at most ``limit``), 0 if none
+        now, or EOF."""
         if end.eof_seen:
             end.eof_seen = False
             return EOF
+        size = len(self._scratch) if limit is None else min(limit, len(self._scratch))
         if end.ssl is None:
             try:
-                n = os.readv(end.fd, (self._scratch,))
+                n = os.readv(
+                    end.fd, (self._scratch if size == len(self._scratch) else self._view[:size],)
+                )
             except (BlockingIOError, InterruptedError):
                 return 0
             except OSError as exc:
                 raise Broken(end.name, exc.strerror or "read failed") from exc
             return n or EOF
         if not self._use_cffi:
-            return self._read_pyopenssl(end)
-        total, _ret, err = read_records(end.ssl, self._cbuf, len(self._scratch))
+            return self._read_pyopenssl(end, size)
+        total, _ret, err = read_records(end.ssl, self._cbuf, size)
         if not err or err == _WANT_READ:
             return total
         if err == _WANT_WRITE:
@@ -127,11 +131,11 @@ class PairIo:
         lib.ERR_clear_error()
         raise Broken(end.name, f"TLS error while receiving: {text}")
 
-    def _read_pyopenssl(self, end: End) -> int:
+    def _read_pyopenssl(self, end: End, size: int) -> int:
         # The same through pyOpenSSL's recv_into, kept to measure against.
         assert end.conn is not None
         try:
-            return end.conn.recv_into(self._scratch) or EOF
+            return end.conn.recv_into(self._scratch, size) or EOF
         except SSL.WantReadError:
             return 0
         except SSL.WantWriteError:

@@ -101,6 +101,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
         handshake; see the module doc)."""
         return self._conn
 
+    @property
+    def idle(self) -> bool:
+        """Whether a reactor may drive ``ssl_connection`` now and hand it back:
+        open, no task in a send or receive, no partial record, no kept error."""
+        busy = self._sending or self._receiving or self._write_pending or self._eof_sent
+        ended = self._closed or self._broken or self.truncated or self._later is not None
+        return self._handshake_done and not (busy or ended) and self._sock.fileno() == self._fd
+
     def released(self, *, broken: bool, truncated: bool) -> None:
         """A reactor stopped driving ``ssl_connection``: what it saw there.
         (A close_notify it sent shows in OpenSSL's own shutdown state.)"""

@@ -8,7 +8,6 @@ import datetime as dt
 from typing import Any
 
 import h11
-import pytest
 import trio
 import trio.testing
 
@@ -21,11 +20,6 @@ from tests.integration.tls_support import MemoryAudit, snapshot, start_echo
 from tests.pki import Issued, TestCA
 
 PAYROLL = "spiffe://a.org/agent/payroll"
-
-
-@pytest.fixture
-def hr(ca_a: TestCA) -> Issued:
-    return ca_a.issue("spiffe://a.org/svc/hr")
 
 
 async def _l4(

@@ -9,7 +9,6 @@ import hashlib
 import json
 from typing import Any
 
-import pytest
 import trio
 
 from proxy.config import parse_config
@@ -29,16 +28,6 @@ from tests.pki import Issued, TestCA
 
 PAYROLL = "spiffe://a.org/agent/payroll"
 APPROVER = "spiffe://a.org/approver/alice"
-
-
-@pytest.fixture
-def hr(ca_a: TestCA) -> Issued:
-    return ca_a.issue("spiffe://a.org/svc/hr")
-
-
-@pytest.fixture
-def payroll(ca_a: TestCA) -> Issued:
-    return ca_a.issue(PAYROLL)
 
 
 class Env:

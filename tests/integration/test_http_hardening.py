@@ -40,11 +40,6 @@ def hr(ca_a: TestCA) -> Issued:
     return ca_a.issue(HR)
 
 
-@pytest.fixture
-def payroll(ca_a: TestCA) -> Issued:
-    return ca_a.issue(PAYROLL)
-
-
 async def _env(
     nursery: trio.Nursery, hr: Issued, ca: TestCA, client: Issued, **extra: Any
 ) -> InboundEnv:

@@ -40,16 +40,6 @@ RULES = [
 ]
 
 
-@pytest.fixture
-def hr(ca_a: TestCA) -> Issued:
-    return ca_a.issue("spiffe://a.org/svc/hr")
-
-
-@pytest.fixture
-def payroll(ca_a: TestCA) -> Issued:
-    return ca_a.issue(PAYROLL)
-
-
 async def _env(
     nursery: trio.Nursery, hr: Issued, ca: TestCA, client: Issued, **extra: Any
 ) -> InboundEnv:

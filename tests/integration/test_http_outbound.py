@@ -26,11 +26,6 @@ def hr(ca_a: TestCA) -> Issued:
     return ca_a.issue(HR)
 
 
-@pytest.fixture
-def payroll(ca_a: TestCA) -> Issued:
-    return ca_a.issue(PAYROLL)
-
-
 class Pair:
     def __init__(
         self,

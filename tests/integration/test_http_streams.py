@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from proxy.http.conn import _RECV
+from proxy.http.conn import RECV_BYTES as _RECV
 from proxy.http.exchange import PeerError
 from proxy.http.streams import receive_within, send_within
 from proxy.tls import TlsSide

@@ -60,16 +60,6 @@ async def _tls_roundtrip(port: int, ctx: ssl.SSLContext, payload: bytes) -> byte
         return got
 
 
-@pytest.fixture
-def hr(ca_a: TestCA) -> Issued:
-    return ca_a.issue("spiffe://a.org/svc/hr")
-
-
-@pytest.fixture
-def payroll(ca_a: TestCA) -> Issued:
-    return ca_a.issue("spiffe://a.org/agent/payroll")
-
-
 async def test_inbound_relays_and_audits(ca_a: TestCA, hr: Issued, payroll: Issued) -> None:
     audit = MemoryAudit()
     async with trio.open_nursery() as nursery:

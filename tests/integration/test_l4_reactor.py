@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 
-import pytest
 import trio
 import trio.testing
 
@@ -16,11 +15,6 @@ from proxy.runtime.l4 import L4Config, L4Listener
 from tests.integration.http_support import client_context, tls_connect
 from tests.integration.tls_support import MemoryAudit, snapshot, start_echo
 from tests.pki import Issued, TestCA
-
-
-@pytest.fixture
-def hr(ca_a: TestCA) -> Issued:
-    return ca_a.issue("spiffe://a.org/svc/hr")
 
 
 async def test_a_tcp_pair_is_on_the_reactor_until_its_lifetime_cancels_it(
@@ -48,7 +42,12 @@ async def test_a_tcp_pair_is_on_the_reactor_until_its_lifetime_cancels_it(
         with contextlib.suppress(trio.BrokenResourceError):
             while await stream.receive_some(10):
                 pass  # until the lifetime ends the connection
-        assert listener.reactor.stats() == {"pairs": 0, "sockets": 0, "buffered_bytes": 0}
+        assert listener.reactor.stats() == {
+            "pairs": 0,
+            "sockets": 0,
+            "buffered_bytes": 0,
+            "transfers": 0,
+        }
         nursery.cancel_scope.cancel()
     closed = [r for r in audit.records() if r["event"] == "connection.close"]
     assert [(r["reason"], r["bytes_up"], r["bytes_down"]) for r in closed] == [

@@ -12,10 +12,11 @@ import pytest
 import trio
 import trio.testing
 
-from proxy.http.conn import Downstream, Limits, Upstream
+from proxy.http.conn import Downstream, Limits
 from proxy.http.exchange import PeerError, RequestOutcome
 from proxy.http.pool import UpstreamPool
 from proxy.http.session import HttpSession
+from proxy.http.upstream import Upstream
 from tests.unit.test_exchange import PathRouter
 
 

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from proxy.http.conn import Downstream, Limits, Upstream
+from proxy.http.conn import Downstream, Limits
 from proxy.http.exchange import (
     TRANSITIONS,
     Ev,
@@ -24,6 +24,7 @@ from proxy.http.exchange import (
 from proxy.http.pool import UpstreamPool
 from proxy.http.routing import Routed
 from proxy.http.session import HttpSession
+from proxy.http.upstream import Upstream
 from proxy.policy.verdict import RequestVerdict
 
 # -- the table -------------------------------------------------------------------

@@ -10,8 +10,9 @@ from collections.abc import Hashable
 import trio
 import trio.testing
 
-from proxy.http.conn import Limits, Upstream
+from proxy.http.conn import Limits
 from proxy.http.pool import UpstreamPool
+from proxy.http.upstream import Upstream
 from proxy.http.wire import End, Fields, Request
 
 
