@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import os
 import select
 import socket
 from collections.abc import AsyncIterator
@@ -96,6 +97,10 @@ class Reactor(PairIo):
         self._ends: dict[int, tuple[_Pair, End]] = {}
         self._ready: set[int] = set()
         self._kick: trio.Event | None = None
+        # Wakes a reactor asleep in epoll for bytes no socket will show:
+        # those OpenSSL already decrypted when a pair is added.
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wake_fd, _IN)
         self.transfers = 0  # bodies moved by transfer(), for the stats
 
     # -- what the rest of the process sees --------------------------------
@@ -235,20 +240,27 @@ class Reactor(PairIo):
         for pair, _ in list(self._ends.values()):
             self._finish(pair, "cancelled", "reactor closed")
         self._epoll.close()
+        os.close(self._wake_fd)
 
     # -- pairs --------------------------------------------------------------
 
     def _add(self, pair: _Pair) -> None:
+        held = False
         for end in (pair.a, pair.b):
             self._ends[end.fd] = (pair, end)
             self._update(end)  # a relay reads both sides; a transfer only its source
-            # OpenSSL may already hold application data read with the
-            # handshake; a plain socket's bytes are the kernel's, and
-            # level-triggered epoll reports them.
-            if end.ssl is not None and not end.src_of.eof:
+            # OpenSSL may already hold decrypted bytes (the rest of a record
+            # the connection's task read in part); a plain socket's bytes
+            # are the kernel's, and level-triggered epoll reports them.
+            if end.ssl is not None and not end.src_of.eof and ssl_pending(end.ssl) > 0:
                 self._ready.add(end.fd)
+                held = True
         if self._kick is not None:
             self._kick.set()
+        if held:
+            # The reactor may be asleep in epoll for other pairs, and no
+            # socket will become readable for these bytes.
+            os.eventfd_write(self._wake_fd, 1)
 
     def _finish(self, pair: _Pair, reason: str, detail: str | None) -> None:
         if pair.done.is_set():
@@ -266,6 +278,9 @@ class Reactor(PairIo):
     def _service(self, fd: int, events: int) -> None:
         entry = self._ends.get(fd)
         if entry is None:
+            if fd == self._wake_fd:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._wake_fd)
             return
         pair, end = entry
         try:

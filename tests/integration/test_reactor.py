@@ -11,6 +11,7 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 from proxy.runtime.reactor import SCRATCH_BYTES, Reactor, RelayResult, _Pair, open_reactor
 from proxy.tls import TLSStream
@@ -324,3 +325,30 @@ def _readable(end: Peer) -> bool:
 
     fd = end.socket.fileno() if isinstance(end, trio.SocketStream) else end.stream.socket.fileno()
     return bool(select.select([fd], [], [], 0)[0])
+
+
+async def test_openssl_bytes_reach_a_busy_reactor_without_new_readiness() -> None:
+    """A TLS end whose next bytes are already decrypted inside OpenSSL (a
+    record the connection's task read only in part) joins a reactor that is
+    asleep on its epoll fd for other pairs: no socket will ever become
+    readable for those bytes, so adding the pair itself must move them."""
+    # (Its outer peers stay referenced, and so open, for the whole test.)
+    _idle_client, idle_a, idle_b, _idle_target = await layout("plain-plain")
+    client, a, b, target = await layout("tls-plain")
+    await client.send_all(b"early request")
+    assert isinstance(a, SockTls)
+    with trio.fail_after(10):
+        assert await a.receive_some(6) == b"early "  # the rest stays in OpenSSL
+    assert not _readable(a)
+    async with open_reactor() as reactor, trio.open_nursery() as nursery:
+        await start_relay(nursery, reactor, idle_a, idle_b)
+        await trio.testing.wait_all_tasks_blocked()  # the reactor sleeps in epoll
+        result, done = await start_relay(nursery, reactor, a, b)
+        with trio.fail_after(10):
+            assert await target.receive_some(100) == b"request"
+        await client.send_eof()
+        await target.send_eof()
+        with trio.fail_after(10):
+            await done.wait()
+        assert (result.reason, result.bytes_up) == ("closed", 7)
+        nursery.cancel_scope.cancel()
