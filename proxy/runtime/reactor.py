@@ -49,7 +49,7 @@ import math
 import os
 import select
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import structlog
@@ -128,27 +128,14 @@ class Reactor(PairIo):
         """Move bytes between ``a`` and ``b`` until the pair ends. ``result``
         (filled in place) still tells what moved when the caller is cancelled."""
         pair = _Pair(End(a, names[0]), End(b, names[1]), result or RelayResult())
-        self._add(pair)
-        try:
-            while not pair.done.is_set():
-                deadline = _write_deadline(pair, write_timeout)
-                if deadline == math.inf:  # nothing blocked: no scope to arm
-                    await pair.wakeup.wait()
-                else:
-                    with trio.move_on_at(deadline):
-                        await pair.wakeup.wait()
-                if not pair.done.is_set():
-                    pair.wakeup = trio.Event()
-                    if trio.current_time() >= _write_deadline(pair, write_timeout):
-                        blocked = [f for f in (pair.up, pair.down) if f.blocked_since is not None]
-                        pair.result.stalled = min(blocked, key=_since).dst.name
-                        self._finish(pair, "write_timeout", f"no send progress in {write_timeout}s")
-        except BaseException:
-            if not pair.done.is_set():
-                self._finish(pair, "cancelled", None)
-            raise
-        finally:
-            pair.unlink()  # ended either way: _finish took it out of the epoll set
+
+        def expire(now: float) -> None:
+            if now >= _write_deadline(pair, write_timeout):
+                blocked = [f for f in (pair.up, pair.down) if f.blocked_since is not None]
+                pair.result.stalled = min(blocked, key=_since).dst.name
+                self._finish(pair, "write_timeout", f"no send progress in {write_timeout}s")
+
+        await self._run_pair(pair, lambda: _write_deadline(pair, write_timeout), expire)
         return pair.result
 
     async def transfer(
@@ -175,41 +162,52 @@ class Reactor(PairIo):
         flow = pair.up
         flow.left, flow.read_at = count, trio.current_time()
         pair.down.eof = pair.down.done = True  # one way only: dst is never read
+
+        def idle_at() -> float:
+            # A blocked send is the write timeout's to judge, not the idle one's.
+            if idle_timeout is None or flow.pending is not None:
+                return math.inf
+            return flow.read_at + idle_timeout
+
+        def expire(now: float) -> None:
+            if now >= _write_deadline(pair, write_timeout):
+                pair.result.stalled = flow.dst.name
+                self._finish(pair, "write_timeout", f"no send progress in {write_timeout}s")
+            elif now >= idle_at():
+                self._finish(pair, "idle_timeout", f"nothing read in {idle_timeout}s")
+
+        await self._run_pair(
+            pair, lambda: min(_write_deadline(pair, write_timeout), idle_at()), expire
+        )
+        if pair.result.reason != "closed" and flow.pending is not None:
+            # Read but never sent: the caller's stream would skip them.
+            pair.result.bytes_up -= len(flow.pending)
+        return pair.result
+
+    async def _run_pair(
+        self, pair: _Pair, deadline: Callable[[], float], expire: Callable[[float], None]
+    ) -> None:
+        """The calling task's side of a pair: sleep until the reactor ends
+        it, or until ``deadline()`` passes, when ``expire(now)`` judges
+        (and may end it); a cancellation ends it ``cancelled``."""
         self._add(pair)
         try:
             while not pair.done.is_set():
-                deadline = _write_deadline(pair, write_timeout)
-                # A blocked send is the write timeout's to judge, not the idle one's.
-                idle_at = (
-                    math.inf
-                    if idle_timeout is None or flow.pending is not None
-                    else flow.read_at + idle_timeout
-                )
-                with trio.move_on_at(min(deadline, idle_at)):
+                at = deadline()
+                if at == math.inf:  # nothing to time out: no scope to arm
                     await pair.wakeup.wait()
-                if pair.done.is_set():
-                    break
-                pair.wakeup = trio.Event()
-                now = trio.current_time()
-                if now >= _write_deadline(pair, write_timeout):
-                    pair.result.stalled = flow.dst.name
-                    self._finish(pair, "write_timeout", f"no send progress in {write_timeout}s")
-                elif (
-                    idle_timeout is not None
-                    and flow.pending is None
-                    and now >= flow.read_at + idle_timeout
-                ):
-                    self._finish(pair, "idle_timeout", f"nothing read in {idle_timeout}s")
+                else:
+                    with trio.move_on_at(at):
+                        await pair.wakeup.wait()
+                if not pair.done.is_set():
+                    pair.wakeup = trio.Event()
+                    expire(trio.current_time())
         except BaseException:
             if not pair.done.is_set():
                 self._finish(pair, "cancelled", None)
             raise
         finally:
-            pair.unlink()
-        if pair.result.reason != "closed" and flow.pending is not None:
-            # Read but never sent: the caller's stream would skip them.
-            pair.result.bytes_up -= len(flow.pending)
-        return pair.result
+            pair.unlink()  # ended either way: _finish took it out of the epoll set
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

@@ -229,15 +229,20 @@ async def test_an_upstream_that_ends_mid_body_is_reported_as_before(
     assert records[0]["bytes_down"] == len(body)  # counted as sent, all of it received
 
 
-def test_an_upstream_that_stalls_mid_body_times_out_as_before(
-    ca_a: TestCA, hr: Issued, payroll: Issued
-) -> None:
+def _on_mock_time_both_ways(run: Any, *args: Any) -> dict[bool, Any]:
+    """``run(*args, use_reactor)`` with the reactor and without, each in its
+    own trio run on a MockClock: the timeouts pass in virtual time."""
     results = {}
     for use in (True, False):
         clock = trio.testing.MockClock(autojump_threshold=0.1)
-        results[use] = trio.run(
-            _stall_run, hr, ca_a, payroll, use, clock=clock, strict_exception_groups=True
-        )
+        results[use] = trio.run(run, *args, use, clock=clock, strict_exception_groups=True)
+    return results
+
+
+def test_an_upstream_that_stalls_mid_body_times_out_as_before(
+    ca_a: TestCA, hr: Issued, payroll: Issued
+) -> None:
+    results = _on_mock_time_both_ways(_stall_run, hr, ca_a, payroll)
     (body, records, transfers), (plain_body, plain_records, _) = results[True], results[False]
     assert transfers == 1
     assert body == BODY[: 1 << 20] == plain_body
@@ -261,10 +266,7 @@ async def _stall_run(hr: Issued, ca: TestCA, payroll: Issued, use: bool) -> Any:
 def test_a_client_that_stops_reading_hits_the_write_timeout_as_before(
     ca_a: TestCA, hr: Issued, payroll: Issued
 ) -> None:
-    results = {}
-    for use in (True, False):
-        clock = trio.testing.MockClock(autojump_threshold=0.1)
-        results[use] = trio.run(_deaf_run, hr, ca_a, payroll, use, clock=clock)
+    results = _on_mock_time_both_ways(_deaf_run, hr, ca_a, payroll)
     (records, transfers), (plain_records, _) = results[True], results[False]
     assert transfers == 1
     assert [_verdict(r) for r in records] == [_verdict(r) for r in plain_records]
