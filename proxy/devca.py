@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InternalError, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -258,7 +258,7 @@ class DevCA:
             raise DevCAError(f"{cert_path} is not a PEM certificate") from None
         try:
             key = serialization.load_pem_private_key(key_data, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm):
+        except (ValueError, TypeError, UnsupportedAlgorithm, InternalError):
             # Say nothing about the content: it may be a key.
             raise DevCAError(f"{key_path} is not an unencrypted PEM private key") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InternalError, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
@@ -81,7 +82,7 @@ class DevJwtAuthority:
                     serialization.NoEncryption(),
                 )
                 write_atomic(path, pem, PRIVATE_FILE_MODE)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, UnsupportedAlgorithm, InternalError):
             # Say nothing about the content: it may be a key.
             raise DevJwtError(f"{path} is not an unencrypted PEM private key") from None
         except OSError as exc:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InternalError, InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -273,7 +273,9 @@ def load_private_key(data: bytes) -> SvidPrivateKey:
     except TypeError:
         # cryptography raises TypeError when a password would be needed.
         raise SvidError("private key is encrypted; an unencrypted key is required") from None
-    except (ValueError, UnsupportedAlgorithm):
+    except (ValueError, UnsupportedAlgorithm, InternalError):
+        # InternalError: OpenSSL refusing a key it parsed (an X448 key of
+        # the wrong length, found by tests/fuzz/test_fuzz_svid.py).
         raise SvidError(
             "cannot parse private key: expected an unencrypted PKCS#8, SEC1 or PKCS#1 "
             "key in PEM or DER"

@@ -359,3 +359,13 @@ async def test_unreachable_token_endpoint(svid: X509Svid, ca_path: Path) -> None
             await provider.credential()
         nursery.cancel_scope.cancel()
     assert provider.failures == 1 and provider.fetches == 0
+
+
+def test_a_dev_jwt_key_openssl_refuses_is_a_clear_error(tmp_path: Path) -> None:
+    from proxy.credentials.devjwt import DevJwtError
+    from tests.unit.test_svid import X448_SHORT_KEY
+
+    (tmp_path / "dev-ca").mkdir(mode=0o700)
+    (tmp_path / "dev-ca" / "jwt_key.pem").write_bytes(X448_SHORT_KEY)  # InternalError inside
+    with pytest.raises(DevJwtError, match="is not an unencrypted PEM private key"):
+        DevJwtAuthority.load_or_create(tmp_path / "dev-ca", TrustDomain.parse("a.org"))

@@ -30,6 +30,7 @@ from proxy.identity import (
     validate_leaf,
     verify_x509_svid,
 )
+from tests.unit.test_svid import X448_SHORT_KEY
 
 TD = TrustDomain.parse("payroll.example")
 OTHER_TD = TrustDomain.parse("marketing.example")
@@ -152,6 +153,12 @@ yuBhhJ3vwrxG00iAVfTVSChP49D1vIWXZg==
 
 def test_load_key_on_an_unsupported_curve(ca: DevCA) -> None:
     (ca.directory / "ca_key.pem").write_bytes(UNSUPPORTED_CURVE_KEY)
+    with pytest.raises(DevCAError, match="is not an unencrypted PEM private key"):
+        DevCA.load(ca.directory)
+
+
+def test_load_a_key_openssl_refuses(ca: DevCA) -> None:
+    (ca.directory / "ca_key.pem").write_bytes(X448_SHORT_KEY)  # InternalError inside
     with pytest.raises(DevCAError, match="is not an unencrypted PEM private key"):
         DevCA.load(ca.directory)
 

@@ -293,6 +293,12 @@ def test_garbled_key_message_has_no_key_material() -> None:
         assert line[:16] not in str(info.value)
 
 
+X448_SHORT_KEY = b"""-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VvBCIEIOO2S75ADFNzP3+yEFrwKL/Q4eLjsyK/hnYzT91K+i8S
+-----END PRIVATE KEY-----
+"""
+
+
 @pytest.mark.parametrize(
     ("case", "data", "rule"),
     [
@@ -305,6 +311,9 @@ def test_garbled_key_message_has_no_key_material() -> None:
             ),
             "unsupported private key type X25519",
         ),
+        # Found by tests/fuzz/test_fuzz_svid.py: OpenSSL refuses this X448
+        # key (32 bytes where X448 takes 56) with cryptography's InternalError.
+        ("X448 key of the wrong length", X448_SHORT_KEY, "cannot parse private key"),
     ],
 )
 def test_load_private_key_rejects(case: str, data: bytes, rule: str) -> None:
