@@ -13,8 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from proxy.http.conn import RECV_BYTES, BodyEvent, Downstream, Limits, ResponseEvent, peer_error
-from proxy.http.cycle import Cycle
+from proxy.http.conn import (
+    HEAD_RECV_BYTES,
+    RECV_BYTES,
+    BodyEvent,
+    Downstream,
+    Limits,
+    ResponseEvent,
+    peer_error,
+)
+from proxy.http.cycle import Cycle, Side
 from proxy.http.exchange import PeerError, RequestOutcome
 from proxy.http.parsers import make_parser
 from proxy.http.routing import UpstreamFailure
@@ -98,10 +106,9 @@ class Upstream:
                         raise ParseError(502, "upstream_closed", "upstream closed the connection")
                     if before_wait is not None:
                         await before_wait()
+                    size = RECV_BYTES if self.cycle.reading is Side.BODY else HEAD_RECV_BYTES
                     try:
-                        data = await receive_within(
-                            self.stream, RECV_BYTES, timeout, _UPSTREAM_TIMEOUT
-                        )
+                        data = await receive_within(self.stream, size, timeout, _UPSTREAM_TIMEOUT)
                     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                         raise self.broke(exc) from exc
                     except PeerError:
