@@ -20,7 +20,9 @@ out (``pending``); the source then leaves the epoll interest set
 (backpressure: at most one scratch buffer, 1 MiB, per blocked direction is held)
 and the destination is watched for writability until it drains. A TLS
 read that OpenSSL already decrypted but the socket no longer shows
-(``SSL_pending``) is retried from a ready list without waiting.
+(``SSL_pending``) is retried from a ready list without waiting; a pair
+that joins with such bytes also writes an eventfd in the epoll set, since
+the reactor may be asleep on the epoll fd for other pairs.
 
 Ends of input keep today's relay semantics (proxy/runtime/relay.py): EOF
 on one side (TLS close_notify, or a TCP FIN without it: *truncation*, read
