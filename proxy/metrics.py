@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import Collector
 
-__all__ = ["DURATION_BUCKETS", "Metrics"]
+__all__ = ["DURATION_BUCKETS", "Metrics", "ReactorCollector"]
 
 DURATION_BUCKETS = (
     0.001,
@@ -160,6 +160,47 @@ class _Identity:
             reloads.add_metric(["ok"], self.reloads.reloads_ok)
             reloads.add_metric(["error"], self.reloads.reloads_failed)
         yield reloads
+
+
+class ReactorStats(Protocol):
+    """What the process's epoll reactor counts (proxy.runtime.reactor)."""
+
+    def stats(self) -> dict[str, int]: ...
+
+
+class ReactorCollector:
+    """``agent_proxy_reactor_pairs`` (established pairs whose bytes the
+    reactor moves now), ``agent_proxy_reactor_buffered_bytes`` (read and
+    held for destinations that would block: the memory a slow reader costs)
+    and ``agent_proxy_reactor_body_transfers_total`` (HTTP answer bodies
+    moved socket to socket), read at scrape time; 0 while no reactor runs."""
+
+    def __init__(self) -> None:
+        self.reactor: ReactorStats | None = None
+
+    def attach(self, reactor: ReactorStats | None) -> None:
+        self.reactor = reactor
+
+    def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self.reactor.stats() if self.reactor is not None else {}
+        pairs = GaugeMetricFamily(
+            "agent_proxy_reactor_pairs",
+            "Established connection pairs whose bytes the epoll reactor moves now.",
+        )
+        pairs.add_metric([], stats.get("pairs", 0))
+        buffered = GaugeMetricFamily(
+            "agent_proxy_reactor_buffered_bytes",
+            "Bytes the reactor read and holds for destinations that would block.",
+        )
+        buffered.add_metric([], stats.get("buffered_bytes", 0))
+        transfers = CounterMetricFamily(
+            "agent_proxy_reactor_body_transfers",
+            "HTTP answer bodies the reactor moved socket to socket.",
+        )
+        transfers.add_metric([], stats.get("transfers", 0))
+        return (pairs, buffered, transfers)
 
 
 class _Families:

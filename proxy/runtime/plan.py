@@ -35,7 +35,7 @@ from proxy.audit.exposition import register as register_audit_metrics
 from proxy.config import Config, InboundConfig, OutboundConfig
 from proxy.errors import UsageError, find_exception
 from proxy.identity import IdentityState
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, ReactorCollector
 from proxy.policy.gate import Gate
 from proxy.runtime.http_listeners import HttpInboundListener, HttpOutboundListener
 from proxy.runtime.l4 import L4Config, L4Listener
@@ -243,6 +243,8 @@ async def _serve(
     readiness = Readiness()
     readiness.audit = audit
     register_audit_metrics(metrics, audit)
+    reactor_metrics = ReactorCollector()
+    metrics.register(reactor_metrics)
     if tracer.enabled:
         metrics.register(TracingCollector(tracer))
     admin: AdminServer | None = None
@@ -303,6 +305,7 @@ async def _serve(
             ],
             on_hup=hup,
             on_ready=ready,
+            on_reactor=reactor_metrics.attach,
         )
         nursery.cancel_scope.cancel()
 

@@ -42,7 +42,10 @@ async def run_until_signalled(
     background: Sequence[Callable[[], Awaitable[object]]] = (),
     on_hup: Callable[[], None] | None = None,
     on_ready: Callable[[], None] | None = None,
+    on_reactor: Callable[[Reactor | None], None] | None = None,
 ) -> None:
+    """``on_reactor`` hears of the process's reactor when it starts, and
+    None when it stops (the metrics read it at scrape time)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as services:
             for task in background:
@@ -50,6 +53,8 @@ async def run_until_signalled(
             async with open_reactor() as reactor:
                 for listener in listeners:
                     listener.reactor = reactor
+                if on_reactor is not None:
+                    on_reactor(reactor)
                 async with trio.open_nursery() as handlers:
                     async with trio.open_nursery() as accepting:
                         for listener in listeners:
@@ -75,5 +80,7 @@ async def run_until_signalled(
                             break
                     log.info("listeners closed", open_connections=sum(x.active for x in listeners))
                     handlers.cancel_scope.deadline = trio.current_time() + drain_timeout
+                if on_reactor is not None:
+                    on_reactor(None)
             services.cancel_scope.cancel()
     log.info("stopped")

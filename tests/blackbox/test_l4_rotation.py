@@ -7,6 +7,7 @@ from check-config."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import http.server
 import signal
@@ -15,6 +16,8 @@ import ssl
 import subprocess
 import threading
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -53,19 +56,30 @@ def _http_get(address: tuple[str, int], path: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def test_l4_pair_rotates_reloads_and_serves_admin(
-    tmp_path: Path, ca_a: TestCA, echo: tuple[str, int]
-) -> None:
+@dataclass
+class L4Pair:
+    hr: ProxyProcess  # the inbound, with --admin
+    payroll: ProxyProcess  # the outbound in front of it
+    admin: tuple[str, int]
+    out_port: int
+    hr_dir: Path
+    payroll_dir: Path
+
+
+@contextlib.contextmanager
+def l4_pair(
+    tmp_path: Path, ca: TestCA, echo: tuple[str, int], *inbound_flags: str
+) -> Iterator[L4Pair]:
+    """``agent-proxy outbound`` -> ``agent-proxy inbound --admin`` -> echo,
+    SVIDs from files; both stopped on the way out."""
     hr_dir, payroll_dir = tmp_path / "hr", tmp_path / "payroll"
-    ca_a.issue(HR).write(hr_dir, ca_a.bundle_pem())
-    ca_a.issue(PAYROLL).write(payroll_dir, ca_a.bundle_pem())
+    ca.issue(HR).write(hr_dir, ca.bundle_pem())
+    ca.issue(PAYROLL).write(payroll_dir, ca.bundle_pem())
     hr = ProxyProcess(
         ["inbound", "--listen", "127.0.0.1:0", "--target", f"{echo[0]}:{echo[1]}",
-         *_files(hr_dir), "--allow", PAYROLL, "--admin", "127.0.0.1:0",
-         "--handshake-timeout", "1m30s", "--write-timeout", "30s"]
+         *_files(hr_dir), "--allow", PAYROLL, "--admin", "127.0.0.1:0", *inbound_flags]
     )  # fmt: skip
     payroll = None
-    loop = None
     try:
         _, hr_port = hr.wait_listener("inbound")
         admin = hr.wait_listener("admin")
@@ -74,46 +88,63 @@ def test_l4_pair_rotates_reloads_and_serves_admin(
              *_files(payroll_dir), "--expect", HR]
         )  # fmt: skip
         _, out_port = payroll.wait_listener("outbound")
-
-        # --admin: the same endpoint as run's.
-        assert _http_get(admin, "/healthz")[0] == 200
-        assert (
-            _http_get(admin, "/readyz") == (200, "ready\n") or _http_get(admin, "/readyz")[0] == 200
-        )
-        status, metrics = _http_get(admin, "/metrics")
-        assert status == 200 and "agent_proxy_svid_expiry" in metrics
-        assert 'agent_proxy_policy_info{version="sha256:' in metrics
-
-        # Files reissued every second for 10 s under load: nothing fails,
-        # later connections present the newest serials.
-        loop = ClientLoop(out_port)
-        final = reissue_every_second(ca_a, {"hr": (HR, hr_dir), "payroll": (PAYROLL, payroll_dir)})
-        payroll.audit.wait_json(
-            event="connection.open", peer_cert_serial=serial(final["hr"]), deadline=30
-        )
-        hr.audit.wait_json(
-            event="connection.open", peer_cert_serial=serial(final["payroll"]), deadline=30
-        )
-
-        # A garbage write keeps the current identity serving.
-        (hr_dir / "svid.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\ngarbage\n")
-        hr.logs.wait_json(event="identity reload failed; keeping the current identity")
-        # The next good write is picked up within 2 s (the poll is 1 s).
-        good = _reissue(ca_a, HR, hr_dir)
-        hr.logs.wait_json(event="identity rotated", serial=serial(good), deadline=2.0)
-
-        # SIGHUP re-reads the files at once, and reloads nothing else.
-        newest = _reissue(ca_a, PAYROLL, payroll_dir)
-        payroll.proc.send_signal(signal.SIGHUP)
-        payroll.logs.wait_json(event="identity rotated", serial=serial(newest), deadline=2.0)
-        payroll.logs.wait_json(event="config reloaded; rules unchanged", search_seen=True)
-        hr.audit.wait_json(event="connection.open", peer_cert_serial=serial(newest), deadline=10)
+        yield L4Pair(hr, payroll, admin, out_port, hr_dir, payroll_dir)
     finally:
-        if loop is not None:
-            loop.finish()
         if payroll is not None:
             payroll.stop()
         hr.stop()
+
+
+def test_l4_pair_rotates_reloads_and_serves_admin(
+    tmp_path: Path, ca_a: TestCA, echo: tuple[str, int]
+) -> None:
+    loop = None
+    flags = ("--handshake-timeout", "1m30s", "--write-timeout", "30s")
+    with l4_pair(tmp_path, ca_a, echo, *flags) as pair:
+        hr, payroll, admin, out_port = pair.hr, pair.payroll, pair.admin, pair.out_port
+        hr_dir, payroll_dir = pair.hr_dir, pair.payroll_dir
+        try:
+            # --admin: the same endpoint as run's.
+            assert _http_get(admin, "/healthz")[0] == 200
+            assert (
+                _http_get(admin, "/readyz") == (200, "ready\n")
+                or _http_get(admin, "/readyz")[0] == 200
+            )
+            status, metrics = _http_get(admin, "/metrics")
+            assert status == 200 and "agent_proxy_svid_expiry" in metrics
+            assert 'agent_proxy_policy_info{version="sha256:' in metrics
+
+            # Files reissued every second for 10 s under load: nothing fails,
+            # later connections present the newest serials.
+            loop = ClientLoop(out_port)
+            final = reissue_every_second(
+                ca_a, {"hr": (HR, hr_dir), "payroll": (PAYROLL, payroll_dir)}
+            )
+            payroll.audit.wait_json(
+                event="connection.open", peer_cert_serial=serial(final["hr"]), deadline=30
+            )
+            hr.audit.wait_json(
+                event="connection.open", peer_cert_serial=serial(final["payroll"]), deadline=30
+            )
+
+            # A garbage write keeps the current identity serving.
+            (hr_dir / "svid.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\ngarbage\n")
+            hr.logs.wait_json(event="identity reload failed; keeping the current identity")
+            # The next good write is picked up within 2 s (the poll is 1 s).
+            good = _reissue(ca_a, HR, hr_dir)
+            hr.logs.wait_json(event="identity rotated", serial=serial(good), deadline=2.0)
+
+            # SIGHUP re-reads the files at once, and reloads nothing else.
+            newest = _reissue(ca_a, PAYROLL, payroll_dir)
+            payroll.proc.send_signal(signal.SIGHUP)
+            payroll.logs.wait_json(event="identity rotated", serial=serial(newest), deadline=2.0)
+            payroll.logs.wait_json(event="config reloaded; rules unchanged", search_seen=True)
+            hr.audit.wait_json(
+                event="connection.open", peer_cert_serial=serial(newest), deadline=10
+            )
+        finally:
+            if loop is not None:
+                loop.finish()  # before the pair stops: its last connections must not fail
     assert loop is not None and len(loop.results) > 20, "the client loop barely ran"
     assert all(loop.results), loop.errors[:5]
 
