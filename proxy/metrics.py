@@ -172,8 +172,10 @@ class ReactorCollector:
     """``agent_proxy_reactor_pairs`` (established pairs whose bytes the
     reactor moves now), ``agent_proxy_reactor_buffered_bytes`` (read and
     held for destinations that would block: the memory a slow reader costs)
-    and ``agent_proxy_reactor_body_transfers_total`` (HTTP answer bodies
-    moved socket to socket), read at scrape time; 0 while no reactor runs."""
+    and ``agent_proxy_reactor_body_transfers_total`` /
+    ``agent_proxy_reactor_body_bytes_total`` (HTTP answer bodies, and their
+    bytes, moved socket to socket), read at scrape time; 0 while no reactor
+    runs."""
 
     def __init__(self) -> None:
         self.reactor: ReactorStats | None = None
@@ -200,7 +202,12 @@ class ReactorCollector:
             "HTTP answer bodies the reactor moved socket to socket.",
         )
         transfers.add_metric([], stats.get("transfers", 0))
-        return (pairs, buffered, transfers)
+        moved = CounterMetricFamily(
+            "agent_proxy_reactor_body_bytes",
+            "Bytes of HTTP answer bodies the reactor moved socket to socket.",
+        )
+        moved.add_metric([], stats.get("transferred_bytes", 0))
+        return (pairs, buffered, transfers, moved)
 
 
 class _Families:

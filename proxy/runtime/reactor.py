@@ -104,6 +104,7 @@ class Reactor(PairIo):
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, _IN)
         self.transfers = 0  # bodies moved by transfer(), for the stats
+        self.transferred = 0  # and their bytes
 
     # -- what the rest of the process sees --------------------------------
 
@@ -116,6 +117,7 @@ class Reactor(PairIo):
             "sockets": len(self._ends),
             "buffered_bytes": buffered,
             "transfers": self.transfers,
+            "transferred_bytes": self.transferred,
         }
 
     async def relay(
@@ -184,6 +186,7 @@ class Reactor(PairIo):
         if pair.result.reason != "closed" and flow.pending is not None:
             # Read but never sent: the caller's stream would skip them.
             pair.result.bytes_up -= len(flow.pending)
+        self.transferred += pair.result.bytes_up
         return pair.result
 
     async def _run_pair(

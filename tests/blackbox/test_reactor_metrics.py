@@ -27,6 +27,7 @@ def test_the_reactor_pairs_follow_a_live_connection(
         assert _value(before, "agent_proxy_reactor_pairs") == 0
         assert _value(before, "agent_proxy_reactor_buffered_bytes") == 0
         assert _value(before, "agent_proxy_reactor_body_transfers_total") == 0
+        assert _value(before, "agent_proxy_reactor_body_bytes_total") == 0
 
         with socket.create_connection(("127.0.0.1", pair.out_port), timeout=DEADLINE) as conn:
             conn.sendall(b"ping")

@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from proxy.http.conn import HEAD_RECV_BYTES
 from proxy.runtime.reactor import SCRATCH_BYTES, Reactor, open_reactor
 from tests.integration.http_support import client_context, start_inbound
 from tests.integration.reactor_support import reset, tcp_pair, tls_pair
@@ -124,9 +125,11 @@ async def _scenario(
     *,
     use_reactor: bool,
     client_does: Callable[[Client], Awaitable[Any]],
+    stats: dict[str, int] | None = None,
     **extra: Any,
 ) -> tuple[Any, list[dict[str, Any]], int]:
-    """(what the client saw, the http.request records, transfers made)."""
+    """(what the client saw, the http.request records, transfers made);
+    ``stats`` gets the reactor's at the end."""
     audit = MemoryAudit()
     async with open_reactor() as reactor, trio.open_nursery() as nursery:
         port = await _origin(nursery, script)
@@ -150,6 +153,8 @@ async def _scenario(
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.aclose()
         nursery.cancel_scope.cancel()
+    if stats is not None:
+        stats.update(reactor.stats())
     return seen, _requests(audit), reactor.transfers
 
 
@@ -184,16 +189,25 @@ async def test_large_answers_go_socket_to_socket_and_keep_alive_goes_on(
     the connection (both sides: the parser skipped the moved bytes, the
     writer counted them) carries the next exchange."""
     script = sizes(len(BODY), 100, (2 << 20) + 1)
-    runs = {}
+    runs, stats = {}, {}
     for use in (True, False):
         runs[use] = await _scenario(
-            hr, ca_a, payroll, script, use_reactor=use, client_does=three_in_a_row
+            hr,
+            ca_a,
+            payroll,
+            script,
+            use_reactor=use,
+            client_does=three_in_a_row,
+            stats=stats if use else None,
         )
     (with_r, records, transfers), (without, plain_records, none) = runs[True], runs[False]
     assert [body for _, body in with_r] == [BODY, BODY[:100], BODY[: (2 << 20) + 1]]
     assert [_framing(head) for head, _ in with_r] == [_framing(head) for head, _ in without]
     assert [body for _, body in without] == [body for _, body in with_r]
     assert (transfers, none) == (2, 0)  # the 100-byte answer went the usual way
+    # Each big body went around the relay but for what the read that began
+    # its answer took (at most HEAD_RECV_BYTES) and its last byte.
+    assert stats["transferred_bytes"] >= len(BODY) + (2 << 20) + 1 - 2 * (HEAD_RECV_BYTES + 1)
     assert [r["bytes_down"] for r in records] == [len(BODY), 100, (2 << 20) + 1]
     assert [_verdict(r) for r in records] == [_verdict(r) for r in plain_records]
     assert all(r["decision"] == "allow" and r["status"] == 200 for r in records)

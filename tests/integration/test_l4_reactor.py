@@ -47,6 +47,7 @@ async def test_a_tcp_pair_is_on_the_reactor_until_its_lifetime_cancels_it(
             "sockets": 0,
             "buffered_bytes": 0,
             "transfers": 0,
+            "transferred_bytes": 0,
         }
         nursery.cancel_scope.cancel()
     closed = [r for r in audit.records() if r["event"] == "connection.close"]

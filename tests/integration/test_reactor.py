@@ -225,7 +225,13 @@ async def test_many_concurrent_pairs() -> None:
             async with trio.open_nursery() as inner:
                 for i in range(120):
                     inner.start_soon(one, i)
-        assert reactor.stats() == {"pairs": 0, "sockets": 0, "buffered_bytes": 0, "transfers": 0}
+        assert reactor.stats() == {
+            "pairs": 0,
+            "sockets": 0,
+            "buffered_bytes": 0,
+            "transfers": 0,
+            "transferred_bytes": 0,
+        }
     assert len(results) == 120 and {r.reason for r in results} == {"closed"}
 
 

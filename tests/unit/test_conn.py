@@ -12,11 +12,12 @@ import pytest
 import trio
 import trio.testing
 
-from proxy.http.conn import Downstream, Limits
+from proxy.http.conn import HEAD_RECV_BYTES, Downstream, Limits
 from proxy.http.exchange import PeerError, RequestOutcome
 from proxy.http.pool import UpstreamPool
 from proxy.http.session import HttpSession
 from proxy.http.upstream import Upstream
+from proxy.http.wire import Body, Head
 from tests.unit.test_exchange import PathRouter
 
 
@@ -181,3 +182,17 @@ async def test_an_upstream_that_timed_out_is_not_kept_alive(
         del up, ours, theirs, caught
     gc.collect()
     assert [r() for r in refs] == [None, None, None]
+
+
+async def test_the_read_that_starts_an_answer_leaves_a_large_body_unread() -> None:
+    """With a whole 1 MiB answer waiting, the first read takes at most
+    HEAD_RECV_BYTES: the rest of the body is left for the reactor to move
+    (proxy.runtime.direct), not for the parser and the relay."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    up = Upstream(ours, "k", Limits(response_timeout=5))
+    head, size = b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n", 1 << 20
+    await theirs.send_all(head + b"x" * size)  # all of it in our stream at once
+    assert isinstance(await up.next_event(5), Head)
+    first = await up.next_event(5)  # the body bytes that read took, from the parser
+    assert isinstance(first, Body) and len(first.data) == HEAD_RECV_BYTES - len(head)
+    assert up.parser.body_unbuffered() == size - len(first.data)
