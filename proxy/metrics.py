@@ -183,31 +183,26 @@ class ReactorCollector:
     def attach(self, reactor: ReactorStats | None) -> None:
         self.reactor = reactor
 
+    # (name, the key of Reactor.stats(), is a gauge, help)
+    _FAMILIES = (
+        ("agent_proxy_reactor_pairs", "pairs", True,
+         "Established connection pairs whose bytes the epoll reactor moves now."),
+        ("agent_proxy_reactor_buffered_bytes", "buffered_bytes", True,
+         "Bytes the reactor read and holds for destinations that would block."),
+        ("agent_proxy_reactor_body_transfers", "transfers", False,
+         "HTTP answer bodies the reactor moved socket to socket."),
+        ("agent_proxy_reactor_body_bytes", "transferred_bytes", False,
+         "Bytes of HTTP answer bodies the reactor moved socket to socket."),
+    )  # fmt: skip
+
     def collect(self) -> Iterable[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         stats = self.reactor.stats() if self.reactor is not None else {}
-        pairs = GaugeMetricFamily(
-            "agent_proxy_reactor_pairs",
-            "Established connection pairs whose bytes the epoll reactor moves now.",
-        )
-        pairs.add_metric([], stats.get("pairs", 0))
-        buffered = GaugeMetricFamily(
-            "agent_proxy_reactor_buffered_bytes",
-            "Bytes the reactor read and holds for destinations that would block.",
-        )
-        buffered.add_metric([], stats.get("buffered_bytes", 0))
-        transfers = CounterMetricFamily(
-            "agent_proxy_reactor_body_transfers",
-            "HTTP answer bodies the reactor moved socket to socket.",
-        )
-        transfers.add_metric([], stats.get("transfers", 0))
-        moved = CounterMetricFamily(
-            "agent_proxy_reactor_body_bytes",
-            "Bytes of HTTP answer bodies the reactor moved socket to socket.",
-        )
-        moved.add_metric([], stats.get("transferred_bytes", 0))
-        return (pairs, buffered, transfers, moved)
+        for name, key, gauge, doc in self._FAMILIES:
+            family = (GaugeMetricFamily if gauge else CounterMetricFamily)(name, doc)
+            family.add_metric([], stats.get(key, 0))
+            yield family
 
 
 class _Families:
